@@ -1,0 +1,1 @@
+# Repository-root conftest: makes `examples` and `benchmarks` importable in tests.

@@ -1,0 +1,1 @@
+"""Runnable examples for lightning_bigmodel (importable from the repository root)."""

@@ -1,0 +1,28 @@
+"""Big-model inference for PyTorch Lightning."""
+
+from lightning_bigmodel.callback import DeviceMapCallback
+from lightning_bigmodel.checkpoint import load_checkpoint_in_model, save_sharded_checkpoint
+from lightning_bigmodel.device_map import check_device_map, infer_device_map
+from lightning_bigmodel.dispatch import dispatch_model, load_checkpoint_and_dispatch, remove_dispatch
+from lightning_bigmodel.init import init_empty_weights
+from lightning_bigmodel.io import ShardedCheckpointIO
+from lightning_bigmodel.memory import compute_module_sizes, get_max_memory
+from lightning_bigmodel.strategy import BigModelInferenceStrategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BigModelInferenceStrategy",
+    "DeviceMapCallback",
+    "ShardedCheckpointIO",
+    "check_device_map",
+    "compute_module_sizes",
+    "dispatch_model",
+    "get_max_memory",
+    "infer_device_map",
+    "init_empty_weights",
+    "load_checkpoint_and_dispatch",
+    "load_checkpoint_in_model",
+    "remove_dispatch",
+    "save_sharded_checkpoint",
+]
