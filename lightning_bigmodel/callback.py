@@ -1,6 +1,153 @@
-"""DeviceMapCallback (placeholder until the Lightning integration lands)."""
+"""DeviceMapCallback: plans the device map before predict starts, prints it as a table, writes ``device_map.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from lightning_bigmodel.device_map import Policy, check_device_map, infer_device_map, normalize_device
+from lightning_bigmodel.memory import compute_module_sizes, get_max_memory
+from lightning_bigmodel.table import bytes_per_device, device_label, render_table
+
+DeviceMapArg = Union[Policy, dict[str, Union[int, str]]]
+JSON_NAME = "device_map.json"
 
 
-class DeviceMapCallback:  # pragma: no cover - replaced by the integration
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError
+def parse_dtype(dtype: Optional[Union[str, torch.dtype]]) -> Optional[torch.dtype]:
+    """``"bfloat16"``, ``"torch.float16"``, ``"bf16"``, ``"fp16"``, ``"fp32"`` or a ``torch.dtype`` -> ``torch.dtype``."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    value = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(
+            f"`dtype={dtype!r}` is not a floating-point torch dtype. Use e.g. 'bfloat16', 'float16' or 'float32'."
+        )
+    return value
+
+
+def trainer_gpus(strategy: "pl.strategies.Strategy") -> list[int]:
+    """GPU indices the Trainer runs on: the CUDA ``parallel_devices`` of ``strategy`` (empty for CPU)."""
+    if not isinstance(strategy.accelerator, CUDAAccelerator):
+        return []
+    devices = getattr(strategy, "parallel_devices", None) or [strategy.root_device]
+    return sorted({device.index or 0 for device in devices if device.type == "cuda"})
+
+
+class DeviceMapCallback(Callback):
+    """Plans where every module of the model lives (GPUs of the Trainer, CPU, disk) and reports the plan.
+
+    ``setup`` only records the callback (the model is not built yet); :class:`~lightning_bigmodel.BigModelInferenceStrategy`
+    calls :meth:`plan` once the (meta) model exists. ``on_predict_start`` prints the table on rank zero and writes
+    ``device_map.json`` (the map, bytes per device and the budget) into ``trainer.log_dir``.
+
+    Args:
+        device_map: a policy (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) or an explicit
+            ``{module_name: gpu_index | "cpu" | "disk"}``.
+        max_memory: budget per device, e.g. ``{0: "10GiB", "cpu": "30GB"}``; ``None`` detects free memory. Only the
+            Trainer's GPUs may be named.
+        no_split_module_classes: class names whose instances stay whole on one device (e.g. ``["Block"]``).
+        dtype: plan sizes as if floating-point weights were in this dtype.
+        offload_buffers: count buffers of offloaded modules as offloaded too.
+        save_json: write ``device_map.json``.
+
+    Attributes:
+        device_map: the plan (``None`` until planned).
+        module_sizes: bytes per module prefix of the planned model.
+        max_memory_bytes: the budget the plan was made under, in bytes.
+    """
+
+    def __init__(
+        self,
+        device_map: DeviceMapArg = "auto",
+        max_memory: Optional[dict[Union[int, str], Union[int, str]]] = None,
+        no_split_module_classes: Optional[Sequence[str]] = None,
+        dtype: Optional[Union[str, torch.dtype]] = None,
+        offload_buffers: bool = False,
+        save_json: bool = True,
+    ) -> None:
+        self.requested_map = device_map
+        self.max_memory = max_memory
+        self.no_split_module_classes = list(no_split_module_classes or [])
+        self.dtype = parse_dtype(dtype)
+        self.offload_buffers = offload_buffers
+        self.save_json = save_json
+        self.device_map: Optional[dict[str, Union[int, str]]] = None
+        self.module_sizes: dict[str, int] = {}
+        self.max_memory_bytes: dict[Union[int, str], int] = {}
+        self.json_path: Optional[Path] = None
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        """Nothing to plan yet: the model is built later, in ``configure_model``."""
+
+    def plan(self, pl_module: torch.nn.Module, strategy: "pl.strategies.Strategy") -> dict[str, Union[int, str]]:
+        """Compute (or check, for an explicit map) the device map of ``pl_module`` over the devices of ``strategy``."""
+        gpus = trainer_gpus(strategy)
+        self.max_memory_bytes = self._budget(gpus)
+        self.module_sizes = compute_module_sizes(pl_module, dtype=self.dtype)
+        if isinstance(self.requested_map, Mapping):
+            device_map = {key: normalize_device(value) for key, value in self.requested_map.items()}
+            check_device_map(pl_module, device_map)
+        else:
+            device_map = infer_device_map(
+                pl_module,
+                max_memory=self.max_memory_bytes,
+                no_split_module_classes=self.no_split_module_classes,
+                dtype=self.dtype,
+                policy=self.requested_map,
+                offload_buffers=self.offload_buffers,
+            )
+        self.device_map = dict(device_map)
+        return self.device_map
+
+    def _budget(self, gpus: list[int]) -> dict[Union[int, str], int]:
+        if self.max_memory is None:
+            detected = get_max_memory(None)
+            return {key: value for key, value in detected.items() if not isinstance(key, int) or key in gpus}
+        budget = get_max_memory(self.max_memory)
+        extra = [key for key in budget if isinstance(key, int) and key not in gpus]
+        if extra:
+            where = f"GPUs {gpus}" if gpus else "the CPU accelerator (no GPU)"
+            raise ValueError(
+                f"`max_memory` gives a budget to GPU(s) {extra}, but the Trainer runs on {where}. Pass "
+                "`Trainer(accelerator='gpu', devices=...)` covering them, or drop them from `max_memory`."
+            )
+        return budget
+
+    def render(self) -> str:
+        """The plan as a table (see :func:`lightning_bigmodel.table.render_table`)."""
+        if self.device_map is None:
+            raise RuntimeError("`DeviceMapCallback` has not planned yet: `render()` needs `plan()` first.")
+        return render_table(self.device_map, self.module_sizes, self.max_memory_bytes)
+
+    def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.device_map is None:
+            rank_zero_warn(
+                "`DeviceMapCallback` found no device map: it plans only with "
+                "`Trainer(strategy=BigModelInferenceStrategy(...))` (or `strategy='bigmodel'`)."
+            )
+            return
+        rank_zero_info(f"Device map:\n{self.render()}")
+        if self.save_json and trainer.is_global_zero:
+            self.json_path = self.write_json(trainer.log_dir or trainer.default_root_dir)
+
+    def write_json(self, folder: Union[str, Path]) -> Path:
+        """Write ``device_map.json``: ``{"device_map", "bytes_per_device", "max_memory"}``; return its path."""
+        assert self.device_map is not None
+        path = Path(folder) / JSON_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload: dict[str, Any] = {
+            "device_map": self.device_map,
+            "bytes_per_device": bytes_per_device(self.device_map, self.module_sizes),
+            "max_memory": {device_label(key): value for key, value in self.max_memory_bytes.items()},
+        }
+        path.write_text(json.dumps(payload, indent=2))
+        return path

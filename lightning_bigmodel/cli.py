@@ -1,5 +1,160 @@
-"""The ``lightning-bigmodel`` command (placeholder until the Lightning integration lands)."""
+"""The ``lightning-bigmodel`` command: ``predict`` (a LightningCLI run) and ``plan`` (a device map, no weights read).
+
+::
+
+    lightning-bigmodel predict --config configs/minilm_embed.yaml
+    lightning-bigmodel plan --config configs/plan_gpt2_xl.yaml
+    lightning-bigmodel plan --model examples.gpt.GPT --model.config.n_layer 48 --max_memory '{"cpu": "2GiB"}'
+
+Class paths such as ``examples.minilm_embed.SentenceEmbedder`` resolve from the current working directory,
+as with ``python -m``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_bigmodel.device_map import Policy
+
+_USAGE = """usage: lightning-bigmodel {predict,plan} [-h] ...
+
+Big-model inference for PyTorch Lightning.
+
+subcommands:
+  predict   run Trainer.predict from a LightningCLI config (strategy defaults to BigModelInferenceStrategy)
+  plan      print the device map and memory table for a model and a budget, reading no weight
+
+Run `lightning-bigmodel predict --help` or `lightning-bigmodel plan --help` for the options.
+"""
+_STRATEGY_CLASS = "lightning_bigmodel.strategy.BigModelInferenceStrategy"
+DType = Literal["float32", "float16", "bfloat16", "float64"]
 
 
-def main() -> None:  # pragma: no cover
-    raise NotImplementedError
+class BigModelCLI(LightningCLI):
+    """A LightningCLI with the single subcommand ``predict`` and ``BigModelInferenceStrategy`` as default strategy.
+
+    The model is any ``LightningModule`` given by ``model.class_path``; ``trainer.strategy`` may be overridden in
+    the config or on the command line (``--trainer.strategy.device_map balanced``). ``ckpt_path`` is passed to
+    ``Trainer.predict`` untouched: LightningCLI's reading of hyperparameters from it is switched off, so a
+    sharded folder, a ``.safetensors`` file or a Hub id are all fine.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("load_from_checkpoint_support", False)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("seed_everything_default", False)
+        kwargs.setdefault("parser_kwargs", {"prog": "lightning-bigmodel"})
+        super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # `args` always comes from `main` (which read sys.argv): skip LightningCLI's "both given" warning.
+        self.config = parser.parse_args(args)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"predict": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"trainer.strategy": {"class_path": _STRATEGY_CLASS}})
+
+
+def _plan_parser() -> ArgumentParser:
+    from torch import nn
+
+    parser = ArgumentParser(
+        prog="lightning-bigmodel plan",
+        description="Print the device map and memory table for a model and a budget, reading no weight. The model "
+        "is built on the meta device, so a 100B-parameter model plans in seconds on a laptop.",
+        env_prefix="LBM_PLAN",
+        default_env=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below.")
+    parser.add_subclass_arguments(nn.Module, "model", required=True, help="The network: class path and init args.")
+    parser.add_argument(
+        "--max_memory",
+        type=Optional[dict[Union[int, str], Union[int, str]]],
+        default=None,
+        help='Budget per device, e.g. {0: "10GiB", 1: "10GiB", "cpu": "30GiB"}; default: detect free memory.',
+    )
+    parser.add_argument(
+        "--no_split_module_classes", type=Optional[list[str]], default=None, help='Never split these, e.g. ["Block"].'
+    )
+    parser.add_argument("--policy", type=Policy, default="auto", help="How to spread modules over the GPUs.")
+    parser.add_argument("--dtype", type=Optional[DType], default=None, help="Plan for weights cast to this dtype.")
+    parser.add_argument("--offload_buffers", type=bool, default=False, help="Count buffers of offloaded modules too.")
+    parser.add_argument("--output", type=Optional[str], default=None, help="Also write the map to this JSON file.")
+    return parser
+
+
+def _budget(max_memory: Optional[dict]) -> Optional[dict]:
+    """Keys as the library wants them: ``"0"`` (from JSON) becomes GPU ``0``."""
+    if max_memory is None:
+        return None
+    return {int(key) if isinstance(key, str) and key.isdigit() else key: value for key, value in max_memory.items()}
+
+
+def plan(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """Run ``lightning-bigmodel plan``: build the model on meta, plan it, print the table; return the map."""
+    import torch
+
+    from lightning_bigmodel.device_map import infer_device_map
+    from lightning_bigmodel.init import init_empty_weights
+    from lightning_bigmodel.memory import compute_module_sizes, get_max_memory
+    from lightning_bigmodel.table import format_bytes, render_table
+
+    parser = _plan_parser()
+    cfg = parser.parse_args(argv)
+    with init_empty_weights():
+        model = parser.instantiate_classes(cfg).model
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+    budget = get_max_memory(_budget(cfg.max_memory))
+    device_map = infer_device_map(
+        model,
+        max_memory=budget,
+        no_split_module_classes=cfg.no_split_module_classes,
+        dtype=dtype,
+        policy=cfg.policy,
+        offload_buffers=cfg.offload_buffers,
+    )
+    sizes = compute_module_sizes(model, dtype=dtype)
+    print(f"Plan for {type(model).__name__}: {format_bytes(sizes[''])} of weights, policy {cfg.policy!r}")
+    print(render_table(device_map, sizes, budget))
+    if cfg.output:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.output).write_text(json.dumps(device_map, indent=2) + "\n", encoding="utf-8")
+        print(f"Wrote the device map to {cfg.output}")
+    return device_map
+
+
+def predict(argv: Optional[list[str]] = None) -> BigModelCLI:
+    """Run ``lightning-bigmodel predict`` (``argv`` without the word ``predict``)."""
+    import lightning_bigmodel.strategy  # noqa: F401  (registers strategy="bigmodel")
+
+    return BigModelCLI(args=["predict", *(argv or [])])
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point of ``lightning-bigmodel`` and ``python -m lightning_bigmodel``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)  # class paths like examples.gpt.GPT resolve from here, as with `python -m`
+    command = argv.pop(0) if argv else None
+    if command == "predict":
+        predict(argv)
+    elif command == "plan":
+        plan(argv)
+    elif command in ("-h", "--help"):
+        print(_USAGE, end="")
+    else:
+        sys.stderr.write(_USAGE)
+        what = "no subcommand" if command is None else f"unknown subcommand {command!r}"
+        raise SystemExit(f"lightning-bigmodel: error: {what}; choose `predict` or `plan`.")

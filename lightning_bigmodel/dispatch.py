@@ -2,11 +2,46 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
+
+from lightning_bigmodel.checkpoint.loading import load_checkpoint_in_model
+from lightning_bigmodel.device_map import POLICIES, execution_device, infer_device_map, normalize_device
+from lightning_bigmodel.offload.disk import OffloadFolder
+from lightning_bigmodel.offload.hooks import HostEntry, InputHook, RootHook, WeightHook
+from lightning_bigmodel.offload.placement import (
+    DISK,
+    TensorGroup,
+    assign_targets,
+    execution_target,
+    install,
+    is_at,
+    is_disk,
+    mark_disk,
+    owner_key,
+    pin_host,
+    tensor_groups,
+    to_host,
+    validate_device_map,
+)
+from lightning_bigmodel.offload.prefetch import Prefetcher
+
+_STATE = "_bigmodel_dispatch"
+
+
+@dataclass
+class _DispatchState:
+    handles: list = field(default_factory=list)
+    prefetcher: Optional[Prefetcher] = None
+
+
+def is_dispatched(model: nn.Module) -> bool:
+    return _STATE in model.__dict__
 
 
 def dispatch_model(
@@ -16,22 +51,169 @@ def dispatch_model(
     offload_folder: Optional[Union[str, Path]] = None,
     offload_buffers: bool = False,
 ) -> nn.Module:
-    raise NotImplementedError
+    """Place ``model`` as ``device_map`` says and attach the hooks that run it there.
+
+    Tensors not yet at their place are moved (``"disk"`` ones not already file-backed are written once into
+    ``offload_folder`` and replaced by memory-mapped views). Entries on ``"cpu"``/``"disk"`` compute on ``main_device``
+    (default: the lowest GPU of the map, else CPU); when that is the CPU, their weights are used in place and get no
+    hook. A dispatched model refuses ``.to()``/``.cuda()``/``.cpu()``/``.half()`` (anything going through
+    ``nn.Module._apply``) and forward passes with grad through offloaded weights. Dispatching again first removes
+    the previous hooks; :func:`remove_dispatch` undoes it.
+
+    Raises:
+        ValueError: the map misses tensors, names unknown modules or absent GPUs, or needs an ``offload_folder``.
+        RuntimeError: a parameter or buffer is still on meta (load the checkpoint first).
+    """
+    remove_dispatch(model)
+    validate_device_map(model, device_map)
+    _refuse_meta(model)
+    normalized = {key: normalize_device(value) for key, value in device_map.items()}
+    main = torch.device(main_device) if main_device is not None else execution_device(normalized)
+    groups = tensor_groups(model)
+    assign_targets(groups, normalized, main, offload_buffers)
+    _place(groups, pin_host(main), offload_folder)
+    state = _attach(model, groups, normalized, main)
+    model.hf_device_map = dict(device_map)
+    object.__setattr__(model, _STATE, state)
+    object.__setattr__(model, "_apply", partial(_refuse_apply, type(model).__name__))
+    return model
 
 
 def remove_dispatch(model: nn.Module) -> nn.Module:
-    raise NotImplementedError
+    """Remove every hook :func:`dispatch_model` attached, stop its prefetch thread and allow ``.to()`` again.
+
+    The weights stay where they are (memory-mapped ``"disk"`` views included); a no-op on a model never dispatched.
+    """
+    state = model.__dict__.pop(_STATE, None)
+    if state is None:
+        return model
+    for handle in state.handles:
+        handle.remove()
+    if state.prefetcher is not None:
+        state.prefetcher.close()
+    model.__dict__.pop("_apply", None)
+    model.__dict__.pop("hf_device_map", None)
+    return model
 
 
 def load_checkpoint_and_dispatch(
     model: nn.Module,
     checkpoint: Union[str, Path],
-    device_map: Union[str, Mapping[str, Union[int, str]]] = "auto",
+    device_map: Union[str, Mapping[str, Union[int, str]], None] = "auto",
     max_memory: Optional[Mapping[Union[int, str], Union[int, str]]] = None,
     no_split_module_classes: Optional[Sequence[str]] = None,
     offload_folder: Optional[Union[str, Path]] = None,
     offload_buffers: bool = False,
     dtype: Optional[torch.dtype] = None,
     strict: bool = False,
+    key_prefix: str = "",
 ) -> nn.Module:
-    raise NotImplementedError
+    """Plan (when ``device_map`` is a policy name), stream the checkpoint in, and dispatch; return ``model``.
+
+    ``device_map=None`` loads everything on CPU and attaches nothing. See :func:`load_checkpoint_in_model` and
+    :func:`dispatch_model` for the other arguments.
+    """
+    if isinstance(device_map, str):
+        if device_map not in POLICIES:
+            raise ValueError(f"`device_map`={device_map!r} is not a policy; use one of {POLICIES} or a dict.")
+        device_map = infer_device_map(
+            model,
+            max_memory=max_memory,
+            no_split_module_classes=no_split_module_classes,
+            dtype=dtype,
+            policy=device_map,
+            offload_buffers=offload_buffers,
+        )
+    load_checkpoint_in_model(
+        model, checkpoint, device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
+        offload_buffers=offload_buffers, key_prefix=key_prefix,
+    )  # fmt: skip
+    if device_map is not None:
+        dispatch_model(model, device_map, offload_folder=offload_folder, offload_buffers=offload_buffers)
+    return model
+
+
+def _refuse_apply(name: str, fn, recurse: bool = True):
+    raise RuntimeError(
+        f"This {name} is dispatched: its weights are placed by its device map (see `model.hf_device_map`), so "
+        "`.to()`, `.cuda()`, `.cpu()`, `.half()` and the like are refused. Call `remove_dispatch(model)` first."
+    )
+
+
+def _refuse_meta(model: nn.Module) -> None:
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    meta = [name for name, tensor in tensors if tensor.is_meta]
+    if meta:
+        shown = meta if len(meta) <= 10 else meta[:10] + [f"... ({len(meta) - 10} more)"]
+        raise RuntimeError(
+            f"Cannot dispatch a model with tensors on the meta device: {shown}. Load a checkpoint that holds them "
+            "first (`load_checkpoint_in_model`; keys it reports missing stay on meta)."
+        )
+
+
+def _place(groups: list[TensorGroup], pin: bool, offload_folder: Optional[Union[str, Path]]) -> None:
+    """Move every tensor not yet at its target; write ``"disk"`` ones that are not file-backed into the folder."""
+    to_write = [g for g in groups if g.target == DISK and not is_disk(g.tensor)]
+    if to_write and offload_folder is None:
+        modules = sorted({g.name.rpartition(".")[0] or "<root>" for g in to_write})
+        raise ValueError(
+            f"`device_map` puts {modules[:8]} on \"disk\", but their weights are in memory. Pass `offload_folder=` "
+            "(a folder with room for them) so they are written there once."
+        )
+    for group in groups:
+        target = group.target
+        if target == DISK or is_at(group.tensor, target, pin):
+            continue
+        install(group, to_host(group.tensor, pin) if target.type == "cpu" else group.tensor.to(target))
+    if to_write:
+        with OffloadFolder(offload_folder, None) as store:  # in-memory weights: no source to reuse from
+            for group in to_write:
+                install(group, mark_disk(store.write(group.name, group.tensor)))
+
+
+def _hook_module(model: nn.Module, key: str) -> nn.Module:
+    """The module a device-map key names (for a key naming a tensor: the module holding it)."""
+    try:
+        return model.get_submodule(key)
+    except AttributeError:
+        return model.get_submodule(key.rpartition(".")[0])
+
+
+def _entries_by_key(groups, normalized, main) -> dict[str, dict[int, HostEntry]]:
+    """For each map key, the host tensors under it that do not live on its execution device."""
+    by_key: dict[str, dict[int, HostEntry]] = {}
+    for index, group in enumerate(groups):
+        for name, slot in zip(group.names, group.slots):
+            key = owner_key(name, normalized)
+            if group.tensor.device == execution_target(normalized[key], main):
+                continue
+            entries = by_key.setdefault(key, {})
+            entry = entries.get(index)
+            if entry is None:
+                entry = entries[index] = HostEntry(group.tensor, [], group.is_param, writeback=not group.is_param)
+            entry.slots.append(slot)
+    return by_key
+
+
+def _attach(model: nn.Module, groups, normalized, main: torch.device) -> _DispatchState:
+    state = _DispatchState()
+    by_key = _entries_by_key(groups, normalized, main)
+    devices = {execution_target(device, main) for device in normalized.values()}
+    move_io = len(devices) > 1 or bool(by_key)
+    if any(execution_target(normalized[key], main).type == "cuda" for key in by_key):
+        state.prefetcher = Prefetcher()
+    guarded = {id(e.host): e.host for entries in by_key.values() for e in entries.values() if e.is_param}
+    guarded.update({id(g.tensor): g.tensor for g in groups if g.is_param and is_disk(g.tensor)})
+    if move_io or guarded:
+        root = RootHook(list(guarded.values()), state.prefetcher, restore_outputs=move_io)
+        state.handles.append(model.register_forward_pre_hook(root.pre, with_kwargs=True))
+        state.handles.append(model.register_forward_hook(root.post, with_kwargs=True, always_call=True))
+    for key, device in normalized.items():
+        module, target = _hook_module(model, key), execution_target(device, main)
+        if key in by_key:
+            hook = WeightHook(key, target, list(by_key[key].values()), move_io, state.prefetcher)
+            state.handles.append(module.register_forward_pre_hook(hook.pre, with_kwargs=True))
+            state.handles.append(module.register_forward_hook(hook.post, with_kwargs=True, always_call=True))
+        elif move_io:
+            state.handles.append(module.register_forward_pre_hook(InputHook(target).pre, with_kwargs=True))
+    return state

@@ -1,6 +1,286 @@
-"""BigModelInferenceStrategy (placeholder until the Lightning integration lands)."""
+"""BigModelInferenceStrategy: ``Trainer.predict`` over a model built on meta, planned over GPUs/CPU/disk, streamed in.
+
+Call flow (Lightning 2.6): ``configure_model`` runs inside :meth:`tensor_init_context` (parameters on meta); with
+``restore_checkpoint_after_setup`` :meth:`setup` plans before the checkpoint; ``load_checkpoint`` opens it lazily
+(:class:`~lightning_bigmodel.io.ShardedCheckpointIO`); :meth:`load_model_state_dict` streams every tensor to its
+device and dispatches; without ``ckpt_path`` the strategy's own ``checkpoint`` is loaded when predict starts.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Generator, Literal, Mapping, Optional, Union
+
+import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import Strategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+
+import lightning.pytorch as pl
+from lightning_bigmodel.callback import DeviceMapCallback, parse_dtype, trainer_gpus
+from lightning_bigmodel.device_map import execution_device, normalize_device
+from lightning_bigmodel.init import init_empty_weights
+from lightning_bigmodel.io import ShardedCheckpointIO, is_dispatched, load_into, release
+
+Policy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 
 
-class BigModelInferenceStrategy:  # pragma: no cover - replaced by the integration
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError
+class BigModelInferenceStrategy(Strategy):
+    """Inference over a model larger than one device: meta init, a device map over the Trainer's GPUs, CPU RAM and
+    disk, the checkpoint streamed tensor by tensor to its place, and hooks that move weights and activations.
+
+    Args:
+        device_map: a policy (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) or an explicit
+            ``{module_name: gpu_index | "cpu" | "disk"}`` (names as in the LightningModule, e.g. ``"model.h.0"``).
+        max_memory: budget per device, e.g. ``{0: "10GiB", "cpu": "30GB"}``; ``None`` detects free memory.
+        no_split_module_classes: class names kept whole on one device (residual blocks, e.g. ``["Block"]``).
+        offload_folder: where ``"disk"`` weights are written when they cannot be read in place from the checkpoint.
+        offload_buffers: offload the buffers of offloaded modules too.
+        dtype: dtype of floating-point weights (``torch.bfloat16`` or ``"bfloat16"``); default: the model's, after
+            the Trainer's ``precision``.
+        checkpoint: path or Hub id loaded when ``predict`` gets no ``ckpt_path``.
+        key_prefix: prepended to checkpoint keys to name model keys (``"model."``); ``None`` detects it.
+        strict: raise when keys are missing or unexpected (the module's ``strict_loading=False`` also relaxes it).
+        release_on_teardown: at the end of each ``predict`` remove the hooks and free the weights (the next
+            ``predict`` loads again). By default the model stays dispatched: a second ``predict`` reuses it.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as for Lightning
+            strategies (the Trainer fills them in). ``checkpoint_io`` defaults to ``ShardedCheckpointIO()``.
+    """
+
+    strategy_name = "bigmodel"
+
+    def __init__(
+        self,
+        device_map: Union[Policy, dict[str, Union[int, str]]] = "auto",
+        max_memory: Optional[dict[Union[int, str], Union[int, str]]] = None,
+        no_split_module_classes: Optional[list[str]] = None,
+        offload_folder: Optional[Union[str, Path]] = None,
+        offload_buffers: bool = False,
+        dtype: Optional[Union[str, torch.dtype]] = None,
+        checkpoint: Optional[Union[str, Path]] = None,
+        key_prefix: Optional[str] = None,
+        strict: bool = True,
+        release_on_teardown: bool = False,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+    ) -> None:
+        super().__init__(accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin)
+        if isinstance(device_map, Mapping):
+            device_map = {key: normalize_device(value) for key, value in device_map.items()}
+        self.device_map = device_map
+        self.max_memory = max_memory
+        self.no_split_module_classes = list(no_split_module_classes or [])
+        self.offload_folder = offload_folder
+        self.offload_buffers = offload_buffers
+        self.dtype = parse_dtype(dtype)
+        self.checkpoint = checkpoint
+        self.key_prefix = key_prefix
+        self.strict = strict
+        self.release_on_teardown = release_on_teardown
+        self.parallel_devices = parallel_devices
+        self.cluster_environment = cluster_environment
+        self.plan: Optional[dict[str, Union[int, str]]] = None  # the device map of the current model
+        self.loaded_from: Optional[str] = None  # the checkpoint the current model holds
+        self._root_device: Optional[torch.device] = None
+
+    # ------------------------------------------------------------------ single-process plumbing
+    @property
+    def checkpoint_io(self) -> CheckpointIO:
+        if self._checkpoint_io is None:
+            self._checkpoint_io = ShardedCheckpointIO()
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO) -> None:
+        self._checkpoint_io = io
+
+    @property
+    def root_device(self) -> torch.device:
+        if self._root_device is not None:
+            return self._root_device
+        return self.parallel_devices[0] if self.parallel_devices else torch.device("cpu")
+
+    global_rank = 0
+    local_rank = 0
+    node_rank = 0
+    world_size = 1
+
+    @property
+    def is_global_zero(self) -> bool:
+        return True
+
+    def reduce(self, tensor: Union[Tensor, Any], *args: Any, **kwargs: Any) -> Union[Tensor, Any]:
+        return tensor
+
+    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        return tensor
+
+    def barrier(self, name: Optional[str] = None) -> None:
+        pass
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def model_to_device(self) -> None:
+        """Nothing to do: each tensor is placed on its planned device while the checkpoint streams in."""
+
+    @contextmanager
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+        """Parameters are created on meta (buffers stay real) in the precision's dtype, whatever ``empty_init``."""
+        with ExitStack() as stack:
+            stack.enter_context(init_empty_weights(include_buffers=False))
+            stack.enter_context(self.precision_plugin.tensor_init_context())
+            yield
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------------ setup: plan before the checkpoint
+    def setup(self, trainer: "pl.Trainer") -> None:
+        """Convert precision on the meta model, plan the device map and set ``root_device`` to its main device."""
+        if trainer.state.fn == TrainerFn.FITTING:
+            raise MisconfigurationException(
+                "`BigModelInferenceStrategy` is inference-only: `Trainer.fit` is not supported. Use "
+                "`trainer.predict(...)` (or `validate`/`test`), or another strategy for training."
+            )
+        assert self.accelerator is not None and self.lightning_module is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        if is_dispatched(module):
+            rank_zero_info("`BigModelInferenceStrategy`: the model is already dispatched; reusing its device map.")
+            self.plan = dict(getattr(module, "hf_device_map", None) or self.plan or {})
+        else:
+            self.model = self.precision_plugin.convert_module(self.model)
+            if self.dtype is not None:
+                module.to(dtype=self.dtype)  # meta parameters and real floating-point buffers; ints stay
+            self.plan = self._device_map_callback(trainer).plan(module, self)
+            self.loaded_from = None
+        self._check_devices(self.plan)
+        self._root_device = execution_device(self.plan) if self.plan else torch.device("cpu")
+        self.accelerator.setup_device(self._root_device)
+        self.setup_precision_plugin()
+
+    def _device_map_callback(self, trainer: "pl.Trainer") -> DeviceMapCallback:
+        """The user's ``DeviceMapCallback``, else one made from this strategy's arguments (added to the Trainer)."""
+        for callback in trainer.callbacks:
+            if isinstance(callback, DeviceMapCallback):
+                return callback
+        callback = DeviceMapCallback(
+            device_map=self.device_map,
+            max_memory=self.max_memory,
+            no_split_module_classes=self.no_split_module_classes,
+            offload_buffers=self.offload_buffers,
+        )
+        trainer.callbacks.append(callback)
+        return callback
+
+    def _check_devices(self, plan: Mapping[str, Union[int, str]]) -> None:
+        gpus_used = sorted({d for d in map(normalize_device, plan.values()) if isinstance(d, int)})
+        allowed = trainer_gpus(self)
+        if gpus_used and not allowed:
+            raise MisconfigurationException(
+                f"The device map puts modules on GPU(s) {gpus_used}, but the Trainer runs on the "
+                f"{type(self.accelerator).__name__} (which only accepts the CPU as root device). Pass "
+                f"`Trainer(accelerator='gpu', devices={gpus_used})`, or a map that uses only 'cpu' and 'disk'."
+            )
+        outside = [gpu for gpu in gpus_used if gpu not in allowed]
+        if outside:
+            raise MisconfigurationException(
+                f"The device map puts modules on GPU(s) {outside}, outside the Trainer's devices {allowed}. "
+                "Pass `Trainer(devices=...)` covering every GPU of the map."
+            )
+
+    # ------------------------------------------------------------------ loading
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Open ``checkpoint_path`` lazily through ``checkpoint_io`` (no tensor is read here)."""
+        return self.checkpoint_io.load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        """Stream ``checkpoint["state_dict"]`` into the planned devices, check nothing stayed on meta, dispatch."""
+        module = self.lightning_module
+        assert module is not None
+        state_dict = checkpoint["state_dict"]
+        source = str(getattr(getattr(state_dict, "checkpoint", None), "root", "")) or "<in-memory state dict>"
+        if is_dispatched(module):
+            if self.loaded_from is not None and source == self.loaded_from:
+                rank_zero_info(f"`BigModelInferenceStrategy`: weights from {source} are already loaded; reusing them.")
+                return
+            raise RuntimeError(
+                f"The model is already dispatched with weights from {self.loaded_from or 'elsewhere'}; loading "
+                f"{source!r} into it is not supported. Build a fresh LightningModule (or call "
+                "`lightning_bigmodel.remove_dispatch(model)` and rebuild it) to predict with other weights."
+            )
+        assert self.plan is not None, "`setup` plans before any checkpoint is loaded"
+        load_into(
+            module,
+            state_dict,
+            self.plan,
+            main_device=self.root_device,
+            dtype=self.dtype,
+            offload_folder=self.offload_folder,
+            offload_buffers=self.offload_buffers,
+            strict=self.strict and strict,
+            key_prefix=self.key_prefix,
+            checkpoint_io=self.checkpoint_io,
+        )
+        self.loaded_from = source
+
+    def _ensure_loaded(self) -> None:
+        """Without ``ckpt_path``: load ``checkpoint=``, or dispatch a model built with real weights, or explain."""
+        module = self.lightning_module
+        if module is None or is_dispatched(module):
+            return
+        if self.checkpoint is not None:
+            rank_zero_info(f"`BigModelInferenceStrategy`: loading `checkpoint={str(self.checkpoint)!r}`.")
+            loaded = self.load_checkpoint(self.checkpoint)
+            self.load_model_state_dict(loaded, strict=module.strict_loading)
+            return
+        load_into(module, None, self.plan or {}, main_device=self.root_device, offload_folder=self.offload_folder,
+                  offload_buffers=self.offload_buffers)  # fmt: skip
+
+    def on_predict_start(self) -> None:
+        self._ensure_loaded()
+
+    def on_validation_start(self) -> None:
+        self._ensure_loaded()
+
+    def on_test_start(self) -> None:
+        self._ensure_loaded()
+
+    # ------------------------------------------------------------------ teardown: never `.cpu()`
+    def teardown(self) -> None:
+        """Close the checkpoint files; with ``release_on_teardown`` also remove the hooks and free the weights."""
+        module = self.lightning_module
+        if self.release_on_teardown and module is not None and is_dispatched(module):
+            release(module)
+            self.loaded_from = None
+        self.precision_plugin.teardown()
+        if self.accelerator is not None:
+            self.accelerator.teardown()
+        self.checkpoint_io.teardown()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        if cls.strategy_name not in strategy_registry:
+            strategy_registry.register(
+                cls.strategy_name,
+                cls,
+                description="Big-model inference: meta init, device map over GPUs/CPU/disk, streamed checkpoints",
+            )
+
+
+BigModelInferenceStrategy.register_strategies(StrategyRegistry)

@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
+
+from lightning_bigmodel.checkpoint.reader import CheckpointReader, TensorSpec
+from lightning_bigmodel.checkpoint.resolve import resolve_checkpoint
+from lightning_bigmodel.device_map import execution_device
+from lightning_bigmodel.offload.disk import OffloadFolder, source_identity
+from lightning_bigmodel.offload.placement import (
+    DISK,
+    TensorGroup,
+    assign_targets,
+    install,
+    is_at,
+    mark_disk,
+    pin_host,
+    tensor_groups,
+    to_host,
+    validate_device_map,
+)
+
+
+@dataclass
+class _Plan:
+    sources: dict[int, str] = field(default_factory=dict)  # group index -> checkpoint key
+    dtypes: dict[int, torch.dtype] = field(default_factory=dict)  # group index -> dtype to install
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
 
 
 def load_checkpoint_in_model(
@@ -19,5 +46,165 @@ def load_checkpoint_in_model(
     offload_buffers: bool = False,
     key_prefix: str = "",
 ) -> tuple[list[str], list[str]]:
-    """Return ``(missing_keys, unexpected_keys)``; ``strict=True`` raises listing them."""
-    raise NotImplementedError
+    """Stream ``checkpoint`` into ``model``, each tensor straight to the place ``device_map`` gives it.
+
+    Everything is validated before any tensor is placed: map coverage, shapes, dtypes, strictness and whether an
+    offload folder is needed. Then each tensor is read, cast (floats to ``dtype``, else to the model's dtype) and
+    installed directly (``module._parameters[name] = Parameter(...)``); tied parameters get one shared ``Parameter``.
+    ``"disk"`` parameters are memory-mapped views: of the checkpoint itself when it is safetensors and no cast is
+    needed, else of files written once into ``offload_folder``.
+
+    Args:
+        model: the model, usually built under ``init_empty_weights`` (meta parameters).
+        checkpoint: a file, folder, index JSON or Hub repo id.
+        device_map: ``{module_name: gpu_index | "cpu" | "disk"}``; ``None`` puts meta tensors on CPU and leaves real
+            ones where they are.
+        dtype: dtype for floating-point tensors read from the checkpoint (default: the model's).
+        offload_folder: where ``"disk"`` tensors that cannot be referenced in place are written.
+        strict: raise ``RuntimeError`` (before placing anything) when keys are missing or unexpected.
+        offload_buffers: keep buffers of ``"cpu"``/``"disk"`` entries in RAM instead of on the execution device.
+        key_prefix: prepended to every checkpoint key to get the model's name (e.g. ``"model."``).
+
+    Returns:
+        ``(missing_keys, unexpected_keys)``: model names absent from the checkpoint (parameters listed there stay on
+        meta), and checkpoint keys (as written in the checkpoint) that match nothing in the model.
+    """
+    groups = tensor_groups(model)
+    main_device = torch.device("cpu")
+    if device_map is not None:
+        validate_device_map(model, device_map)
+        main_device = execution_device(device_map)
+    assign_targets(groups, device_map, main_device, offload_buffers)
+    pin = device_map is not None and pin_host(main_device)
+    resolved = resolve_checkpoint(checkpoint)
+    with CheckpointReader(resolved) as reader:
+        plan = _plan(groups, reader, dtype, key_prefix)
+        if strict and (plan.missing or plan.unexpected):
+            raise RuntimeError(_strict_message(plan, key_prefix))
+        writes = _needs_writes(groups, plan, reader)
+        if writes and offload_folder is None:
+            raise ValueError(
+                f"`device_map` puts {_modules_of(writes)} on \"disk\", but their weights cannot be referenced in "
+                "place (the checkpoint is not safetensors, or `dtype` converts them). Pass `offload_folder=` (a "
+                "folder with room for them) so they are written there once."
+            )
+        store = OffloadFolder(offload_folder, source_identity(resolved.files)) if writes else nullcontext()
+        with store:
+            for index, key in plan.sources.items():
+                _load_group(groups[index], key, reader, plan.dtypes[index], pin, store)
+    _place_unloaded(model, groups, plan, pin)
+    return plan.missing, plan.unexpected
+
+
+def _plan(groups: list[TensorGroup], reader: CheckpointReader, dtype, key_prefix: str) -> _Plan:
+    """Match checkpoint keys to groups; check shapes and dtypes. Raises ``ValueError`` listing every mismatch."""
+    by_name = {name: i for i, g in enumerate(groups) if g.persistent for name in g.names}
+    plan = _Plan()
+    for key in reader.keys():  # file order: each shard is read once, front to back
+        index = by_name.get(key_prefix + key)
+        if index is None:
+            plan.unexpected.append(key)
+        elif index not in plan.sources:  # a tied group is read once, from the first alias present
+            plan.sources[index] = key
+    plan.missing = [n for i, g in enumerate(groups) if g.persistent and i not in plan.sources for n in g.names]
+    problems = []
+    for index, key in plan.sources.items():
+        group, spec = groups[index], reader.spec(key)
+        target = _target_dtype(group.tensor.dtype, spec.dtype, dtype)
+        plan.dtypes[index] = target
+        if tuple(spec.shape) != tuple(group.tensor.shape):
+            problems.append(
+                f"`{key}`: checkpoint shape {list(spec.shape)}, model `{group.name}` shape {list(group.tensor.shape)}"
+            )
+        elif not (spec.dtype == target or torch.can_cast(spec.dtype, target)):
+            problems.append(f"`{key}`: checkpoint dtype {spec.dtype} cannot be cast to {target} (model `{group.name}`)")
+    if problems:
+        raise ValueError(
+            f"Checkpoint {str(reader.checkpoint.root)!r} does not fit the model:\n  " + "\n  ".join(problems)
+            + "\nBuild the model from the configuration that matches this checkpoint (or fix `key_prefix`)."
+        )
+    return plan
+
+
+def _target_dtype(model_dtype: torch.dtype, checkpoint_dtype: torch.dtype, dtype: Optional[torch.dtype]) -> torch.dtype:
+    if dtype is not None and model_dtype.is_floating_point and checkpoint_dtype.is_floating_point:
+        return dtype
+    return model_dtype
+
+
+def _strict_message(plan: _Plan, key_prefix: str) -> str:
+    parts = ["Error(s) in loading state_dict (strict=True):"]
+    if plan.missing:
+        parts.append("Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in plan.missing) + ".")
+    if plan.unexpected:
+        parts.append("Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in plan.unexpected) + ".")
+    parts.append(f"(`key_prefix`={key_prefix!r} is prepended to checkpoint keys.) Pass strict=False to load anyway.")
+    return "\n\t".join(parts)
+
+
+def _in_place(spec: TensorSpec, dtype: torch.dtype) -> bool:
+    return spec.is_safetensors and spec.dtype == dtype
+
+
+def _needs_writes(groups: list[TensorGroup], plan: _Plan, reader: CheckpointReader) -> list[TensorGroup]:
+    return [
+        groups[i]
+        for i, key in plan.sources.items()
+        if groups[i].target == DISK and not _in_place(reader.spec(key), plan.dtypes[i])
+    ]
+
+
+def _modules_of(groups: list[TensorGroup]) -> list[str]:
+    modules = sorted({name.rpartition(".")[0] or "<root>" for g in groups for name in g.names[:1]})
+    return modules if len(modules) <= 8 else modules[:8] + [f"... ({len(modules) - 8} more)"]
+
+
+def _cpu_source(reader: CheckpointReader, key: str) -> torch.Tensor:
+    """The cheapest CPU tensor holding ``key``: a file view (safetensors) or a fresh read (pickle)."""
+    return reader.mmap_view(key) if reader.spec(key).is_safetensors else reader.read(key)
+
+
+def _load_group(group: TensorGroup, key: str, reader: CheckpointReader, dtype: torch.dtype, pin: bool, store) -> None:
+    target, spec = group.target, reader.spec(key)
+    if target == DISK:
+        if _in_place(spec, dtype):
+            tensor = reader.mmap_view(key)
+        elif store.has(group.name, spec.shape, dtype, key=key):
+            tensor = store.view(group.name)
+        else:
+            tensor = store.write(group.name, _cpu_source(reader, key).to(dtype), key=key)
+        tensor = mark_disk(tensor)
+    elif target.type == "cuda":
+        tensor = reader.read(key, target).to(dtype)
+    elif pin:
+        tensor = torch.empty(spec.shape, dtype=dtype, pin_memory=True).copy_(_cpu_source(reader, key))
+    else:
+        tensor = reader.read(key).to(dtype)
+    install(group, tensor)
+
+
+def _place_unloaded(model: nn.Module, groups: list[TensorGroup], plan: _Plan, pin: bool) -> None:
+    """Move tensors the checkpoint did not hold to their place; materialise meta buffers; check no meta is left.
+
+    Parameters absent from the checkpoint stay on meta (they are in ``missing_keys``). Real tensors absent from it
+    keep their values; a ``"disk"`` one is kept in RAM (there is no file to reference).
+    """
+    unloaded = [g for i, g in enumerate(groups) if i not in plan.sources]
+    if any(g.tensor.is_meta and not g.is_param for g in unloaded):
+        from lightning_bigmodel.init import materialize_meta_buffers
+
+        materialize_meta_buffers(model, torch.device("cpu"))
+        for group in unloaded:
+            if not group.is_param:
+                module, attr = group.slots[0]
+                group.tensor = module._buffers[attr]
+    for group in unloaded:
+        tensor, target = group.tensor, group.target
+        if tensor.is_meta:
+            continue
+        target = torch.device("cpu") if target == DISK else target
+        if not is_at(tensor, target, pin):
+            install(group, to_host(tensor, pin) if target.type == "cpu" else tensor.to(target))
+    stray = [g.name for g in unloaded if g.tensor.is_meta and g.name not in plan.missing]
+    if stray:
+        raise RuntimeError(f"Tensors {stray} are still on meta after loading; they are in no checkpoint. Re-create them.")

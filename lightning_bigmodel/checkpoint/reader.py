@@ -1,14 +1,20 @@
-"""Per-tensor readers: safetensors through ``safe_open``/mmap views, pickles through ``torch.load(mmap=True, weights_only=True)``."""
+"""Per-tensor readers: safetensors through their header and memory-mapped views, pickles through
+``torch.load(mmap=True, weights_only=True)``."""
 
 from __future__ import annotations
 
+import math
+import mmap
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 
-from lightning_bigmodel.checkpoint.resolve import ResolvedCheckpoint
+from lightning_bigmodel.checkpoint.errors import CheckpointError
+from lightning_bigmodel.checkpoint.resolve import ResolvedCheckpoint, is_safetensors, resolve_checkpoint
+from lightning_bigmodel.checkpoint.safetensors_view import SafetensorsHeader, open_mmap, read_header, view
 
 
 @dataclass(frozen=True)
@@ -18,37 +24,196 @@ class TensorSpec:
     file: Path
     is_safetensors: bool
 
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a pickled checkpoint, memory-mapped, loaded with ``weights_only=True`` only (never runs code).
+
+    A Lightning checkpoint (``.ckpt``, or any dict with a nested ``"state_dict"``) gives its ``"state_dict"``.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise _unloadable(path, err) from err
+        obj = _load_unmapped(path)  # legacy (non-zip) torch.save format cannot be memory-mapped
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types; each means "not a safe weights file"
+        raise _unloadable(path, err) from err
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)."
+        )
+    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _load_unmapped(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise _unloadable(path, err) from err
+
+
+def _reason(err: BaseException) -> str:
+    """The informative line of a ``torch.load`` error (its weights-only message is a long how-to-bypass text)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    first = lines[0].split(". ")[0][:300] if lines else ""
+    return f"{type(err).__name__}: {first}"
+
+
+def _unloadable(path: Path, err: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"Cannot load checkpoint {str(path)!r} with `torch.load(weights_only=True)` ({_reason(err)}). It is corrupt, truncated, or holds objects other than tensors; checkpoints are never "
+        "unpickled with arbitrary code. If you trust its source, re-save its state dict with safetensors."
+    )
+
 
 class CheckpointReader:
-    """Lazy view over a (sharded) checkpoint. Use as a context manager; at most one pickle shard is mapped at a time."""
+    """Lazy view over a (sharded) checkpoint. Use as a context manager; at most one pickle shard is mapped at a time.
+
+    Opening validates the whole checkpoint before any weight is read: every safetensors header is parsed strictly,
+    every pickle shard is mapped (``weights_only=True``), an index must agree with its shards, no key may appear in two
+    shards and no shard may be empty. Each failure raises a ``CheckpointError`` (a ``ValueError``) naming the culprit.
+    """
 
     def __init__(self, checkpoint: Union[str, Path, ResolvedCheckpoint]) -> None:
-        raise NotImplementedError
+        self.checkpoint = resolve_checkpoint(checkpoint)
+        self._headers: dict[Path, SafetensorsHeader] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._pickle: Optional[tuple[Path, dict[str, torch.Tensor]]] = None
+        self._specs: dict[str, TensorSpec] = {}
+        self._scan()
+
+    # ------------------------------------------------------------------ opening and validation
+    def _file_specs(self, file: Path) -> dict[str, TensorSpec]:
+        if file.stat().st_size == 0:
+            raise CheckpointError(f"Checkpoint shard {str(file)!r} is empty (0 bytes). Re-download or re-save it.")
+        if is_safetensors(file):
+            header = self._headers[file] = read_header(file)
+            specs = {k: TensorSpec(torch.Size(e.shape), e.dtype, file, True) for k, e in header.entries.items()}
+        else:
+            tensors = self._pickle_dict(file)
+            specs = {k: TensorSpec(t.shape, t.dtype, file, False) for k, t in tensors.items()}
+        if not specs:
+            raise CheckpointError(f"Checkpoint shard {str(file)!r} holds no tensors. Re-download or re-save it.")
+        return specs
+
+    def _scan(self) -> None:
+        found: dict[str, TensorSpec] = {}
+        for file in self.checkpoint.files:
+            for key, spec in self._file_specs(file).items():
+                if key in found:
+                    raise CheckpointError(
+                        f"Tensor {key!r} appears in two shards, {str(found[key].file)!r} and {str(file)!r}. "
+                        "The checkpoint is inconsistent: re-save it, or remove the stale shard."
+                    )
+                found[key] = spec
+        weight_map = self.checkpoint.weight_map
+        if weight_map is None:
+            self._specs = found
+            return
+        for key, file in weight_map.items():
+            spec = found.get(key)
+            if spec is None or spec.file != file:
+                actual = f" (it is in {str(spec.file)!r})" if spec is not None else ""
+                raise CheckpointError(
+                    f"Index {str(self.checkpoint.index)!r} maps tensor {key!r} to shard {str(file)!r}, which does "
+                    f"not hold it{actual}. The index and shards disagree: re-download the checkpoint or fix the index."
+                )
+        order = {file: i for i, file in enumerate(self.checkpoint.files)}
+        keys = sorted(weight_map, key=lambda k: order[weight_map[k]])  # stable: index order within a file
+        self._specs = {k: found[k] for k in keys}
+
+    def _pickle_dict(self, file: Path) -> dict[str, torch.Tensor]:
+        if self._pickle is None or self._pickle[0] != file:
+            self._pickle = None  # drop the previous shard's mapping before opening the next
+            self._pickle = (file, load_pickle_state_dict(file))
+        return self._pickle[1]
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return self.checkpoint.files
+
+    @property
+    def metadata(self) -> Optional[dict[str, Any]]:
+        """The index's ``"metadata"`` (HF format), else the ``__metadata__`` of a single safetensors file."""
+        if self.checkpoint.metadata is not None:
+            return self.checkpoint.metadata
+        if len(self.checkpoint.files) == 1 and self.checkpoint.files[0] in self._headers:
+            return self._headers[self.checkpoint.files[0]].metadata
+        return None
 
     def keys(self) -> list[str]:
         """Every tensor name, grouped by file in index order."""
-        raise NotImplementedError
+        return list(self._specs)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._specs
+
+    def __len__(self) -> int:
+        return len(self._specs)
 
     def spec(self, key: str) -> TensorSpec:
-        raise NotImplementedError
+        """Shape, dtype and file of ``key``, read from headers only."""
+        try:
+            return self._specs[key]
+        except KeyError:
+            some = list(self._specs)[:5]
+            raise KeyError(f"Tensor {key!r} is not in checkpoint {str(self.checkpoint.root)!r} (it has e.g. {some}).") from None
 
+    # ------------------------------------------------------------------ reading
     def read(self, key: str, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
         """A fresh tensor that owns its memory (safe to keep after ``close``)."""
-        raise NotImplementedError
+        spec = self.spec(key)
+        source = self.mmap_view(key) if spec.is_safetensors else self._pickle_dict(spec.file)[key]
+        return source.to(device=device, copy=True)
 
     def mmap_view(self, key: str) -> torch.Tensor:
-        """Zero-copy CPU tensor backed by the safetensors file itself (page cache). Safetensors only."""
-        raise NotImplementedError
+        """Zero-copy CPU tensor backed by the safetensors file itself (page cache). Safetensors only.
 
-    def iter_tensors(self, keys=None) -> Iterator[tuple[str, torch.Tensor]]:
+        The view keeps the file's memory map alive on its own, also after ``close``. Writes to it stay private.
+        """
+        spec = self.spec(key)
+        if not spec.is_safetensors:
+            raise CheckpointError(
+                f"Tensor {key!r} is in pickle shard {str(spec.file)!r}; only safetensors can be memory-mapped views. "
+                "Use `read()` (or save the checkpoint as safetensors)."
+            )
+        mapping = self._maps.get(spec.file)
+        if mapping is None:
+            mapping = self._maps[spec.file] = open_mmap(spec.file)
+        return view(mapping, self._headers[spec.file].entries[key])
+
+    def iter_tensors(
+        self, keys: Optional[Iterable[str]] = None, device: Union[str, torch.device] = "cpu"
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """``(key, tensor)`` file by file, tensor by tensor (only one tensor materialised at a time)."""
-        raise NotImplementedError
+        wanted = self.keys() if keys is None else list(keys)
+        for key in wanted:
+            self.spec(key)  # fail on an unknown key before yielding anything
+        order = {file: i for i, file in enumerate(self.checkpoint.files)}
+        for key in sorted(wanted, key=lambda k: order[self._specs[k].file]):
+            yield key, self.read(key, device)
 
     def close(self) -> None:
-        raise NotImplementedError
+        """Forget the memory maps and the mapped pickle shard. Views already handed out stay valid."""
+        self._maps.clear()  # not mmap.close(): live views still reference the maps, which close with the last view
+        self._pickle = None
 
     def __enter__(self) -> "CheckpointReader":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.close()

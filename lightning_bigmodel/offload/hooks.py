@@ -1,0 +1,157 @@
+"""Forward hooks of a dispatched model: bring offloaded weights in just in time, move inputs and outputs.
+
+All hooks are native (``register_forward_pre_hook`` / ``register_forward_hook`` with ``with_kwargs=True``);
+``forward`` is never reassigned. A :class:`WeightHook` swaps device copies of a module's host tensors into
+``module._parameters`` / ``module._buffers`` before its forward and puts the host tensors back afterwards (also when
+the forward raises: ``always_call=True``), so between calls the model holds exactly what loading placed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+
+def move_to(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor moved to ``device``, through nested tuples (named ones too), lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device == device:
+            return obj
+        return obj.to(device, non_blocking=device.type == "cuda")  # never non_blocking towards the host
+    if isinstance(obj, tuple):
+        moved = [move_to(item, device) for item in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
+    if isinstance(obj, list):
+        return [move_to(item, device) for item in obj]
+    if isinstance(obj, dict):
+        return type(obj)((key, move_to(value, device)) for key, value in obj.items())
+    return obj
+
+
+def first_tensor_device(obj: Any) -> Optional[torch.device]:
+    """Device of the first tensor found in ``obj`` (depth first), or ``None``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.device
+    if isinstance(obj, (tuple, list)):
+        items = obj
+    elif isinstance(obj, dict):
+        items = obj.values()
+    else:
+        return None
+    for item in items:
+        device = first_tensor_device(item)
+        if device is not None:
+            return device
+    return None
+
+
+@dataclass
+class HostEntry:
+    """One host tensor a :class:`WeightHook` brings in, and every slot (tied aliases) inside its module holding it."""
+
+    host: torch.Tensor
+    slots: list[tuple[nn.Module, str]]
+    is_param: bool
+    writeback: bool  # buffers: copy the value the forward leaves back into ``host``
+
+
+class WeightHook:
+    """Pre/post forward hooks of one device-map entry whose tensors live off its execution device.
+
+    Args:
+        name: the entry's module name (for messages).
+        device: the execution device.
+        entries: the host tensors to bring in.
+        move_inputs: also move the forward's tensor arguments to ``device``.
+        prefetcher: a :class:`~lightning_bigmodel.offload.prefetch.Prefetcher` (CUDA only), or ``None``.
+    """
+
+    def __init__(self, name: str, device: torch.device, entries: Sequence[HostEntry], move_inputs: bool, prefetcher=None):
+        self.name = name
+        self.device = device
+        self.entries = list(entries)
+        self.move_inputs = move_inputs
+        self.prefetcher = prefetcher
+        self.prefetchable = [i for i, entry in enumerate(self.entries) if entry.is_param]
+
+    def fetch(self, index: int) -> torch.Tensor:
+        host = self.entries[index].host
+        return host.to(self.device, non_blocking=host.is_pinned(), copy=True)
+
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict):
+        ready = self.prefetcher.take(self) if self.prefetcher is not None else None
+        ready = ready or {}
+        for index, entry in enumerate(self.entries):
+            copy = ready.get(index)
+            _install(entry, self.fetch(index) if copy is None else copy)
+        if self.prefetcher is not None:
+            self.prefetcher.started(self)
+        if self.move_inputs:
+            return move_to(args, self.device), move_to(kwargs, self.device)
+        return None
+
+    def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        for entry in self.entries:
+            module_, attr = entry.slots[0]
+            current = (module_._parameters if entry.is_param else module_._buffers)[attr]
+            if entry.writeback and current is not None and current is not entry.host:
+                with torch.no_grad():
+                    entry.host.copy_(current)  # blocking: the host value is right as soon as forward returns
+            _install(entry, entry.host)
+        return None
+
+
+def _install(entry: HostEntry, tensor: torch.Tensor) -> None:
+    if entry.is_param:
+        value = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+        for module, attr in entry.slots:
+            module._parameters[attr] = value
+    else:
+        for module, attr in entry.slots:
+            module._buffers[attr] = tensor
+
+
+class InputHook:
+    """Pre-forward hook moving a module's tensor arguments to its execution device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict):
+        return move_to(args, self.device), move_to(kwargs, self.device)
+
+
+class RootHook:
+    """Hooks of the dispatched root: refuse training through offloaded weights, mark forward boundaries for the
+    prefetcher, and return outputs to the device of the first input tensor (when the model spans devices).
+    """
+
+    def __init__(self, guarded: Sequence[torch.Tensor], prefetcher=None, restore_outputs: bool = False) -> None:
+        self.guarded = list(guarded)
+        self.prefetcher = prefetcher
+        self.restore_outputs = restore_outputs
+        self._input_device: Optional[torch.device] = None
+
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled():
+            trainable = [p for p in self.guarded if p.requires_grad]
+            if trainable:
+                raise RuntimeError(
+                    f"{len(trainable)} offloaded weight(s) require grad (e.g. shape {tuple(trainable[0].shape)}), but "
+                    "a dispatched model runs inference only: offloaded weights are read-only host copies. Call "
+                    "`requires_grad_(False)` and run under `torch.inference_mode()`, or `remove_dispatch(model)` and "
+                    "train a model that fits in memory."
+                )
+        if self.restore_outputs:
+            self._input_device = first_tensor_device((args, kwargs))
+        return None
+
+    def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        if self.prefetcher is not None:
+            self.prefetcher.end_forward()
+        if self.restore_outputs and self._input_device is not None:
+            return move_to(output, self._input_device)
+        return None

@@ -1,0 +1,164 @@
+"""Where each tensor of a model lives, and how it is installed there: shared by loading and dispatching.
+
+A *target* is a ``torch.device`` (a GPU, or ``cpu`` = RAM) or the string ``"disk"`` (a CPU tensor that is a
+memory-mapped view of a safetensors file). Parameters of ``"cpu"``/``"disk"`` map entries are host tensors; their
+buffers stay on the execution device unless ``offload_buffers=True``, and then live in (pinned) RAM, never on disk
+(they are small and may be written back after each forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from lightning_bigmodel.device_map import check_device_map, check_devices_exist, normalize_device
+
+Target = Union[torch.device, str]
+DISK = "disk"
+_CPU = torch.device("cpu")
+_DISK_FLAG = "_bigmodel_on_disk"
+
+
+@dataclass
+class TensorGroup:
+    """One tensor object and every ``(module, attribute)`` slot holding it (more than one when tied)."""
+
+    names: list[str]
+    slots: list[tuple[nn.Module, str]]
+    is_param: bool
+    persistent: bool
+    tensor: torch.Tensor
+    target: Optional[Target] = None
+    map_devices: list = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+
+def tensor_groups(model: nn.Module) -> list[TensorGroup]:
+    """Every parameter and buffer of ``model``, ties grouped (``named_modules(remove_duplicate=False)`` order)."""
+    groups: dict[int, TensorGroup] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for kind, store in (("param", module._parameters), ("buffer", module._buffers)):
+            for attr, tensor in store.items():
+                if tensor is None:
+                    continue
+                name = f"{prefix}.{attr}" if prefix else attr
+                group = groups.get(id(tensor))
+                if group is None:
+                    persistent = kind == "param" or attr not in module._non_persistent_buffers_set
+                    group = groups[id(tensor)] = TensorGroup([], [], kind == "param", persistent, tensor)
+                group.names.append(name)
+                group.slots.append((module, attr))
+    return list(groups.values())
+
+
+def owner_key(name: str, keys: Mapping[str, object]) -> Optional[str]:
+    """The longest key of ``keys`` that is ``name`` or a dotted prefix of it (``""`` matches everything)."""
+    prefix = name
+    while True:
+        if prefix in keys:
+            return prefix
+        if not prefix:
+            return None
+        cut = prefix.rfind(".")
+        prefix = prefix[:cut] if cut >= 0 else ""
+
+
+def execution_target(device, main_device: torch.device) -> torch.device:
+    """Where a map entry computes: its GPU, else the main execution device."""
+    return torch.device("cuda", device) if isinstance(device, int) else main_device
+
+
+def validate_device_map(model: nn.Module, device_map: Mapping[str, object]) -> None:
+    """Raise ``ValueError`` if the map misses tensors, names unknown modules or devices, or GPUs this machine lacks."""
+    check_device_map(model, device_map)
+    check_devices_exist(device_map)
+
+
+def _rank(device) -> tuple[int, int]:
+    if isinstance(device, int):
+        return (0, device)
+    return (1, 0) if device == "cpu" else (2, 0)
+
+
+def assign_targets(
+    groups: list[TensorGroup],
+    device_map: Optional[Mapping[str, object]],
+    main_device: torch.device,
+    offload_buffers: bool,
+) -> None:
+    """Set ``group.target`` for every group. A tied group goes to the fastest entry among its aliases' (GPU < cpu <
+    disk): aliases mapped elsewhere then find it resident, or copy it in through their hooks.
+    ``device_map=None`` keeps real tensors where they are and sends meta ones to CPU.
+    """
+    normalized = None if device_map is None else {k: normalize_device(v) for k, v in device_map.items()}
+    for group in groups:
+        if normalized is None:
+            group.target = _CPU if group.tensor.device.type == "meta" else group.tensor.device
+            continue
+        devices = [normalized[owner_key(name, normalized)] for name in group.names]
+        group.map_devices = devices
+        best = min(devices, key=_rank)
+        if isinstance(best, int):
+            group.target = torch.device("cuda", best)
+        elif not group.is_param:
+            group.target = _CPU if offload_buffers else main_device
+        else:
+            group.target = DISK if best == DISK else _CPU
+
+
+def pin_host(main_device: torch.device) -> bool:
+    """Whether host copies should be pinned (they feed a GPU)."""
+    return main_device.type == "cuda" and torch.cuda.is_available()
+
+
+def mark_disk(tensor: torch.Tensor) -> torch.Tensor:
+    """Record that ``tensor`` is a file-backed view (so dispatch neither copies nor pins it)."""
+    setattr(tensor, _DISK_FLAG, True)
+    return tensor
+
+
+def is_disk(tensor: torch.Tensor) -> bool:
+    return bool(getattr(tensor, _DISK_FLAG, False))
+
+
+def is_at(tensor: torch.Tensor, target: Target, pin: bool) -> bool:
+    """Whether ``tensor`` already sits at ``target`` (RAM tensors must also be pinned when ``pin``)."""
+    if target == DISK:
+        return is_disk(tensor)
+    if tensor.device != target:
+        return False
+    if target.type == "cpu":
+        return not is_disk(tensor) and (not pin or tensor.is_pinned())
+    return True
+
+
+def to_host(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    """A RAM copy of ``tensor`` (pinned when ``pin``); a CPU tensor that is not file-backed is reused when possible."""
+    if tensor.device.type == "cpu" and not is_disk(tensor) and (not pin or tensor.is_pinned()):
+        return tensor
+    if pin:
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return out.copy_(tensor)
+    return tensor.to("cpu", copy=True)
+
+
+def install(group: TensorGroup, tensor: torch.Tensor) -> torch.Tensor:
+    """Put ``tensor`` in every slot of ``group`` (one shared ``Parameter`` for tied parameters); return what was set."""
+    if group.is_param:
+        value = nn.Parameter(tensor, requires_grad=False)
+        if is_disk(tensor):
+            mark_disk(value)
+        for module, attr in group.slots:
+            module._parameters[attr] = value
+    else:
+        value = tensor
+        for module, attr in group.slots:
+            module._buffers[attr] = value
+    group.tensor = value
+    return value

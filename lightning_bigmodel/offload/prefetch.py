@@ -1,0 +1,99 @@
+"""Prefetch of offloaded weights on a side CUDA stream, in the execution order learned on the first forward.
+
+During the first forward the prefetcher only records the order in which weight hooks start. Afterwards, when the
+hook of module ``i`` starts, the parameters of the module that followed it are copied in by a background thread:
+disk views are read (page faults happen there, not on the compute thread) into pinned staging memory, and every
+host tensor is copied to the GPU with ``non_blocking=True`` on a side stream, followed by an event. When that module
+starts, its hook waits for the event on the current stream and calls ``record_stream`` on the copies, so the caching
+allocator does not reuse their memory before the compute stream is done with them. At most one module is in flight.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Optional
+
+import torch
+
+
+def _stage(host: torch.Tensor) -> torch.Tensor:
+    """A pinned copy of a pageable (e.g. memory-mapped) host tensor; reading it faults the pages in."""
+    return torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
+
+
+class Prefetcher:
+    """Learns the order of :class:`~lightning_bigmodel.offload.hooks.WeightHook` calls and copies the next one's
+    parameters in ahead of time. CUDA execution devices only."""
+
+    def __init__(self) -> None:
+        self._order: list = []
+        self._recording = True
+        self._next: dict = {}
+        self._pending: Optional[tuple[object, Future]] = None
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def started(self, hook) -> None:
+        """Called by a weight hook once its own weights are installed: record, or prefetch its successor."""
+        if self._recording:
+            self._order.append(hook)
+            return
+        successor = self._next.get(hook)
+        if successor is None or (self._pending is not None and self._pending[0] is successor):
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmodel-prefetch")
+        self._pending = (successor, self._pool.submit(self._copy_in, successor))
+
+    def end_forward(self) -> None:
+        """Called after the root forward: the first one fixes the order (the last module is followed by the first)."""
+        if not self._recording or not self._order:
+            return
+        order = self._order
+        for current, successor in zip(order, order[1:] + order[:1]):
+            if current is not successor:
+                self._next.setdefault(current, successor)
+        self._recording = False
+        self._order = []
+
+    def take(self, hook) -> Optional[dict[int, torch.Tensor]]:
+        """The prefetched copies for ``hook`` (entry index -> device tensor), ready on the current stream, or ``None``."""
+        if self._pending is None or self._pending[0] is not hook:
+            return None
+        _, future = self._pending
+        self._pending = None
+        copies, event = future.result()
+        stream = torch.cuda.current_stream(hook.device)
+        stream.wait_event(event)
+        for copy in copies.values():
+            copy.record_stream(stream)
+        return copies
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device=device)
+        return stream
+
+    def _copy_in(self, hook) -> tuple[dict[int, torch.Tensor], torch.cuda.Event]:
+        """Runs on the background thread: stage disk views, issue the H2D copies on the side stream, record an event."""
+        stream = self._side_stream(hook.device)
+        copies = {}
+        with torch.cuda.stream(stream):
+            for index in hook.prefetchable:
+                host = hook.entries[index].host
+                source = host if host.is_pinned() else _stage(host)
+                copies[index] = source.to(hook.device, non_blocking=True, copy=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return copies, event
+
+    def close(self) -> None:
+        """Drop any pending copies and stop the background thread."""
+        if self._pending is not None:
+            self._pending[1].cancel()
+            self._pending = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._streams.clear()

@@ -1,0 +1,96 @@
+"""Render a device map as a readable table: contiguous module ranges per device, bytes per device, budget used."""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Optional, Union
+
+Device = Union[int, str]
+_NUMBERED = re.compile(r"^(.*)\.(\d+)$")
+
+
+def device_label(device: Device) -> str:
+    """``0`` -> ``"cuda:0"``; ``"cpu"`` and ``"disk"`` stay as they are."""
+    return f"cuda:{device}" if isinstance(device, int) else str(device)
+
+
+def format_bytes(n: Optional[int]) -> str:
+    """``1288490188`` -> ``"1.2 GiB"`` (powers of 1024); ``None`` -> ``"-"``."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB" and abs(n) < 1024**2:
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _split(name: str) -> tuple[Optional[str], Optional[int]]:
+    match = _NUMBERED.match(name)
+    return (match.group(1), int(match.group(2))) if match else (None, None)
+
+
+def module_ranges(device_map: Mapping[str, Device]) -> list[tuple[str, Device, list[str]]]:
+    """Consecutive map entries on one device, with numbered siblings folded: ``("model.h.0-5", 0, [keys])``.
+
+    Entries keep the map's (model) order; ``h.0 .. h.5`` fold into ``h.0-5`` only when they are consecutive both in
+    the map and in number, and sit on one device.
+    """
+    rows: list[tuple[str, Device, list[str]]] = []
+    run: list[str] = []
+    run_device: Optional[Device] = None
+    for key, device in device_map.items():
+        parent, number = _split(key)
+        if run and device == run_device and parent is not None:
+            last_parent, last_number = _split(run[-1])
+            if last_parent == parent and last_number == number - 1:
+                run.append(key)
+                continue
+        if run:
+            rows.append(_row(run, run_device))
+        run, run_device = [key], device
+    if run:
+        rows.append(_row(run, run_device))
+    return rows
+
+
+def _row(keys: list[str], device: Device) -> tuple[str, Device, list[str]]:
+    if len(keys) == 1:
+        return keys[0] or "(whole model)", device, keys
+    parent, first = _split(keys[0])
+    _, last = _split(keys[-1])
+    return f"{parent}.{first}-{last}", device, keys
+
+
+def bytes_per_device(device_map: Mapping[str, Device], module_sizes: Mapping[str, int]) -> dict[str, int]:
+    """Bytes placed on each device, keyed by :func:`device_label`, in first-use order."""
+    totals: dict[str, int] = {}
+    for key, device in device_map.items():
+        label = device_label(device)
+        totals[label] = totals.get(label, 0) + int(module_sizes.get(key, 0))
+    return totals
+
+
+def render_table(
+    device_map: Mapping[str, Device],
+    module_sizes: Mapping[str, int],
+    budget: Optional[Mapping[Device, int]] = None,
+) -> str:
+    """The device map as text: one line per module range, then one per device with its bytes and budget used."""
+    budget = {device_label(device): size for device, size in (budget or {}).items()}
+    ranges = [
+        (name, device_label(device), format_bytes(sum(int(module_sizes.get(k, 0)) for k in keys)))
+        for name, device, keys in module_ranges(device_map)
+    ]
+    width = max([len("module")] + [len(name) for name, _, _ in ranges])
+    lines = [f"{'module':<{width}}  {'device':<7}  {'size':>10}"]
+    lines += [f"{name:<{width}}  {label:<7}  {size:>10}" for name, label, size in ranges]
+    lines.append("")
+    lines.append(f"{'device':<7}  {'placed':>10}  {'budget':>10}  {'used':>6}")
+    totals = bytes_per_device(device_map, module_sizes)
+    for label, placed in totals.items():
+        limit = budget.get(label)
+        used = f"{100 * placed / limit:.1f}%" if limit else "-"
+        lines.append(f"{label:<7}  {format_bytes(placed):>10}  {format_bytes(limit):>10}  {used:>6}")
+    lines.append(f"{'total':<7}  {format_bytes(sum(totals.values())):>10}")
+    return "\n".join(lines)

@@ -1,0 +1,425 @@
+"""Crash-safe, resumable prediction writing for long ``Trainer.predict`` batch jobs.
+
+Layout of ``output_dir``::
+
+    manifest.json                                   {"format", "job_id", "num_samples"}
+    chunk-000000000-000000007-r0.safetensors        indices + predictions of one chunk
+    chunk-000000008-000000015-r0.pt                 (``.pt`` when predictions are not tensors)
+
+Every file is written to a temporary file in the same folder, fsynced, renamed over its final name
+and the folder is fsynced, so a crash (even ``kill -9``) leaves either the complete file or a
+leftover ``.*.tmp`` that the next run deletes. Chunk names carry the smallest and largest global
+dataset index they hold and the global rank that wrote them. A rerun of the same job scans the
+complete chunks once in ``setup`` (before any rank writes) and skips the done indices:
+:class:`ResumableSampler` does not even load them, and the writer drops any done index it is
+still given, so in the end every input has exactly one prediction.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from safetensors import safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch.utils.data import Sampler, SequentialSampler
+
+MANIFEST_NAME = "manifest.json"
+_FORMAT = 1
+_CHUNK_RE = re.compile(r"^chunk-(\d{9})-(\d{9})-r(\d+)\.(safetensors|pt)$")
+_TMP_RE = re.compile(r"^\.(chunk-.*|manifest\.json)\.\d+\.tmp$")
+
+
+class PredictionFolderError(RuntimeError):
+    """A prediction folder belongs to another job, or its chunks break exactly-once."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name == "nt":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Atomically publish ``tmp`` as ``final`` (its own function so tests can inject a crash)."""
+    os.replace(tmp, final)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file + fsync + rename + folder fsync."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _commit(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _to_cpu(x: Any) -> Any:
+    return x.detach().cpu().contiguous().clone() if isinstance(x, torch.Tensor) else x
+
+
+def _rows(pred: Any) -> list[int]:
+    """Leading sizes of a prediction: a tensor, a ``{str: tensor}`` dict, or a per-sample list."""
+    if isinstance(pred, torch.Tensor):
+        return [pred.shape[0] if pred.dim() else -1]
+    if isinstance(pred, Mapping):
+        return [v.shape[0] if isinstance(v, torch.Tensor) and v.dim() else -1 for v in pred.values()]
+    if isinstance(pred, list):
+        return [len(pred)]
+    return [-1]
+
+
+def _select(pred: Any, positions: list[int]) -> Any:
+    if isinstance(pred, torch.Tensor):
+        return pred[positions]
+    if isinstance(pred, Mapping):
+        return {k: v[positions] for k, v in pred.items()}
+    return [pred[p] for p in positions]
+
+
+def _concat(preds: Sequence[Any]) -> Any:
+    first = preds[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(preds))
+    if isinstance(first, Mapping):
+        return {k: torch.cat([p[k] for p in preds]) for k in first}
+    return [item for p in preds for item in p]
+
+
+def _encode_chunk(indices: torch.Tensor, pred: Any) -> tuple[str, bytes]:
+    """Serialize one chunk: safetensors for tensors and tensor dicts, ``torch.save`` otherwise."""
+    if isinstance(pred, torch.Tensor):
+        return "safetensors", st_save({"indices": indices, "prediction": pred}, metadata={"kind": "tensor"})
+    if isinstance(pred, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in pred.items()):
+        tensors = {f"prediction/{k}": v for k, v in pred.items()}
+        return "safetensors", st_save({"indices": indices, **tensors}, metadata={"kind": "dict"})
+    buf = io.BytesIO()
+    torch.save({"indices": indices, "predictions": list(pred)}, buf)
+    return "pt", buf.getvalue()
+
+
+def _read_chunk(path: Path, indices_only: bool = False) -> tuple[torch.Tensor, Any]:
+    """Load ``(indices, predictions)`` of a chunk; pickled chunks only with ``weights_only=True``."""
+    try:
+        if path.suffix == ".pt":
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=indices_only)
+            return data["indices"], None if indices_only else data["predictions"]
+        if indices_only:
+            with safe_open(path, framework="pt") as f:
+                return f.get_tensor("indices"), None
+        with safe_open(path, framework="pt") as f:
+            kind = (f.metadata() or {}).get("kind")
+        tensors = st_load(path.read_bytes())
+        indices = tensors.pop("indices")
+        if kind == "tensor":
+            return indices, tensors["prediction"]
+        return indices, {k[len("prediction/") :]: v for k, v in tensors.items()}
+    except Exception as err:
+        raise PredictionFolderError(
+            f"Prediction chunk {str(path)!r} cannot be read ({type(err).__name__}: {err}). It was not written by"
+            " this writer or the disk corrupted it: delete the file and rerun the job to recompute its samples."
+        ) from err
+
+
+def _chunk_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _CHUNK_RE.match(p.name))
+
+
+def _read_manifest(folder: Path) -> Optional[dict]:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise PredictionFolderError(
+            f"Prediction manifest {str(path)!r} is unreadable ({err}). Use a new `output_dir` or pass `overwrite=True`."
+        ) from err
+
+
+def _write_manifest(folder: Path, job_id: str, num_samples: Optional[int]) -> None:
+    doc = {"format": _FORMAT, "job_id": job_id, "num_samples": num_samples}
+    _atomic_write(folder / MANIFEST_NAME, json.dumps(doc, indent=1).encode())
+
+
+def _short(values: Sequence[int], limit: int = 10) -> str:
+    head = ", ".join(str(v) for v in values[:limit])
+    return f"[{head}{', ...' if len(values) > limit else ''}] ({len(values)} in all)"
+
+
+def _uses_resumable_sampler(dataloader: Any) -> bool:
+    """Whether Lightning's (possibly distributed, index-tracking) wrappers hold a :class:`ResumableSampler`."""
+    todo = [getattr(dataloader, "sampler", None), getattr(dataloader, "batch_sampler", None)]
+    for _ in range(4):  # batch sampler -> sampler -> distributed wrapper's dataset -> wrapped sampler
+        if any(isinstance(s, ResumableSampler) for s in todo):
+            return True
+        todo = [getattr(s, a, None) for s in todo for a in ("sampler", "_batch_sampler", "dataset", "_sampler")]
+    return False
+
+
+class ResumableSampler(Sampler[int]):
+    """Yields the indices of ``sampler`` (default: all of ``data_source`` in order) that ``writer`` has not written.
+
+    Build it with :meth:`ResumablePredictionWriter.sampler`. Lightning keeps it on one process and
+    wraps it in its unrepeated distributed sampler under DDP, so each rank loads only undone samples.
+    """
+
+    def __init__(self, writer: ResumablePredictionWriter, data_source: Any, sampler: Optional[Any] = None) -> None:
+        self.writer = writer
+        self.num_samples_total = len(data_source)
+        self.base = sampler if sampler is not None else SequentialSampler(range(self.num_samples_total))
+        self._cache: Optional[tuple[int, list[int]]] = None
+        writer._num_samples_hint = self.num_samples_total
+
+    def _todo(self) -> list[int]:
+        done, generation = self.writer.done_indices(), self.writer._generation
+        if self._cache is None or self._cache[0] != generation:
+            todo = [int(i) for i in self.base if int(i) not in done]
+            short = self.writer._world_size - len(todo)
+            if todo and short > 0:  # every rank needs a batch: pad with done indices, the writer drops them
+                todo += sorted(done)[:short]
+            self._cache = (generation, todo)
+        return self._cache[1]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._todo())
+
+    def __len__(self) -> int:
+        return len(self._todo())
+
+
+class ResumablePredictionWriter(BasePredictionWriter):
+    """Write predictions in atomic chunks and resume an interrupted job exactly where it stopped.
+
+    Pass it as a callback and, to skip loading done samples, use its sampler::
+
+        writer = ResumablePredictionWriter("preds/", job_id="embed-v1")
+        loader = DataLoader(dataset, batch_size=64, sampler=writer.sampler(dataset))
+        Trainer(callbacks=[writer]).predict(model, loader, return_predictions=False)
+        predictions = read_predictions("preds/")
+
+    ``predict_step`` must return, per batch, a tensor or a ``{str: tensor}`` dict with one row per
+    sample, or a list with one picklable item per sample. Batch size and number of processes may
+    change between runs; the job fingerprint is ``job_id`` plus the dataset length.
+
+    Args:
+        output_dir: Folder for the chunks and ``manifest.json``; shared by all ranks.
+        job_id: Name of the job; a folder holding another job is refused.
+        chunk_size: Number of batches buffered into one chunk file (lost on a crash, recomputed on rerun).
+        overwrite: Delete the chunks of a different job found in ``output_dir`` instead of raising.
+    """
+
+    def __init__(
+        self, output_dir: Union[str, Path], job_id: str = "default", chunk_size: int = 1, overwrite: bool = False
+    ) -> None:
+        super().__init__(write_interval="batch")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"`chunk_size` must be a positive number of batches, got {chunk_size!r}.")
+        self.output_dir = Path(output_dir)
+        self.job_id = str(job_id)
+        self.chunk_size = chunk_size
+        self.overwrite = overwrite
+        self._rank, self._world_size, self._generation = 0, 1, 0
+        self._done: Optional[frozenset[int]] = None
+        self._buffer: list[tuple[torch.Tensor, Any]] = []
+        self._num_samples_hint: Optional[int] = None
+        self._dropped = 0
+
+    def sampler(self, data_source: Any, sampler: Optional[Any] = None) -> ResumableSampler:
+        """A sampler over ``data_source`` (or over ``sampler``'s indices) that skips written samples."""
+        return ResumableSampler(self, data_source, sampler)
+
+    def done_indices(self) -> frozenset[int]:
+        """Global dataset indices already in complete chunks (snapshot taken in ``setup``)."""
+        if self._done is None:
+            self._done = self._scan()
+        return self._done
+
+    def _scan(self) -> frozenset[int]:
+        done: set[int] = set()
+        for path in _chunk_files(self.output_dir):
+            done.update(_read_chunk(path, indices_only=True)[0].tolist())
+        return frozenset(done)
+
+    def _conflict(self) -> Optional[str]:
+        manifest = _read_manifest(self.output_dir)
+        if manifest is None:
+            chunks = _chunk_files(self.output_dir)
+            return f"holds {len(chunks)} chunk files but no {MANIFEST_NAME}" if chunks else None
+        n_old, n_new = manifest.get("num_samples"), self._num_samples_hint
+        if manifest.get("format") != _FORMAT or manifest.get("job_id") != self.job_id:
+            return f"belongs to job {manifest.get('job_id')!r} (format {manifest.get('format')}), not {self.job_id!r}"
+        if n_old is not None and n_new is not None and n_old != n_new:
+            return f"was written for {n_old} samples, but the dataset has {n_new}"
+        return None
+
+    def _clear(self) -> None:
+        for path in _chunk_files(self.output_dir):
+            path.unlink()
+        (self.output_dir / MANIFEST_NAME).unlink(missing_ok=True)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._rank, self._world_size = trainer.global_rank, trainer.world_size
+        self._buffer, self._dropped = [], 0
+        conflict = self._conflict()  # every rank decides alike: nothing changes before the barrier
+        if conflict and not self.overwrite:
+            raise PredictionFolderError(
+                f"`output_dir` {str(self.output_dir)!r} {conflict}. Use a new `output_dir`, or pass"
+                " `overwrite=True` to delete its predictions and start this job."
+            )
+        trainer.strategy.barrier("ResumablePredictionWriter.check")
+        if self._rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for path in self.output_dir.iterdir():
+                if _TMP_RE.match(path.name):  # left by a crash mid-write: never a complete file
+                    path.unlink(missing_ok=True)
+            if conflict:
+                self._clear()
+            if _read_manifest(self.output_dir) is None:
+                _write_manifest(self.output_dir, self.job_id, self._num_samples_hint)
+        trainer.strategy.barrier("ResumablePredictionWriter.prepare")
+        self._done, self._generation = self._scan(), self._generation + 1
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        loaders = trainer.predict_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        if len(loaders) != 1 or not hasattr(loaders[0], "dataset"):
+            raise ValueError(
+                f"`ResumablePredictionWriter` needs exactly one `torch.utils.data.DataLoader` to predict on, got"
+                f" {[type(dl).__name__ for dl in loaders]}. Run one `trainer.predict` (and `output_dir`) per dataset."
+            )
+        num_samples = len(loaders[0].dataset)
+        manifest = _read_manifest(self.output_dir) or {}
+        if manifest.get("num_samples") not in (None, num_samples):
+            raise PredictionFolderError(
+                f"`output_dir` {str(self.output_dir)!r} was written for {manifest['num_samples']} samples, but the"
+                f" predict dataset has {num_samples}. Use a new `output_dir` or delete this one."
+            )
+        if self._rank == 0 and manifest.get("num_samples") is None:
+            _write_manifest(self.output_dir, self.job_id, num_samples)
+        if self._done and not _uses_resumable_sampler(loaders[0]):
+            warnings.warn(
+                f"{len(self._done)} samples are already in {str(self.output_dir)!r}; they will be recomputed and"
+                " dropped. Pass `sampler=writer.sampler(dataset)` to your DataLoader to skip loading them."
+            )
+
+    def write_on_batch_end(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        prediction: Any,
+        batch_indices: Optional[Sequence[int]],
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        if not batch_indices:
+            raise ValueError(
+                f"Lightning gave no sample indices for predict batch {batch_idx}: `ResumablePredictionWriter` needs"
+                " a `torch.utils.data.DataLoader` with a map-style dataset."
+            )
+        indices = [int(i) for i in batch_indices]
+        if any(r != len(indices) for r in _rows(prediction)):
+            raise ValueError(
+                f"`predict_step` returned {type(prediction).__name__} with leading sizes {_rows(prediction)} for batch"
+                f" {batch_idx} of {len(indices)} samples. Return a tensor or a {{str: tensor}} dict with one row per"
+                " sample, or a list with one item per sample."
+            )
+        done = self.done_indices()
+        keep = [p for p, i in enumerate(indices) if i not in done]
+        self._dropped += len(indices) - len(keep)
+        if not keep:
+            return
+        if len(keep) < len(indices):
+            prediction, indices = _select(prediction, keep), [indices[p] for p in keep]
+        pred = {k: _to_cpu(v) for k, v in prediction.items()} if isinstance(prediction, Mapping) else prediction
+        pred = [_to_cpu(v) for v in pred] if isinstance(pred, list) else _to_cpu(pred)
+        self._buffer.append((torch.tensor(indices, dtype=torch.long), pred))
+        if len(self._buffer) >= self.chunk_size:
+            self.flush()
+
+    def flush(self) -> Optional[Path]:
+        """Write the buffered batches as one chunk file; returns its path (``None`` if nothing was buffered)."""
+        if not self._buffer:
+            return None
+        indices = torch.cat([b[0] for b in self._buffer])
+        pred = _concat([b[1] for b in self._buffer])
+        ext, data = _encode_chunk(indices, pred)
+        name = f"chunk-{int(indices.min()):09d}-{int(indices.max()):09d}-r{self._rank}.{ext}"
+        path = self.output_dir / name
+        _atomic_write(path, data)
+        self._buffer = []
+        return path
+
+    def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.flush()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        try:  # the buffered batches finished: keep them (best effort, the rerun redoes them otherwise)
+            self.flush()
+        except Exception as err:  # noqa: BLE001 - never hide the original exception
+            warnings.warn(f"`ResumablePredictionWriter` could not flush after {exception!r}: {err!r}")
+
+
+def read_predictions(output_dir: Union[str, Path], num_samples: Optional[int] = None) -> Any:
+    """Read every chunk of ``output_dir`` and return the predictions in dataset-index order.
+
+    Args:
+        output_dir: A folder written by :class:`ResumablePredictionWriter`.
+        num_samples: Expected number of inputs; defaults to the one recorded in ``manifest.json``.
+
+    Returns:
+        A tensor (or ``{str: tensor}`` dict, or list) whose row ``i`` is the prediction for input ``i``.
+
+    Raises:
+        PredictionFolderError: when an index is missing, written twice, or out of range.
+    """
+    folder = Path(output_dir)
+    chunks = _chunk_files(folder)
+    if not chunks:
+        raise PredictionFolderError(f"`output_dir` {str(folder)!r} holds no prediction chunks. Run the job first.")
+    if num_samples is None:
+        num_samples = (_read_manifest(folder) or {}).get("num_samples")
+    loaded = [_read_chunk(p) for p in chunks]
+    indices = torch.cat([ix for ix, _ in loaded])
+    n = int(num_samples) if num_samples is not None else int(indices.max()) + 1
+    bad = indices[(indices < 0) | (indices >= n)].tolist()
+    if bad:
+        raise PredictionFolderError(f"`output_dir` {str(folder)!r} holds indices outside 0..{n - 1}: {_short(bad)}.")
+    counts = torch.bincount(indices, minlength=n)
+    dups = torch.nonzero(counts > 1).flatten().tolist()
+    if dups:
+        files = sorted({p.name for p, (ix, _) in zip(chunks, loaded) if bool(torch.isin(ix, torch.tensor(dups)).any())})
+        raise PredictionFolderError(
+            f"`output_dir` {str(folder)!r} has more than one prediction for indices {_short(dups)}, in {files}."
+        )
+    gaps = torch.nonzero(counts == 0).flatten().tolist()
+    if gaps:
+        raise PredictionFolderError(
+            f"`output_dir` {str(folder)!r} has no prediction for indices {_short(gaps)} of {n}. Rerun the same job"
+            " to finish it."
+        )
+    order = torch.argsort(indices).tolist()
+    return _select(_concat([pred for _, pred in loaded]), order)

@@ -1,0 +1,300 @@
+"""Device-map planning, checking and cleaning: pure, on meta models with fake GPU budgets."""
+
+import pytest
+import torch
+from torch import nn
+
+from examples.gpt import GPT, GPTConfig
+from lightning_bigmodel.device_map import (
+    POLICIES,
+    check_device_map,
+    check_devices_exist,
+    clean_device_map,
+    execution_device,
+    infer_device_map,
+    normalize_device,
+    tensor_devices,
+)
+
+ORDER = {"cpu": 10**6, "disk": 10**7}  # device rank: GPUs first, then cpu, then disk
+
+
+def _meta_gpt(preset="tiny", **overrides):
+    config = GPTConfig.preset(preset)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    with torch.device("meta"):
+        return GPT(config)
+
+
+def _nbytes(tensor):
+    return tensor.numel() * tensor.element_size()
+
+
+def _residency(model, device_map, offload_buffers=False):
+    """Bytes resident on each device, computed tensor by tensor (each shared tensor once, under its first name)."""
+    devices = tensor_devices(model, device_map)
+    gpus = sorted(d for d in devices.values() if isinstance(d, int))
+    exec_device = gpus[0] if gpus else "cpu"
+    resident, seen = {}, set()
+    buffers = {id(b) for b in model.buffers()}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        device = devices[name]
+        offloaded = device == "disk" or (device == "cpu" and gpus)
+        if id(tensor) in buffers and offloaded and not offload_buffers:
+            device = exec_device
+        resident[device] = resident.get(device, 0) + _nbytes(tensor)
+    return resident
+
+
+def _model_bytes(model):
+    return sum(_nbytes(t) for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+
+
+def _block_bytes(model, index=0):
+    return sum(_nbytes(t) for t in [*model.transformer.h[index].parameters(), *model.transformer.h[index].buffers()])
+
+
+BUDGETS = [  # as fractions of the model size
+    {0: 0.5, 1: 0.5, 2: 0.5, "cpu": 0.5},
+    {0: 0.3, 1: 0.3, 2: 0.3, "cpu": 0.5},
+    {0: 0.2, 1: 0.2, 2: 0.2, "cpu": 0.2},
+    {0: 0.25, 1: 0.15, "cpu": 0.1},
+    {0: 2.0},
+    {"cpu": 0.5},
+]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("fractions", BUDGETS)
+@pytest.mark.parametrize("offload_buffers", [False, True])
+def test_plan_covers_everything_within_budgets(policy, fractions, offload_buffers):
+    model = _meta_gpt("small")
+    total = _model_bytes(model)
+    budget = {device: int(total * fraction) for device, fraction in fractions.items()}
+    device_map = infer_device_map(
+        model, budget, no_split_module_classes=["Block"], policy=policy, offload_buffers=offload_buffers
+    )
+    check_device_map(model, device_map)
+    for device, nbytes in _residency(model, device_map, offload_buffers).items():
+        assert nbytes <= budget.get(device, float("inf")), (device, nbytes, budget)
+    for key in device_map:  # a Block is never split: no key names something inside one
+        parts = key.split(".")
+        assert not (len(parts) > 4 and parts[:2] == ["transformer", "h"]), key
+    devices = tensor_devices(model, device_map)
+    for group in [["transformer.wte.weight", "lm_head.weight"]]:
+        assert len({devices[name] for name in group}) == 1
+
+
+def test_plan_whole_model_on_one_gpu():
+    model = _meta_gpt()
+    assert infer_device_map(model, {0: 10**9, 1: 10**9, "cpu": 10**9}, policy="sequential") == {"": 0}
+    assert infer_device_map(model, {0: 10**9, "cpu": 10**9}) == {"": 0}
+    assert infer_device_map(model, {"cpu": 10**9}) == {"": "cpu"}
+
+
+@pytest.mark.parametrize("fractions", BUDGETS)
+def test_sequential_is_in_module_order(fractions):
+    model = _meta_gpt("small", tie_weights=False)  # a tie pulls lm_head forward, next to the embedding
+    total = _model_bytes(model)
+    budget = {device: int(total * fraction) for device, fraction in fractions.items()}
+    device_map = infer_device_map(model, budget, ["Block"], policy="sequential")
+    ranks = [ORDER.get(device, device) for device in device_map.values()]
+    assert ranks == sorted(ranks)
+
+
+def test_sequential_fills_gpu_0_first_balanced_spreads():
+    model = _meta_gpt("small", tie_weights=False)
+    total = _model_bytes(model)
+    budget = {0: total, 1: total, 2: total, "cpu": total}
+    assert infer_device_map(model, budget, ["Block"], policy="sequential") == {"": 0}
+    for policy in ("balanced", "auto"):
+        resident = _residency(model, infer_device_map(model, budget, ["Block"], policy=policy))
+        assert set(resident) == {0, 1, 2}
+        assert max(resident.values()) - min(resident.values()) <= 2 * _block_bytes(model)
+
+
+@pytest.mark.parametrize("fractions", [{0: 0.5, 1: 0.5, 2: 0.5}, {0: 0.4, 1: 0.4, 2: 0.4, 3: 0.4}, {0: 1, 1: 1}])
+def test_balanced_low_0_is_lightest_on_gpu_0(fractions):
+    model = _meta_gpt("small")
+    total = _model_bytes(model)
+    budget = {device: int(total * fraction) for device, fraction in fractions.items()}
+    resident = _residency(model, infer_device_map(model, budget, ["Block"], policy="balanced_low_0"))
+    others = [resident.get(gpu, 0) for gpu in budget if gpu != 0]
+    assert resident.get(0, 0) <= min(others)
+    assert "cpu" not in resident and "disk" not in resident
+
+
+def test_balanced_low_0_with_one_gpu_is_balanced():
+    model = _meta_gpt("small")
+    budget = {0: _model_bytes(model) // 2, "cpu": 10**9}
+    assert infer_device_map(model, budget, ["Block"], policy="balanced_low_0") == infer_device_map(
+        model, budget, ["Block"], policy="balanced"
+    )
+
+
+def test_cpu_only_budget_spills_to_disk_without_reserve():
+    model = _meta_gpt("small", tie_weights=False)
+    block = _block_bytes(model)
+    head = sum(_nbytes(t) for t in [*model.transformer.wte.parameters(), *model.transformer.wpe.parameters()])
+    buffers = sum(_nbytes(b) for b in model.buffers())
+    budget = {"cpu": head + 2 * block + buffers}  # room for the embeddings, two blocks and every buffer
+    device_map = infer_device_map(model, budget, ["Block"])
+    check_device_map(model, device_map)
+    devices = tensor_devices(model, device_map)
+    assert devices["transformer.h.1.mlp.c_fc.weight"] == "cpu"  # no room kept back for a layer
+    assert devices["transformer.h.2.mlp.c_fc.weight"] == "disk"
+    assert devices["lm_head.weight"] == "disk"
+    assert execution_device(device_map) == torch.device("cpu")
+    assert _residency(model, device_map)["cpu"] <= budget["cpu"]
+
+
+def test_gpu_reserves_room_for_largest_offloaded_layer():
+    model = _meta_gpt("small", tie_weights=False)
+    block = _block_bytes(model)
+    budget = {0: 3 * block, "cpu": 10**9}
+    device_map = infer_device_map(model, budget, ["Block"])
+    resident = _residency(model, device_map)
+    assert "cpu" in resident
+    largest_offloaded = max(_nbytes(model.lm_head.weight), block)
+    assert resident[0] + largest_offloaded <= budget[0]
+    # without anything offloaded, nothing is kept back
+    exact = infer_device_map(model, {0: _model_bytes(model), "cpu": 10**9})
+    assert exact == {"": 0}
+
+
+def test_offloaded_buffers_count_on_execution_device():
+    model = _meta_gpt("small", tie_weights=False)
+    budget = {0: 4 * _block_bytes(model), "cpu": 10**9}
+    kept = _residency(model, infer_device_map(model, budget, ["Block"], offload_buffers=False), False)
+    moved = _residency(model, infer_device_map(model, budget, ["Block"], offload_buffers=True), True)
+    assert kept[0] <= budget[0] and moved[0] <= budget[0]
+
+
+def test_dtype_shrinks_the_plan():
+    model = _meta_gpt("small")
+    budget = {0: _model_bytes(model) // 2 + 1, "cpu": 10**9}
+    assert infer_device_map(model, budget, ["Block"]) != {"": 0}
+    assert infer_device_map(model, budget, ["Block"], dtype=torch.float16) == {"": 0}
+
+
+class Mixed(nn.Module):
+    """A module with a direct parameter beside its children, and buffers at several levels."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(64))
+        self.register_buffer("steps", torch.zeros(4, dtype=torch.int64))
+        self.first = nn.Linear(64, 64)
+        self.second = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        self.second[0].register_buffer("running", torch.zeros(64))
+
+
+def test_split_module_direct_tensors_get_their_own_keys():
+    with torch.device("meta"):
+        model = Mixed()
+    linear = (64 * 64 + 64) * 4
+    budget = {0: 64 * 4 + 32 + linear + 10, "cpu": 10**6}
+    device_map = infer_device_map(model, budget, policy="sequential")
+    assert device_map == {"scale": 0, "steps": 0, "first": 0, "second": "cpu"} or device_map["scale"] == 0
+    check_device_map(model, device_map)
+    assert _residency(model, device_map)[0] <= budget[0]
+
+
+def test_tied_parameters_pull_partners_onto_one_device():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32))
+    model[3].weight = model[0].weight
+    linear = (32 * 32 + 32) * 4
+    device_map = infer_device_map(model, {0: 2 * linear, 1: 2 * linear, "cpu": 10**6}, policy="sequential")
+    devices = tensor_devices(model, device_map)
+    assert devices["0.weight"] == devices["3.weight"]
+    check_device_map(model, device_map)
+
+
+def test_plan_is_linear_enough_for_many_modules():
+    with torch.device("meta"):
+        model = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(2000)])
+    device_map = infer_device_map(model, {0: 40 * 4 * 1000, 1: 10**9, "cpu": 10**9}, policy="sequential")
+    assert set(device_map.values()) <= {0, 1} and len(device_map) <= 4
+
+
+def test_disk_budget_too_small_raises():
+    with pytest.raises(ValueError, match="too small"):
+        infer_device_map(_meta_gpt(), {"cpu": 1000, "disk": 1000})
+
+
+def test_unknown_policy_raises():
+    with pytest.raises(ValueError, match="balanced_low_0"):
+        infer_device_map(_meta_gpt(), {0: 10}, policy="fast")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(1, 1), ("1", 1), ("cuda:1", 1), ("cuda", 0), (torch.device("cuda", 2), 2), ("cpu", "cpu"),
+     (torch.device("cpu"), "cpu"), ("disk", "disk"), ("CPU", "cpu")],
+)  # fmt: skip
+def test_normalize_device(value, expected):
+    assert normalize_device(value) == expected
+
+
+@pytest.mark.parametrize("value", ["meta", torch.device("meta"), -1, "gpu", True, 1.0, None])
+def test_normalize_device_rejects(value):
+    with pytest.raises(ValueError, match="Device"):
+        normalize_device(value)
+
+
+def test_tensor_devices_longest_prefix():
+    model = _meta_gpt()
+    device_map = {"": "cpu", "transformer.h": "cuda:1", "transformer.h.1": "disk", "lm_head.weight": 0}
+    devices = tensor_devices(model, device_map)
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in model.named_buffers(remove_duplicate=False)]
+    assert set(devices) == set(names)
+    assert devices["transformer.wte.weight"] == "cpu"
+    assert devices["transformer.h.0.attn.mask"] == 1
+    assert devices["transformer.h.1.ln_1.weight"] == "disk"
+    assert devices["lm_head.weight"] == 0
+    assert devices["transformer.h.10" if False else "transformer.h.3.mlp.c_fc.bias"] == 1
+
+
+def test_execution_device():
+    assert execution_device({"a": "cpu", "b": "cuda:2", "c": torch.device("cuda", 1)}) == torch.device("cuda", 1)
+    assert execution_device({"a": "cpu", "b": "disk"}) == torch.device("cpu")
+    assert execution_device({"": 0}) == torch.device("cuda", 0)
+
+
+def test_check_device_map_names_every_problem():
+    model = _meta_gpt()
+    device_map = {"transformer.wte": 0, "transformer.h": 0, "transformer.nope": 1, "lm_head": "meta"}
+    with pytest.raises(ValueError) as err:
+        check_device_map(model, device_map)
+    message = str(err.value)
+    assert "'transformer.nope'" in message  # names no module
+    assert "'meta'" in message  # not a device
+    for name in ("transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"):
+        assert repr(name) in message  # left out
+    assert "transformer.h.0" not in message.split("unassigned")[0].split("leaves")[-1]
+    check_device_map(model, {"": "cpu"})
+    check_device_map(model, {"transformer": 0, "lm_head.weight": "disk"})
+
+
+def test_check_devices_exist(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_devices_exist({"a": 0, "b": "cuda:1", "c": "cpu", "d": "disk"})
+    with pytest.raises(ValueError, match="GPU 3 of 2 visible"):
+        check_devices_exist({"a": 0, "b": 3})
+
+
+def test_clean_device_map_merges_uniform_children():
+    model = _meta_gpt()
+    raw = {"transformer.wte": 0, "transformer.wpe": 0, "transformer.h.0": 0, "transformer.h.1": 0,
+           "transformer.h.2": 0, "transformer.h.3": "cuda:0", "transformer.ln_f": 0, "lm_head": 0}  # fmt: skip
+    assert clean_device_map(model, raw) == {"": 0}
+    raw["transformer.ln_f"] = "cpu"
+    cleaned = clean_device_map(model, raw)
+    assert cleaned == {"transformer.wte": 0, "transformer.wpe": 0, "transformer.h": 0, "transformer.ln_f": "cpu"}
+    assert tensor_devices(model, cleaned) == tensor_devices(model, raw)

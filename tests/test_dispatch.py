@@ -1,0 +1,192 @@
+"""dispatch_model / remove_dispatch / load_checkpoint_and_dispatch, and the offload hooks (on CPU; CUDA-gated below)."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import pytest
+import torch
+from models import MAPS, BufferNet, TiedLM, UntiedMLP, example_input, make_reference
+from torch import nn
+
+from lightning_bigmodel import (
+    dispatch_model,
+    init_empty_weights,
+    load_checkpoint_and_dispatch,
+    load_checkpoint_in_model,
+    remove_dispatch,
+    save_sharded_checkpoint,
+)
+from lightning_bigmodel.offload.hooks import HostEntry, WeightHook, move_to
+from lightning_bigmodel.offload.placement import is_disk
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def empty_model(cls):
+    with init_empty_weights():
+        return cls().eval()
+
+
+def all_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def outputs(model, cls, calls=1):
+    with torch.inference_mode():
+        return [model(example_input(cls)) for _ in range(calls)]
+
+
+@pytest.mark.parametrize("cls", [TiedLM, UntiedMLP, BufferNet])
+def test_dispatch_plain_model_writes_disk_entries(tmp_path, cls):
+    model = make_reference(cls)
+    expected = outputs(make_reference(cls), cls, calls=2)
+    dispatch_model(model, MAPS[cls]["mixed"], offload_folder=tmp_path / "off")
+    assert model.hf_device_map == MAPS[cls]["mixed"]
+    assert any(is_disk(p) for p in model.parameters())
+    assert len(list((tmp_path / "off").glob("*.safetensors"))) > 0
+    if cls is TiedLM:
+        assert model.head.weight is model.wte.weight
+    for got, want in zip(outputs(model, cls, calls=2), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_dispatch_needs_folder_for_in_memory_disk_weights():
+    model = make_reference(UntiedMLP)
+    with pytest.raises(ValueError, match="offload_folder="):
+        dispatch_model(model, {"": "disk"})
+    assert not any(is_disk(p) for p in model.parameters())
+
+
+def test_cpu_only_dispatch_attaches_no_hooks(tmp_path):
+    checkpoint = save_sharded_checkpoint(make_reference(UntiedMLP), tmp_path / "ckpt")
+    model = load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, {"": "cpu"})
+    assert all_hooks(model) == 0
+    # disk weights on a CPU execution device are used in place: one cheap guard hook on the root only
+    model = load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, MAPS[UntiedMLP]["mixed"])
+    assert all_hooks(model) == 2 and len(model._forward_pre_hooks) == 1
+    torch.testing.assert_close(outputs(model, UntiedMLP)[0], outputs(make_reference(UntiedMLP), UntiedMLP)[0])
+
+
+def test_dispatched_model_refuses_moves_until_removed(tmp_path):
+    checkpoint = save_sharded_checkpoint(make_reference(TiedLM), tmp_path / "ckpt")
+    model = load_checkpoint_and_dispatch(empty_model(TiedLM), checkpoint, MAPS[TiedLM]["mixed"])
+    for move in (lambda m: m.to("cpu"), lambda m: m.cpu(), lambda m: m.half(), lambda m: m.to(torch.float64)):
+        with pytest.raises(RuntimeError, match="remove_dispatch"):
+            move(model)
+    hooks = all_hooks(model)
+    dispatch_model(model, MAPS[TiedLM]["mixed"])  # again: replaces, does not stack
+    assert all_hooks(model) == hooks
+    remove_dispatch(model)
+    assert all_hooks(model) == 0 and not hasattr(model, "hf_device_map")
+    assert "_apply" not in model.__dict__ and "forward" not in model.__dict__
+    model.to(torch.float32)  # allowed again
+    torch.testing.assert_close(outputs(model, TiedLM)[0], outputs(make_reference(TiedLM), TiedLM)[0])
+
+
+def test_training_through_offloaded_weights_is_refused(tmp_path):
+    checkpoint = save_sharded_checkpoint(make_reference(UntiedMLP), tmp_path / "ckpt")
+    model = load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, MAPS[UntiedMLP]["mixed"])
+    model(example_input(UntiedMLP))  # grad mode, but nothing requires grad: fine
+    model.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="offloaded weight"):
+        model(example_input(UntiedMLP))
+    with torch.no_grad():
+        model(example_input(UntiedMLP))
+
+
+def test_dispatch_refuses_meta_parameters(tmp_path):
+    state = make_reference(UntiedMLP).state_dict()
+    state.pop("out.weight")
+    checkpoint = save_sharded_checkpoint(state, tmp_path / "ckpt")
+    model = empty_model(UntiedMLP)
+    with pytest.raises(RuntimeError, match="out.weight"):
+        load_checkpoint_and_dispatch(model, checkpoint, {"": "cpu"})
+
+
+def test_unknown_gpu_or_policy_is_refused(tmp_path):
+    checkpoint = save_sharded_checkpoint(make_reference(UntiedMLP), tmp_path / "ckpt")
+    missing_gpu = torch.cuda.device_count()
+    with pytest.raises(ValueError, match="GPU"):
+        dispatch_model(make_reference(UntiedMLP), {"": missing_gpu})
+    with pytest.raises(ValueError, match="policy"):
+        load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, "fastest")
+
+
+def test_policy_plans_and_loads(tmp_path):
+    checkpoint = save_sharded_checkpoint(make_reference(UntiedMLP), tmp_path / "ckpt")
+    model = load_checkpoint_and_dispatch(
+        empty_model(UntiedMLP), checkpoint, "sequential", max_memory={"cpu": 6000, "disk": "1GB"},
+        no_split_module_classes=["Block"], offload_folder=tmp_path / "off",
+    )  # fmt: skip
+    assert "disk" in model.hf_device_map.values()
+    torch.testing.assert_close(outputs(model, UntiedMLP)[0], outputs(make_reference(UntiedMLP), UntiedMLP)[0])
+
+
+def test_move_to_nested():
+    Pair = namedtuple("Pair", "a b")
+    obj = {"x": [torch.ones(1), (2, Pair(torch.zeros(1), "s"))], "y": None}
+    moved = move_to(obj, torch.device("meta"))
+    assert moved["x"][0].is_meta and moved["x"][1][1].a.is_meta and isinstance(moved["x"][1][1], Pair)
+    assert moved["x"][1][0] == 2 and moved["x"][1][1].b == "s" and moved["y"] is None
+
+
+def test_weight_hook_swaps_copies_in_and_writes_buffers_back():
+    """The GPU offload mechanism, run with CPU as the 'execution device' (copies are real copies)."""
+    reference, model = make_reference(BufferNet), make_reference(BufferNet)
+    layer = model.a
+    host = {"weight": layer.fc.weight, "bias": layer.fc.bias, "steps": layer.steps, "offset": layer.offset}
+    entries = [
+        HostEntry(layer.fc.weight, [(layer.fc, "weight")], True, False),
+        HostEntry(layer.fc.bias, [(layer.fc, "bias")], True, False),
+        HostEntry(layer.steps, [(layer, "steps")], False, True),
+        HostEntry(layer.offset, [(layer, "offset")], False, True),
+    ]
+    hook = WeightHook("a", torch.device("cpu"), entries, move_inputs=True)
+    seen = {}
+
+    def spy(module, args):
+        seen["weight"] = module.weight
+        seen["steps"] = layer.steps
+
+    layer.register_forward_pre_hook(hook.pre, with_kwargs=True)
+    layer.register_forward_hook(hook.post, with_kwargs=True, always_call=True)
+    layer.fc.register_forward_pre_hook(spy)
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.testing.assert_close(model(example_input(BufferNet)), reference(example_input(BufferNet)))
+    assert seen["weight"] is not host["weight"] and torch.equal(seen["weight"], host["weight"])
+    assert seen["steps"] is not host["steps"]
+    assert layer.fc.weight is host["weight"] and layer.steps is host["steps"]
+    assert int(host["steps"]) == 3 == int(reference.a.steps)  # written back after each forward
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+@needs_cuda
+@pytest.mark.parametrize("cls", [TiedLM, UntiedMLP, BufferNet])
+@pytest.mark.parametrize("offload_buffers", [False, True])
+def test_gpu_with_cpu_and_disk_offload(tmp_path, cls, offload_buffers):
+    checkpoint = save_sharded_checkpoint(make_reference(cls), tmp_path / "ckpt")
+    device_map = dict(MAPS[cls]["mixed"])
+    first = next(iter(device_map))
+    device_map[first] = 0
+    model = load_checkpoint_and_dispatch(empty_model(cls), checkpoint, device_map, offload_buffers=offload_buffers)
+    reference = make_reference(cls)
+    with torch.inference_mode():
+        for _ in range(4):  # first call learns the order, the next ones prefetch
+            got = model(example_input(cls))
+            assert got.device.type == "cpu"  # returned to the input's device
+            torch.testing.assert_close(got, reference(example_input(cls)), rtol=1e-5, atol=1e-5)
+    if cls is TiedLM:
+        assert model.head.weight is model.wte.weight
+    assert all(p.device.type == "cpu" for n, p in model.named_parameters() if not n.startswith(first))
+    remove_dispatch(model)
+
+
+@needs_cuda
+def test_gpu_pinned_host_weights(tmp_path):
+    checkpoint = save_sharded_checkpoint(make_reference(UntiedMLP), tmp_path / "ckpt")
+    model = empty_model(UntiedMLP)
+    load_checkpoint_in_model(model, checkpoint, {"inp": 0, "blocks": "cpu", "out": "disk"})
+    assert model.inp.weight.is_cuda and model.blocks[0].fc.weight.is_pinned() and is_disk(model.out.weight)
