@@ -88,17 +88,24 @@ class MemorySampler:
         }
 
 
-def time_calls(fn: Callable[[], object], warmup: int, iters: int, sync: Callable[[], None]) -> dict[str, object]:
-    """Median wall time of ``fn`` over ``iters`` calls after ``warmup`` untimed calls."""
+def time_calls(
+    fn: Callable[[], object], warmup: int, iters: int, sync: Callable[[], None], budget_s: float = 30.0, min_iters: int = 3
+) -> dict[str, object]:
+    """Median wall time of ``fn`` over ``iters`` calls after ``warmup`` untimed calls.
+
+    Stops early (after at least ``min_iters`` timed calls) once the timed calls have taken ``budget_s``.
+    """
     for _ in range(warmup):
         fn()
     sync()
-    times = []
+    times: list[float] = []
     for _ in range(iters):
         start = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - start)
+        if len(times) >= min_iters and sum(times) > budget_s:
+            break
     return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
 
 

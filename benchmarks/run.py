@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     (cache / "ref").mkdir(parents=True, exist_ok=True)
     for ref in (cache / "ref").glob("*.pt"):
         ref.unlink()  # references come from this run only
-    started = time.time()
+    started, load_before = time.time(), os.getloadavg()
     infos, specs = {}, []
     for size in sizes:
         print(f"checkpoints for {size} ...", flush=True)
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{n}/{total}] {spec['id']}: {summarise(spec, result)}", flush=True)
     results = {s["id"]: {"spec": s, "result": merge(runs[s["id"]])} for s in specs}
     meta = {"command": command, "machine": machine_info(), "checkpoints": infos, "threads": args.threads,
-            "repeat": args.repeat, "quick": args.quick, "wall_s": time.time() - started, "cuda": cuda}
+            "repeat": args.repeat, "quick": args.quick, "wall_s": time.time() - started, "cuda": cuda,
+            "loadavg": [load_before[0], os.getloadavg()[0]]}
     (cache / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     write_report(Path(args.out), meta, results)
     print(f"wrote {args.out} and {cache / 'results.json'} in {meta['wall_s']:.0f} s", flush=True)

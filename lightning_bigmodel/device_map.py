@@ -144,7 +144,7 @@ def infer_device_map(
     return clean_device_map(model, raw)
 
 
-_MAX_PASSES = 4
+_MAX_PASSES = 6
 
 
 def _join(prefix: str, name: str) -> str:
@@ -224,11 +224,15 @@ class _Planner:
         if name not in self.tied_prefixes:
             return group
         inside = f"{name}." if name else ""
+
+        def under(tensor: str) -> bool:
+            return tensor == name or tensor.startswith(inside)
+
         for tensor in self.partners:
-            if not tensor.startswith(inside):
+            if not under(tensor):
                 continue
             for partner in self.partners[tensor]:
-                if partner.startswith(inside):
+                if under(partner):
                     continue
                 for prefix in _prefixes(partner):  # the finest pending item holding `partner`
                     if prefix in placed:
@@ -243,17 +247,14 @@ class _Planner:
     def plan(self, budgets: dict[Device, float], balanced: bool, low_0: bool) -> DeviceMap:
         """Fill once; if something was offloaded, fill again with room reserved on the execution device."""
         self.has_gpu = any(isinstance(device, int) and budget > 0 for device, budget in budgets.items())
-        reserve, reserved_on = 0, None
+        reserves: dict[Device, int] = {}  # kept where set: a reserve that empties its device moves the execution
         for _ in range(_MAX_PASSES):
-            effective = dict(budgets)
-            if reserved_on in effective:
-                effective[reserved_on] = max(0, effective[reserved_on] - reserve)
+            effective = {device: max(0, budget - reserves.get(device, 0)) for device, budget in budgets.items()}
             raw = _Pass(self, effective, balanced, low_0).run()
             need, exec_device = self._reserve(raw)
-            if need == 0 or (exec_device == reserved_on and need <= reserve):
+            if need <= reserves.get(exec_device, 0):
                 return raw
-            reserve = max(need, reserve if exec_device == reserved_on else 0)
-            reserved_on = exec_device
+            reserves[exec_device] = need
         warnings.warn(
             f"The device map leaves too little room on the execution device {exec_device!r} for the largest "
             f"offloaded layer and the offloaded buffers ({need} bytes): running it may go out of memory. Raise "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -12,36 +11,25 @@ from torch import nn
 
 from lightning_bigmodel.checkpoint.loading import load_checkpoint_in_model
 from lightning_bigmodel.device_map import POLICIES, execution_device, infer_device_map, normalize_device
+from lightning_bigmodel.offload.attach import DispatchState, attach_hooks
 from lightning_bigmodel.offload.disk import OffloadFolder
-from lightning_bigmodel.offload.hooks import HostEntry, InputHook, RootHook, WeightHook
 from lightning_bigmodel.offload.placement import (
     DISK,
+    DISPATCH_STATE,
     TensorGroup,
     assign_targets,
-    execution_target,
     install,
     is_at,
     is_disk,
+    is_dispatched,
     mark_disk,
-    owner_key,
     pin_host,
     tensor_groups,
     to_host,
     validate_device_map,
 )
-from lightning_bigmodel.offload.prefetch import Prefetcher
 
-_STATE = "_bigmodel_dispatch"
-
-
-@dataclass
-class _DispatchState:
-    handles: list = field(default_factory=list)
-    prefetcher: Optional[Prefetcher] = None
-
-
-def is_dispatched(model: nn.Module) -> bool:
-    return _STATE in model.__dict__
+__all__ = ["dispatch_model", "is_dispatched", "load_checkpoint_and_dispatch", "remove_dispatch"]
 
 
 def dispatch_model(
@@ -72,9 +60,9 @@ def dispatch_model(
     groups = tensor_groups(model)
     assign_targets(groups, normalized, main, offload_buffers)
     _place(groups, pin_host(main), offload_folder)
-    state = _attach(model, groups, normalized, main)
+    state = attach_hooks(model, groups, normalized, main)
     model.hf_device_map = dict(device_map)
-    object.__setattr__(model, _STATE, state)
+    object.__setattr__(model, DISPATCH_STATE, state)
     object.__setattr__(model, "_apply", partial(_refuse_apply, type(model).__name__))
     return model
 
@@ -84,7 +72,7 @@ def remove_dispatch(model: nn.Module) -> nn.Module:
 
     The weights stay where they are (memory-mapped ``"disk"`` views included); a no-op on a model never dispatched.
     """
-    state = model.__dict__.pop(_STATE, None)
+    state: Optional[DispatchState] = model.__dict__.pop(DISPATCH_STATE, None)
     if state is None:
         return model
     for handle in state.handles:
@@ -169,51 +157,3 @@ def _place(groups: list[TensorGroup], pin: bool, offload_folder: Optional[Union[
         with OffloadFolder(offload_folder, None) as store:  # in-memory weights: no source to reuse from
             for group in to_write:
                 install(group, mark_disk(store.write(group.name, group.tensor)))
-
-
-def _hook_module(model: nn.Module, key: str) -> nn.Module:
-    """The module a device-map key names (for a key naming a tensor: the module holding it)."""
-    try:
-        return model.get_submodule(key)
-    except AttributeError:
-        return model.get_submodule(key.rpartition(".")[0])
-
-
-def _entries_by_key(groups, normalized, main) -> dict[str, dict[int, HostEntry]]:
-    """For each map key, the host tensors under it that do not live on its execution device."""
-    by_key: dict[str, dict[int, HostEntry]] = {}
-    for index, group in enumerate(groups):
-        for name, slot in zip(group.names, group.slots):
-            key = owner_key(name, normalized)
-            if group.tensor.device == execution_target(normalized[key], main):
-                continue
-            entries = by_key.setdefault(key, {})
-            entry = entries.get(index)
-            if entry is None:
-                entry = entries[index] = HostEntry(group.tensor, [], group.is_param, writeback=not group.is_param)
-            entry.slots.append(slot)
-    return by_key
-
-
-def _attach(model: nn.Module, groups, normalized, main: torch.device) -> _DispatchState:
-    state = _DispatchState()
-    by_key = _entries_by_key(groups, normalized, main)
-    devices = {execution_target(device, main) for device in normalized.values()}
-    move_io = len(devices) > 1 or bool(by_key)
-    if any(execution_target(normalized[key], main).type == "cuda" for key in by_key):
-        state.prefetcher = Prefetcher()
-    guarded = {id(e.host): e.host for entries in by_key.values() for e in entries.values() if e.is_param}
-    guarded.update({id(g.tensor): g.tensor for g in groups if g.is_param and is_disk(g.tensor)})
-    if move_io or guarded:
-        root = RootHook(list(guarded.values()), state.prefetcher, restore_outputs=move_io)
-        state.handles.append(model.register_forward_pre_hook(root.pre, with_kwargs=True))
-        state.handles.append(model.register_forward_hook(root.post, with_kwargs=True, always_call=True))
-    for key, device in normalized.items():
-        module, target = _hook_module(model, key), execution_target(device, main)
-        if key in by_key:
-            hook = WeightHook(key, target, list(by_key[key].values()), move_io, state.prefetcher)
-            state.handles.append(module.register_forward_pre_hook(hook.pre, with_kwargs=True))
-            state.handles.append(module.register_forward_hook(hook.post, with_kwargs=True, always_call=True))
-        elif move_io:
-            state.handles.append(module.register_forward_pre_hook(InputHook(target).pre, with_kwargs=True))
-    return state

@@ -123,17 +123,12 @@ def _find_device_map(model: nn.Module) -> tuple[str, Optional[Mapping]]:
     return "", None
 
 
-def _key_module(model: nn.Module, path: str, key: str) -> nn.Module:
+def _key_module(modules: dict[str, nn.Module], path: str, key: str) -> nn.Module:
     """The module a map key names; for a key naming a tensor, the module holding it."""
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        parent, _, attr = path.rpartition(".")
-        try:
-            module = model.get_submodule(parent)
-        except AttributeError:
-            module = None
-        if module is not None and (attr in module._parameters or attr in module._buffers):
+    parent, _, attr = path.rpartition(".")
+    for name in (path, parent):
+        module = modules.get(name)
+        if module is not None and (name == path or attr in module._parameters or attr in module._buffers):
             return module
     raise ValueError(f"`hf_device_map` key {key!r} names no module of the model. Fix the map, or re-dispatch.")
 
@@ -191,8 +186,9 @@ class MicroBatchPipeline:
             self._attach(prefix)
 
     def _attach(self, prefix: str) -> None:
+        modules = dict(self.model.named_modules(remove_duplicate=False))
         for name, domain in self.domains.items():
-            module = _key_module(self.model, (prefix + name).rstrip("."), name)
+            module = _key_module(modules, (prefix + name).rstrip("."), name)
             # Prepended so the device lock is held before the dispatch hooks load offloaded weights;
             # the post-hook is appended so it runs after they put them back.
             self._handles.append(module.register_forward_pre_hook(partial(self._enter, domain), prepend=True))
@@ -330,14 +326,10 @@ def _record_streams(obj: Any, streams: dict) -> None:
     if isinstance(obj, torch.Tensor):
         if obj.is_cuda and obj.device.index in streams:
             obj.record_stream(streams[obj.device.index])
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            _record_streams(item, streams)
-    elif isinstance(obj, Mapping):
-        for item in obj.values():
-            _record_streams(item, streams)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        _record_streams(_items(obj)[1], streams)
+        return
+    items = _items(obj)
+    for item in items[1] if items else ():
+        _record_streams(item, streams)
 
 
 def _items(obj: Any) -> Optional[tuple[list, list]]:

@@ -183,6 +183,12 @@ class ResumableSampler(Sampler[int]):
 
     Build it with :meth:`ResumablePredictionWriter.sampler`. Lightning keeps it on one process and
     wraps it in its unrepeated distributed sampler under DDP, so each rank loads only undone samples.
+    When fewer samples are left than ranks, done indices pad the list (their results are dropped).
+
+    Args:
+        writer: The writer whose ``done_indices()`` snapshot is skipped.
+        data_source: The (sized) predict dataset.
+        sampler: Sampler of dataset indices to filter; default: ``0 .. len(data_source) - 1`` in order.
     """
 
     def __init__(self, writer: ResumablePredictionWriter, data_source: Any, sampler: Optional[Any] = None) -> None:
@@ -221,7 +227,9 @@ class ResumablePredictionWriter(BasePredictionWriter):
 
     ``predict_step`` must return, per batch, a tensor or a ``{str: tensor}`` dict with one row per
     sample, or a list with one picklable item per sample. Batch size and number of processes may
-    change between runs; the job fingerprint is ``job_id`` plus the dataset length.
+    change between runs; the job fingerprint is ``job_id`` plus the dataset length. Under DDP let
+    Lightning distribute the samples (its predict sampler never repeats one); a user
+    ``DistributedSampler`` pads ranks with repeated samples, which ``read_predictions`` reports as duplicates.
 
     Args:
         output_dir: Folder for the chunks and ``manifest.json``; shared by all ranks.
@@ -244,7 +252,6 @@ class ResumablePredictionWriter(BasePredictionWriter):
         self._done: Optional[frozenset[int]] = None
         self._buffer: list[tuple[torch.Tensor, Any]] = []
         self._num_samples_hint: Optional[int] = None
-        self._dropped = 0
 
     def sampler(self, data_source: Any, sampler: Optional[Any] = None) -> ResumableSampler:
         """A sampler over ``data_source`` (or over ``sampler``'s indices) that skips written samples."""
@@ -281,8 +288,10 @@ class ResumablePredictionWriter(BasePredictionWriter):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if stage != "predict":
+            return
         self._rank, self._world_size = trainer.global_rank, trainer.world_size
-        self._buffer, self._dropped = [], 0
+        self._buffer = []
         conflict = self._conflict()  # every rank decides alike: nothing changes before the barrier
         if conflict and not self.overwrite:
             raise PredictionFolderError(
@@ -349,7 +358,6 @@ class ResumablePredictionWriter(BasePredictionWriter):
             )
         done = self.done_indices()
         keep = [p for p, i in enumerate(indices) if i not in done]
-        self._dropped += len(indices) - len(keep)
         if not keep:
             return
         if len(keep) < len(indices):

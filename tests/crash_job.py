@@ -1,8 +1,9 @@
 """A small resumable prediction job that the crash tests run (and kill) in a subprocess.
 
-Usage: ``python crash_job.py OUTPUT_DIR [--sleep SECONDS] [--kill-at-chunk K]``. With ``--kill-at-chunk``
-the process SIGKILLs itself on the K-th chunk write, after the temp file is complete and before
-the rename. On success it prints ``SEEN <n>``: the number of samples this run loaded.
+Usage: ``python crash_job.py OUTPUT_DIR [--sleep S] [--kill-at-chunk K] [--fail-at-batch B] [--devices D]``.
+With ``--kill-at-chunk`` the process SIGKILLs itself on the K-th chunk write, after the temp file is
+complete and before the rename; ``--fail-at-batch`` raises in ``predict_step`` on every rank;
+``--devices 2`` runs DDP on CPU. Each rank prints ``RANK <r> SEEN <n>``: the samples it loaded.
 """
 
 import argparse
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("output_dir")
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--kill-at-chunk", type=int, default=0)
+    parser.add_argument("--fail-at-batch", type=int, default=-1)
+    parser.add_argument("--devices", type=int, default=1)
     args = parser.parse_args()
 
     if args.kill_at_chunk:
@@ -56,6 +59,8 @@ def main() -> None:
             self.seen = 0
 
         def predict_step(self, batch, batch_idx):
+            if batch_idx == args.fail_at_batch:
+                raise RuntimeError("simulated failure")
             self.seen += batch[0].shape[0]
             time.sleep(args.sleep)
             return self.net(batch[0])
@@ -64,12 +69,15 @@ def main() -> None:
     dataset = TensorDataset(build_inputs())
     loader = DataLoader(dataset, batch_size=BATCH_SIZE, sampler=writer.sampler(dataset))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, callbacks=[writer], logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False,
+        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
+        callbacks=[writer], logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False,
     )
     job = Job()
-    trainer.predict(job, loader, return_predictions=False)
-    print(f"SEEN {job.seen}", flush=True)
+    try:
+        trainer.predict(job, loader, return_predictions=False)
+    finally:
+        print(f"RANK {trainer.global_rank} SEEN {job.seen}", flush=True)
 
 
 if __name__ == "__main__":

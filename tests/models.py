@@ -105,7 +105,9 @@ MAPS = {
     TiedLM: {
         "cpu": {"": "cpu"},
         "disk": {"": "disk"},
-        "mixed": {"wte": "cpu", "blocks.0": "disk", "blocks.1": "cpu", "blocks.2": "disk", "ln_f": "cpu", "head": "disk"},
+        "mixed": {
+            "wte": "cpu", "blocks.0": "disk", "blocks.1": "cpu", "blocks.2": "disk", "ln_f": "cpu", "head": "disk"
+        },
     },
     UntiedMLP: {
         "cpu": {"": "cpu"},

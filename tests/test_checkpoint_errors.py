@@ -164,6 +164,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("suffix", [".bin", ".ckpt"])
 def test_malicious_pickle_never_runs(tmp_path, suffix):
     marker = tmp_path / "pwned"

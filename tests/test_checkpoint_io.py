@@ -296,3 +296,18 @@ def test_transformers_loads_our_sharded_save(tmp_path):
     idx = torch.randint(0, 31, (1, 7))
     assert torch.equal(loaded(idx).logits, model(idx).logits)
 
+
+
+def test_unaligned_offsets_are_read_correctly(tmp_path):
+    """The format allows a data section that is not itemsize-aligned (the safetensors library never writes one)."""
+    values = torch.arange(6, dtype=torch.float32)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}).encode()
+    header += b" " * ((-len(header)) % 8 + 1)  # 8 + len(header) is odd
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + values.numpy().tobytes())
+    with CheckpointReader(path) as reader:
+        assert torch.equal(reader.mmap_view("w"), values.view(2, 3))
+        assert torch.equal(reader.read("w"), values.view(2, 3))
+    from safetensors.torch import load_file as reference_load
+
+    assert torch.equal(reference_load(path)["w"], values.view(2, 3))

@@ -17,6 +17,7 @@ from lightning_bigmodel import (
     remove_dispatch,
     save_sharded_checkpoint,
 )
+from lightning_bigmodel.offload.attach import _callable_units
 from lightning_bigmodel.offload.hooks import HostEntry, WeightHook, move_to
 from lightning_bigmodel.offload.placement import is_disk
 
@@ -122,6 +123,53 @@ def test_policy_plans_and_loads(tmp_path):
     )  # fmt: skip
     assert "disk" in model.hf_device_map.values()
     torch.testing.assert_close(outputs(model, UntiedMLP)[0], outputs(make_reference(UntiedMLP), UntiedMLP)[0])
+
+
+def test_loading_into_a_dispatched_model_is_refused(tmp_path):
+    checkpoint = save_sharded_checkpoint(make_reference(UntiedMLP), tmp_path / "ckpt")
+    model = load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, MAPS[UntiedMLP]["mixed"])
+    with pytest.raises(RuntimeError, match="remove_dispatch"):
+        load_checkpoint_in_model(model, checkpoint, MAPS[UntiedMLP]["mixed"])
+    remove_dispatch(model)
+    load_checkpoint_in_model(model, checkpoint, MAPS[UntiedMLP]["mixed"])
+
+
+def test_hooks_of_containers_go_to_their_children():
+    model = UntiedMLP()
+    assert list(_callable_units(model, "blocks")) == ["blocks.0", "blocks.1", "blocks.2"]
+    assert list(_callable_units(model, "blocks.1.fc.weight")) == ["blocks.1.fc"]
+    assert list(_callable_units(model, "")) == [""]
+
+
+@pytest.mark.parametrize("cls", [TiedLM, UntiedMLP, BufferNet])
+@pytest.mark.parametrize("offload_buffers", [False, True])
+def test_hook_wiring_with_a_non_cpu_execution_device(tmp_path, cls, offload_buffers):
+    """The accelerator path without an accelerator: execute on "meta" while weights stay on the host. Every module
+    must see all its tensors on the execution device during its forward, and the host tensors afterwards."""
+    model = make_reference(cls)
+    device_map = {k: v for k, v in MAPS[cls]["mixed"].items()}
+    if cls is UntiedMLP:
+        device_map = {"inp": "disk", "blocks": "cpu", "out": "cpu"}  # a container key: hooks go to its children
+    dispatch_model(model, device_map, main_device="meta", offload_folder=tmp_path / "off", offload_buffers=offload_buffers)
+    params = {name: p for name, p in model.named_parameters()}
+    seen = []
+
+    def check(module, args):
+        tensors = [*module._parameters.values(), *module._buffers.values()]
+        assert all(t.is_meta for t in tensors if t is not None), type(module).__name__
+        assert all(a.is_meta for a in args if isinstance(a, torch.Tensor))
+        seen.append(module)
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_pre_hook(check) for m in leaves]
+    with torch.inference_mode():
+        out = model(example_input(cls).to("meta"))
+    assert out.is_meta and len(seen) == len(leaves)
+    assert {name: p for name, p in model.named_parameters()} == params  # the same host objects are back
+    assert all(p.device.type == "cpu" for p in params.values())
+    assert all(b.is_meta != offload_buffers for b in model.buffers())
+    for handle in handles:
+        handle.remove()
 
 
 def test_move_to_nested():

@@ -107,7 +107,9 @@ def test_bin_disk_entries_written_once_then_reused(tmp_path):
     model = empty_model(UntiedMLP)
     load_checkpoint_in_model(model, checkpoint, {"": "disk"}, offload_folder=offload)
     assert {p.name: p.stat().st_mtime_ns for p in offload.glob("*.safetensors")} == stamps  # reused
-    assert all(is_disk(p) for p in model.parameters())
+    assert all(is_disk(p) and p.data_ptr() % 64 == 0 for p in model.parameters())  # aligned like an allocation
+    with safe_open(offload / "out.weight.safetensors", "pt") as f:  # plain safetensors files
+        torch.testing.assert_close(f.get_tensor("tensor"), reference.out.weight, rtol=0, atol=0)
     assert_same_outputs(model, make_reference(UntiedMLP), UntiedMLP)
 
     # a changed checkpoint (new weights, new mtime) invalidates the folder
@@ -135,7 +137,8 @@ def test_disk_needing_writes_without_folder_fails_before_placing(tmp_path):
     checkpoint = write_checkpoint(make_reference(UntiedMLP), tmp_path / "ckpt", "bin")
     model = empty_model(UntiedMLP)
     with pytest.raises(ValueError, match="offload_folder=") as info:
-        load_checkpoint_in_model(model, checkpoint, {"blocks.1": "disk", "inp": "cpu", "blocks.0": "cpu", "blocks.2": "cpu", "out": "cpu"})
+        device_map = {"blocks.1": "disk", "inp": "cpu", "blocks.0": "cpu", "blocks.2": "cpu", "out": "cpu"}
+        load_checkpoint_in_model(model, checkpoint, device_map)
     assert "blocks.1" in str(info.value)
     assert all(p.is_meta for p in model.parameters())
 

@@ -216,3 +216,26 @@ def test_signature_validates_with_jsonargparse():
     assert cfg.strategy.device_map == "balanced_low_0"
     with pytest.raises(Exception):
         parser.parse_args(["--strategy.device_map=fastest"])
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+GPU_CPU_DISK_MAP = {**CPU_DISK_MAP, "model.transformer.wte": 0, "model.transformer.h.0": 0, "model.lm_head": 0}
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-true"])
+def test_gpu_cpu_disk_map_matches_stock_lightning(tmp_path, bare_ckpt, precision):
+    expected = pl_gpu_trainer(precision).predict(PlainGPTModule(), token_loader())
+    strategy = BigModelInferenceStrategy(device_map=GPU_CPU_DISK_MAP, offload_folder=tmp_path / "offload")
+    trainer = bigmodel_trainer(strategy, accelerator="gpu", devices=1, precision=precision)
+    outputs = trainer.predict(GPTModule(), token_loader(), ckpt_path=str(bare_ckpt))
+    assert strategy.root_device == torch.device("cuda", 0)
+    for got, want in zip(outputs, expected):
+        assert got.device == want.device and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+def pl_gpu_trainer(precision):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(accelerator="gpu", devices=1, precision=precision, logger=False, enable_progress_bar=False)

@@ -223,3 +223,13 @@ def test_empty_folder_reads_clearly(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ResumablePredictionWriter(tmp_path / "new").done_indices() == frozenset()
+
+
+def test_buffered_batches_are_flushed_on_exception(tmp_path):
+    dataset = Indexed()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        predict(ResumablePredictionWriter(tmp_path, chunk_size=2), dataset, Job(fail_at_batch=1))
+    assert [n for n in names(tmp_path) if n.startswith("chunk-")] == ["chunk-000000000-000000003-r0.safetensors"]
+    job = predict(ResumablePredictionWriter(tmp_path, chunk_size=2), dataset)
+    assert job.seen == list(range(4, N))
+    torch.testing.assert_close(read_predictions(tmp_path), expected(dataset))

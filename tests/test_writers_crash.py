@@ -1,6 +1,7 @@
 """Fault injection: kill -9 a resumable prediction job part way, restart it, check exactly-once output."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,10 +72,35 @@ def test_kill_mid_write_then_kill_mid_batch_then_resume_gives_exactly_once(tmp_p
     proc = _launch(out)
     log = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, log
-    assert f"SEEN {crash_job.NUM_SAMPLES - len(done)}" in log
+    assert f"RANK 0 SEEN {crash_job.NUM_SAMPLES - len(done)}" in log
 
     assert _tmps(out) == []
     assert sorted(_chunk_indices(out)) == list(range(crash_job.NUM_SAMPLES))  # exactly once
+    with torch.no_grad():
+        expected = crash_job.build_net()(crash_job.build_inputs())
+    torch.testing.assert_close(read_predictions(out), expected)
+
+
+def _seen(log: str) -> dict[int, int]:
+    pairs = re.findall(r"^RANK (\d+) SEEN (\d+)$", log, flags=re.M)
+    return {int(rank): int(n) for rank, n in pairs}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_two_process_job_fails_then_resumes_on_one_process(tmp_path):
+    out = tmp_path / "preds"
+    # 2 DDP ranks on CPU each write 2 chunks of interleaved indices, then both fail on their 3rd batch
+    proc = _launch(out, "--devices", "2", "--fail-at-batch", "2")
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and "simulated failure" in log, log
+    assert sorted(re.search(r"-r(\d+)\.", p.name).group(1) for p in _chunks(out)) == ["0", "0", "1", "1"]
+    assert sorted(_chunk_indices(out)) == list(range(16))  # rank r holds r, r+2, ...: global indices
+
+    proc = _launch(out)  # resume with another world size
+    log = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, log
+    assert _seen(log) == {0: crash_job.NUM_SAMPLES - 16}
     with torch.no_grad():
         expected = crash_job.build_net()(crash_job.build_inputs())
     torch.testing.assert_close(read_predictions(out), expected)

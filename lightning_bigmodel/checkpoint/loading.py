@@ -20,6 +20,7 @@ from lightning_bigmodel.offload.placement import (
     assign_targets,
     install,
     is_at,
+    is_dispatched,
     mark_disk,
     pin_host,
     tensor_groups,
@@ -69,6 +70,11 @@ def load_checkpoint_in_model(
         ``(missing_keys, unexpected_keys)``: model names absent from the checkpoint (parameters listed there stay on
         meta), and checkpoint keys (as written in the checkpoint) that match nothing in the model.
     """
+    if is_dispatched(model):
+        raise RuntimeError(
+            "`model` is dispatched: its hooks hold the weights placed before. Call `remove_dispatch(model)` before "
+            "loading a checkpoint into it, then dispatch it again (or build a fresh model)."
+        )
     groups = tensor_groups(model)
     main_device = torch.device("cpu")
     if device_map is not None:
@@ -205,6 +211,9 @@ def _place_unloaded(model: nn.Module, groups: list[TensorGroup], plan: _Plan, pi
         target = torch.device("cpu") if target == DISK else target
         if not is_at(tensor, target, pin):
             install(group, to_host(tensor, pin) if target.type == "cpu" else tensor.to(target))
-    stray = [g.name for g in unloaded if g.tensor.is_meta and g.name not in plan.missing]
+    missing = set(plan.missing)
+    stray = [g.name for g in unloaded if g.tensor.is_meta and g.name not in missing]
     if stray:
-        raise RuntimeError(f"Tensors {stray} are still on meta after loading; they are in no checkpoint. Re-create them.")
+        raise RuntimeError(
+            f"Tensors {stray} are still on meta after loading and are in no checkpoint. Re-create them after loading."
+        )

@@ -17,7 +17,7 @@ _OUR_SHARD = re.compile(r"^(model-\d{5}-of-\d{5}\.safetensors|pytorch_model-\d{5
 
 
 def _unique_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tensors to save: aliases (tied weights) once under their first name; each one contiguous, on CPU, owning
+    """Tensors to save: aliases (tied weights) once under their first name; each one contiguous, owning
     exactly its own storage (safetensors refuses shared storage, ``torch.save`` would write whole storages)."""
     meta = [k for k, t in state_dict.items() if isinstance(t, torch.Tensor) and t.is_meta]
     if meta:
@@ -38,7 +38,7 @@ def _unique_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
         seen.add(alias)
         if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
             tensor = tensor.clone(memory_format=torch.contiguous_format)
-        out[key] = tensor.cpu()
+        out[key] = tensor
     return out
 
 
@@ -66,6 +66,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _write_shard(tensors: dict[str, torch.Tensor], path: Path, safe: bool) -> None:
+    tensors = {key: tensor.cpu() for key, tensor in tensors.items()}  # one shard in host memory at a time
     if safe:
         from safetensors.torch import save_file
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
-from safetensors.torch import save_file
 
-from lightning_bigmodel.checkpoint.safetensors_view import open_mmap, read_header, view
+from lightning_bigmodel.checkpoint.safetensors_view import DTYPE_CODES, open_mmap, read_header, view
 
 try:  # POSIX only; elsewhere a folder is not protected against concurrent writers
     import fcntl
@@ -30,6 +30,7 @@ MANIFEST = "offload_index.json"
 _LOCK = ".lock"
 _VERSION = 1
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_ALIGN = 64  # data offset of every file: views are as aligned as a fresh allocation (same kernels, same results)
 
 
 def source_identity(files: Sequence[Union[str, Path]]) -> list[dict[str, Any]]:
@@ -50,6 +51,23 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _save_aligned(tensor: torch.Tensor, path: Path) -> None:
+    """Write ``tensor`` as a one-entry safetensors file named ``"tensor"`` whose data starts 64-byte aligned.
+
+    The format allows padding the JSON header with spaces; the safetensors library reads such files as usual.
+    """
+    data = tensor.detach().to("cpu").contiguous()
+    nbytes = data.numel() * data.element_size()
+    header = {"tensor": {"dtype": DTYPE_CODES[data.dtype], "shape": list(data.shape), "data_offsets": [0, nbytes]}}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % _ALIGN)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        if nbytes:
+            f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -85,7 +103,9 @@ class OffloadFolder:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise ValueError(f"`offload_folder` {str(self.folder)!r} cannot be created ({err}). Pass a writable folder.") from err
+            raise ValueError(
+                f"`offload_folder` {str(self.folder)!r} cannot be created ({err}). Pass a writable folder."
+            ) from err
         self._lock_file = open(self.folder / _LOCK, "a+")
         if fcntl is not None:
             fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX)
@@ -137,7 +157,9 @@ class OffloadFolder:
     def has(self, name: str, shape: Sequence[int], dtype: torch.dtype, key: Optional[str] = None) -> bool:
         """Whether a reusable file for ``name`` (read from source ``key``) with this shape and dtype is there."""
         entry = self.entries.get(name)
-        if entry is None or (entry.get("shape"), entry.get("dtype"), entry.get("key")) != (list(shape), str(dtype), key):
+        if entry is None:
+            return False
+        if (entry.get("shape"), entry.get("dtype"), entry.get("key")) != (list(shape), str(dtype), key):
             return False
         file = self.folder / entry["file"]
         return file.is_file() and file.stat().st_size == entry.get("size")
@@ -152,8 +174,7 @@ class OffloadFolder:
         self.entries.pop(name, None)
         file_name = _UNSAFE.sub("_", name) + ".safetensors"
         path = self.folder / file_name
-        data = tensor.detach().to("cpu").contiguous()
-        _write_atomic(path, lambda tmp: save_file({"tensor": data}, str(tmp)))
+        _write_atomic(path, lambda tmp: _save_aligned(tensor, tmp))
         self.entries[name] = {
             "file": file_name,
             "shape": list(tensor.shape),

@@ -69,7 +69,9 @@ class WeightHook:
         prefetcher: a :class:`~lightning_bigmodel.offload.prefetch.Prefetcher` (CUDA only), or ``None``.
     """
 
-    def __init__(self, name: str, device: torch.device, entries: Sequence[HostEntry], move_inputs: bool, prefetcher=None):
+    def __init__(
+        self, name: str, device: torch.device, entries: Sequence[HostEntry], move_inputs: bool, prefetcher=None
+    ) -> None:
         self.name = name
         self.device = device
         self.entries = list(entries)

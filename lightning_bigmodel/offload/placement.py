@@ -20,6 +20,7 @@ Target = Union[torch.device, str]
 DISK = "disk"
 _CPU = torch.device("cpu")
 _DISK_FLAG = "_bigmodel_on_disk"
+DISPATCH_STATE = "_bigmodel_dispatch"  # module attribute holding the hooks of a dispatched model
 
 
 @dataclass
@@ -110,6 +111,11 @@ def assign_targets(
             group.target = _CPU if offload_buffers else main_device
         else:
             group.target = DISK if best == DISK else _CPU
+
+
+def is_dispatched(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its submodules carries the hooks of ``dispatch_model``."""
+    return any(DISPATCH_STATE in module.__dict__ for module in model.modules())
 
 
 def pin_host(main_device: torch.device) -> bool:

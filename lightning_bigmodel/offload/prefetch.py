@@ -57,7 +57,7 @@ class Prefetcher:
         self._order = []
 
     def take(self, hook) -> Optional[dict[int, torch.Tensor]]:
-        """The prefetched copies for ``hook`` (entry index -> device tensor), ready on the current stream, or ``None``."""
+        """The prefetched copies for ``hook`` (entry index -> device tensor), ready on the current stream; else None."""
         if self._pending is None or self._pending[0] is not hook:
             return None
         _, future = self._pending

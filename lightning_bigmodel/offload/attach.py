@@ -1,0 +1,94 @@
+"""Which hooks a dispatched model gets, and on which modules.
+
+Hooks go on the modules the device map names, except that a module without its own ``forward`` (``ModuleList``,
+``ModuleDict``: never called) hands its hooks down to its children, recursively. A map entry whose tensors all live on
+its execution device gets no weight hook; inputs are moved only when the model spans devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from lightning_bigmodel.offload.hooks import HostEntry, InputHook, RootHook, WeightHook
+from lightning_bigmodel.offload.placement import TensorGroup, execution_target, is_disk, owner_key
+from lightning_bigmodel.offload.prefetch import Prefetcher
+
+
+@dataclass
+class DispatchState:
+    """What :func:`attach_hooks` attached: the hook handles, and the prefetcher (CUDA) to close."""
+
+    handles: list = field(default_factory=list)
+    prefetcher: Optional[Prefetcher] = None
+
+
+def _callable_units(model: nn.Module, key: str) -> dict[str, nn.Module]:
+    """Modules under ``key`` whose forward runs: the key's module, or its children when it has no forward."""
+    try:
+        name, module = key, model.get_submodule(key)
+    except AttributeError:  # the key names a parameter or buffer: its module holds the hook
+        name = key.rpartition(".")[0]
+        name, module = name, model.get_submodule(name)
+    if type(module).forward is not nn.Module.forward:
+        return {name: module}
+    units: dict[str, nn.Module] = {}
+    for child_name, _ in module.named_children():
+        units.update(_callable_units(model, f"{name}.{child_name}" if name else child_name))
+    return units
+
+
+def _entries_by_unit(
+    model: nn.Module, groups: list[TensorGroup], normalized: Mapping[str, object], main: torch.device
+) -> tuple[dict[str, tuple[nn.Module, torch.device]], dict[str, dict[int, HostEntry]]]:
+    """Every hook unit (name -> module, execution device), and the host tensors each must bring in."""
+    units: dict[str, tuple[nn.Module, torch.device]] = {}
+    per_key: dict[str, dict[str, nn.Module]] = {}
+    for key, device in normalized.items():
+        per_key[key] = _callable_units(model, key)
+        units.update({name: (module, execution_target(device, main)) for name, module in per_key[key].items()})
+    by_unit: dict[str, dict[int, HostEntry]] = {}
+    for index, group in enumerate(groups):
+        for name, slot in zip(group.names, group.slots):
+            key = owner_key(name, normalized)
+            if group.tensor.device == execution_target(normalized[key], main):
+                continue
+            unit = owner_key(name, per_key[key])
+            if unit is None:
+                raise ValueError(
+                    f"`device_map` key {key!r} names a container whose own tensor {name!r} must be moved to "
+                    f"{execution_target(normalized[key], main)}, but no forward of it runs. Map its parent instead."
+                )
+            entries = by_unit.setdefault(unit, {})
+            if index not in entries:
+                entries[index] = HostEntry(group.tensor, [], group.is_param, writeback=not group.is_param)
+            entries[index].slots.append(slot)
+    return units, by_unit
+
+
+def attach_hooks(
+    model: nn.Module, groups: list[TensorGroup], normalized: Mapping[str, object], main: torch.device
+) -> DispatchState:
+    """Attach root, weight and input hooks to ``model`` placed as ``groups`` say; return their handles."""
+    state = DispatchState()
+    units, by_unit = _entries_by_unit(model, groups, normalized, main)
+    move_io = len({device for _, device in units.values()}) > 1 or bool(by_unit)
+    if any(units[name][1].type == "cuda" for name in by_unit):
+        state.prefetcher = Prefetcher()
+    guarded = {id(e.host): e.host for entries in by_unit.values() for e in entries.values() if e.is_param}
+    guarded.update({id(g.tensor): g.tensor for g in groups if g.is_param and is_disk(g.tensor)})
+    if move_io or guarded:
+        root = RootHook(list(guarded.values()), state.prefetcher, restore_outputs=move_io)
+        state.handles.append(model.register_forward_pre_hook(root.pre, with_kwargs=True))
+        state.handles.append(model.register_forward_hook(root.post, with_kwargs=True, always_call=True))
+    for name, (module, device) in units.items():
+        if name in by_unit:
+            hook = WeightHook(name, device, list(by_unit[name].values()), move_io, state.prefetcher)
+            state.handles.append(module.register_forward_pre_hook(hook.pre, with_kwargs=True))
+            state.handles.append(module.register_forward_hook(hook.post, with_kwargs=True, always_call=True))
+        elif move_io:
+            state.handles.append(module.register_forward_pre_hook(InputHook(device).pre, with_kwargs=True))
+    return state
