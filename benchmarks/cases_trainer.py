@@ -54,7 +54,8 @@ def _probe_class():
         def on_predict_start(self, trainer, pl_module) -> None:
             self.result["load_s"] = time.perf_counter() - self.start
             self.result.update(self.sampler.stop())
-            self.result["map_bytes"] = map_summary(pl_module.model)
+            summary = map_summary(pl_module.model) or map_summary(pl_module)
+            self.result["map_bytes"] = summary
             self.result["stage"] = "first output"
 
         def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:

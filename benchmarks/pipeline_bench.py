@@ -8,7 +8,7 @@ splitting and scheduling, labelled "overlap not measurable".
 
 Run::
 
-    python -m benchmarks.pipeline_bench                     # CPU: small preset, fake 2-device map
+    python -m benchmarks.pipeline_bench --threads 1         # CPU: small preset, fake 2-device map
     python -m benchmarks.pipeline_bench --preset gpt2-large --batch 32 --seq 256   # all visible GPUs
 """
 
@@ -85,11 +85,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--gpus", type=int, default=None, help="use at most this many GPUs (default: all)")
     parser.add_argument("--fake-devices", type=int, default=2, help="devices of the fake map on CPU")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"], help="on GPU")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU runs: 1 is steadiest)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     on_gpu = torch.cuda.is_available()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.preset = args.preset or ("gpt2" if on_gpu else "small")
     args.batch = args.batch or (32 if on_gpu else 16)
 

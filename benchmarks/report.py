@@ -33,7 +33,7 @@ def fmt(value: Optional[float], unit: str) -> str:
     if unit == "s":
         return f"{value * 1e3:.1f} ms" if abs(value) < 1 else f"{value:.2f} s"
     if unit == "MB":
-        return f"{value / MB:.1f} MB"
+        return f"{value / MB:.1f} MB" if abs(value) >= 10 * MB else f"{value / MB:.3g} MB"
     if unit == "x":
         return f"{value:.2f}x"
     return f"{value:.3g}"
@@ -112,7 +112,7 @@ def raw_table(results: dict) -> list[str]:
         if spec["kind"] not in ("load", "trainer"):
             continue
         off = r.get("offload_folder", {}).get("allocated")
-        mapping = ", ".join(f"{d}: {b / MB:.0f} MB" for d, b in sorted(r.get("map_bytes", {}).items()))
+        mapping = ", ".join(f"{d}: {fmt(b, 'MB')}" for d, b in sorted(r.get("map_bytes", {}).items()))
         lines.append(f"| {case_id} | {'yes' if r.get('ok') else 'FAILED (' + str(r.get('stage')) + ')'} | "
                      f"{fmt(r.get('load_s'), 's')} | {fmt(r.get('peak_anon_growth'), 'MB')} | "
                      f"{fmt(r.get('peak_total_growth'), 'MB')} | {fmt(r.get('first_output_s'), 's')} | "
@@ -127,7 +127,7 @@ def micro_table(results: dict) -> list[str]:
         vals = {lib: get(results, f"{kind}/{lib}", key) for lib in ("ours", "accelerate", "torch_meta")}
         size = next((results[f"{kind}/{lib}"]["result"].get(what) for lib in vals
                      if f"{kind}/{lib}" in results and results[f"{kind}/{lib}"]["result"].get(what)), None)
-        size_txt = "-" if size is None else f"{size / 1e9:.2f}B params" if what == "params" else f"{size} modules"
+        size_txt = "-" if size is None else f"{size / 1e6:,.1f}M params" if what == "params" else f"{size:,} modules"
         lines.append(f"| {kind} | {fmt(vals['ours'], 's')} | {fmt(vals['accelerate'], 's')} | "
                      f"{fmt(vals['torch_meta'], 's')} | **{fmt(ratio(vals['ours'], vals['accelerate']), 'x')}** | {size_txt} |")
     return lines + [""]

@@ -60,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> torch.Tensor:
     )
     strategy = BigModelInferenceStrategy(
         device_map="auto",
-        max_memory=json.loads(args.max_memory),
+        max_memory={int(k) if k.isdigit() else k: v for k, v in json.loads(args.max_memory).items()},
         no_split_module_classes=["BertLayer"],  # never split a residual block across devices
         offload_folder=args.offload_folder,
     )

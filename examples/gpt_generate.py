@@ -50,7 +50,9 @@ def write_random_checkpoint(preset: str, folder: str | Path, seed: int = 0, max_
     return save_sharded_checkpoint(model, folder, max_shard_size=max_shard_size)
 
 
-def convert_hub_gpt2(hub_id: str, folder: str | Path, max_shard_size: str = "2GB") -> Path:
+def convert_hub_gpt2(
+    hub_id: str, folder: str | Path, max_shard_size: str = "2GB", expected: Optional[GPTConfig] = None
+) -> Path:
     """Download a Hugging Face GPT-2 checkpoint and write it with this GPT's tensor names.
 
     GPT-2's ``Conv1D`` stores weights as ``(in, out)``; ``nn.Linear`` wants ``(out, in)``, so those are
@@ -62,6 +64,11 @@ def convert_hub_gpt2(hub_id: str, folder: str | Path, max_shard_size: str = "2GB
 
     source = Path(snapshot_download(hub_id, allow_patterns=["*.safetensors", "*.json"]))
     config = json.loads((source / "config.json").read_text())
+    if expected is not None and (config["n_layer"], config["n_embd"]) != (expected.n_layer, expected.n_embd):
+        raise ValueError(
+            f"`--hub-id` {hub_id!r} has n_layer={config['n_layer']}, n_embd={config['n_embd']}, but the preset has "
+            f"n_layer={expected.n_layer}, n_embd={expected.n_embd}. Pass the matching `--preset` (e.g. gpt2-xl)."
+        )
     head_dim = config["n_embd"] // config["n_head"]
     transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     state: dict[str, torch.Tensor] = {}
@@ -69,7 +76,7 @@ def convert_hub_gpt2(hub_id: str, folder: str | Path, max_shard_size: str = "2GB
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
                 name = key.removeprefix("transformer.")
-                if name.endswith(("attn.bias", "attn.masked_bias")) or name == "lm_head.weight":
+                if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
                     continue  # masks are rebuilt by the model; the LM head is tied to wte
                 tensor = f.get_tensor(key)
                 state[f"transformer.{name}"] = tensor.t().contiguous() if name.endswith(transposed) else tensor
@@ -104,7 +111,10 @@ class GPTGenerator(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.config = GPTConfig.preset(preset)
-        self.prompts = torch.tensor(prompts) if prompts else random_prompts(self.config.vocab_size, num_prompts, prompt_length)
+        if prompts:
+            self.prompts = torch.tensor(prompts)
+        else:
+            self.prompts = random_prompts(self.config.vocab_size, num_prompts, prompt_length)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.random_checkpoint_dir = Path(random_checkpoint_dir) if random_checkpoint_dir else None
@@ -157,7 +167,7 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--devices", default="1")
     parser.add_argument("--device-map", default="auto", help="auto, balanced, balanced_low_0 or sequential.")
-    parser.add_argument("--max-memory", default='{"cpu": "150KB"}', help='JSON budget, e.g. {"0": "10GiB", "cpu": "30GiB"}.')
+    parser.add_argument("--max-memory", default='{"cpu": "150KB"}', help='JSON budget: {"0": "10GiB", "cpu": "30GiB"}.')
     parser.add_argument("--offload-folder", default="runs/offload")
     parser.add_argument("--output", default="runs/gpt_tokens.pt")
     return parser.parse_args(argv)
@@ -167,7 +177,10 @@ def main(argv: Optional[Sequence[str]] = None) -> torch.Tensor:
     args = _parse(argv)
     folder = Path(args.checkpoint_dir or f"runs/gpt-{args.preset}")
     if not (folder.is_dir() and any(folder.iterdir())):
-        made = convert_hub_gpt2(args.hub_id, folder) if args.hub_id else write_random_checkpoint(args.preset, folder)
+        if args.hub_id:
+            made = convert_hub_gpt2(args.hub_id, folder, expected=GPTConfig.preset(args.preset))
+        else:
+            made = write_random_checkpoint(args.preset, folder)
         print(f"Wrote the sharded checkpoint {made}")
     prompts = None
     if args.prompt:

@@ -57,7 +57,7 @@ def read_sentences(path: Union[str, Path]) -> list[str]:
     """Non-empty, stripped lines of ``path``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"`sentences_file` {str(path)!r} does not exist; pass a text file, one sentence a line.")
+        raise FileNotFoundError(f"`sentences_file` {str(path)!r} does not exist; pass a text file, a sentence a line.")
     sentences = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not sentences:
         raise ValueError(f"`sentences_file` {str(path)!r} holds no sentence; write one sentence per line.")
@@ -116,7 +116,7 @@ class SentenceEmbedder(LightningModule):
 
         source = self.model_dir / MODEL_FILE
         if not source.is_file():
-            raise FileNotFoundError(f"`model_dir` {str(self.model_dir)!r} has no {MODEL_FILE}; pass the model's folder.")
+            raise FileNotFoundError(f"`model_dir` {str(self.model_dir)!r} has no {MODEL_FILE}; pass the model folder.")
         state = {key: tensor for key, tensor in load_file(source).items() if key not in STALE_KEYS}
         index = save_sharded_checkpoint(state, self.shard_dir, max_shard_size=self.max_shard_size)
         print(f"Sharded {source.name} into {self.shard_dir} (index: {Path(index).name})")

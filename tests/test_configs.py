@@ -73,7 +73,8 @@ def test_config_parses_with_the_cli(path, monkeypatch):
 def test_config_with_a_wrong_option_is_refused(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     bad = tmp_path / "bad.yaml"
-    bad.write_text((ROOT / "configs" / "plan_gpt2_xl.yaml").read_text().replace("policy: balanced_low_0", "policy: fast"))
+    text = (ROOT / "configs" / "plan_gpt2_xl.yaml").read_text()
+    bad.write_text(text.replace("policy: balanced_low_0", "policy: fast"))
     with pytest.raises(SystemExit):
         _plan_parser().parse_args(["--config", str(bad)])
 

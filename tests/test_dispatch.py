@@ -147,10 +147,12 @@ def test_hook_wiring_with_a_non_cpu_execution_device(tmp_path, cls, offload_buff
     """The accelerator path without an accelerator: execute on "meta" while weights stay on the host. Every module
     must see all its tensors on the execution device during its forward, and the host tensors afterwards."""
     model = make_reference(cls)
-    device_map = {k: v for k, v in MAPS[cls]["mixed"].items()}
+    device_map = MAPS[cls]["mixed"]
     if cls is UntiedMLP:
         device_map = {"inp": "disk", "blocks": "cpu", "out": "cpu"}  # a container key: hooks go to its children
-    dispatch_model(model, device_map, main_device="meta", offload_folder=tmp_path / "off", offload_buffers=offload_buffers)
+    dispatch_model(
+        model, device_map, main_device="meta", offload_folder=tmp_path / "off", offload_buffers=offload_buffers
+    )
     params = {name: p for name, p in model.named_parameters()}
     seen = []
 

@@ -1,4 +1,4 @@
-"""Each example script runs on its offline default in a subprocess and writes what it says, equal to a plain reference."""
+"""Each example runs on its offline default in a subprocess and writes what it says, equal to a plain reference."""
 
 from __future__ import annotations
 

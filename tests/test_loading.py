@@ -225,3 +225,26 @@ def test_no_device_map_loads_on_cpu(tmp_path):
     assert load_checkpoint_in_model(model, checkpoint) == ([], [])
     assert model.head.weight is model.wte.weight
     assert_same_outputs(model, make_reference(TiedLM), TiedLM)
+
+
+def test_offload_folder_lock_serialises_writers(tmp_path):
+    import threading
+    import time
+
+    from lightning_bigmodel.offload.disk import OffloadFolder
+
+    events = []
+
+    def second_writer():
+        with OffloadFolder(tmp_path, source=[{"path": "x", "size": 1, "mtime_ns": 1}]) as store:
+            events.append("second enters")
+            assert store.has("t", [3], torch.float32)  # sees what the first one committed: reuses it
+
+    with OffloadFolder(tmp_path, source=[{"path": "x", "size": 1, "mtime_ns": 1}]) as store:
+        thread = threading.Thread(target=second_writer)
+        thread.start()
+        time.sleep(0.2)
+        events.append("first writes")
+        store.write("t", torch.arange(3.0))
+    thread.join(timeout=10)
+    assert events == ["first writes", "second enters"]

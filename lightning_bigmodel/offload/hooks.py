@@ -99,7 +99,7 @@ class WeightHook:
         for entry in self.entries:
             module_, attr = entry.slots[0]
             current = (module_._parameters if entry.is_param else module_._buffers)[attr]
-            if entry.writeback and current is not None and current is not entry.host:
+            if entry.writeback and current is not None and current is not entry.host and not current.is_meta:
                 with torch.no_grad():
                     entry.host.copy_(current)  # blocking: the host value is right as soon as forward returns
             _install(entry, entry.host)
