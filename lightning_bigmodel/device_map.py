@@ -248,9 +248,15 @@ class _Planner:
         """Fill once; if something was offloaded, fill again with room reserved on the execution device."""
         self.has_gpu = any(isinstance(device, int) and budget > 0 for device, budget in budgets.items())
         reserves: dict[Device, int] = {}  # kept where set: a reserve that empties its device moves the execution
+        low_0_extra, gpu_0_fill = 0, -1.0  # balanced_low_0: GPU 0 takes more when the others spilled past the GPUs
         for _ in range(_MAX_PASSES):
             effective = {device: max(0, budget - reserves.get(device, 0)) for device, budget in budgets.items()}
-            raw = _Pass(self, effective, balanced, low_0).run()
+            one_pass = _Pass(self, effective, balanced, low_0, low_0_extra)
+            raw = one_pass.run()
+            spilled, fill = one_pass.spilled_with_room_on_gpu_0()
+            if spilled and fill > gpu_0_fill:  # stop once a bigger share for GPU 0 no longer changes the plan
+                low_0_extra, gpu_0_fill = low_0_extra + spilled, fill
+                continue
             need, exec_device = self._reserve(raw)
             if need <= reserves.get(exec_device, 0):
                 return raw
@@ -284,13 +290,17 @@ class _Planner:
 class _Pass:
     """One greedy walk over the module tree, filling the devices in order."""
 
-    def __init__(self, planner: _Planner, budgets: dict[Device, float], balanced: bool, low_0: bool) -> None:
+    def __init__(
+        self, planner: _Planner, budgets: dict[Device, float], balanced: bool, low_0: bool, low_0_extra: int = 0
+    ) -> None:
         self.planner, self.budgets, self.balanced, self.low_0 = planner, budgets, balanced, low_0
+        self.low_0_extra = low_0_extra
         gpus = [device for device in budgets if isinstance(device, int) and budgets[device] > 0]
         others = [device for device in budgets if device not in gpus]
-        # balanced_low_0: spread over GPUs 1.., then GPU 0 takes only the overflow, then cpu and disk.
+        # balanced_low_0: GPU 0 holds only what GPUs 1.. cannot (its target is that overflow), and the others share
+        # the rest evenly. Devices are still filled in index order, so the map stays sequential (0, 1, ..., cpu).
         self.spread = gpus[1:] if low_0 and len(gpus) > 1 else gpus
-        self.devices = self.spread + [gpu for gpu in gpus if gpu not in self.spread] + others
+        self.devices = gpus + others
         self.fills = {device: 0 for device in self.devices}
         self.raw: DeviceMap = {}
         self.queue, self.pending, self.expanded = deque([""]), {""}, set()
@@ -321,6 +331,15 @@ class _Pass:
             elif not (self.balanced and need > self.budgets[device] and self.skip_ahead(group)):
                 self.advance(name)
         return self.raw
+
+    def spilled_with_room_on_gpu_0(self) -> tuple[int, float]:
+        """balanced_low_0: bytes sent past the GPUs while GPU 0 had budget left, and GPU 0's fill (``(0, 0)`` if n/a)."""
+        gpu_0 = next((device for device in self.devices if isinstance(device, int)), None)
+        if not self.low_0 or gpu_0 is None or gpu_0 in self.spread:
+            return 0, 0.0
+        spilled = sum(fill for device, fill in self.fills.items() if not isinstance(device, int))
+        room = self.budgets[gpu_0] - self.fills[gpu_0]
+        return (int(min(spilled, room)) if room > 0 else 0), self.fills[gpu_0]
 
     def place(self, group: list[str], device: Device) -> None:
         for member in group:
@@ -365,6 +384,9 @@ class _Pass:
     def target_of(self, device: Device) -> float:
         """Bytes to put on ``device``: its budget, or for balanced GPUs an even share of what is left."""
         budgets, spread = self.budgets, self.spread
+        if self.low_0 and isinstance(device, int) and device not in spread:
+            overflow = self.planner.sizes[""] - self.placed - sum(budgets[gpu] for gpu in spread)
+            return min(budgets[device], max(0, overflow) + self.low_0_extra)
         if not self.balanced or device not in spread or device == spread[-1]:
             return budgets[device]
         later = spread[spread.index(device) :]

@@ -128,6 +128,19 @@ def test_balanced_low_0_is_lightest_on_gpu_0(fractions):
     assert "cpu" not in resident and "disk" not in resident
 
 
+@pytest.mark.parametrize("fractions", [{0: 0.6, 1: 0.6}, {0: 0.4, 1: 0.3, 2: 0.3, "cpu": 1}])
+def test_balanced_low_0_map_stays_sequential(fractions):
+    model = _meta_gpt("small", tie_weights=False)
+    total = _model_bytes(model)
+    budget = {device: int(total * fraction) for device, fraction in fractions.items()}
+    device_map = infer_device_map(model, budget, ["Block"], policy="balanced_low_0")
+    ranks = [ORDER.get(device, device) for device in device_map.values()]
+    assert ranks == sorted(ranks)
+    resident = _residency(model, device_map)
+    others = min(resident[gpu] for gpu in budget if gpu not in (0, "cpu"))
+    assert 0 in resident and resident[0] <= others + _block_bytes(model)  # blocks are atomic
+
+
 def test_balanced_low_0_with_one_gpu_is_balanced():
     model = _meta_gpt("small")
     budget = {0: _model_bytes(model) // 2, "cpu": 10**9}

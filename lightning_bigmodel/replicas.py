@@ -1,0 +1,433 @@
+"""ReplicatedBigModelStrategy: N replicas of a dispatched model, each over its own group of GPUs, on Lightning's launchers.
+
+``Trainer(accelerator="gpu", devices=8, num_nodes=2, strategy=ReplicatedBigModelStrategy(devices_per_replica=4))``
+runs ``8 * 2 / 4 = 4`` processes, one per replica (not one per GPU). Local replica ``r`` of a node owns that node's
+devices ``[r * k, ..., r * k + k - 1]`` (``k = devices_per_replica``), plans its device map over them only, and
+predicts its share of the data. Processes are started by Lightning's own machinery: ``_SubprocessScriptLauncher``
+(a plain ``python script.py``), ``torchrun --nproc_per_node=devices/k`` or SLURM ``--ntasks-per-node=devices/k``;
+the process group comes from Lightning's helpers and the predict sampler from ``distributed_sampler_kwargs``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.data import has_iterable_dataset
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor
+
+import lightning.pytorch as pl
+from lightning_bigmodel.callback import DeviceMapCallback
+from lightning_bigmodel.device_map import normalize_device
+from lightning_bigmodel.memory import _GPU_HEADROOM_FRACTION, _MIN_GPU_HEADROOM, _available_cpu_memory, get_max_memory
+from lightning_bigmodel.strategy import BigModelInferenceStrategy
+
+Gather = Literal["batches", "samples", "none"]
+
+
+def replica_devices(node_devices: Sequence[torch.device], devices_per_replica: int, local_rank: int) -> list[torch.device]:
+    """The devices of local replica ``local_rank``: ``node_devices[local_rank * k : (local_rank + 1) * k]``."""
+    start = local_rank * devices_per_replica
+    return list(node_devices[start : start + devices_per_replica])
+
+
+def replica_max_memory(gpus: Sequence[int], replicas_on_node: int) -> dict[Union[int, str], int]:
+    """Detected budget of one replica: free memory of ITS OWN ``gpus`` only (minus headroom) and its share of RAM.
+
+    Only ``torch.cuda.mem_get_info(i)`` for ``i`` in ``gpus`` is called, so no other replica's GPU gets a CUDA
+    context. RAM is shared by the replicas of a node: each gets ``available // replicas_on_node``.
+    """
+    budget: dict[Union[int, str], int] = {}
+    for index in gpus:
+        free, total = torch.cuda.mem_get_info(index)
+        budget[index] = max(0, free - max(_MIN_GPU_HEADROOM, int(total * _GPU_HEADROOM_FRACTION)))
+    budget["cpu"] = _available_cpu_memory() // max(1, replicas_on_node)
+    return budget
+
+
+def _owned(position: int, gpus: Sequence[int], what: str) -> int:
+    if position >= len(gpus):
+        raise ValueError(
+            f"{what} names GPU {position}, but each replica has {len(gpus)} GPU(s): with replicas, GPU keys are "
+            f"positions 0..{len(gpus) - 1} within the replica (this one owns GPUs {list(gpus)}). Renumber them."
+        )
+    return gpus[position]
+
+
+def _is_batched(x: Any, n: int) -> bool:
+    if isinstance(x, Tensor):
+        return x.dim() > 0 and x.shape[0] == n
+    if isinstance(x, Mapping):
+        return bool(x) and all(_is_batched(v, n) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return (bool(x) and all(_is_batched(v, n) for v in x)) or len(x) == n
+    return False
+
+
+def _rebuild(like: Any, values: list) -> Any:
+    return type(like)(*values) if hasattr(like, "_fields") else type(like)(values)
+
+
+def unbatch(prediction: Any, n: int) -> list[Any]:
+    """Split the prediction of a batch of ``n`` samples into ``n`` per-sample predictions.
+
+    Tensors are split along dim 0; dicts, tuples and lists of batched values are split element-wise; another list or
+    tuple of length ``n`` is taken as one item per sample.
+
+    Raises:
+        ValueError: when ``prediction`` has no batch dimension of size ``n``.
+    """
+    if isinstance(prediction, Tensor) and _is_batched(prediction, n):
+        return list(prediction.unbind(0))
+    if isinstance(prediction, Mapping) and _is_batched(prediction, n):
+        columns = {key: unbatch(value, n) for key, value in prediction.items()}
+        return [type(prediction)({key: col[i] for key, col in columns.items()}) for i in range(n)]
+    if isinstance(prediction, (list, tuple)) and prediction and all(_is_batched(v, n) for v in prediction):
+        columns = [unbatch(value, n) for value in prediction]
+        return [_rebuild(prediction, [col[i] for col in columns]) for i in range(n)]
+    if isinstance(prediction, (list, tuple)) and len(prediction) == n:
+        return list(prediction)
+    shape = tuple(prediction.shape) if isinstance(prediction, Tensor) else type(prediction).__name__
+    raise ValueError(
+        f"Cannot split a prediction of {shape} into {n} samples: `predict_step` must return a tensor with the batch "
+        "first, or a dict/tuple/list of those (or a list with one item per sample) for predictions to be gathered. "
+        "Pass `ReplicatedBigModelStrategy(gather='none')` and a prediction writer instead."
+    )
+
+
+def _stack(items: list[Any]) -> Any:
+    first = items[0]
+    if isinstance(first, Tensor):
+        return torch.stack(items)
+    if isinstance(first, Mapping):
+        return type(first)({key: _stack([item[key] for item in items]) for key in first})
+    if isinstance(first, (list, tuple)) and all(isinstance(x, type(first)) and len(x) == len(first) for x in items):
+        return _rebuild(first, [_stack(list(column)) for column in zip(*items)])
+    return list(items)
+
+
+def merge_by_index(parts: Sequence[tuple[Sequence[int], Any]]) -> list[Any]:
+    """Per-sample predictions in dataset-index order from ``(batch_indices, batch_prediction)`` pairs of any ranks.
+
+    An index seen twice (a ``DistributedSampler`` pads ranks with repeated samples) is kept once: exactly once.
+    """
+    samples: dict[int, Any] = {}
+    for indices, prediction in parts:
+        for index, sample in zip(indices, unbatch(prediction, len(indices))):
+            samples.setdefault(int(index), sample)
+    return [samples[index] for index in sorted(samples)]
+
+
+def rebatch(samples: Sequence[Any], batch_size: int) -> list[Any]:
+    """Regroup per-sample predictions into batches of ``batch_size`` (tensors stacked, as a one-process run returns).
+
+    Raises:
+        ValueError: when the samples of one batch have different shapes (return ``"samples"`` instead).
+    """
+    batches = []
+    for start in range(0, len(samples), batch_size):
+        try:
+            batches.append(_stack(list(samples[start : start + batch_size])))
+        except RuntimeError as err:
+            raise ValueError(f"Samples {start}..{start + batch_size - 1} cannot be stacked into a batch: {err}") from err
+    return batches
+
+
+def gather_predictions(
+    predictions: Sequence[Any],
+    batch_indices: Sequence[Sequence[int]],
+    batch_size: Optional[int] = None,
+    dst: int = 0,
+    group: Optional[Any] = None,
+) -> Optional[list[Any]]:
+    """Collect every rank's batch predictions on rank ``dst``, in dataset-index order, each sample exactly once.
+
+    Every rank of ``group`` must call it. Objects travel with ``gather_object`` (pickled; only ``dst`` holds them
+    all). Without an initialised process group it merges locally.
+
+    Args:
+        predictions: this rank's predictions, one per batch (e.g. what ``trainer.predict`` returned on it).
+        batch_indices: the global dataset indices of each of those batches.
+        batch_size: regroup into batches of this size; ``None`` returns one entry per sample.
+        dst: the global rank that receives the result.
+        group: the process group (default: the world).
+
+    Returns:
+        On ``dst``: the merged list; on other ranks ``None``.
+    """
+    local = [(list(map(int, idx)), pred) for idx, pred in zip(batch_indices, predictions)]
+    if _distributed_is_initialized() and dist.get_world_size(group) > 1:
+        parts: Optional[list[Any]] = [None] * dist.get_world_size(group) if dist.get_rank() == dst else None
+        dist.gather_object(local, parts, dst=dst, group=group)
+        if parts is None:
+            return None
+        local = [pair for part in parts for pair in part]
+    samples = merge_by_index(local)
+    return samples if batch_size is None else rebatch(samples, batch_size)
+
+
+class ReplicatedBigModelStrategy(BigModelInferenceStrategy, ParallelStrategy):
+    """Data-parallel replicas of a big model: one process per replica, each dispatched over ``devices_per_replica``
+    devices of its node (plus CPU RAM and disk), each predicting its share of the data.
+
+    Args:
+        devices_per_replica: devices (GPUs) per replica; the Trainer's ``devices`` must be a multiple of it.
+        gather: what ``trainer.predict`` returns. ``"batches"``: rank 0 gets all predictions in dataset order,
+            regrouped into the dataloader's batch size (as a one-process run; ``"samples"`` when shapes differ);
+            ``"samples"``: rank 0 gets one entry per sample in dataset order; other ranks get ``[]`` with both.
+            ``"none"``: each rank keeps its own (use with a prediction writer).
+        process_group_backend: ``"nccl"``, ``"gloo"``, ...; default from the root device.
+        timeout: timeout of the process group's collectives.
+        device_map, max_memory, no_split_module_classes, offload_folder, offload_buffers, dtype, checkpoint,
+        key_prefix, strict, release_on_teardown: as for :class:`BigModelInferenceStrategy`, per replica. GPU keys of
+            ``max_memory`` and GPU values of an explicit ``device_map`` are positions ``0..k-1`` WITHIN the replica;
+            ``"cpu"`` is the budget of one replica (default: available RAM divided among the node's replicas);
+            weights are offloaded to ``offload_folder/rank-{global_rank}``.
+    """
+
+    strategy_name = "bigmodel_replicas"
+
+    def __init__(
+        self,
+        devices_per_replica: int = 1,
+        gather: Gather = "batches",
+        device_map: Union[str, dict[str, Union[int, str]]] = "auto",
+        max_memory: Optional[dict[Union[int, str], Union[int, str]]] = None,
+        no_split_module_classes: Optional[list[str]] = None,
+        offload_folder: Optional[Union[str, Path]] = None,
+        offload_buffers: bool = False,
+        dtype: Optional[Union[str, torch.dtype]] = None,
+        checkpoint: Optional[Union[str, Path]] = None,
+        key_prefix: Optional[str] = None,
+        strict: bool = True,
+        release_on_teardown: bool = False,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(devices_per_replica, bool) or not isinstance(devices_per_replica, int) or devices_per_replica < 1:
+            raise ValueError(f"`devices_per_replica={devices_per_replica!r}` must be a positive int, e.g. 1, 2 or 4.")
+        if gather not in ("batches", "samples", "none"):
+            raise ValueError(f"`gather={gather!r}` must be 'batches', 'samples' or 'none'.")
+        self.devices_per_replica = devices_per_replica
+        self._node_devices: Optional[list[torch.device]] = None
+        super().__init__(device_map=device_map, max_memory=max_memory, no_split_module_classes=no_split_module_classes,
+                         offload_folder=offload_folder, offload_buffers=offload_buffers, dtype=dtype,
+                         checkpoint=checkpoint, key_prefix=key_prefix, strict=strict,
+                         release_on_teardown=release_on_teardown, **kwargs)  # fmt: skip
+        self.gather = gather
+        self.offload_root = offload_folder
+        self._num_nodes = 1
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._gather_group: Optional[Any] = None
+        self._translated: dict[int, tuple[Any, Any]] = {}  # id(callback) -> its (max_memory, device_map) as given
+
+    # ------------------------------------------------------------------ devices: one process per replica
+    @property
+    def node_devices(self) -> list[torch.device]:
+        """All devices this node gives the Trainer (``devices=``): the replicas of the node share them out."""
+        return list(self._node_devices or [])
+
+    @property
+    def parallel_devices(self) -> Optional[list[torch.device]]:
+        """The devices of THIS process's replica (``devices_per_replica`` of them); ``None`` before the Trainer sets them."""
+        if self._node_devices is None:
+            return None
+        return replica_devices(self._node_devices, self.devices_per_replica, self.local_rank)
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: Optional[list[torch.device]]) -> None:
+        self._node_devices = list(devices) if devices is not None else None
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        """Replicas (processes) per node: ``devices // devices_per_replica``."""
+        return len(self.node_devices) // self.devices_per_replica
+
+    @property
+    def num_replicas(self) -> int:
+        return self.num_nodes * self.num_processes
+
+    @property
+    def is_distributed(self) -> bool:
+        return True  # Lightning injects its unrepeated DistributedSampler into predict dataloaders
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.num_replicas, "rank": self.global_rank}
+
+    def check_devices_per_replica(self) -> None:
+        """Raise when the node's devices cannot be split into whole replicas."""
+        n, k = len(self.node_devices), self.devices_per_replica
+        if n == 0 or n % k:
+            fits = [d for d in range(1, n + 1) if n % d == 0]
+            raise ValueError(
+                f"`Trainer(devices={n})` per node cannot be split into replicas of `devices_per_replica={k}` "
+                f"devices. Pass `devices` as a multiple of {k} (e.g. {max(k, n - n % k or k)}), or "
+                f"`devices_per_replica` in {fits}."
+            )
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        self.check_devices_per_replica()
+        self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    # ------------------------------------------------------------------ ranks and collectives (as DDPStrategy)
+    global_rank = ParallelStrategy.global_rank
+    local_rank = ParallelStrategy.local_rank
+    node_rank = ParallelStrategy.node_rank
+    world_size = ParallelStrategy.world_size
+    is_global_zero = ParallelStrategy.is_global_zero
+    all_gather = ParallelStrategy.all_gather
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()
+        self.set_world_ranks()
+        if self._process_group_backend is None:
+            self._process_group_backend = _get_default_process_group_backend_for_device(self.root_device)
+        device_id = self.root_device if self.root_device.type != "cpu" else None
+        assert self.cluster_environment is not None
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout,
+                              device_id=device_id)  # fmt: skip
+
+    def reduce(self, tensor: Union[Tensor, Any], group: Optional[Any] = None, reduce_op: Any = "mean") -> Any:
+        return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op) if isinstance(tensor, Tensor) else tensor
+
+    def barrier(self, name: Optional[str] = None) -> None:
+        if not _distributed_is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index or 0])
+        else:
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        holder = [obj]
+        dist.broadcast_object_list(holder, src)
+        return holder[0]
+
+    # ------------------------------------------------------------------ setup: plan over this replica's devices
+    def setup(self, trainer: "pl.Trainer") -> None:
+        """Point the offload folder and the planner at this replica's devices, then set up as one big model."""
+        if self.offload_root is not None:
+            self.offload_folder = Path(self.offload_root) / f"rank-{self.global_rank}"
+        self._restrict_callback(self._device_map_callback(trainer))
+        super().setup(trainer)
+
+    def owned_gpus(self) -> list[int]:
+        """Indices of the CUDA devices of this replica (empty on the CPU accelerator)."""
+        return [d.index or 0 for d in self.parallel_devices or [] if d.type == "cuda"]
+
+    def replica_budget(self, max_memory: Optional[Mapping[Union[int, str], Union[int, str]]]) -> dict:
+        """The absolute budget of this replica: ``max_memory`` with GPU positions mapped to owned GPUs, or detected."""
+        gpus = self.owned_gpus()
+        if max_memory is None:
+            return replica_max_memory(gpus, self.num_processes)
+        budget = get_max_memory(max_memory)
+        if not gpus:
+            return budget  # the planner explains GPU keys on a CPU Trainer
+        return {(_owned(k, gpus, "`max_memory`") if isinstance(k, int) else k): v for k, v in budget.items()}
+
+    def _restrict_callback(self, callback: DeviceMapCallback) -> None:
+        """Give the planner this replica's absolute budget and map (the callback itself never detects all GPUs)."""
+        given = self._translated.setdefault(id(callback), (callback.max_memory, callback.requested_map))
+        max_memory, requested = given
+        callback.max_memory = self.replica_budget(max_memory)
+        gpus = self.owned_gpus()
+        if isinstance(requested, Mapping) and gpus:
+            devices = {name: normalize_device(value) for name, value in requested.items()}
+            requested = {n: _owned(d, gpus, "`device_map`") if isinstance(d, int) else d for n, d in devices.items()}
+        callback.requested_map = requested
+
+    # ------------------------------------------------------------------ data and predictions
+    def process_dataloader(self, dataloader: object) -> object:
+        if has_iterable_dataset(dataloader):
+            rank_zero_warn(
+                "`ReplicatedBigModelStrategy`: an IterableDataset is not split among replicas, so every replica "
+                "predicts all of it. Shard it by `trainer.global_rank` / `trainer.world_size` in the dataset."
+            )
+        return dataloader
+
+    def on_predict_end(self) -> None:
+        """With ``gather`` set, replace the returned predictions: all of them on rank 0 in dataset order, ``[]`` else."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if self.gather == "none" or trainer is None or not trainer.predict_loop.return_predictions:
+            return
+        loaders = trainer.predict_dataloaders
+        loaders = list(loaders.values()) if isinstance(loaders, Mapping) else loaders
+        loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+        results = trainer.predict_loop.predictions
+        per_loader = results if len(loaders) > 1 else [results]
+        seen = [getattr(getattr(dl, "batch_sampler", None), "seen_batch_indices", None) for dl in loaders]
+        if any(indices is None for indices in seen):
+            rank_zero_warn("`ReplicatedBigModelStrategy`: batch indices are unknown (not a DataLoader); not gathering.")
+            return
+        for preds, indices, loader in zip(per_loader, seen, loaders):
+            # Lightning re-wraps predict loaders (``batch_size=1`` + an index-recording batch sampler): ask the sampler
+            batch_size = getattr(loader.batch_sampler, "batch_size", None) if self.gather == "batches" else None
+            merged = gather_predictions(preds, indices[: len(preds)], dst=0, group=self._object_group())
+            if merged is not None and batch_size:
+                try:
+                    merged = rebatch(merged, batch_size)
+                except ValueError as err:
+                    rank_zero_warn(f"`ReplicatedBigModelStrategy(gather='batches')`: {err}; returning one per sample.")
+            preds[:] = merged if merged is not None else []
+
+    def _object_group(self) -> Optional[Any]:
+        """A gloo group for pickled objects when the world runs NCCL (keeps predictions off the GPUs)."""
+        if not _distributed_is_initialized() or dist.get_backend() == "gloo":
+            return None
+        if self._gather_group is None:
+            self._gather_group = dist.new_group(backend="gloo")
+        return self._gather_group
+
+    def teardown(self) -> None:
+        """As :class:`BigModelInferenceStrategy` (never ``.cpu()``), then the cluster environment's teardown."""
+        super().teardown()
+        if self.cluster_environment is not None:
+            self.cluster_environment.teardown()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        if cls.strategy_name not in strategy_registry:
+            strategy_registry.register(
+                cls.strategy_name, cls,
+                description="Big-model inference replicas: one process per group of `devices_per_replica` devices",
+            )  # fmt: skip
+
+
+ReplicatedBigModelStrategy.register_strategies(StrategyRegistry)

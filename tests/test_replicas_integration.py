@@ -1,0 +1,62 @@
+"""Two real replica processes on CPU (gloo) with disk offload, launched the ways Lightning supports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lightning_models import plain_gpt, reference_outputs, tokens, write_bare_checkpoint
+
+JOB = Path(__file__).resolve().parent / "replica_job.py"
+NUM_SAMPLES, BATCH_SIZE = 7, 2  # uneven: 4 samples on rank 0, 3 on rank 1, no padding
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+)
+
+
+def run_job(tmp_path: Path, launcher: str) -> Path:
+    checkpoint = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt(), safe=False)  # .bin: disk weights are written
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [str(JOB), str(checkpoint), str(out), "--num-samples", str(NUM_SAMPLES), "--batch-size", str(BATCH_SIZE)]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", *args]
+    else:
+        cmd = [sys.executable, *args]  # Trainer(devices=2) re-launches this script for local rank 1
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
+def test_two_replicas_with_disk_offload_match_single_process(tmp_path, launcher):
+    out = run_job(tmp_path, launcher)
+    reports = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+
+    for rank, report in enumerate(reports):
+        assert (report["global_rank"], report["local_rank"], report["world_size"]) == (rank, rank, 2)
+        assert report["backend"] == "gloo" and report["root_device"] == "cpu"
+        assert report["parallel_devices"] == ["cpu"]
+        assert {"cpu", "disk"} <= set(report["plan_devices"])  # each replica offloads part of the model to disk
+        assert Path(report["offload_folder"]) == out / "offload" / f"rank-{rank}"
+        assert report["offload_files"], "the .bin checkpoint's disk weights are written to the rank's own folder"
+    # exactly once: the ranks' shares are disjoint and cover the dataset
+    seen = [report["seen_indices"] for report in reports]
+    assert sorted(seen[0] + seen[1]) == list(range(NUM_SAMPLES)) and not set(seen[0]) & set(seen[1])
+    assert reports[1]["returned"] == 0  # rank 0 holds the gathered predictions
+
+    predictions = torch.load(out / "predictions.pt", weights_only=True)
+    expected = reference_outputs(tokens(n=NUM_SAMPLES, t=5), batch_size=BATCH_SIZE)  # the plainly loaded model
+    assert len(predictions) == len(expected) == 4
+    for got, want in zip(predictions, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
