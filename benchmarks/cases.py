@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.measure import MemorySampler, folder_bytes, time_calls
+from benchmarks.measure import MemorySampler, folder_bytes, read_status, time_calls
 from examples.gpt import GPT, GPTConfig
 
 NO_SPLIT = ["Block"]
@@ -163,6 +163,7 @@ def run_load_case(spec: dict[str, Any], result: dict[str, Any]) -> None:
     with torch.inference_mode():
         outputs = {"decode": model(inputs["decode"]).float().cpu()}
         result["first_output_s"] = time.perf_counter() - start
+    result["rss_after_first_output_growth"] = read_status().get("VmRSS", 0) - sampler.baseline.get("VmRSS", 0)
     result["offload_folder"] = folder_bytes(spec.get("offload_dir"))
     result["map_bytes"] = map_summary(model)
     result["stage"] = "forward"

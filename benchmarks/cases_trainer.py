@@ -1,8 +1,8 @@
 """The ``Trainer.predict`` case: a small LightningModule around GPT, run with ``BigModelInferenceStrategy``.
 
 One ``predict`` call sees, in order: one decode batch (time to first output), the decode warm-up and timed
-batches, then the prefill ones. A callback takes the times: load = Trainer construction to ``on_predict_start``
-(the strategy has built, loaded and dispatched the model by then), forwards = ``predict_step`` per batch.
+batches, then the prefill ones. A callback takes the times: load = Trainer construction to the first
+``on_predict_batch_start`` (the model is built, loaded and dispatched by then), forwards = per batch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from benchmarks.cases import GPU_MAPS, NO_SPLIT, compare, make_inputs, map_arguments, map_summary
-from benchmarks.measure import MemorySampler, folder_bytes
+from benchmarks.measure import MemorySampler, folder_bytes, read_status
 from examples.gpt import GPT, GPTConfig
 
 
@@ -51,14 +51,14 @@ def _probe_class():
             self.outputs: dict[str, torch.Tensor] = {}
             self._t = 0.0
 
-        def on_predict_start(self, trainer, pl_module) -> None:
-            self.result["load_s"] = time.perf_counter() - self.start
-            self.result.update(self.sampler.stop())
-            summary = map_summary(pl_module.model) or map_summary(pl_module)
-            self.result["map_bytes"] = summary
-            self.result["stage"] = "first output"
-
         def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+            if batch_idx == 0:
+                # the strategy may load in its own on_predict_start, which runs after the callbacks' one:
+                # the load is everything up to the first batch.
+                self.result["load_s"] = time.perf_counter() - self.start
+                self.result.update(self.sampler.stop())
+                self.result["map_bytes"] = map_summary(pl_module.model) or map_summary(pl_module)
+                self.result["stage"] = "first output"
             self._t = time.perf_counter()
 
         def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -67,6 +67,8 @@ def _probe_class():
             label = self.labels[batch_idx]
             if batch_idx == 0:
                 self.result["first_output_s"] = now - self.start
+                rss = read_status().get("VmRSS", 0)
+                self.result["rss_after_first_output_growth"] = rss - self.sampler.baseline.get("VmRSS", 0)
                 self.result["stage"] = "forward"
             if label.endswith(":keep"):
                 self.outputs[label.split(":")[0]] = outputs.float().cpu()

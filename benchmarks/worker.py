@@ -44,6 +44,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         else:
             raise ValueError(f"Unknown case kind {spec['kind']!r}")
         result["ok"] = True
+        result["stage"] = "done"
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, the run goes on
         result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         result["traceback"] = traceback.format_exc()[-3000:]

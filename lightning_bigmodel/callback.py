@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_bigmodel.device_map import Policy, check_device_map, infer_device_map, normalize_device
@@ -40,6 +41,24 @@ def trainer_gpus(strategy: "pl.strategies.Strategy") -> list[int]:
         return []
     devices = getattr(strategy, "parallel_devices", None) or [strategy.root_device]
     return sorted({device.index or 0 for device in devices if device.type == "cuda"})
+
+
+def check_trainer_devices(plan: Mapping[str, Union[int, str]], strategy: "pl.strategies.Strategy") -> None:
+    """Raise ``MisconfigurationException`` when ``plan`` uses GPUs the Trainer of ``strategy`` does not run on."""
+    gpus_used = sorted({d for d in map(normalize_device, plan.values()) if isinstance(d, int)})
+    allowed = trainer_gpus(strategy)
+    if gpus_used and not allowed:
+        raise MisconfigurationException(
+            f"The device map puts modules on GPU(s) {gpus_used}, but the Trainer runs on the "
+            f"{type(strategy.accelerator).__name__} (which only accepts the CPU as root device). Pass "
+            f"`Trainer(accelerator='gpu', devices={gpus_used})`, or a map that uses only 'cpu' and 'disk'."
+        )
+    outside = [gpu for gpu in gpus_used if gpu not in allowed]
+    if outside:
+        raise MisconfigurationException(
+            f"The device map puts modules on GPU(s) {outside}, outside the Trainer's devices {allowed}. "
+            "Pass `Trainer(devices=...)` covering every GPU of the map."
+        )
 
 
 class DeviceMapCallback(Callback):

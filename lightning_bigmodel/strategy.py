@@ -3,7 +3,8 @@
 Call flow (Lightning 2.6): ``configure_model`` runs inside :meth:`tensor_init_context` (parameters on meta); with
 ``restore_checkpoint_after_setup`` :meth:`setup` plans before the checkpoint; ``load_checkpoint`` opens it lazily
 (:class:`~lightning_bigmodel.io.ShardedCheckpointIO`); :meth:`load_model_state_dict` streams every tensor to its
-device and dispatches; without ``ckpt_path`` the strategy's own ``checkpoint`` is loaded when predict starts.
+device and dispatches (:func:`~lightning_bigmodel.loader.load_into`); without ``ckpt_path`` the strategy's own
+``checkpoint`` is loaded when predict starts.
 """
 
 from __future__ import annotations
@@ -23,10 +24,19 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 import lightning.pytorch as pl
-from lightning_bigmodel.callback import DeviceMapCallback, parse_dtype, trainer_gpus
+from lightning_bigmodel.callback import DeviceMapCallback, check_trainer_devices, parse_dtype
 from lightning_bigmodel.device_map import execution_device, normalize_device
 from lightning_bigmodel.init import init_empty_weights
-from lightning_bigmodel.io import ShardedCheckpointIO, is_dispatched, load_into, release
+from lightning_bigmodel.io import ShardedCheckpointIO
+from lightning_bigmodel.loader import (
+    dispatched_plan,
+    is_dispatched,
+    load_into,
+    main_device_of,
+    prefetchers,
+    release,
+    return_outputs,
+)
 
 Policy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 
@@ -47,10 +57,25 @@ class BigModelInferenceStrategy(Strategy):
         checkpoint: path or Hub id loaded when ``predict`` gets no ``ckpt_path``.
         key_prefix: prepended to checkpoint keys to name model keys (``"model."``); ``None`` detects it.
         strict: raise when keys are missing or unexpected (the module's ``strict_loading=False`` also relaxes it).
-        release_on_teardown: at the end of each ``predict`` remove the hooks and free the weights (the next
-            ``predict`` loads again). By default the model stays dispatched: a second ``predict`` reuses it.
+        release_on_teardown: at the end of each ``predict`` remove the hooks and free the weights (parameters go
+            back to meta; the next ``predict`` streams the checkpoint again). By default the model stays dispatched
+            (see Teardown below).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as for Lightning
             strategies (the Trainer fills them in). ``checkpoint_io`` defaults to ``ShardedCheckpointIO()``.
+
+    Teardown:
+        Never calls ``.cpu()`` (the base class does; a dispatched model refuses it). It always closes the checkpoint
+        files opened for loading (``checkpoint_io.teardown()``). By default (``release_on_teardown=False``) the model
+        stays dispatched: hooks, GPU weights, pinned RAM and the memory-mapped disk weights stay in place, so a
+        second ``predict`` (with the same or no ``ckpt_path``) reuses them instead of streaming the checkpoint
+        again; this is what a batch job predicting several dataloaders wants. Call
+        :func:`lightning_bigmodel.loader.release` (or pass ``release_on_teardown=True``) to free them.
+
+    Outputs and prefetch:
+        ``predict_step`` usually calls the network child (``self.model(...)``), not the LightningModule's forward.
+        The strategy therefore (1) moves predictions left on another GPU of the map to ``root_device`` (what a
+        one-device run returns; CPU tensors are left alone), and (2) fixes the prefetch order learned during the
+        first step, whether or not the dispatched root's forward ran.
     """
 
     strategy_name = "bigmodel"
@@ -91,6 +116,7 @@ class BigModelInferenceStrategy(Strategy):
         self.plan: Optional[dict[str, Union[int, str]]] = None  # the device map of the current model
         self.loaded_from: Optional[str] = None  # the checkpoint the current model holds
         self._root_device: Optional[torch.device] = None
+        self._prefetchers: Optional[list] = None  # of the dispatched model, found after loading (None: look again)
 
     # ------------------------------------------------------------------ single-process plumbing
     @property
@@ -160,17 +186,22 @@ class BigModelInferenceStrategy(Strategy):
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
+        self._prefetchers = None
+        main_device = None
         if is_dispatched(module):
             rank_zero_info("`BigModelInferenceStrategy`: the model is already dispatched; reusing its device map.")
-            self.plan = dict(getattr(module, "hf_device_map", None) or self.plan or {})
+            self.plan = dispatched_plan(module) or dict(self.plan or {})
+            main_device = main_device_of(module)
         else:
             self.model = self.precision_plugin.convert_module(self.model)
             if self.dtype is not None:
                 module.to(dtype=self.dtype)  # meta parameters and real floating-point buffers; ints stay
             self.plan = self._device_map_callback(trainer).plan(module, self)
             self.loaded_from = None
-        self._check_devices(self.plan)
-        self._root_device = execution_device(self.plan) if self.plan else torch.device("cpu")
+        check_trainer_devices(self.plan, self)
+        if main_device is None:
+            main_device = execution_device(self.plan) if self.plan else torch.device("cpu")
+        self._root_device = main_device
         self.accelerator.setup_device(self._root_device)
         self.setup_precision_plugin()
 
@@ -187,22 +218,6 @@ class BigModelInferenceStrategy(Strategy):
         )
         trainer.callbacks.append(callback)
         return callback
-
-    def _check_devices(self, plan: Mapping[str, Union[int, str]]) -> None:
-        gpus_used = sorted({d for d in map(normalize_device, plan.values()) if isinstance(d, int)})
-        allowed = trainer_gpus(self)
-        if gpus_used and not allowed:
-            raise MisconfigurationException(
-                f"The device map puts modules on GPU(s) {gpus_used}, but the Trainer runs on the "
-                f"{type(self.accelerator).__name__} (which only accepts the CPU as root device). Pass "
-                f"`Trainer(accelerator='gpu', devices={gpus_used})`, or a map that uses only 'cpu' and 'disk'."
-            )
-        outside = [gpu for gpu in gpus_used if gpu not in allowed]
-        if outside:
-            raise MisconfigurationException(
-                f"The device map puts modules on GPU(s) {outside}, outside the Trainer's devices {allowed}. "
-                "Pass `Trainer(devices=...)` covering every GPU of the map."
-            )
 
     # ------------------------------------------------------------------ loading
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -255,6 +270,34 @@ class BigModelInferenceStrategy(Strategy):
     def on_predict_start(self) -> None:
         self._ensure_loaded()
 
+    # ------------------------------------------------------------------ steps: independent of the root's forward
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's ``predict_step``; then predictions left on another GPU go to ``root_device``."""
+        outputs = super().predict_step(*args, **kwargs)
+        self._end_step()
+        return return_outputs(outputs, self.root_device)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        outputs = super().validation_step(*args, **kwargs)
+        self._end_step()
+        return outputs
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        outputs = super().test_step(*args, **kwargs)
+        self._end_step()
+        return outputs
+
+    def _end_step(self) -> None:
+        """After a step no forward runs: fix the prefetch order the step's forwards recorded (first step only)."""
+        if self._prefetchers is None:
+            module = self.lightning_module
+            if module is None or not is_dispatched(module):
+                return
+            self._prefetchers = prefetchers(module)
+        for prefetcher in self._prefetchers:
+            if prefetcher.recording:
+                prefetcher.finish_recording()
+
     def on_validation_start(self) -> None:
         self._ensure_loaded()
 
@@ -263,8 +306,10 @@ class BigModelInferenceStrategy(Strategy):
 
     # ------------------------------------------------------------------ teardown: never `.cpu()`
     def teardown(self) -> None:
-        """Close the checkpoint files; with ``release_on_teardown`` also remove the hooks and free the weights."""
+        """Close the checkpoint files opened for loading; with ``release_on_teardown`` also remove the hooks and
+        free the weights. Never ``.cpu()`` (see the class docstring)."""
         module = self.lightning_module
+        self._prefetchers = None
         if self.release_on_teardown and module is not None and is_dispatched(module):
             release(module)
             self.loaded_from = None

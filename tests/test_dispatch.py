@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import namedtuple
 
 import pytest
@@ -18,8 +19,9 @@ from lightning_bigmodel import (
     save_sharded_checkpoint,
 )
 from lightning_bigmodel.offload.attach import _callable_units
-from lightning_bigmodel.offload.hooks import HostEntry, WeightHook, move_to
-from lightning_bigmodel.offload.placement import is_disk
+from lightning_bigmodel.offload.hooks import HostEntry, RootHook, WeightHook, move_to
+from lightning_bigmodel.offload.placement import is_disk, main_device_of
+from lightning_bigmodel.offload.prefetch import Prefetcher
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -240,3 +242,84 @@ def test_gpu_pinned_host_weights(tmp_path):
     model = empty_model(UntiedMLP)
     load_checkpoint_in_model(model, checkpoint, {"inp": 0, "blocks": "cpu", "out": "disk"})
     assert model.inp.weight.is_cuda and model.blocks[0].fc.weight.is_pinned() and is_disk(model.out.weight)
+
+
+# ---------------------------------------------------------------------------------------------- threads
+def _in_thread(fn):
+    """Run ``fn`` in a new thread and return its result (re-raising its exception)."""
+    result = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def test_prefetcher_learns_the_order_in_the_first_thread_only():
+    """A pipelined first forward runs micro-batches in threads: only the first thread's calls form the order."""
+    prefetcher = Prefetcher()
+    a, b, c = "a", "b", "c"  # stand-ins for weight hooks: recording only stores and compares them
+    prefetcher.started(a)
+    _in_thread(lambda: (prefetcher.started(c), prefetcher.started(a)))  # another micro-batch, interleaved
+    prefetcher.started(b)
+    _in_thread(prefetcher.end_forward)  # another thread's forward ends: the order is not fixed by it
+    assert prefetcher.recording
+    prefetcher.started(c)
+    prefetcher.end_forward()
+    assert not prefetcher.recording
+    assert prefetcher._next == {a: b, b: c, c: a}
+
+
+def test_prefetcher_order_can_be_fixed_from_any_thread():
+    prefetcher = Prefetcher()
+    prefetcher.finish_recording()  # nothing recorded yet: keeps recording
+    assert prefetcher.recording
+    _in_thread(lambda: (prefetcher.started("x"), prefetcher.started("y")))
+    prefetcher.finish_recording()  # e.g. the strategy after a step, on the main thread
+    assert not prefetcher.recording and prefetcher._next == {"x": "y", "y": "x"}
+    prefetcher.close()
+
+
+def test_root_hook_returns_each_threads_outputs_to_its_own_input_device():
+    """Two threads inside the same root at once, with inputs on different devices: each gets its own back."""
+    inside = threading.Barrier(2)
+
+    class Net(nn.Module):
+        def forward(self, x):
+            inside.wait(timeout=5)  # both threads have passed the pre-hook before either returns
+            return torch.ones(2)  # on CPU, whatever the input
+
+    net, hook = Net(), RootHook([], restore_outputs=True)
+    net.register_forward_pre_hook(hook.pre, with_kwargs=True)
+    net.register_forward_hook(hook.post, with_kwargs=True, always_call=True)
+    results = {}
+    threads = [
+        threading.Thread(target=lambda d=d: results.__setitem__(d, net(torch.zeros(1, device=d))))
+        for d in ("meta", "cpu")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results["meta"].is_meta and results["cpu"].device.type == "cpu"
+    assert torch.equal(results["cpu"], torch.ones(2))
+
+
+def test_main_device_is_kept_on_the_dispatched_model(tmp_path):
+    model = make_reference(UntiedMLP)
+    assert main_device_of(model) is None
+    dispatch_model(model, MAPS[UntiedMLP]["mixed"], main_device="meta", offload_folder=tmp_path / "off")
+    assert main_device_of(model) == torch.device("meta")
+    assert model._bigmodel_dispatch.main_device == torch.device("meta")
+    wrapper = nn.Sequential(model)  # a dispatched child is found too
+    assert main_device_of(wrapper) == torch.device("meta")
+    remove_dispatch(model)
+    assert main_device_of(model) is None

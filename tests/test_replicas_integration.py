@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,15 @@ def run_job(tmp_path: Path, launcher: str) -> Path:
         cmd = [sys.executable, *args]  # Trainer(devices=2) re-launches this script for local rank 1
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_"))}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the job's own session: the launcher and every replica it started
+        output, _ = proc.communicate()
+        pytest.fail(f"the replica job hung:\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-4000:]
     return out
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_bigmodel import BigModelInferenceStrategy, DeviceMapCallback
+from lightning_bigmodel import BigModelInferenceStrategy, DeviceMapCallback, ShardedCheckpointIO
+from lightning_bigmodel.io import LazyStateDict
+from lightning_bigmodel.loader import dispatched_modules, prefetchers, return_outputs
 from tests.lightning_models import (
     GPTModule,
     PlainGPTModule,
@@ -239,3 +243,120 @@ def pl_gpu_trainer(precision):
     import lightning.pytorch as pl
 
     return pl.Trainer(accelerator="gpu", devices=1, precision=precision, logger=False, enable_progress_bar=False)
+
+
+# ---------------------------------------------------------------------------------------------- loose ends
+class _ExtraBuffer(GPTModule):
+    """Holds a tensor outside ``self.model``: the hooks go on the LightningModule, whose forward is never called."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("scale", torch.tensor(2.0), persistent=False)
+
+    def predict_step(self, batch, batch_idx):
+        (idx,) = batch
+        if self.mode == "generate":
+            return self.model.generate(idx, max_new_tokens=self.max_new_tokens)
+        return self.model(idx) * self.scale
+
+
+@pytest.mark.parametrize("mode", ["logits", "generate"])
+def test_module_with_tensors_outside_the_network(tmp_path, bare_ckpt, mode):
+    strategy = BigModelInferenceStrategy(device_map={**CPU_DISK_MAP, "scale": "cpu"}, offload_folder=tmp_path / "off")
+    module = _ExtraBuffer(mode=mode)
+    outputs = bigmodel_trainer(strategy).predict(module, token_loader(), ckpt_path=str(bare_ckpt))
+    assert [name for name, _ in dispatched_modules(module)] == [""]  # the LightningModule is the dispatched root
+    reference = plain_gpt()
+    with torch.no_grad():
+        if mode == "generate":
+            expected = [reference.generate(chunk, max_new_tokens=4) for chunk in tokens().split(3)]
+        else:
+            expected = [reference(chunk) * 2 for chunk in tokens().split(3)]
+    assert_same(outputs, expected)
+
+
+def test_new_strategy_on_a_dispatched_model_reuses_its_plan(bare_ckpt):
+    module = GPTModule()
+    first = bigmodel_trainer(BigModelInferenceStrategy(device_map=CPU_DISK_MAP)).predict(
+        module, token_loader(), ckpt_path=str(bare_ckpt)
+    )
+    strategy = BigModelInferenceStrategy(device_map="sequential")  # a different request: the dispatched map wins
+    second = bigmodel_trainer(strategy).predict(module, token_loader())
+    assert strategy.plan == CPU_DISK_MAP and strategy.root_device == torch.device("cpu")
+    assert_same(first, reference_outputs())
+    assert_same(second, reference_outputs())
+
+
+def test_release_on_teardown_frees_weights_and_keeps_buffers(bare_ckpt):
+    strategy = BigModelInferenceStrategy(device_map=CPU_DISK_MAP, checkpoint=str(bare_ckpt), release_on_teardown=True)
+    module = GPTModule()
+    bigmodel_trainer(strategy).predict(module, token_loader())
+    assert not dispatched_modules(module)
+    assert all(p.is_meta for p in module.parameters())
+    assert module.model.lm_head.weight is module.model.transformer.wte.weight  # still tied
+    assert not any(b.is_meta for b in module.buffers())  # non-persistent buffers are in no checkpoint: kept
+
+
+def test_teardown_closes_the_checkpoint_files(bare_ckpt, monkeypatch):
+    closed, opened = [], []
+    original_close = LazyStateDict.close
+    monkeypatch.setattr(LazyStateDict, "close", lambda self: closed.append(self) or original_close(self))
+    io = ShardedCheckpointIO()
+    original_load = io.load_checkpoint
+    monkeypatch.setattr(io, "load_checkpoint", lambda *a, **k: opened.append(original_load(*a, **k)) or opened[-1])
+    module = GPTModule()
+    bigmodel_trainer(BigModelInferenceStrategy(device_map=CPU_DISK_MAP, checkpoint_io=io)).predict(
+        module, token_loader(), ckpt_path=str(bare_ckpt)
+    )
+    assert len(opened) == 1 and opened[0]["state_dict"] in closed and io._open == []
+    assert dispatched_modules(module)  # the model itself stays dispatched (the default)
+    # a load that fails before streaming: the file it opened is closed at teardown all the same
+    with pytest.raises(ValueError, match="key_prefix="):
+        bigmodel_trainer(BigModelInferenceStrategy(key_prefix="wrong.", checkpoint_io=io)).predict(
+            GPTModule(), token_loader(), ckpt_path=str(bare_ckpt)
+        )
+    assert len(opened) == 2 and opened[1]["state_dict"] in closed and io._open == []
+
+
+def test_return_outputs_keeps_structure_and_cpu_tensors():
+    Pair = namedtuple("Pair", "a b")
+    obj = {"x": [torch.ones(1), Pair(torch.zeros(1), "s")], "y": None}
+    out = return_outputs(obj, torch.device("cpu"))
+    assert out["x"][0] is obj["x"][0] and out["x"][1].a is obj["x"][1].a and isinstance(out["x"][1], Pair)
+
+
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+
+
+@needs_cuda
+def test_gpu_module_with_tensors_outside_the_network_prefetches(tmp_path, bare_ckpt):
+    device_map = {**GPU_CPU_DISK_MAP, "scale": 0}
+    strategy = BigModelInferenceStrategy(device_map=device_map, offload_folder=tmp_path / "off")
+    module = _ExtraBuffer()
+    trainer = bigmodel_trainer(strategy, accelerator="gpu", devices=1)
+    outputs = trainer.predict(module, token_loader(), ckpt_path=str(bare_ckpt))
+    found = prefetchers(module)
+    assert found and not any(p.recording for p in found)  # the order was fixed after the first step
+    expected = [out * 2 for out in reference_outputs()]
+    assert all(out.device == torch.device("cuda", 0) for out in outputs)
+    assert_same([out.cpu() for out in outputs], expected, atol=1e-4)
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("mode", ["logits", "generate"])
+def test_two_gpus_outputs_come_back_to_the_root_device(tmp_path, bare_ckpt, mode):
+    # the network ends on GPU 1 (lm_head, tied to wte on GPU 0): its outputs must come back to GPU 0
+    device_map = {**{key: 0 for key in CPU_DISK_MAP}, "model.transformer.h.2": 1, "model.transformer.h.3": "cpu",
+                  "model.transformer.ln_f": 1, "model.lm_head": 1, "scale": 0}  # fmt: skip
+    strategy = BigModelInferenceStrategy(device_map=device_map, offload_folder=tmp_path / "off")
+    module = _ExtraBuffer(mode=mode)
+    trainer = bigmodel_trainer(strategy, accelerator="gpu", devices=2)
+    outputs = trainer.predict(module, token_loader(), ckpt_path=str(bare_ckpt))
+    assert all(out.device == torch.device("cuda", 0) for out in outputs)
+    reference = plain_gpt()
+    with torch.no_grad():
+        if mode == "generate":
+            expected = [reference.generate(chunk, max_new_tokens=4) for chunk in tokens().split(3)]
+            assert all(torch.equal(got.cpu(), want) for got, want in zip(outputs, expected))
+        else:
+            assert_same([out.cpu() for out in outputs], [reference(c) * 2 for c in tokens().split(3)], atol=1e-4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ def load_checkpoint_in_model(
     strict: bool = False,
     offload_buffers: bool = False,
     key_prefix: str = "",
+    progress: Optional[Callable[[str, int], None]] = None,
 ) -> tuple[list[str], list[str]]:
     """Stream ``checkpoint`` into ``model``, each tensor straight to the place ``device_map`` gives it.
 
@@ -65,6 +66,9 @@ def load_checkpoint_in_model(
         strict: raise ``RuntimeError`` (before placing anything) when keys are missing or unexpected.
         offload_buffers: keep buffers of ``"cpu"``/``"disk"`` entries in RAM instead of on the execution device.
         key_prefix: prepended to every checkpoint key to get the model's name (e.g. ``"model."``).
+        progress: called as ``progress(key, nbytes)`` once per checkpoint key, with the tensor's size in the
+            checkpoint: right after the tensor is placed, or, for keys that place nothing (unexpected keys, a second
+            alias of tied weights), after the last placement. The ``nbytes`` add up to the checkpoint's tensor bytes.
 
     Returns:
         ``(missing_keys, unexpected_keys)``: model names absent from the checkpoint (parameters listed there stay on
@@ -98,6 +102,9 @@ def load_checkpoint_in_model(
         with store:
             for index, key in plan.sources.items():
                 _load_group(groups[index], key, reader, plan.dtypes[index], pin, store)
+                if progress is not None:
+                    progress(key, reader.spec(key).nbytes)
+        _report_unplaced(reader, plan, progress)
     _place_unloaded(model, groups, plan, pin)
     return plan.missing, plan.unexpected
 
@@ -130,6 +137,16 @@ def _plan(groups: list[TensorGroup], reader: CheckpointReader, dtype, key_prefix
             + "\nBuild the model from the configuration that matches this checkpoint (or fix `key_prefix`)."
         )
     return plan
+
+
+def _report_unplaced(reader: CheckpointReader, plan: _Plan, progress: Optional[Callable[[str, int], None]]) -> None:
+    """Report the keys that placed nothing (unexpected, or a second alias of tied weights), so the bytes add up."""
+    if progress is None:
+        return
+    placed = set(plan.sources.values())
+    for key in reader.keys():
+        if key not in placed:
+            progress(key, reader.spec(key).nbytes)
 
 
 def _target_dtype(model_dtype: torch.dtype, checkpoint_dtype: torch.dtype, dtype: Optional[torch.dtype]) -> torch.dtype:

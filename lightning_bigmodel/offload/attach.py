@@ -20,10 +20,18 @@ from lightning_bigmodel.offload.prefetch import Prefetcher
 
 @dataclass
 class DispatchState:
-    """What :func:`attach_hooks` attached: the hook handles, and the prefetcher (CUDA) to close."""
+    """What :func:`attach_hooks` attached, kept on the dispatched model as ``model._bigmodel_dispatch``.
+
+    Attributes:
+        handles: the hook handles (``remove_dispatch`` removes them all; more may be appended).
+        prefetcher: the prefetcher (CUDA) to close, or ``None``.
+        main_device: where ``"cpu"`` and ``"disk"`` entries execute (read it with
+            :func:`~lightning_bigmodel.offload.placement.main_device_of`).
+    """
 
     handles: list = field(default_factory=list)
     prefetcher: Optional[Prefetcher] = None
+    main_device: Optional[torch.device] = None
 
 
 def _callable_units(model: nn.Module, key: str) -> dict[str, nn.Module]:
@@ -73,7 +81,7 @@ def attach_hooks(
     model: nn.Module, groups: list[TensorGroup], normalized: Mapping[str, object], main: torch.device
 ) -> DispatchState:
     """Attach root, weight and input hooks to ``model`` placed as ``groups`` say; return their handles."""
-    state = DispatchState()
+    state = DispatchState(main_device=main)
     units, by_unit = _entries_by_unit(model, groups, normalized, main)
     move_io = len({device for _, device in units.values()}) > 1 or bool(by_unit)
     if any(units[name][1].type == "cuda" for name in by_unit):

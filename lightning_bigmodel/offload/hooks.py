@@ -8,6 +8,7 @@ the forward raises: ``always_call=True``), so between calls the model holds exac
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -129,15 +130,26 @@ class InputHook:
 class RootHook:
     """Hooks of the dispatched root: refuse training through offloaded weights, mark forward boundaries for the
     prefetcher, and return outputs to the device of the first input tensor (when the model spans devices).
+
+    The input device is remembered per thread (micro-batches of a pipelined forward run in threads), and per call
+    depth within a thread (a root called inside its own forward, e.g. a sub-network sharing the hooks).
     """
 
     def __init__(self, guarded: Sequence[torch.Tensor], prefetcher=None, restore_outputs: bool = False) -> None:
         self.guarded = list(guarded)
         self.prefetcher = prefetcher
         self.restore_outputs = restore_outputs
-        self._input_device: Optional[torch.device] = None
+        self._local = threading.local()
+
+    def _devices(self) -> list:
+        devices = getattr(self._local, "devices", None)
+        if devices is None:
+            devices = self._local.devices = []
+        return devices
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.restore_outputs:  # first: `post` runs (and pops it) even when the check below raises
+            self._devices().append(first_tensor_device((args, kwargs)))
         if torch.is_grad_enabled():
             trainable = [p for p in self.guarded if p.requires_grad]
             if trainable:
@@ -147,13 +159,13 @@ class RootHook:
                     "`requires_grad_(False)` and run under `torch.inference_mode()`, or `remove_dispatch(model)` and "
                     "train a model that fits in memory."
                 )
-        if self.restore_outputs:
-            self._input_device = first_tensor_device((args, kwargs))
         return None
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
         if self.prefetcher is not None:
             self.prefetcher.end_forward()
-        if self.restore_outputs and self._input_device is not None:
-            return move_to(output, self._input_device)
+        devices = self._devices() if self.restore_outputs else None
+        device = devices.pop() if devices else None
+        if device is not None:
+            return move_to(output, device)
         return None

@@ -118,6 +118,20 @@ def is_dispatched(model: nn.Module) -> bool:
     return any(DISPATCH_STATE in module.__dict__ for module in model.modules())
 
 
+def dispatched_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of ``model`` and every submodule that ``dispatch_model`` dispatched (outermost first)."""
+    return [(name, module) for name, module in model.named_modules() if DISPATCH_STATE in module.__dict__]
+
+
+def main_device_of(model: nn.Module) -> Optional[torch.device]:
+    """Where the ``"cpu"``/``"disk"`` entries of ``model`` execute: the ``main_device`` of ``model``'s dispatch, else
+    of its first dispatched submodule (e.g. ``self.model`` of a LightningModule); ``None`` when nothing is dispatched.
+    """
+    for _, module in dispatched_modules(model):
+        return getattr(module.__dict__[DISPATCH_STATE], "main_device", None)
+    return None
+
+
 def pin_host(main_device: torch.device) -> bool:
     """Whether host copies should be pinned (they feed a GPU)."""
     return main_device.type == "cuda" and torch.cuda.is_available()

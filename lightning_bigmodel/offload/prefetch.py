@@ -6,10 +6,17 @@ disk views are read (page faults happen there, not on the compute thread) into p
 host tensor is copied to the GPU with ``non_blocking=True`` on a side stream, followed by an event. When that module
 starts, its hook waits for the event on the current stream and calls ``record_stream`` on the copies, so the caching
 allocator does not reuse their memory before the compute stream is done with them. At most one module is in flight.
+
+The order is learned in one thread only: the first that calls :meth:`Prefetcher.started` (micro-batches of a
+pipelined forward run in threads and would interleave their orders). Other threads neither record nor prefetch
+while it records, and only that thread's :meth:`Prefetcher.end_forward` fixes the order; a caller that knows no
+forward is running (e.g. the Lightning strategy after a ``predict_step``) may fix it with
+:meth:`Prefetcher.finish_recording` from any thread.
 """
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
@@ -28,40 +35,64 @@ class Prefetcher:
     def __init__(self) -> None:
         self._order: list = []
         self._recording = True
+        self._recorder: Optional[int] = None  # `threading.get_ident()` of the thread learning the order
         self._next: dict = {}
         self._pending: Optional[tuple[object, Future]] = None
+        self._lock = threading.Lock()  # guards `_pending` and the switch out of recording
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._pool: Optional[ThreadPoolExecutor] = None
+
+    @property
+    def recording(self) -> bool:
+        """Whether the execution order is still being learned."""
+        return self._recording
 
     def started(self, hook) -> None:
         """Called by a weight hook once its own weights are installed: record, or prefetch its successor."""
         if self._recording:
-            self._order.append(hook)
-            return
+            with self._lock:
+                if self._recording:
+                    if self._recorder is None:
+                        self._recorder = threading.get_ident()
+                    if self._recorder == threading.get_ident():
+                        self._order.append(hook)
+                    return
         successor = self._next.get(hook)
-        if successor is None or (self._pending is not None and self._pending[0] is successor):
+        if successor is None:
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmodel-prefetch")
-        self._pending = (successor, self._pool.submit(self._copy_in, successor))
+        with self._lock:
+            if self._pending is not None and self._pending[0] is successor:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmodel-prefetch")
+            self._pending = (successor, self._pool.submit(self._copy_in, successor))
 
     def end_forward(self) -> None:
-        """Called after the root forward: the first one fixes the order (the last module is followed by the first)."""
-        if not self._recording or not self._order:
-            return
-        order = self._order
-        for current, successor in zip(order, order[1:] + order[:1]):
-            if current is not successor:
-                self._next.setdefault(current, successor)
-        self._recording = False
-        self._order = []
+        """Called after the root forward: the recording thread's first one fixes the order (see
+        :meth:`finish_recording`); calls from other threads, or after the order is fixed, do nothing."""
+        if self._recording and self._recorder == threading.get_ident():
+            self.finish_recording()
+
+    def finish_recording(self) -> None:
+        """Fix the order recorded so far (the last module is followed by the first); a no-op once fixed or before
+        any module ran. Call it only when no forward is running."""
+        with self._lock:
+            if not self._recording or not self._order:
+                return
+            order = self._order
+            for current, successor in zip(order, order[1:] + order[:1]):
+                if current is not successor:
+                    self._next.setdefault(current, successor)
+            self._recording = False
+            self._order = []
 
     def take(self, hook) -> Optional[dict[int, torch.Tensor]]:
         """The prefetched copies for ``hook`` (entry index -> device tensor), ready on the current stream; else None."""
-        if self._pending is None or self._pending[0] is not hook:
-            return None
-        _, future = self._pending
-        self._pending = None
+        with self._lock:
+            if self._pending is None or self._pending[0] is not hook:
+                return None
+            _, future = self._pending
+            self._pending = None
         copies, event = future.result()
         stream = torch.cuda.current_stream(hook.device)
         stream.wait_event(event)
@@ -90,9 +121,10 @@ class Prefetcher:
 
     def close(self) -> None:
         """Drop any pending copies and stop the background thread."""
-        if self._pending is not None:
-            self._pending[1].cancel()
-            self._pending = None
+        with self._lock:
+            if self._pending is not None:
+                self._pending[1].cancel()
+                self._pending = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
