@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from lightning_bigmodel.checkpoint.loading import load_checkpoint_in_model
+from lightning_bigmodel.checkpoint.resolve import is_safetensors, resolve_checkpoint
 from lightning_bigmodel.device_map import POLICIES, execution_device, infer_device_map, normalize_device
 from lightning_bigmodel.offload.attach import DispatchState, attach_hooks
 from lightning_bigmodel.offload.disk import OffloadFolder
@@ -48,8 +50,12 @@ def dispatch_model(
     ``nn.Module._apply``) and forward passes with grad through offloaded weights. Dispatching again first removes
     the previous hooks; :func:`remove_dispatch` undoes it.
 
+    Every check (map, GPUs, meta tensors, offload folder writable and with room) runs before any tensor moves; if
+    placing fails anyway, every parameter and buffer is put back as it was.
+
     Raises:
         ValueError: the map misses tensors, names unknown modules or absent GPUs, or needs an ``offload_folder``.
+        OffloadFolderError: ``offload_folder`` is not writable or lacks room (also a ``ValueError`` and ``OSError``).
         RuntimeError: a parameter or buffer is still on meta (load the checkpoint first).
     """
     remove_dispatch(model)
@@ -59,8 +65,9 @@ def dispatch_model(
     main = torch.device(main_device) if main_device is not None else execution_device(normalized)
     groups = tensor_groups(model)
     assign_targets(groups, normalized, main, offload_buffers)
-    _place(groups, pin_host(main), offload_folder)
-    state = attach_hooks(model, groups, normalized, main)
+    with _restored_on_error(model):
+        _place(groups, pin_host(main), offload_folder)
+        state = attach_hooks(model, groups, normalized, main)
     model.hf_device_map = dict(device_map)
     object.__setattr__(model, DISPATCH_STATE, state)
     object.__setattr__(model, "_apply", partial(_refuse_apply, type(model).__name__))
@@ -100,25 +107,74 @@ def load_checkpoint_and_dispatch(
 
     ``device_map=None`` loads everything on CPU and attaches nothing. See :func:`load_checkpoint_in_model` and
     :func:`dispatch_model` for the other arguments.
+
+    Bad input fails before any tensor is placed: an unknown policy, a malformed budget, a map that misses tensors or
+    names unknown modules or absent GPUs, a budget too small for the model when the spill to ``"disk"`` would need
+    an ``offload_folder`` that was not given, and every checkpoint problem :func:`load_checkpoint_in_model` detects.
+    If loading or dispatching fails part way anyway (e.g. the disk fills up), the model's parameters and buffers
+    are put back as they were (meta tensors stay meta).
     """
-    if isinstance(device_map, str):
-        if device_map not in POLICIES:
-            raise ValueError(f"`device_map`={device_map!r} is not a policy; use one of {POLICIES} or a dict.")
+    policy = device_map if isinstance(device_map, str) else None
+    if policy is not None:
+        if policy not in POLICIES:
+            raise ValueError(f"`device_map`={policy!r} is not a policy; use one of {POLICIES} or a dict.")
         device_map = infer_device_map(
             model,
             max_memory=max_memory,
             no_split_module_classes=no_split_module_classes,
             dtype=dtype,
-            policy=device_map,
+            policy=policy,
             offload_buffers=offload_buffers,
         )
-    load_checkpoint_in_model(
-        model, checkpoint, device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
-        offload_buffers=offload_buffers, key_prefix=key_prefix,
-    )  # fmt: skip
     if device_map is not None:
-        dispatch_model(model, device_map, offload_folder=offload_folder, offload_buffers=offload_buffers)
+        validate_device_map(model, device_map)
+        if policy is not None and offload_folder is None:
+            _refuse_spill_without_folder(device_map, checkpoint, policy, max_memory)
+    with _restored_on_error(model):
+        load_checkpoint_in_model(
+            model, checkpoint, device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
+            offload_buffers=offload_buffers, key_prefix=key_prefix,
+        )  # fmt: skip
+        if device_map is not None:
+            dispatch_model(model, device_map, offload_folder=offload_folder, offload_buffers=offload_buffers)
     return model
+
+
+def _refuse_spill_without_folder(
+    device_map: Mapping[str, Union[int, str]], checkpoint, policy: str, max_memory
+) -> None:
+    """A planned map that spills to ``"disk"`` needs an offload folder unless every shard is safetensors."""
+    spilled = [key or "<root>" for key, device in device_map.items() if device == DISK]
+    if not spilled:
+        return
+    files = resolve_checkpoint(checkpoint).files
+    pickled = [f.name for f in files if not is_safetensors(f)]
+    if not pickled:
+        return  # safetensors shards are referenced in place
+    shown = spilled if len(spilled) <= 8 else spilled[:8] + [f"... ({len(spilled) - 8} more)"]
+    raise ValueError(
+        f"The budget `max_memory`={dict(max_memory) if max_memory else 'detected free memory'} is too small for the "
+        f"model: `device_map={policy!r}` puts {shown} on \"disk\", and checkpoint file(s) {pickled[:3]} are not "
+        "safetensors, so those weights must be written to an offload folder first. Pass `offload_folder=` (a folder "
+        "with room for them), raise the budget, or convert the checkpoint to safetensors."
+    )
+
+
+@contextmanager
+def _restored_on_error(model: nn.Module) -> Iterator[None]:
+    """Put every parameter and buffer slot of ``model`` back as it was if the body raises (no partial placement)."""
+    saved = [
+        (store, dict(store))
+        for module in model.modules()
+        for store in (module._parameters, module._buffers)
+    ]
+    try:
+        yield
+    except BaseException:
+        for store, before in saved:
+            store.clear()
+            store.update(before)
+        raise
 
 
 def _refuse_apply(name: str, fn, recurse: bool = True):
@@ -148,12 +204,14 @@ def _place(groups: list[TensorGroup], pin: bool, offload_folder: Optional[Union[
             f"`device_map` puts {modules[:8]} on \"disk\", but their weights are in memory. Pass `offload_folder=` "
             "(a folder with room for them) so they are written there once."
         )
-    for group in groups:
-        target = group.target
-        if target == DISK or is_at(group.tensor, target, pin):
-            continue
-        install(group, to_host(group.tensor, pin) if target.type == "cpu" else group.tensor.to(target))
-    if to_write:
-        with OffloadFolder(offload_folder, None) as store:  # in-memory weights: no source to reuse from
-            for group in to_write:
-                install(group, mark_disk(store.write(group.name, group.tensor)))
+    store = OffloadFolder(offload_folder, None) if to_write else nullcontext()  # in-memory weights: nothing to reuse
+    with store:  # opened first: an unwritable or full folder fails before anything moves
+        if to_write:
+            store.ensure_space(sum(g.tensor.numel() * g.tensor.element_size() for g in to_write), len(to_write))
+        for group in groups:
+            target = group.target
+            if target == DISK or is_at(group.tensor, target, pin):
+                continue
+            install(group, to_host(group.tensor, pin) if target.type == "cpu" else group.tensor.to(target))
+        for group in to_write:
+            install(group, mark_disk(store.write(group.name, group.tensor)))

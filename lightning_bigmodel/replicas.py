@@ -1,4 +1,4 @@
-"""ReplicatedBigModelStrategy: N replicas of a dispatched model, each over its own group of GPUs, on Lightning's launchers.
+"""ReplicatedBigModelStrategy: replicas of a dispatched model, each on its own group of GPUs, via Lightning's launchers.
 
 ``Trainer(accelerator="gpu", devices=8, num_nodes=2, strategy=ReplicatedBigModelStrategy(devices_per_replica=4))``
 runs ``8 * 2 / 4 = 4`` processes, one per replica (not one per GPU). Local replica ``r`` of a node owns that node's
@@ -10,6 +10,7 @@ the process group comes from Lightning's helpers and the predict sampler from ``
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.fabric.utilities.data import has_iterable_dataset
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
@@ -36,15 +38,14 @@ import lightning.pytorch as pl
 from lightning_bigmodel.callback import DeviceMapCallback
 from lightning_bigmodel.device_map import normalize_device
 from lightning_bigmodel.memory import _GPU_HEADROOM_FRACTION, _MIN_GPU_HEADROOM, _available_cpu_memory, get_max_memory
-from lightning_bigmodel.strategy import BigModelInferenceStrategy
+from lightning_bigmodel.strategy import BigModelInferenceStrategy, Policy
 
 Gather = Literal["batches", "samples", "none"]
 
 
-def replica_devices(node_devices: Sequence[torch.device], devices_per_replica: int, local_rank: int) -> list[torch.device]:
-    """The devices of local replica ``local_rank``: ``node_devices[local_rank * k : (local_rank + 1) * k]``."""
-    start = local_rank * devices_per_replica
-    return list(node_devices[start : start + devices_per_replica])
+def replica_devices(node_devices: Sequence[torch.device], k: int, local_rank: int) -> list[torch.device]:
+    """The devices of local replica ``local_rank``, ``k`` per replica: ``node_devices[local_rank * k :][:k]``."""
+    return list(node_devices[local_rank * k : local_rank * k + k])
 
 
 def replica_max_memory(gpus: Sequence[int], replicas_on_node: int) -> dict[Union[int, str], int]:
@@ -145,7 +146,7 @@ def rebatch(samples: Sequence[Any], batch_size: int) -> list[Any]:
         try:
             batches.append(_stack(list(samples[start : start + batch_size])))
         except RuntimeError as err:
-            raise ValueError(f"Samples {start}..{start + batch_size - 1} cannot be stacked into a batch: {err}") from err
+            raise ValueError(f"Samples {start}..{start + batch_size - 1} cannot be stacked: {err}") from err
     return batches
 
 
@@ -207,7 +208,7 @@ class ReplicatedBigModelStrategy(BigModelInferenceStrategy, ParallelStrategy):
         self,
         devices_per_replica: int = 1,
         gather: Gather = "batches",
-        device_map: Union[str, dict[str, Union[int, str]]] = "auto",
+        device_map: Union[Policy, dict[str, Union[int, str]]] = "auto",
         max_memory: Optional[dict[Union[int, str], Union[int, str]]] = None,
         no_split_module_classes: Optional[list[str]] = None,
         offload_folder: Optional[Union[str, Path]] = None,
@@ -248,7 +249,7 @@ class ReplicatedBigModelStrategy(BigModelInferenceStrategy, ParallelStrategy):
 
     @property
     def parallel_devices(self) -> Optional[list[torch.device]]:
-        """The devices of THIS process's replica (``devices_per_replica`` of them); ``None`` before the Trainer sets them."""
+        """The devices of THIS process's replica (``devices_per_replica`` of them); ``None`` until the Trainer sets."""
         if self._node_devices is None:
             return None
         return replica_devices(self._node_devices, self.devices_per_replica, self.local_rank)
@@ -282,20 +283,30 @@ class ReplicatedBigModelStrategy(BigModelInferenceStrategy, ParallelStrategy):
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         return {"num_replicas": self.num_replicas, "rank": self.global_rank}
 
-    def check_devices_per_replica(self) -> None:
-        """Raise when the node's devices cannot be split into whole replicas."""
+    def check_launch(self) -> None:
+        """Raise when the node's devices do not split into whole replicas, or torchrun/srun started other counts."""
         n, k = len(self.node_devices), self.devices_per_replica
-        if n == 0 or n % k:
+        if n % k:
             fits = [d for d in range(1, n + 1) if n % d == 0]
             raise ValueError(
                 f"`Trainer(devices={n})` per node cannot be split into replicas of `devices_per_replica={k}` "
-                f"devices. Pass `devices` as a multiple of {k} (e.g. {max(k, n - n % k or k)}), or "
-                f"`devices_per_replica` in {fits}."
+                f"devices. Pass `devices` as a multiple of {k}, or `devices_per_replica` in {fits}."
+            )
+        env, per_node = self.cluster_environment, self.num_processes
+        started = None
+        if isinstance(env, TorchElasticEnvironment) and "LOCAL_WORLD_SIZE" in os.environ:
+            started, fix = int(os.environ["LOCAL_WORLD_SIZE"]), f"`torchrun --nproc_per_node={per_node}`"
+        elif isinstance(env, SLURMEnvironment) and "SLURM_NTASKS_PER_NODE" in os.environ:
+            started, fix = int(os.environ["SLURM_NTASKS_PER_NODE"]), f"`--ntasks-per-node={per_node}`"
+        if started is not None and started != per_node:
+            raise ValueError(
+                f"{started} processes per node were started, but `devices={n}` with `devices_per_replica={k}` runs "
+                f"one process per replica: {per_node} per node. Launch with {fix} (keep all {n} GPUs per node)."
             )
 
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
-        self.check_devices_per_replica()
+        self.check_launch()
         self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 
     # ------------------------------------------------------------------ ranks and collectives (as DDPStrategy)
@@ -365,8 +376,8 @@ class ReplicatedBigModelStrategy(BigModelInferenceStrategy, ParallelStrategy):
 
     def _restrict_callback(self, callback: DeviceMapCallback) -> None:
         """Give the planner this replica's absolute budget and map (the callback itself never detects all GPUs)."""
-        given = self._translated.setdefault(id(callback), (callback.max_memory, callback.requested_map, callback.save_json))
-        max_memory, requested, save_json = given
+        given = (callback.max_memory, callback.requested_map, callback.save_json)
+        max_memory, requested, save_json = self._translated.setdefault(id(callback), given)
         # `DeviceMapCallback` reads `trainer.log_dir` (a broadcast) on rank 0 only: all ranks must, so we write the JSON
         callback.save_json, self._json_callback = False, (callback if save_json else None)
         callback.max_memory = self.replica_budget(max_memory)
@@ -395,7 +406,7 @@ class ReplicatedBigModelStrategy(BigModelInferenceStrategy, ParallelStrategy):
         return dataloader
 
     def on_predict_end(self) -> None:
-        """With ``gather`` set, replace the returned predictions: all of them on rank 0 in dataset order, ``[]`` else."""
+        """With ``gather`` set, replace the returned predictions: all on rank 0 in dataset order, ``[]`` elsewhere."""
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if self.gather == "none" or trainer is None or not trainer.predict_loop.return_predictions:
             return
@@ -406,7 +417,7 @@ class ReplicatedBigModelStrategy(BigModelInferenceStrategy, ParallelStrategy):
         per_loader = results if len(loaders) > 1 else [results]
         seen = [getattr(getattr(dl, "batch_sampler", None), "seen_batch_indices", None) for dl in loaders]
         if any(indices is None for indices in seen):
-            rank_zero_warn("`ReplicatedBigModelStrategy`: batch indices are unknown (not a DataLoader); not gathering.")
+            rank_zero_warn("`ReplicatedBigModelStrategy`: no batch indices (not a DataLoader); not gathering.")
             return
         for preds, indices, loader in zip(per_loader, seen, loaders):
             # Lightning re-wraps predict loaders (``batch_size=1`` + an index-recording batch sampler): ask the sampler
@@ -416,7 +427,7 @@ class ReplicatedBigModelStrategy(BigModelInferenceStrategy, ParallelStrategy):
                 try:
                     merged = rebatch(merged, batch_size)
                 except ValueError as err:
-                    rank_zero_warn(f"`ReplicatedBigModelStrategy(gather='batches')`: {err}; returning one per sample.")
+                    rank_zero_warn(f"`ReplicatedBigModelStrategy(gather='batches')`: {err}; returning samples.")
             preds[:] = merged if merged is not None else []
 
     def _object_group(self) -> Optional[Any]:
@@ -430,6 +441,9 @@ class ReplicatedBigModelStrategy(BigModelInferenceStrategy, ParallelStrategy):
     def teardown(self) -> None:
         """As :class:`BigModelInferenceStrategy` (never ``.cpu()``), then the cluster environment's teardown."""
         super().teardown()
+        if self._gather_group is not None and _distributed_is_initialized():
+            dist.destroy_process_group(self._gather_group)
+        self._gather_group = None
         if self.cluster_environment is not None:
             self.cluster_environment.teardown()
 

@@ -1,8 +1,10 @@
 """A replica prediction job that the integration tests run in subprocesses.
 
-Usage: ``python replica_job.py CHECKPOINT OUT_DIR [--devices 2] [--num-samples 7] [--batch-size 2]``, either plainly
+Usage: ``python replica_job.py CHECKPOINT OUT_DIR [--accelerator cpu] [--devices 2] [--devices-per-replica 1]
+[--num-samples 7] [--batch-size 2]``, either plainly
 (Lightning's ``_SubprocessScriptLauncher`` re-runs this script for the other replicas) or under
-``torchrun --nproc_per_node=2``. A tiny GPT is planned over 120 kB of RAM per replica, the rest on disk.
+``torchrun --nproc_per_node=2``. A tiny GPT is planned over 120 kB of RAM per replica, the rest on disk (on GPUs:
+60 kB on the replica's first GPU, 60 kB of RAM, the rest on disk).
 Rank 0 saves the returned (gathered) predictions to ``OUT_DIR/predictions.pt``; every rank writes
 ``OUT_DIR/rank-<r>.json`` with its ranks, devices, plan, offload files and the dataset indices it predicted.
 """
@@ -26,17 +28,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
     parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--devices-per-replica", type=int, default=1)
     parser.add_argument("--num-samples", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=2)
     args = parser.parse_args()
 
     strategy = ReplicatedBigModelStrategy(
-        max_memory={"cpu": 120_000},
+        devices_per_replica=args.devices_per_replica,
+        max_memory={"cpu": 120_000} if args.accelerator == "cpu" else {0: 60_000, "cpu": 60_000},
         no_split_module_classes=["Block"],
         offload_folder=args.out_dir / "offload",
     )
-    trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, logger=False,
+    trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=strategy, logger=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=args.out_dir)  # fmt: skip
     loader = token_loader(tokens(n=args.num_samples, t=5), batch_size=args.batch_size)

@@ -21,6 +21,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_bigmodel.replicas as replicas
 from examples.gpt import GPT, GPTConfig
+from lightning_models import (
+    GPTModule,
+    bigmodel_trainer,
+    plain_gpt,
+    reference_outputs,
+    token_loader,
+    tokens,
+    write_bare_checkpoint,
+)
 from lightning_bigmodel import DeviceMapCallback, init_empty_weights
 from lightning_bigmodel.replicas import ReplicatedBigModelStrategy, merge_by_index, rebatch, unbatch
 
@@ -92,13 +101,15 @@ def test_each_rank_owns_its_gpu_group(monkeypatch, fake_gpus, launcher, rank):
     assert not torch.cuda.is_initialized()
 
 
-def test_torchrun_started_per_gpu_is_refused(monkeypatch, fake_gpus):
-    simulate(monkeypatch, "torchrun", 0)
-    monkeypatch.setenv("WORLD_SIZE", str(NODES * DEVICES_PER_NODE))  # --nproc_per_node=4: one process per GPU
-    strategy = ReplicatedBigModelStrategy(devices_per_replica=K)
-    gpu_trainer(strategy)
-    with pytest.raises(ValueError, match="does not match the world size"):
-        strategy.cluster_environment.validate_settings(strategy.num_processes, strategy.num_nodes)
+@pytest.mark.parametrize(("launcher", "fix"), [("torchrun", "--nproc_per_node=2"), ("slurm", "--ntasks-per-node=2")])
+def test_one_process_per_gpu_is_refused(monkeypatch, fake_gpus, launcher, fix):
+    simulate(monkeypatch, launcher, 0)
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        monkeypatch.setenv(key, str(NODES * DEVICES_PER_NODE))  # started one process per GPU
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.setenv(key, str(DEVICES_PER_NODE))
+    with pytest.raises(ValueError, match=rf"4 processes per node were started.*2 per node.*{fix}"):
+        gpu_trainer(ReplicatedBigModelStrategy(devices_per_replica=K))
 
 
 def test_memory_detection_queries_only_owned_gpus(monkeypatch, fake_gpus):
@@ -155,9 +166,9 @@ def test_bad_arguments(kwargs):
         ReplicatedBigModelStrategy(**kwargs)
 
 
-def test_registered_by_name():
+def test_registered_by_name(tmp_path):
     assert "bigmodel_replicas" in StrategyRegistry
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="bigmodel_replicas", logger=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="bigmodel_replicas", default_root_dir=tmp_path)
     assert isinstance(trainer.strategy, ReplicatedBigModelStrategy)
     assert trainer.strategy.num_processes == 2 and trainer.strategy.parallel_devices == [torch.device("cpu")]
 
@@ -220,8 +231,10 @@ def test_unbatch_then_rebatch_round_trips(prediction):
     assert len(samples) == 3
     (again,) = rebatch(samples, 3)
     assert type(again) is type(prediction)
-    torch.testing.assert_close(again, prediction) if not isinstance(prediction, list) else None
-    assert again == prediction if isinstance(prediction, list) else True
+    if isinstance(prediction, list):
+        assert again == prediction
+    else:
+        torch.testing.assert_close(again, prediction)
 
 
 def test_unbatch_explains_unsplittable_predictions():
@@ -232,3 +245,42 @@ def test_unbatch_explains_unsplittable_predictions():
 def test_rebatch_explains_ragged_samples():
     with pytest.raises(ValueError, match="cannot be stacked"):
         rebatch([torch.zeros(2), torch.zeros(3)], 2)
+
+
+@pytest.mark.parametrize("gather", ["batches", "samples", "none"])
+def test_one_replica_in_process_matches_plain_model(tmp_path, gather):
+    """`devices=1`: a world of one (gloo), the gather path without peers; outputs of the plainly loaded model."""
+
+    checkpoint = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt())
+    strategy = ReplicatedBigModelStrategy(gather=gather, max_memory={"cpu": 120_000}, offload_folder=tmp_path / "off",
+                                          no_split_module_classes=["Block"])  # fmt: skip
+    data = tokens(n=5, t=4)
+    loader = token_loader(data, batch_size=2)
+    trainer = bigmodel_trainer(strategy, default_root_dir=tmp_path)
+    predictions = trainer.predict(GPTModule(), loader, ckpt_path=checkpoint)
+    assert "disk" in strategy.plan.values() and strategy.offload_folder == tmp_path / "off" / "rank-0"
+    expected = reference_outputs(data, batch_size=2)
+    if gather == "samples":
+        expected = [row for batch in expected for row in batch]
+    assert len(predictions) == len(expected)
+    for got, want in zip(predictions, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+class TwoLoaderGPT(GPTModule):
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
+        return super().predict_step(batch, batch_idx)
+
+
+def test_two_dataloaders_are_gathered_each(tmp_path):
+    checkpoint = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt())
+    first, second = tokens(n=3, t=4, seed=1), tokens(n=4, t=6, seed=2)
+    loaders = [token_loader(first, batch_size=2), token_loader(second, batch_size=3)]
+    trainer = bigmodel_trainer(ReplicatedBigModelStrategy(), default_root_dir=tmp_path)
+    predictions = trainer.predict(TwoLoaderGPT(), loaders, ckpt_path=checkpoint)
+    assert len(predictions) == 2
+    for got, data, batch_size in zip(predictions, (first, second), (2, 3)):
+        expected = reference_outputs(data, batch_size=batch_size)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)

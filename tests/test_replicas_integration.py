@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,13 +24,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def run_job(tmp_path: Path, launcher: str) -> Path:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_job(tmp_path: Path, launcher: str, *extra: str) -> Path:
     checkpoint = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt(), safe=False)  # .bin: disk weights are written
     out = tmp_path / "out"
     out.mkdir()
-    args = [str(JOB), str(checkpoint), str(out), "--num-samples", str(NUM_SAMPLES), "--batch-size", str(BATCH_SIZE)]
+    args = [str(JOB), str(checkpoint), str(out), "--num-samples", str(NUM_SAMPLES), "--batch-size", str(BATCH_SIZE),
+            *extra]  # fmt: skip
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", *args]
+        port = free_port()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *args]
     else:
         cmd = [sys.executable, *args]  # Trainer(devices=2) re-launches this script for local rank 1
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_"))}
@@ -39,8 +48,13 @@ def run_job(tmp_path: Path, launcher: str) -> Path:
     try:
         output, _ = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the job's own session: the launcher and every replica it started
-        output, _ = proc.communicate()
+        os.killpg(proc.pid, signal.SIGTERM)  # the job's own session; torchrun passes SIGTERM to its workers
+        try:
+            output, _ = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                output, _ = proc.communicate()
         pytest.fail(f"the replica job hung:\n{output[-4000:]}")
     assert proc.returncode == 0, output[-4000:]
     return out
@@ -63,8 +77,26 @@ def test_two_replicas_with_disk_offload_match_single_process(tmp_path, launcher)
     assert sorted(seen[0] + seen[1]) == list(range(NUM_SAMPLES)) and not set(seen[0]) & set(seen[1])
     assert reports[1]["returned"] == 0  # rank 0 holds the gathered predictions
 
+    device_map = json.loads((out / "device_map.json").read_text())["device_map"]  # rank 0 wrote the table's JSON
+    assert set(device_map.values()) == set(reports[0]["plan_devices"])
+
     predictions = torch.load(out / "predictions.pt", weights_only=True)
     expected = reference_outputs(tokens(n=NUM_SAMPLES, t=5), batch_size=BATCH_SIZE)  # the plainly loaded model
     assert len(predictions) == len(expected) == 4
     for got, want in zip(predictions, expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_gpu_replicas_each_on_its_own_gpu(tmp_path):
+    out = run_job(tmp_path, "lightning", "--accelerator", "gpu")
+    for rank in range(2):
+        report = json.loads((out / f"rank-{rank}.json").read_text())
+        assert report["backend"] == "nccl" and report["root_device"] == f"cuda:{rank}"
+        assert report["parallel_devices"] == [f"cuda:{rank}"]
+        assert {str(rank), "cpu", "disk"} == set(report["plan_devices"])  # its own GPU only, then RAM and disk
+    predictions = torch.load(out / "predictions.pt", weights_only=True)
+    expected = reference_outputs(tokens(n=NUM_SAMPLES, t=5), batch_size=BATCH_SIZE)
+    assert len(predictions) == len(expected)
+    for got, want in zip(predictions, expected):
+        torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)

@@ -6,13 +6,20 @@ in memory) are written here. Each tensor is one file written atomically (tempora
 size and modification time of each of its files). A rerun over the same source reuses the entries it finds; a folder
 written for another source is cleared first. An exclusive ``fcntl.flock`` on ``.lock`` serialises processes sharing a
 folder; views handed out stay valid when another process replaces a file later (they map the old inode).
+
+Crash safety: the manifest is removed before the first write of a session and rewritten at its end, so a process
+killed part way leaves no manifest (the next run rebuilds what it needs) and, at worst, a temporary file, which the
+next process to open the folder deletes. A folder that cannot be written or runs out of space raises
+:class:`OffloadFolderError` naming it; the manifest then lists exactly the complete files present.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import struct
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -31,6 +38,17 @@ _LOCK = ".lock"
 _VERSION = 1
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _ALIGN = 64  # data offset of every file: views are as aligned as a fresh allocation (same kernels, same results)
+_TMP = re.compile(r"^\..+\.\d+\.tmp$")  # what `_write_atomic` names its temporary files
+_FILE_SLACK = 4096  # per file, on top of its tensor bytes, when checking free space: header plus a filesystem block
+
+
+class OffloadFolderError(ValueError, OSError):
+    """An offload folder cannot be created, written or filled (``errno`` is the cause's, when there is one)."""
+
+
+def _fault_point(stage: str, path: Path) -> None:
+    """Test seam, a no-op: called with ``"tmp-written"`` (temporary file complete, not yet renamed) and ``"committed"``
+    (renamed into place). Fault-injection tests replace it to kill the process at these points."""
 
 
 def source_identity(files: Sequence[Union[str, Path]]) -> list[dict[str, Any]]:
@@ -76,10 +94,26 @@ def _write_atomic(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        _fault_point("tmp-written", tmp)
         os.replace(tmp, path)
+        _fault_point("committed", path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # pragma: no cover - the folder became unwritable: nothing more to do
+            pass
+
+
+def _folder_error(folder: Path, doing: str, err: OSError) -> OffloadFolderError:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "Free space there, or pass an `offload_folder` on a disk with room for the offloaded weights."
+        what = "ran out of space"
+    else:
+        fix = "Pass a writable `offload_folder` (check its permissions and that its parents are folders)."
+        what = "is not writable"
+    out = OffloadFolderError(f"`offload_folder` {str(folder)!r} {what} while {doing} ({err}). {fix}")
+    out.errno = err.errno
+    return out
 
 
 class OffloadFolder:
@@ -97,30 +131,69 @@ class OffloadFolder:
         self.entries: dict[str, dict[str, Any]] = {}
         self._lock_file = None
         self._dirty = False
+        self._written: list[Path] = []  # files written in this session (removed if the manifest cannot be saved)
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "OffloadFolder":
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(self.folder / _LOCK, "a+")
         except OSError as err:
-            raise ValueError(
-                f"`offload_folder` {str(self.folder)!r} cannot be created ({err}). Pass a writable folder."
-            ) from err
-        self._lock_file = open(self.folder / _LOCK, "a+")
-        if fcntl is not None:
-            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX)
-        self.entries = self._read_manifest()
+            raise _folder_error(self.folder, "creating it and its lock file", err) from err
+        try:
+            if fcntl is not None:
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX)
+            self._remove_stale_tmp()
+            self._probe_writable()
+            self.entries = self._read_manifest()
+        except BaseException:
+            self._unlock()
+            raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         try:
             if self._dirty:
-                self._write_manifest()
+                self._save_manifest(failing=exc_type is not None)
         finally:
-            if fcntl is not None:
-                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
-            self._lock_file.close()
-            self._lock_file = None
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_file is None:
+            return
+        if fcntl is not None:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+        self._lock_file.close()
+        self._lock_file = None
+
+    def _remove_stale_tmp(self) -> None:
+        """Delete temporary files of writers that died (we hold the lock: no live writer has any)."""
+        for path in self.folder.iterdir():
+            if _TMP.match(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+
+    def _probe_writable(self) -> None:
+        """Fail now, before any weight is placed, if files cannot be created in the folder."""
+        probe = self.folder / f".probe.{os.getpid()}.tmp"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"0")
+        except OSError as err:
+            raise _folder_error(self.folder, f"creating the test file {probe.name!r}", err) from err
+        finally:
+            try:
+                probe.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def ensure_space(self, nbytes: int, files: int = 1) -> None:
+        """Raise :class:`OffloadFolderError` unless the folder's disk has room for ``files`` files holding ``nbytes``
+        tensor bytes. Call it before placing anything, so that a full disk fails the load before it starts."""
+        needed = nbytes + files * _FILE_SLACK
+        free = shutil.disk_usage(self.folder).free
+        if free < needed:
+            err = OSError(errno.ENOSPC, f"needs {needed} bytes, {free} free")
+            raise _folder_error(self.folder, f"checking room for {files} offloaded tensor(s)", err)
 
     def _read_manifest(self) -> dict[str, dict[str, Any]]:
         path = self.folder / MANIFEST
@@ -147,10 +220,21 @@ class OffloadFolder:
             if isinstance(name, str) and not _UNSAFE.search(name) and not name.startswith("."):
                 (self.folder / name).unlink(missing_ok=True)
 
-    def _write_manifest(self) -> None:
+    def _save_manifest(self, failing: bool) -> None:
+        """Record the complete files. If even that fails, delete this session's files: the folder then holds no
+        manifest and no file it would have listed. While another error propagates (``failing``), raise nothing."""
         manifest = {"version": _VERSION, "source": self.source, "tensors": self.entries}
-        _write_atomic(self.folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
-        _fsync_dir(self.folder)
+        try:
+            _write_atomic(self.folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+            _fsync_dir(self.folder)
+        except OSError as err:
+            for path in self._written:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:  # pragma: no cover
+                    pass
+            if not failing:
+                raise _folder_error(self.folder, f"writing {MANIFEST!r}", err) from err
         self._dirty = False
 
     # ------------------------------------------------------------------ tensors
@@ -168,13 +252,17 @@ class OffloadFolder:
         """Write ``tensor`` as ``name`` (from source ``key``, replacing any previous file); return its mapped view."""
         if self._lock_file is None:
             raise RuntimeError("OffloadFolder.write() needs the folder open: use `with OffloadFolder(...) as store:`.")
-        if not self._dirty:
-            (self.folder / MANIFEST).unlink(missing_ok=True)  # a crash from here on leaves no stale manifest
-            self._dirty = True
-        self.entries.pop(name, None)
         file_name = _UNSAFE.sub("_", name) + ".safetensors"
         path = self.folder / file_name
-        _write_atomic(path, lambda tmp: _save_aligned(tensor, tmp))
+        try:
+            if not self._dirty:
+                (self.folder / MANIFEST).unlink(missing_ok=True)  # a crash from here on leaves no stale manifest
+                self._dirty = True
+            self.entries.pop(name, None)
+            _write_atomic(path, lambda tmp: _save_aligned(tensor, tmp))
+        except OSError as err:
+            raise _folder_error(self.folder, f"writing {file_name!r} (tensor `{name}`)", err) from err
+        self._written.append(path)
         self.entries[name] = {
             "file": file_name,
             "shape": list(tensor.shape),
