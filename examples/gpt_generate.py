@@ -153,9 +153,12 @@ class TokenWriter(BasePredictionWriter):
     ) -> None:
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         tokens = torch.cat(list(batches))
-        self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(tokens, self.output_path)
-        print(f"Wrote {tokens.shape[0]} sequences x {tokens.shape[1]} tokens to {self.output_path}")
+        path = self.output_path
+        if trainer.world_size > 1:  # replicas: each rank writes its own share, never the same file
+            path = path.with_name(f"{path.stem}-rank{trainer.global_rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(tokens, path)
+        print(f"Wrote {tokens.shape[0]} sequences x {tokens.shape[1]} tokens to {path}")
 
 
 def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:

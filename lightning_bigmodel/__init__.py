@@ -9,6 +9,7 @@ from lightning_bigmodel.init import init_empty_weights
 from lightning_bigmodel.io import ShardedCheckpointIO
 from lightning_bigmodel.memory import compute_module_sizes, find_tied_parameters, get_max_memory, parse_size
 from lightning_bigmodel.pipeline import MicroBatchPipeline, pipelined_forward
+from lightning_bigmodel.replicas import ReplicatedBigModelStrategy, gather_predictions
 from lightning_bigmodel.strategy import BigModelInferenceStrategy
 from lightning_bigmodel.writers import PredictionFolderError, ResumablePredictionWriter, read_predictions
 
@@ -21,6 +22,7 @@ __all__ = [
     "DeviceMapCallback",
     "MicroBatchPipeline",
     "PredictionFolderError",
+    "ReplicatedBigModelStrategy",
     "ResumablePredictionWriter",
     "ShardedCheckpointIO",
     "check_device_map",
@@ -28,6 +30,7 @@ __all__ = [
     "compute_module_sizes",
     "dispatch_model",
     "find_tied_parameters",
+    "gather_predictions",
     "get_max_memory",
     "infer_device_map",
     "init_empty_weights",

@@ -230,6 +230,27 @@ def test_unwritable_folder_fails_before_placing(tmp_path, monkeypatch, how, entr
         assert sorted(p.name for p in folder.iterdir() if p.name != ".lock") == []
 
 
+def test_complete_folder_that_became_read_only_is_still_reused(tmp_path, monkeypatch):
+    checkpoint, folder = write_bin(tmp_path / "ckpt"), tmp_path / "off"
+    load_checkpoint_in_model(empty_model(), checkpoint, {"": "disk"}, offload_folder=folder)
+    real_open = open
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if Path(file).parent == folder and "w" in mode:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(disk, "open", read_only_open, raising=False)
+    model = load_checkpoint_and_dispatch(empty_model(), checkpoint, {"": "disk"}, offload_folder=folder)
+    torch.testing.assert_close(output_of(model), reference_output(), rtol=0, atol=0)
+    (folder / "out.weight.safetensors").unlink()  # now one file must be written: the folder's error, model untouched
+    model = empty_model()
+    with pytest.raises(OffloadFolderError, match=r"'.*off' is not writable while creating the test file"):
+        load_checkpoint_and_dispatch(model, checkpoint, {"": "disk"}, offload_folder=folder)
+    assert all(p.is_meta for p in model.parameters())
+    assert_consistent(folder, checkpoint, complete=False)
+
+
 def test_disk_full_mid_write_leaves_a_consistent_folder_and_an_untouched_model(tmp_path, monkeypatch):
     checkpoint, folder = write_bin(tmp_path / "ckpt"), tmp_path / "off"
     real_save, calls = disk._save_aligned, []

@@ -132,6 +132,7 @@ class OffloadFolder:
         self._lock_file = None
         self._dirty = False
         self._written: list[Path] = []  # files written in this session (removed if the manifest cannot be saved)
+        self._unwritable: Optional[OffloadFolderError] = None
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "OffloadFolder":
@@ -144,8 +145,10 @@ class OffloadFolder:
             if fcntl is not None:
                 fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX)
             self._remove_stale_tmp()
-            self._probe_writable()
+            self._unwritable = self._probe_writable()
             self.entries = self._read_manifest()
+            if self._unwritable is not None and not self.entries:
+                raise self._unwritable  # nothing to reuse: fail before the caller places anything
         except BaseException:
             self._unlock()
             raise
@@ -170,21 +173,28 @@ class OffloadFolder:
         """Delete temporary files of writers that died (we hold the lock: no live writer has any)."""
         for path in self.folder.iterdir():
             if _TMP.match(path.name) and path.is_file():
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:  # an unwritable folder: reported by the probe
+                    pass
 
-    def _probe_writable(self) -> None:
-        """Fail now, before any weight is placed, if files cannot be created in the folder."""
+    def _probe_writable(self) -> Optional[OffloadFolderError]:
+        """The error writing a file in the folder would raise, or ``None``. Raised at once when the folder holds nothing
+        reusable; a complete folder that cannot be written is still read (the error comes with a write, if any)."""
         probe = self.folder / f".probe.{os.getpid()}.tmp"
         try:
             with open(probe, "wb") as f:
                 f.write(b"0")
         except OSError as err:
-            raise _folder_error(self.folder, f"creating the test file {probe.name!r}", err) from err
+            error = _folder_error(self.folder, f"creating the test file {probe.name!r}", err)
+            error.__cause__ = err
+            return error
         finally:
             try:
                 probe.unlink(missing_ok=True)
             except OSError:
                 pass
+        return None
 
     def ensure_space(self, nbytes: int, files: int = 1) -> None:
         """Raise :class:`OffloadFolderError` unless the folder's disk has room for ``files`` files holding ``nbytes``
@@ -208,7 +218,8 @@ class OffloadFolder:
             or manifest.get("source") != self.source
             or not isinstance(manifest.get("tensors"), dict)
         ):
-            self._clear(manifest.get("tensors") if isinstance(manifest, dict) else None)
+            if self._unwritable is None:  # else it cannot be cleared: the caller gets the probe's error
+                self._clear(manifest.get("tensors") if isinstance(manifest, dict) else None)
             return {}
         return manifest["tensors"]
 
@@ -252,6 +263,8 @@ class OffloadFolder:
         """Write ``tensor`` as ``name`` (from source ``key``, replacing any previous file); return its mapped view."""
         if self._lock_file is None:
             raise RuntimeError("OffloadFolder.write() needs the folder open: use `with OffloadFolder(...) as store:`.")
+        if self._unwritable is not None:
+            raise self._unwritable
         file_name = _UNSAFE.sub("_", name) + ".safetensors"
         path = self.folder / file_name
         try:
