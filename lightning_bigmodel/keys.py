@@ -63,9 +63,9 @@ def infer_key_prefix(checkpoint_keys: Sequence[str], model_keys: Sequence[str]) 
     if not checkpoint_keys:
         raise ValueError("The checkpoint holds no tensors: check the `ckpt_path`/`checkpoint` you passed.")
     counts = _prefix_counts(checkpoint_keys, model_keys)
-    ranked = counts.most_common()
-    if ranked and ranked[0][0] == "" and ranked[0][1] == len(checkpoint_keys):
+    if counts.get("", 0) == len(checkpoint_keys):
         return ""  # an exact match needs no prefix, even when a submodule would also fit
+    ranked = counts.most_common()
     best_count = ranked[0][1] if ranked else 0
     winners = sorted(prefix for prefix, count in ranked if count == best_count)
     if best_count * 2 >= len(checkpoint_keys) and len(winners) == 1:
