@@ -155,8 +155,10 @@ class DeviceMapCallback(Callback):
             )
             return
         rank_zero_info(f"Device map:\n{self.render()}")
-        if self.save_json and trainer.is_global_zero:
-            self.json_path = self.write_json(trainer.log_dir or trainer.default_root_dir)
+        if self.save_json:
+            folder = trainer.log_dir or trainer.default_root_dir  # `log_dir` broadcasts: every rank must ask
+            if trainer.is_global_zero:
+                self.json_path = self.write_json(folder)
 
     def write_json(self, folder: Union[str, Path]) -> Path:
         """Write ``device_map.json``: ``{"device_map", "bytes_per_device", "max_memory"}``; return its path."""

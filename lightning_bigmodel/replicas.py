@@ -238,8 +238,7 @@ class ReplicatedBigModelStrategy(BigModelInferenceStrategy, ParallelStrategy):
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self._gather_group: Optional[Any] = None
-        self._translated: dict[int, tuple] = {}  # id(callback) -> its (max_memory, device_map, save_json) as given
-        self._json_callback: Optional[DeviceMapCallback] = None
+        self._translated: dict[int, tuple] = {}  # id(callback) -> its (max_memory, device_map) as given
 
     # ------------------------------------------------------------------ devices: one process per replica
     @property
@@ -376,25 +375,14 @@ class ReplicatedBigModelStrategy(BigModelInferenceStrategy, ParallelStrategy):
 
     def _restrict_callback(self, callback: DeviceMapCallback) -> None:
         """Give the planner this replica's absolute budget and map (the callback itself never detects all GPUs)."""
-        given = (callback.max_memory, callback.requested_map, callback.save_json)
-        max_memory, requested, save_json = self._translated.setdefault(id(callback), given)
-        # `DeviceMapCallback` reads `trainer.log_dir` (a broadcast) on rank 0 only: all ranks must, so we write the JSON
-        callback.save_json, self._json_callback = False, (callback if save_json else None)
+        given = (callback.max_memory, callback.requested_map)
+        max_memory, requested = self._translated.setdefault(id(callback), given)
         callback.max_memory = self.replica_budget(max_memory)
         gpus = self.owned_gpus()
         if isinstance(requested, Mapping) and gpus:
             devices = {name: normalize_device(value) for name, value in requested.items()}
             requested = {n: _owned(d, gpus, "`device_map`") if isinstance(d, int) else d for n, d in devices.items()}
         callback.requested_map = requested
-
-    def on_predict_start(self) -> None:
-        super().on_predict_start()
-        callback = self._json_callback
-        if callback is not None and callback.device_map is not None and self.lightning_module is not None:
-            trainer = self.lightning_module.trainer
-            folder = trainer.log_dir or trainer.default_root_dir  # `log_dir` broadcasts: every rank asks
-            if self.is_global_zero:
-                callback.json_path = callback.write_json(folder)
 
     # ------------------------------------------------------------------ data and predictions
     def process_dataloader(self, dataloader: object) -> object:
