@@ -150,7 +150,7 @@ def write_report(path: Path, meta: dict, results: dict) -> None:
     m = meta["machine"]
     lines = ["# Benchmark results", "",
              f"Command: `{meta['command']}` ({datetime.date.today().isoformat()}, {meta['wall_s'] / 60:.1f} min, "
-             f"{meta['repeat']} round(s), medians over rounds; 1-minute load average {meta['loadavg'][0]:.1f} "
+             f"{meta['repeat']} round(s): times are the best round, memory the median round; 1-minute load average {meta['loadavg'][0]:.1f} "
              f"at the start, {meta['loadavg'][1]:.1f} at the end on {meta['machine']['cores']} cores).", "",
              "Every case runs in a fresh process with `torch.set_num_threads(%d)`; forwards run under "
              "`torch.inference_mode()` and are medians after warm-up. **Load times are warm-cache**: the runner reads "

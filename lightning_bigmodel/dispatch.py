@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from lightning_bigmodel.device_map import POLICIES, execution_device, infer_devi
 from lightning_bigmodel.offload.attach import DispatchState, attach_hooks
 from lightning_bigmodel.offload.disk import OffloadFolder
 from lightning_bigmodel.offload.placement import (
+    restored_on_error,
     DISK,
     DISPATCH_STATE,
     TensorGroup,
@@ -65,7 +66,7 @@ def dispatch_model(
     main = torch.device(main_device) if main_device is not None else execution_device(normalized)
     groups = tensor_groups(model)
     assign_targets(groups, normalized, main, offload_buffers)
-    with _restored_on_error(model):
+    with restored_on_error(model):
         _place(groups, pin_host(main), offload_folder)
         state = attach_hooks(model, groups, normalized, main)
     model.hf_device_map = dict(device_map)
@@ -130,7 +131,7 @@ def load_checkpoint_and_dispatch(
         validate_device_map(model, device_map)
         if policy is not None and offload_folder is None:
             _refuse_spill_without_folder(device_map, checkpoint, policy, max_memory)
-    with _restored_on_error(model):
+    with restored_on_error(model):
         load_checkpoint_in_model(
             model, checkpoint, device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
             offload_buffers=offload_buffers, key_prefix=key_prefix,
@@ -158,23 +159,6 @@ def _refuse_spill_without_folder(
         "safetensors, so those weights must be written to an offload folder first. Pass `offload_folder=` (a folder "
         "with room for them), raise the budget, or convert the checkpoint to safetensors."
     )
-
-
-@contextmanager
-def _restored_on_error(model: nn.Module) -> Iterator[None]:
-    """Put every parameter and buffer slot of ``model`` back as it was if the body raises (no partial placement)."""
-    saved = [
-        (store, dict(store))
-        for module in model.modules()
-        for store in (module._parameters, module._buffers)
-    ]
-    try:
-        yield
-    except BaseException:
-        for store, before in saved:
-            store.clear()
-            store.update(before)
-        raise
 
 
 def _refuse_apply(name: str, fn, recurse: bool = True):

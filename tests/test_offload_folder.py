@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -332,3 +333,33 @@ def test_offload_folder_refuses_writes_outside_its_context(tmp_path):
     store = OffloadFolder(tmp_path, None)
     with pytest.raises(RuntimeError, match="with OffloadFolder"):
         store.write("t", torch.ones(2))
+
+
+def test_disk_full_mid_write_through_the_loader_leaves_the_model_untouched(tmp_path, monkeypatch):
+    """`load_checkpoint_in_model` itself (the Lightning strategy's path) also puts every slot back on failure."""
+    checkpoint, folder = write_bin(tmp_path / "ckpt"), tmp_path / "off"
+    real_save, calls = disk._save_aligned, []
+
+    def save_until_full(tensor, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(tensor, path)
+
+    monkeypatch.setattr(disk, "_save_aligned", save_until_full)
+    model = empty_model()
+    with pytest.raises(OffloadFolderError, match="ran out of space"):
+        load_checkpoint_in_model(model, checkpoint, {"": "disk"}, offload_folder=folder)
+    assert all(p.is_meta for p in model.parameters())
+    assert_consistent(folder, checkpoint, complete=False)
+
+
+def test_too_little_room_fails_before_the_first_write(tmp_path, monkeypatch):
+    checkpoint, folder = write_bin(tmp_path / "ckpt"), tmp_path / "off"
+    writes = []
+    monkeypatch.setattr(disk, "_save_aligned", lambda tensor, path: writes.append(path))
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 10, 10))
+    model = empty_model()
+    with pytest.raises(OffloadFolderError, match="ran out of space while checking room"):
+        load_checkpoint_in_model(model, checkpoint, {"": "disk"}, offload_folder=folder)
+    assert writes == [] and all(p.is_meta for p in model.parameters())

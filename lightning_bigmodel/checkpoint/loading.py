@@ -23,6 +23,7 @@ from lightning_bigmodel.offload.placement import (
     is_dispatched,
     mark_disk,
     pin_host,
+    restored_on_error,
     tensor_groups,
     to_host,
     validate_device_map,
@@ -99,14 +100,28 @@ def load_checkpoint_in_model(
                 "folder with room for them) so they are written there once."
             )
         store = OffloadFolder(offload_folder, source_identity(resolved.files)) if writes else nullcontext()
-        with store:
+        with store, restored_on_error(model):  # a failure part way (e.g. a full disk) leaves the model as it was
+            if writes:
+                _ensure_room(store, groups, plan, reader)
             for index, key in plan.sources.items():
                 _load_group(groups[index], key, reader, plan.dtypes[index], pin, store)
                 if progress is not None:
                     progress(key, reader.spec(key).nbytes)
+            _place_unloaded(model, groups, plan, pin)
         _report_unplaced(reader, plan, progress)
-    _place_unloaded(model, groups, plan, pin)
     return plan.missing, plan.unexpected
+
+
+def _ensure_room(store: OffloadFolder, groups: list[TensorGroup], plan: _Plan, reader: CheckpointReader) -> None:
+    """Fail before placing anything when the offload folder's disk cannot hold the tensors still to be written."""
+    nbytes = files = 0
+    for index, key in plan.sources.items():
+        spec, dtype, group = reader.spec(key), plan.dtypes[index], groups[index]
+        if group.target != DISK or _in_place(spec, dtype) or store.has(group.name, spec.shape, dtype, key=key):
+            continue
+        nbytes += spec.numel * dtype.itemsize
+        files += 1
+    store.ensure_space(nbytes, files=files)
 
 
 def _plan(groups: list[TensorGroup], reader: CheckpointReader, dtype, key_prefix: str) -> _Plan:

@@ -8,8 +8,10 @@ buffers stay on the execution device unless ``offload_buffers=True``, and then l
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Union
+from typing import Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -182,3 +184,20 @@ def install(group: TensorGroup, tensor: torch.Tensor) -> torch.Tensor:
             module._buffers[attr] = value
     group.tensor = value
     return value
+
+
+@contextmanager
+def restored_on_error(model: nn.Module) -> Iterator[None]:
+    """Put every parameter and buffer slot of ``model`` back as it was if the body raises (no partial placement)."""
+    saved = [
+        (store, dict(store))
+        for module in model.modules()
+        for store in (module._parameters, module._buffers)
+    ]
+    try:
+        yield
+    except BaseException:
+        for store, before in saved:
+            store.clear()
+            store.update(before)
+        raise
