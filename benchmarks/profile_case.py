@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cases import LOADERS, make_inputs
+from benchmarks.cases import _IMPORTS, LOADERS, make_inputs
 from benchmarks.measure import MemorySampler
 from examples.gpt import GPTConfig
 
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    importlib.import_module("torch._dynamo")  # as in the worker: not part of any figure
+    for name in ["torch._dynamo", *_IMPORTS[args.lib]]:
+        importlib.import_module(name)  # as in the worker: imports are not part of any figure
 
     info = json.loads((Path(args.cache_dir) / "checkpoints" / args.size / "done.json").read_text())
     with tempfile.TemporaryDirectory() as offload:

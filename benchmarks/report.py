@@ -145,8 +145,8 @@ def failures(results: dict) -> list[str]:
     return lines or ["- none"]
 
 
-def write_report(path: Path, meta: dict, results: dict) -> None:
-    """Write the Markdown report to ``path``."""
+def write_report(path: Path, meta: dict, results: dict, notes: Optional[Path] = None) -> None:
+    """Write the Markdown report to ``path``, with ``notes`` (when the file exists) appended."""
     m = meta["machine"]
     lines = ["# Benchmark results", "",
              f"Command: `{meta['command']}` ({datetime.date.today().isoformat()}, {meta['wall_s'] / 60:.1f} min, "
@@ -171,5 +171,7 @@ def write_report(path: Path, meta: dict, results: dict) -> None:
     lines += ["## Empty init and device-map planning", ""] + micro_table(results)
     lines += ["## Every case", ""] + raw_table(results)
     lines += ["## Failures", ""] + failures(results) + [""]
+    if notes is not None and notes.is_file():
+        lines += [notes.read_text().rstrip(), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))

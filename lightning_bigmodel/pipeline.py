@@ -23,8 +23,6 @@ Scheduling rules (what makes it safe for any forward, not only a chain of stages
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import threading
 from collections.abc import Mapping
 from contextlib import ExitStack
@@ -34,78 +32,11 @@ from typing import Any, Callable, Hashable, Optional, Union
 import torch
 from torch import nn
 
+from lightning_bigmodel._batching import _gather, _split_inputs
+from lightning_bigmodel._workers import _Cancelled, _Run, _record_streams
 from lightning_bigmodel.device_map import normalize_device
 
 __all__ = ["MicroBatchPipeline", "pipelined_forward"]
-
-
-class _Cancelled(Exception):
-    """Raised in a worker when another micro-batch failed, so the run stops early."""
-
-
-class _TicketLock:
-    """A first-come, first-served lock whose place in the queue is taken before waiting."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._next = 0
-        self._serving = 0
-
-    def ticket(self) -> int:
-        with self._cond:
-            self._next += 1
-            return self._next - 1
-
-    def wait(self, ticket: int) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._serving == ticket)
-
-    def release(self) -> None:
-        with self._cond:
-            self._serving += 1
-            self._cond.notify_all()
-
-
-class _Run:
-    """State shared by the workers of one pipelined call."""
-
-    def __init__(self, domains: set, n: int) -> None:
-        self.locks = {domain: _TicketLock() for domain in domains}
-        self.gates = [threading.Event() for _ in range(n)]
-        self.failed = threading.Event()
-        self.results: list = [None] * n
-        self.errors: list = [None] * n
-        self.modes = _capture_modes()
-        self.cuda = _cuda_devices(domains)
-        self.caller_device = torch.cuda.current_device() if self.cuda else None
-        self.caller_streams = {d: torch.cuda.current_stream(d) for d in self.cuda}
-        self.streams = [{d: torch.cuda.Stream(device=d) for d in self.cuda} for _ in range(n)]
-        for streams in self.streams:
-            for d, stream in streams.items():
-                stream.wait_stream(self.caller_streams[d])
-
-
-def _capture_modes() -> Callable[[ExitStack], None]:
-    """Capture the caller's thread-local grad, inference and autocast modes to re-enter in a worker."""
-    inference = torch.is_inference_mode_enabled()
-    grad = torch.is_grad_enabled()
-    cache = torch.is_autocast_cache_enabled()
-    autocasts = [(t, torch.get_autocast_dtype(t)) for t in ("cpu", "cuda") if torch.is_autocast_enabled(t)]
-
-    def enter(stack: ExitStack) -> None:
-        stack.enter_context(torch.inference_mode() if inference else torch.set_grad_enabled(grad))
-        for device_type, dtype in autocasts:
-            stack.enter_context(torch.autocast(device_type, dtype=dtype, cache_enabled=cache))
-
-    return enter
-
-
-def _cuda_devices(domains: set) -> list[int]:
-    """The domains that are real, already initialised CUDA devices (never initialises CUDA)."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        return []
-    count = torch.cuda.device_count()
-    return sorted(d for d in domains if isinstance(d, int) and 0 <= d < count)
 
 
 def _domain(device: Union[int, str, torch.device], main: Hashable) -> Hashable:
@@ -319,111 +250,3 @@ def pipelined_forward(model: nn.Module, *args: Any, micro_batches: int = 4, dim:
     """
     with MicroBatchPipeline(model, micro_batches=micro_batches, dim=dim) as pipe:
         return pipe(*args, **kwargs)
-
-
-def _record_streams(obj: Any, streams: dict) -> None:
-    """Mark CUDA outputs made on worker streams as used by the caller's streams (allocator safety)."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_cuda and obj.device.index in streams:
-            obj.record_stream(streams[obj.device.index])
-        return
-    items = _items(obj)
-    for item in items[1] if items else ():
-        _record_streams(item, streams)
-
-
-def _items(obj: Any) -> Optional[tuple[list, list]]:
-    """``(keys, values)`` of a container to split or merge, or None for a leaf."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        keys = [f.name for f in dataclasses.fields(obj) if f.init]
-        return keys, [getattr(obj, k) for k in keys]
-    if isinstance(obj, Mapping):
-        return list(obj.keys()), list(obj.values())
-    if isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size):
-        return list(range(len(obj))), list(obj)
-    return None
-
-
-def _rebuild(template: Any, keys: list, values: list) -> Any:
-    """A container like ``template`` holding ``values``."""
-    if dataclasses.is_dataclass(template):
-        return dataclasses.replace(template, **dict(zip(keys, values)))
-    if isinstance(template, Mapping):
-        if type(template) is dict:
-            return dict(zip(keys, values))
-        new = copy.copy(template)
-        for key, value in zip(keys, values):
-            new[key] = value
-        return new
-    if isinstance(template, tuple) and hasattr(template, "_fields"):
-        return type(template)(*values)
-    return type(template)(values) if isinstance(template, (list, tuple)) else values
-
-
-def _batch_size(obj: Any, dim: int) -> Optional[int]:
-    if isinstance(obj, torch.Tensor):
-        return obj.shape[dim] if obj.ndim > dim else None
-    items = _items(obj)
-    for value in items[1] if items else ():
-        size = _batch_size(value, dim)
-        if size is not None:
-            return size
-    return None
-
-
-def _split(obj: Any, sizes: list[int], batch: int, dim: int) -> list:
-    if isinstance(obj, torch.Tensor):
-        if obj.ndim > dim and obj.shape[dim] == batch:
-            return list(obj.split(sizes, dim))
-        return [obj] * len(sizes)
-    items = _items(obj)
-    if items is None:
-        return [obj] * len(sizes)
-    keys, values = items
-    columns = [_split(value, sizes, batch, dim) for value in values]
-    return [_rebuild(obj, keys, [column[i] for column in columns]) for i in range(len(sizes))]
-
-
-def _split_inputs(args: tuple, kwargs: dict, micro_batches: int, dim: int) -> list[tuple[tuple, dict]]:
-    """``[(args, kwargs), ...]``, one per micro-batch, as even as possible and never empty."""
-    batch = _batch_size((args, kwargs), dim)
-    if batch is None:
-        raise ValueError(
-            f"No input tensor has a batch dimension `dim={dim}` to split into micro-batches. "
-            "Pass the batch as a tensor, or set `dim`."
-        )
-    n = max(1, min(micro_batches, batch))
-    base, extra = divmod(batch, n)
-    sizes = [base + 1] * extra + [base] * (n - extra)
-    return [(tuple(a), k) for a, k in _split((list(args), kwargs), sizes, batch, dim)]
-
-
-def _gather(values: list, dim: int, path: str) -> Any:
-    first = values[0]
-    if isinstance(first, torch.Tensor):
-        if first.ndim <= dim:
-            raise ValueError(
-                f"Cannot concatenate the micro-batches' {path}: a {first.ndim}-d tensor has no batch "
-                f"dimension `dim={dim}`. Return per-sample values, or call without micro-batches."
-            )
-        return torch.cat(values, dim)
-    items = _items(first)
-    if items is not None:
-        keys = items[0]
-        columns = [_items(v)[1] for v in values]
-        merged = [_gather([c[j] for c in columns], dim, f"{path}[{key!r}]") for j, key in enumerate(keys)]
-        return _rebuild(first, keys, merged)
-    for value in values[1:]:
-        if value is not first and not _equal(value, first):
-            raise TypeError(
-                f"Cannot merge the micro-batches' {path}: {type(first).__name__} values differ ({first!r:.80} "
-                f"vs {value!r:.80}). Only tensors are concatenated; turn this output off (e.g. `use_cache=False`)."
-            )
-    return first
-
-
-def _equal(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:
-        return False

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Generator, Literal, Mapping, Optional, Union
+from typing import Any, Generator, Mapping, Optional, Union
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
@@ -25,7 +25,7 @@ from torch import Tensor
 
 import lightning.pytorch as pl
 from lightning_bigmodel.callback import DeviceMapCallback, check_trainer_devices, parse_dtype
-from lightning_bigmodel.device_map import execution_device, normalize_device
+from lightning_bigmodel.device_map import Policy, execution_device, normalize_device
 from lightning_bigmodel.init import init_empty_weights
 from lightning_bigmodel.io import ShardedCheckpointIO
 from lightning_bigmodel.loader import (
@@ -37,8 +37,6 @@ from lightning_bigmodel.loader import (
     release,
     return_outputs,
 )
-
-Policy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 
 
 class BigModelInferenceStrategy(Strategy):

@@ -30,7 +30,7 @@ def build_inputs() -> torch.Tensor:
 def main() -> None:
     import lightning.pytorch as pl
 
-    from lightning_bigmodel import writers
+    from lightning_bigmodel import _chunks, writers
 
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.kill_at_chunk:
-        commit, calls = writers._commit, []
+        commit, calls = _chunks._commit, []
 
         def crashing_commit(tmp, final):
             if final.name.startswith("chunk-"):
@@ -50,7 +50,7 @@ def main() -> None:
                     os.kill(os.getpid(), signal.SIGKILL)
             commit(tmp, final)
 
-        writers._commit = crashing_commit
+        _chunks._commit = crashing_commit
 
     class Job(pl.LightningModule):
         def __init__(self) -> None:

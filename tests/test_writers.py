@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_bigmodel import writers
+from lightning_bigmodel import _chunks
 from lightning_bigmodel.writers import (
     PredictionFolderError,
     ResumablePredictionWriter,
@@ -113,15 +113,15 @@ def test_dict_and_list_predictions(tmp_path, output):
 
 def test_atomic_write_success_and_failure(tmp_path, monkeypatch):
     target = tmp_path / "f.bin"
-    writers._atomic_write(target, b"abc")
+    _chunks._atomic_write(target, b"abc")
     assert names(tmp_path) == ["f.bin"] and target.read_bytes() == b"abc"
 
     def broken_commit(tmp, final):
         raise OSError("disk full")
 
-    monkeypatch.setattr(writers, "_commit", broken_commit)
+    monkeypatch.setattr(_chunks, "_commit", broken_commit)
     with pytest.raises(OSError, match="disk full"):
-        writers._atomic_write(tmp_path / "g.bin", b"xyz")
+        _chunks._atomic_write(tmp_path / "g.bin", b"xyz")
     assert names(tmp_path) == ["f.bin"]  # no temp file, no half-written final file
 
 

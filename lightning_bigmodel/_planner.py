@@ -1,0 +1,269 @@
+"""Greedy device-map planner behind :func:`lightning_bigmodel.device_map.infer_device_map`.
+
+Pure: reads module names, tensor shapes and dtypes only (works on a meta model). :class:`_Planner` holds what
+one model needs (sizes, tied groups, splittability) and repeats a :class:`_Pass` (one greedy walk of the module
+tree, filling the devices in order) to reserve room for offloaded layers on the execution device.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import deque
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+
+from torch import nn
+
+from lightning_bigmodel.memory import _prefix_sizes, compute_module_sizes, find_tied_parameters
+
+if TYPE_CHECKING:
+    from lightning_bigmodel.device_map import Device, DeviceMap
+
+_MAX_PASSES = 6
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _prefixes(name: str) -> list[str]:
+    """``name``, then each dotted ancestor, then ``""``."""
+    out = [name]
+    while name:
+        cut = name.rfind(".")
+        name = name[:cut] if cut >= 0 else ""
+        out.append(name)
+    return out
+
+
+def _members(modules: Mapping[str, nn.Module], name: str) -> list[str]:
+    """Direct parameters, direct buffers, then children of module ``name`` (``[]`` for a tensor name)."""
+    module = modules.get(name)
+    if module is None:
+        return []
+    # The registries themselves: `named_parameters(recurse=False)` walks a generator chain per call (slow at scale).
+    groups = (module._parameters, module._buffers, module._modules)
+    return [_join(name, member) for group in groups for member, value in group.items() if value is not None]
+
+
+def _water_level(remaining: float, budgets: list[float]) -> float:
+    """The level ``L`` with ``sum(min(b, L) for b in budgets) == remaining`` (or infinity when all are full)."""
+    for index, budget in enumerate(sorted(budgets)):
+        share = math.ceil(remaining / (len(budgets) - index))
+        if budget >= share:
+            return share
+        remaining -= budget
+    return math.inf
+
+
+class _Planner:
+    """One greedy pass per call of :meth:`fill`; :meth:`plan` repeats it to reserve room on the execution device."""
+
+    def __init__(self, model: nn.Module, no_split: Optional[Sequence[str]], dtype, offload_buffers: bool) -> None:
+        self.modules = dict(model.named_modules(remove_duplicate=False))
+        self.sizes = compute_module_sizes(model, dtype)
+        self.buffer_sizes = _prefix_sizes(model.named_buffers(), dtype)
+        self.no_split = set(no_split or ())
+        self.offload_buffers = offload_buffers
+        self.partners: dict[str, list[str]] = {}
+        for group in find_tied_parameters(model):
+            for name in group:
+                self.partners[name] = [other for other in group if other != name]
+        self.tied_prefixes = {prefix for name in self.partners for prefix in _prefixes(name)}
+        self.units: dict[str, int] = {}
+        self.member_cache: dict[str, list[str]] = {}
+
+    def members(self, name: str) -> list[str]:
+        if name not in self.member_cache:
+            self.member_cache[name] = _members(self.modules, name)
+        return self.member_cache[name]
+
+    def splittable(self, name: str) -> bool:
+        module = self.modules.get(name)
+        return module is not None and type(module).__name__ not in self.no_split and bool(self.members(name))
+
+    def unit(self, name: str) -> int:
+        """Largest piece of ``name`` brought to the execution device at once: a no-split module or one module's direct tensors."""
+        if name not in self.units:
+            if not self.splittable(name):
+                self.units[name] = self.sizes.get(name, 0)
+            else:
+                members = self.members(name)
+                direct = sum(self.sizes.get(m, 0) for m in members if m not in self.modules)
+                self.units[name] = max([direct] + [self.unit(m) for m in members if m in self.modules])
+        return self.units[name]
+
+    def group(self, name: str, pending: set[str], placed: Mapping[str, Device]) -> list[str]:
+        """``name`` plus the pending items holding the tied partners of tensors under ``name``."""
+        group = [name]
+        if name not in self.tied_prefixes:
+            return group
+        inside = f"{name}." if name else ""
+
+        def under(tensor: str) -> bool:
+            return tensor == name or tensor.startswith(inside)
+
+        for tensor in self.partners:
+            if not under(tensor):
+                continue
+            for partner in self.partners[tensor]:
+                if under(partner):
+                    continue
+                for prefix in _prefixes(partner):  # the finest pending item holding `partner`
+                    if prefix in placed:
+                        break  # cannot happen: partners are always placed together
+                    if prefix in pending and prefix not in group:
+                        group.append(prefix)
+                        break
+                    if prefix in pending:
+                        break
+        return group
+
+    def plan(self, budgets: dict[Device, float], balanced: bool, low_0: bool) -> DeviceMap:
+        """Fill once; if something was offloaded, fill again with room reserved on the execution device."""
+        self.has_gpu = any(isinstance(device, int) and budget > 0 for device, budget in budgets.items())
+        reserves: dict[Device, int] = {}  # kept where set: a reserve that empties its device moves the execution
+        low_0_extra, gpu_0_fill = 0, -1.0  # balanced_low_0: GPU 0 takes more when the others spilled past the GPUs
+        for _ in range(_MAX_PASSES):
+            effective = {device: max(0, budget - reserves.get(device, 0)) for device, budget in budgets.items()}
+            one_pass = _Pass(self, effective, balanced, low_0, low_0_extra)
+            raw = one_pass.run()
+            spilled, fill = one_pass.spilled_with_room_on_gpu_0()
+            if spilled and fill > gpu_0_fill:  # stop once a bigger share for GPU 0 no longer changes the plan
+                low_0_extra, gpu_0_fill = low_0_extra + spilled, fill
+                continue
+            need, exec_device = self._reserve(raw)
+            if need <= reserves.get(exec_device, 0):
+                return raw
+            reserves[exec_device] = need
+        warnings.warn(
+            f"The device map leaves too little room on the execution device {exec_device!r} for the largest "
+            f"offloaded layer and the offloaded buffers ({need} bytes): running it may go out of memory. Raise "
+            "that device's `max_memory`, or list fewer/smaller classes in `no_split_module_classes`.",
+            stacklevel=3,
+        )
+        return raw
+
+    def cost(self, name: str, device: Device) -> int:
+        """Bytes ``name`` takes on ``device``: buffers of offloaded modules stay on the execution device."""
+        offloaded = device == "disk" or (device == "cpu" and self.has_gpu)
+        if offloaded and not self.offload_buffers:
+            return self.sizes.get(name, 0) - self.buffer_sizes.get(name, 0)
+        return self.sizes.get(name, 0)
+
+    def _reserve(self, raw: DeviceMap) -> tuple[int, Device]:
+        """Bytes the execution device needs beside its own modules: the largest offloaded layer, offloaded buffers."""
+        gpus = [device for device in raw.values() if isinstance(device, int)]
+        exec_device: Device = min(gpus) if gpus else "cpu"
+        offloaded = [name for name, device in raw.items() if device == "disk" or (device == "cpu" and self.has_gpu)]
+        need = max((self.unit(name) for name in offloaded), default=0) if gpus else 0
+        if not self.offload_buffers:
+            need += sum(self.buffer_sizes.get(name, 0) for name in offloaded)
+        return need, exec_device
+
+
+class _Pass:
+    """One greedy walk over the module tree, filling the devices in order."""
+
+    def __init__(
+        self, planner: _Planner, budgets: dict[Device, float], balanced: bool, low_0: bool, low_0_extra: int = 0
+    ) -> None:
+        self.planner, self.budgets, self.balanced, self.low_0 = planner, budgets, balanced, low_0
+        self.low_0_extra = low_0_extra
+        gpus = [device for device in budgets if isinstance(device, int) and budgets[device] > 0]
+        others = [device for device in budgets if device not in gpus]
+        # balanced_low_0: GPU 0 holds only what GPUs 1.. cannot (its target is that overflow), and the others share
+        # the rest evenly. Devices are still filled in index order, so the map stays sequential (0, 1, ..., cpu).
+        self.spread = gpus[1:] if low_0 and len(gpus) > 1 else gpus
+        self.devices = gpus + others
+        self.fills = {device: 0 for device in self.devices}
+        self.raw: DeviceMap = {}
+        self.queue, self.pending, self.expanded = deque([""]), {""}, set()
+        self.index, self.target, self.placed = -1, 0.0, 0
+
+    def run(self) -> DeviceMap:
+        planner, queue = self.planner, self.queue
+        while queue:
+            name = queue[0]
+            if name not in self.pending or name in self.expanded:
+                queue.popleft()
+                if name in self.expanded and name in self.pending:
+                    self.pending.discard(name)
+                    queue.extendleft(reversed([m for m in planner.members(name) if m in self.pending]))
+                continue
+            if self.index < 0:
+                self.advance(name)
+            device = self.devices[self.index]
+            group = planner.group(name, self.pending, self.raw)
+            need = sum(planner.cost(member, device) for member in group)
+            candidates = [member for member in group if planner.splittable(member)]
+            fill, target = self.fills[device], self.target
+            closer = fill + need <= self.budgets[device] and fill + need - target < target - fill
+            if fill + need <= target or (not candidates and closer):
+                self.place(group, device)
+            elif candidates:
+                self.split(max(candidates, key=lambda member: planner.sizes.get(member, 0)))
+            elif not (self.balanced and need > self.budgets[device] and self.skip_ahead(group)):
+                self.advance(name)
+        return self.raw
+
+    def spilled_with_room_on_gpu_0(self) -> tuple[int, float]:
+        """balanced_low_0: bytes sent past the GPUs while GPU 0 had budget left, and GPU 0's fill (``(0, 0)`` if n/a)."""
+        gpu_0 = next((device for device in self.devices if isinstance(device, int)), None)
+        if not self.low_0 or gpu_0 is None or gpu_0 in self.spread:
+            return 0, 0.0
+        spilled = sum(fill for device, fill in self.fills.items() if not isinstance(device, int))
+        room = self.budgets[gpu_0] - self.fills[gpu_0]
+        return (int(min(spilled, room)) if room > 0 else 0), self.fills[gpu_0]
+
+    def place(self, group: list[str], device: Device) -> None:
+        for member in group:
+            self.raw[member] = device
+            self.pending.discard(member)
+            self.placed += self.planner.sizes.get(member, 0)
+            self.fills[device] += self.planner.cost(member, device)
+
+    def split(self, name: str) -> None:
+        children = self.planner.members(name)
+        self.pending.update(children)
+        if name == self.queue[0]:
+            self.queue.popleft()
+            self.pending.discard(name)
+            self.queue.extendleft(reversed(children))
+        else:
+            self.expanded.add(name)  # a tied partner: its children take its place when it reaches the front
+
+    def skip_ahead(self, group: list[str]) -> bool:
+        """Place an atom too big for the whole current device on the first later device with room, if any."""
+        for device in self.devices[self.index + 1 :]:
+            need = sum(self.planner.cost(member, device) for member in group)
+            if self.fills[device] + need <= self.budgets[device]:
+                self.place(group, device)
+                return True
+        return False
+
+    def advance(self, name: str) -> None:
+        """Move on to the next device with a positive target; raise when none is left."""
+        while True:
+            self.index += 1
+            if self.index >= len(self.devices):
+                raise ValueError(
+                    f"`max_memory` is too small for the model: {name!r} ({self.planner.sizes.get(name, 0)} bytes) "
+                    f"fits on no device after the budgets {self.budgets} are used up. Raise the budgets or leave "
+                    "'disk' unbudgeted."
+                )
+            self.target = self.target_of(self.devices[self.index])
+            if self.target > self.fills[self.devices[self.index]] or self.index == len(self.devices) - 1:
+                return
+
+    def target_of(self, device: Device) -> float:
+        """Bytes to put on ``device``: its budget, or for balanced GPUs an even share of what is left."""
+        budgets, spread = self.budgets, self.spread
+        if self.low_0 and isinstance(device, int) and device not in spread:
+            overflow = self.planner.sizes[""] - self.placed - sum(budgets[gpu] for gpu in spread)
+            return min(budgets[device], max(0, overflow) + self.low_0_extra)
+        if not self.balanced or device not in spread or device == spread[-1]:
+            return budgets[device]
+        later = spread[spread.index(device) :]
+        remaining = self.planner.sizes[""] - self.placed + sum(self.fills[gpu] for gpu in later)
+        return min(budgets[device], _water_level(remaining, [budgets[gpu] for gpu in later]))
