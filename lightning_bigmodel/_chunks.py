@@ -21,6 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from lightning_bigmodel._atomic import atomic_write
+
 MANIFEST_NAME = "manifest.json"
 _FORMAT = 1
 _CHUNK_RE = re.compile(r"^chunk-(\d{9})-(\d{9})-r(\d+)\.(safetensors|pt)$")
@@ -33,16 +35,6 @@ class PredictionFolderError(RuntimeError):
     __module__ = "lightning_bigmodel.writers"  # its public home (re-exported there), as shown in tracebacks
 
 
-def _fsync_dir(folder: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _commit(tmp: Path, final: Path) -> None:
     """Atomically publish ``tmp`` as ``final`` (its own function so tests can inject a crash)."""
     os.replace(tmp, final)
@@ -50,17 +42,7 @@ def _commit(tmp: Path, final: Path) -> None:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file + fsync + rename + folder fsync."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _commit(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), commit=lambda tmp, final: _commit(tmp, final), sync_folder=True)
 
 
 def _to_cpu(x: Any) -> Any:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Literal, Mapping, Union
 
 import torch
 from torch import nn
+
+from lightning_bigmodel._atomic import atomic_write
 
 SAFE_SINGLE, BIN_SINGLE = "model.safetensors", "pytorch_model.bin"
 SAFE_INDEX, BIN_INDEX, PLAIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json", "index.json"
@@ -56,13 +57,7 @@ def _split(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str
 
 def _atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: a crash never leaves a half-written ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, write, sync_folder=True)
 
 
 def _write_shard(tensors: dict[str, torch.Tensor], path: Path, safe: bool) -> None:

@@ -26,6 +26,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from lightning_bigmodel._atomic import TMP_PATTERN, atomic_write, fsync_dir
+
 from lightning_bigmodel.checkpoint.safetensors_view import DTYPE_CODES, open_mmap, read_header, view
 
 try:  # POSIX only; elsewhere a folder is not protected against concurrent writers
@@ -38,7 +40,7 @@ _LOCK = ".lock"
 _VERSION = 1
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _ALIGN = 64  # data offset of every file: views are as aligned as a fresh allocation (same kernels, same results)
-_TMP = re.compile(r"^\..+\.\d+\.tmp$")  # what `_write_atomic` names its temporary files
+_TMP = TMP_PATTERN  # what `atomic_write` names its temporary files
 _FILE_SLACK = 4096  # per file, on top of its tensor bytes, when checking free space: header plus a filesystem block
 
 
@@ -60,17 +62,6 @@ def source_identity(files: Sequence[Union[str, Path]]) -> list[dict[str, Any]]:
     return out
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - some platforms cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_aligned(tensor: torch.Tensor, path: Path) -> None:
     """Write ``tensor`` as a one-entry safetensors file named ``"tensor"`` whose data starts 64-byte aligned.
 
@@ -89,19 +80,8 @@ def _save_aligned(tensor: torch.Tensor, path: Path) -> None:
 
 
 def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        _fault_point("tmp-written", tmp)
-        os.replace(tmp, path)
-        _fault_point("committed", path)
-    finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # pragma: no cover - the folder became unwritable: nothing more to do
-            pass
+    atomic_write(path, write, before_commit=lambda tmp: _fault_point("tmp-written", tmp))
+    _fault_point("committed", path)
 
 
 def _folder_error(folder: Path, doing: str, err: OSError) -> OffloadFolderError:
@@ -237,7 +217,7 @@ class OffloadFolder:
         manifest = {"version": _VERSION, "source": self.source, "tensors": self.entries}
         try:
             _write_atomic(self.folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         except OSError as err:
             for path in self._written:
                 try:
