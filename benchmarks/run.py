@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker")
     p.add_argument("--timeout", type=int, default=600, help="seconds before a case is killed and reported")
     p.add_argument("--no-micro", action="store_true", help="skip the empty-init and planning cases")
-    p.add_argument("--notes", default=str(ROOT / "benchmarks" / "NOTES.md"),
-                   help="Markdown appended to the report when the file exists (analysis of missed targets)")
+    p.add_argument("--notes", default=None, help="Markdown appended to the report when the file exists (default: "
+                   "benchmarks/NOTES.md, the analysis of the full run; none with --quick)")
     p.add_argument("--report-only", action="store_true", help="re-write --out from <cache-dir>/results.json, no runs")
     return p.parse_args(argv)
 
@@ -151,6 +151,8 @@ def merge(runs: list[dict]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.notes is None:
+        args.notes = "" if args.quick else str(ROOT / "benchmarks" / "NOTES.md")
     if args.report_only:
         return rewrite_report(args)
     import torch
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeat": args.repeat, "quick": args.quick, "wall_s": time.time() - started, "cuda": cuda,
             "loadavg": [load_before[0], os.getloadavg()[0]]}
     (cache / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    write_report(Path(args.out), meta, results, Path(args.notes))
+    write_report(Path(args.out), meta, results, Path(args.notes) if args.notes else None)
     print(f"wrote {args.out} and {cache / 'results.json'} in {meta['wall_s']:.0f} s", flush=True)
     return 0
 
@@ -200,7 +202,7 @@ def rewrite_report(args: argparse.Namespace) -> int:
     for entry in data["results"].values():
         if entry.get("runs"):
             entry["result"] = merge(entry["runs"])
-    write_report(Path(args.out), data["meta"], data["results"], Path(args.notes))
+    write_report(Path(args.out), data["meta"], data["results"], Path(args.notes) if args.notes else None)
     print(f"wrote {args.out} from {Path(args.cache_dir) / 'results.json'}", flush=True)
     return 0
 

@@ -216,6 +216,10 @@ def _load_group(group: TensorGroup, key: str, reader: CheckpointReader, dtype: t
         tensor = reader.read(key, target).to(dtype)
     elif pin:
         tensor = torch.empty(spec.shape, dtype=dtype, pin_memory=True).copy_(_cpu_source(reader, key))
+    elif _in_place(spec, dtype):
+        # CPU execution: a safetensors tensor needing no cast stays a copy-on-write view of the file. Loading touches
+        # no page and holds no second copy; the first forward faults the weights in from the page cache.
+        tensor = reader.mmap_view(key)
     else:
         tensor = reader.read(key).to(dtype)
     install(group, tensor)
