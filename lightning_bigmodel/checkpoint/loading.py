@@ -198,8 +198,8 @@ def _modules_of(groups: list[TensorGroup]) -> list[str]:
 
 
 def _cpu_source(reader: CheckpointReader, key: str) -> torch.Tensor:
-    """The cheapest CPU tensor holding ``key``: a file view (safetensors) or a fresh read (pickle)."""
-    return reader.mmap_view(key) if reader.spec(key).is_safetensors else reader.read(key)
+    """The cheapest CPU tensor holding ``key``, to copy or convert from: no anonymous copy of the source."""
+    return reader.borrow(key)
 
 
 def _load_group(group: TensorGroup, key: str, reader: CheckpointReader, dtype: torch.dtype, pin: bool, store) -> None:
@@ -221,7 +221,7 @@ def _load_group(group: TensorGroup, key: str, reader: CheckpointReader, dtype: t
         # no page and holds no second copy; the first forward faults the weights in from the page cache.
         tensor = reader.mmap_view(key)
     else:
-        tensor = reader.read(key).to(dtype)
+        tensor = _cpu_source(reader, key).to(dtype=dtype, copy=True)  # one copy, cast included
     install(group, tensor)
 
 

@@ -176,9 +176,15 @@ class CheckpointReader:
     # ------------------------------------------------------------------ reading
     def read(self, key: str, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
         """A fresh tensor that owns its memory (safe to keep after ``close``)."""
+        return self.borrow(key).to(device=device, copy=True)
+
+    def borrow(self, key: str) -> torch.Tensor:
+        """The tensor without a copy (a file view for safetensors, the memory-mapped pickle tensor otherwise).
+
+        Valid only while this reader is open and never to be written: use it to copy or convert from.
+        """
         spec = self.spec(key)
-        source = self.mmap_view(key) if spec.is_safetensors else self._pickle_dict(spec.file)[key]
-        return source.to(device=device, copy=True)
+        return self.mmap_view(key) if spec.is_safetensors else self._pickle_dict(spec.file)[key]
 
     def mmap_view(self, key: str) -> torch.Tensor:
         """Zero-copy CPU tensor backed by the safetensors file itself (page cache). Safetensors only.
