@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,6 +122,7 @@ def run_trainer_case(spec: dict[str, Any], result: dict[str, Any]) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        default_root_dir=str(Path(spec["offload_dir"]).parent),  # device_map.json goes beside the case, not the cwd
     )
     trainer.predict(module, DataLoader(batches, batch_size=None), return_predictions=False)
     result["offload_folder"] = folder_bytes(spec.get("offload_dir"))

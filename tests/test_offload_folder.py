@@ -181,8 +181,10 @@ def test_two_processes_sharing_a_folder(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], logs
     results = [torch.load(out, weights_only=True) for out in outputs]
     assert sorted(r["written"] for r in results) == [0, N_TENSORS]  # one wrote everything, the other reused it
+    # Each output comes from another process, running concurrently on shared cores: CPU kernels may sum in another
+    # order there, so equal up to float32 rounding (torch.testing's default tolerance), not bitwise.
     for result in results:
-        torch.testing.assert_close(result["output"], reference_output(), rtol=0, atol=0)
+        torch.testing.assert_close(result["output"], reference_output())
     assert_consistent(folder, checkpoint)
 
 
