@@ -22,7 +22,7 @@ from lightning_bigmodel.device_map import normalize_device
 from lightning_bigmodel.dispatch import dispatch_model, remove_dispatch
 from lightning_bigmodel.io import LazyStateDict, ShardedCheckpointIO
 from lightning_bigmodel.keys import infer_key_prefix
-from lightning_bigmodel.offload.hooks import RootHook
+from lightning_bigmodel.offload.hooks import RootHook, map_tensors
 from lightning_bigmodel.offload.placement import (
     DISPATCH_STATE,
     dispatched_modules,
@@ -91,17 +91,12 @@ def return_outputs(obj: Any, device: torch.device) -> Any:
     A model spread over GPUs may leave outputs on its last GPU when its root forward was not called; what a
     single-device run would return is on the root device. Tuples (named too), lists and dicts are traversed.
     """
-    if isinstance(obj, torch.Tensor):
-        stray = obj.device.type not in ("cpu", "meta") and obj.device != device
-        return obj.to(device) if stray else obj
-    if isinstance(obj, tuple):
-        moved = [return_outputs(item, device) for item in obj]
-        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
-    if isinstance(obj, list):
-        return [return_outputs(item, device) for item in obj]
-    if isinstance(obj, dict):
-        return type(obj)((key, return_outputs(value, device)) for key, value in obj.items())
-    return obj
+
+    def back(tensor: torch.Tensor) -> torch.Tensor:
+        stray = tensor.device.type not in ("cpu", "meta") and tensor.device != device
+        return tensor.to(device) if stray else tensor
+
+    return map_tensors(obj, back)
 
 
 def meta_tensor_names(model: nn.Module) -> list[str]:

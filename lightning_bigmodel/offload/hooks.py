@@ -10,26 +10,35 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 
-def move_to(obj: Any, device: torch.device) -> Any:
-    """``obj`` with every tensor moved to ``device``, through nested tuples (named ones too), lists and dicts."""
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor, through nested tuples (named ones too), lists and dicts."""
     if isinstance(obj, torch.Tensor):
-        if obj.device == device:
-            return obj
-        return obj.to(device, non_blocking=device.type == "cuda")  # never non_blocking towards the host
+        return fn(obj)
     if isinstance(obj, tuple):
-        moved = [move_to(item, device) for item in obj]
-        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
+        mapped = [map_tensors(item, fn) for item in obj]
+        return type(obj)(*mapped) if hasattr(obj, "_fields") else type(obj)(mapped)
     if isinstance(obj, list):
-        return [move_to(item, device) for item in obj]
+        return [map_tensors(item, fn) for item in obj]
     if isinstance(obj, dict):
-        return type(obj)((key, move_to(value, device)) for key, value in obj.items())
+        return type(obj)((key, map_tensors(value, fn)) for key, value in obj.items())
     return obj
+
+
+def move_to(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor moved to ``device`` (see :func:`map_tensors`)."""
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device == device:
+            return tensor
+        return tensor.to(device, non_blocking=device.type == "cuda")  # never non_blocking towards the host
+
+    return map_tensors(obj, move)
 
 
 def first_tensor_device(obj: Any) -> Optional[torch.device]:
