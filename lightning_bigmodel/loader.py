@@ -192,7 +192,7 @@ def hook_network_children(model: nn.Module) -> None:
         child = model._modules.get(name)
         if child is None or type(child).forward is nn.Module.forward:
             continue  # a parameter of `model` itself, or a container whose forward never runs
-        hook = RootHook([], None, restore_outputs=True)  # pre first: it must see the inputs before they move
+        hook = RootHook({}, None, restore_outputs=True)  # pre first: it must see the inputs before they move
         state.handles.append(child.register_forward_pre_hook(hook.pre, with_kwargs=True, prepend=True))
         state.handles.append(child.register_forward_hook(hook.post, with_kwargs=True, always_call=True))
 

@@ -297,7 +297,7 @@ def test_root_hook_returns_each_threads_outputs_to_its_own_input_device():
             inside.wait(timeout=5)  # both threads have passed the pre-hook before either returns
             return torch.ones(2)  # on CPU, whatever the input
 
-    net, hook = Net(), RootHook([], restore_outputs=True)
+    net, hook = Net(), RootHook({}, restore_outputs=True)
     net.register_forward_pre_hook(hook.pre, with_kwargs=True)
     net.register_forward_hook(hook.post, with_kwargs=True, always_call=True)
     results = {}

@@ -86,10 +86,15 @@ def attach_hooks(
     move_io = len({device for _, device in units.values()}) > 1 or bool(by_unit)
     if any(units[name][1].type == "cuda" for name in by_unit):
         state.prefetcher = Prefetcher()
-    guarded = {id(e.host): e.host for entries in by_unit.values() for e in entries.values() if e.is_param}
-    guarded.update({id(g.tensor): g.tensor for g in groups if g.is_param and is_disk(g.tensor)})
+    guarded = {
+        id(e.host): (groups[index].name, e.host)
+        for entries in by_unit.values()
+        for index, e in entries.items()
+        if e.is_param
+    }
+    guarded.update({id(g.tensor): (g.name, g.tensor) for g in groups if g.is_param and is_disk(g.tensor)})
     if move_io or guarded:
-        root = RootHook(list(guarded.values()), state.prefetcher, restore_outputs=move_io)
+        root = RootHook(dict(guarded.values()), state.prefetcher, restore_outputs=move_io)
         state.handles.append(model.register_forward_pre_hook(root.pre, with_kwargs=True))
         state.handles.append(model.register_forward_hook(root.post, with_kwargs=True, always_call=True))
     for name, (module, device) in units.items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -144,8 +144,8 @@ class RootHook:
     depth within a thread (a root called inside its own forward, e.g. a sub-network sharing the hooks).
     """
 
-    def __init__(self, guarded: Sequence[torch.Tensor], prefetcher=None, restore_outputs: bool = False) -> None:
-        self.guarded = list(guarded)
+    def __init__(self, guarded: Mapping[str, torch.Tensor], prefetcher=None, restore_outputs: bool = False) -> None:
+        self.guarded = dict(guarded)  # parameter name -> offloaded host tensor
         self.prefetcher = prefetcher
         self.restore_outputs = restore_outputs
         self._local = threading.local()
@@ -160,10 +160,11 @@ class RootHook:
         if self.restore_outputs:  # first: `post` runs (and pops it) even when the check below raises
             self._devices().append(first_tensor_device((args, kwargs)))
         if torch.is_grad_enabled():
-            trainable = [p for p in self.guarded if p.requires_grad]
+            trainable = [(name, p) for name, p in self.guarded.items() if p.requires_grad]
             if trainable:
+                name, first = trainable[0]
                 raise RuntimeError(
-                    f"{len(trainable)} offloaded weight(s) require grad (e.g. shape {tuple(trainable[0].shape)}), but "
+                    f"{len(trainable)} offloaded weight(s) require grad (e.g. {name!r}, shape {tuple(first.shape)}), but "
                     "a dispatched model runs inference only: offloaded weights are read-only host copies. Call "
                     "`requires_grad_(False)` and run under `torch.inference_mode()`, or `remove_dispatch(model)` and "
                     "train a model that fits in memory."
