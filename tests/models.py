@@ -120,3 +120,26 @@ MAPS = {
         "mixed": {"a": "disk", "mid": "cpu", "b": "disk"},
     },
 }
+
+
+def meta_gpt(preset: str = "tiny", **overrides) -> nn.Module:
+    """The example GPT of ``preset`` (config fields overridden by ``overrides``) built on the meta device."""
+    from examples.gpt import GPT, GPTConfig
+
+    config = GPTConfig.preset(preset)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    with torch.device("meta"):
+        return GPT(config)
+
+
+class PicklePayload:
+    """Unpickling this would run ``touch marker``: a loader that honours ``weights_only=True`` never does."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import struct
@@ -19,6 +18,7 @@ from lightning_bigmodel.checkpoint.reader import CheckpointReader
 from lightning_bigmodel.checkpoint.resolve import ResolvedCheckpoint, resolve_checkpoint
 from lightning_bigmodel.checkpoint.writer import save_sharded_checkpoint
 from tests.conftest import make_state_dict
+from tests.models import PicklePayload
 
 
 def _open_all(checkpoint) -> None:
@@ -156,12 +156,6 @@ def test_corrupt_pickle(tmp_path):
         CheckpointReader(tmp_path / "w.bin")
 
 
-class _Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -169,14 +163,14 @@ class _Payload:
 def test_malicious_pickle_never_runs(tmp_path, suffix):
     marker = tmp_path / "pwned"
     path = tmp_path / f"evil{suffix}"
-    torch.save({"w": torch.ones(1), "evil": _Payload(marker)}, path)
+    torch.save({"w": torch.ones(1), "evil": PicklePayload(marker)}, path)
     with pytest.raises(ValueError, match=rf"evil\{suffix}.*weights_only=True") as info:
         CheckpointReader(path)
     assert not marker.exists()
     assert isinstance(info.value, CheckpointError)
     legacy = tmp_path / f"legacy{suffix}"  # the pre-zip torch.save format goes through the unmapped path
     with open(legacy, "wb") as f:
-        pickle.dump(_Payload(marker), f)
+        pickle.dump(PicklePayload(marker), f)
     with pytest.raises(ValueError, match=rf"legacy\{suffix}"):
         CheckpointReader(legacy)
     assert not marker.exists()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from examples.gpt import GPT, GPTConfig
+from models import meta_gpt
 from lightning_bigmodel.device_map import (
     POLICIES,
     check_device_map,
@@ -19,12 +19,6 @@ from lightning_bigmodel.device_map import (
 ORDER = {"cpu": 10**6, "disk": 10**7}  # device rank: GPUs first, then cpu, then disk
 
 
-def _meta_gpt(preset="tiny", **overrides):
-    config = GPTConfig.preset(preset)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    with torch.device("meta"):
-        return GPT(config)
 
 
 def _nbytes(tensor):
@@ -72,7 +66,7 @@ BUDGETS = [  # as fractions of the model size
 @pytest.mark.parametrize("fractions", BUDGETS)
 @pytest.mark.parametrize("offload_buffers", [False, True])
 def test_plan_covers_everything_within_budgets(policy, fractions, offload_buffers):
-    model = _meta_gpt("small")
+    model = meta_gpt("small")
     total = _model_bytes(model)
     budget = {device: int(total * fraction) for device, fraction in fractions.items()}
     device_map = infer_device_map(
@@ -90,7 +84,7 @@ def test_plan_covers_everything_within_budgets(policy, fractions, offload_buffer
 
 
 def test_plan_whole_model_on_one_gpu():
-    model = _meta_gpt()
+    model = meta_gpt()
     assert infer_device_map(model, {0: 10**9, 1: 10**9, "cpu": 10**9}, policy="sequential") == {"": 0}
     assert infer_device_map(model, {0: 10**9, "cpu": 10**9}) == {"": 0}
     assert infer_device_map(model, {"cpu": 10**9}) == {"": "cpu"}
@@ -98,7 +92,7 @@ def test_plan_whole_model_on_one_gpu():
 
 @pytest.mark.parametrize("fractions", BUDGETS)
 def test_sequential_is_in_module_order(fractions):
-    model = _meta_gpt("small", tie_weights=False)  # a tie pulls lm_head forward, next to the embedding
+    model = meta_gpt("small", tie_weights=False)  # a tie pulls lm_head forward, next to the embedding
     total = _model_bytes(model)
     budget = {device: int(total * fraction) for device, fraction in fractions.items()}
     device_map = infer_device_map(model, budget, ["Block"], policy="sequential")
@@ -107,7 +101,7 @@ def test_sequential_is_in_module_order(fractions):
 
 
 def test_sequential_fills_gpu_0_first_balanced_spreads():
-    model = _meta_gpt("small", tie_weights=False)
+    model = meta_gpt("small", tie_weights=False)
     total = _model_bytes(model)
     budget = {0: total, 1: total, 2: total, "cpu": total}
     assert infer_device_map(model, budget, ["Block"], policy="sequential") == {"": 0}
@@ -119,7 +113,7 @@ def test_sequential_fills_gpu_0_first_balanced_spreads():
 
 @pytest.mark.parametrize("fractions", [{0: 0.5, 1: 0.5, 2: 0.5}, {0: 0.4, 1: 0.4, 2: 0.4, 3: 0.4}, {0: 1, 1: 1}])
 def test_balanced_low_0_is_lightest_on_gpu_0(fractions):
-    model = _meta_gpt("small")
+    model = meta_gpt("small")
     total = _model_bytes(model)
     budget = {device: int(total * fraction) for device, fraction in fractions.items()}
     resident = _residency(model, infer_device_map(model, budget, ["Block"], policy="balanced_low_0"))
@@ -130,7 +124,7 @@ def test_balanced_low_0_is_lightest_on_gpu_0(fractions):
 
 @pytest.mark.parametrize("fractions", [{0: 0.6, 1: 0.6}, {0: 0.4, 1: 0.3, 2: 0.3, "cpu": 1}])
 def test_balanced_low_0_map_stays_sequential(fractions):
-    model = _meta_gpt("small", tie_weights=False)
+    model = meta_gpt("small", tie_weights=False)
     total = _model_bytes(model)
     budget = {device: int(total * fraction) for device, fraction in fractions.items()}
     device_map = infer_device_map(model, budget, ["Block"], policy="balanced_low_0")
@@ -142,7 +136,7 @@ def test_balanced_low_0_map_stays_sequential(fractions):
 
 
 def test_balanced_low_0_with_one_gpu_is_balanced():
-    model = _meta_gpt("small")
+    model = meta_gpt("small")
     budget = {0: _model_bytes(model) // 2, "cpu": 10**9}
     assert infer_device_map(model, budget, ["Block"], policy="balanced_low_0") == infer_device_map(
         model, budget, ["Block"], policy="balanced"
@@ -150,7 +144,7 @@ def test_balanced_low_0_with_one_gpu_is_balanced():
 
 
 def test_cpu_only_budget_spills_to_disk_without_reserve():
-    model = _meta_gpt("small", tie_weights=False)
+    model = meta_gpt("small", tie_weights=False)
     block = _block_bytes(model)
     head = sum(_nbytes(t) for t in [*model.transformer.wte.parameters(), *model.transformer.wpe.parameters()])
     buffers = sum(_nbytes(b) for b in model.buffers())
@@ -166,7 +160,7 @@ def test_cpu_only_budget_spills_to_disk_without_reserve():
 
 
 def test_gpu_reserves_room_for_largest_offloaded_layer():
-    model = _meta_gpt("small", tie_weights=False)
+    model = meta_gpt("small", tie_weights=False)
     block = _block_bytes(model)
     budget = {0: 3 * block, "cpu": 10**9}
     device_map = infer_device_map(model, budget, ["Block"])
@@ -180,7 +174,7 @@ def test_gpu_reserves_room_for_largest_offloaded_layer():
 
 
 def test_offloaded_buffers_count_on_execution_device():
-    model = _meta_gpt("small", tie_weights=False)
+    model = meta_gpt("small", tie_weights=False)
     budget = {0: 4 * _block_bytes(model), "cpu": 10**9}
     kept = _residency(model, infer_device_map(model, budget, ["Block"], offload_buffers=False), False)
     moved = _residency(model, infer_device_map(model, budget, ["Block"], offload_buffers=True), True)
@@ -188,7 +182,7 @@ def test_offloaded_buffers_count_on_execution_device():
 
 
 def test_dtype_shrinks_the_plan():
-    model = _meta_gpt("small")
+    model = meta_gpt("small")
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
     half = sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in tensors)
     budget = {0: half, "cpu": 10**9}
@@ -244,12 +238,12 @@ def test_plan_is_linear_enough_for_many_modules():
 
 def test_disk_budget_too_small_raises():
     with pytest.raises(ValueError, match="too small"):
-        infer_device_map(_meta_gpt(), {"cpu": 1000, "disk": 1000})
+        infer_device_map(meta_gpt(), {"cpu": 1000, "disk": 1000})
 
 
 def test_unknown_policy_raises():
     with pytest.raises(ValueError, match="balanced_low_0"):
-        infer_device_map(_meta_gpt(), {0: 10}, policy="fast")
+        infer_device_map(meta_gpt(), {0: 10}, policy="fast")
 
 
 @pytest.mark.parametrize(
@@ -268,7 +262,7 @@ def test_normalize_device_rejects(value):
 
 
 def test_tensor_devices_longest_prefix():
-    model = _meta_gpt()
+    model = meta_gpt()
     device_map = {"": "cpu", "transformer.h": "cuda:1", "transformer.h.1": "disk", "lm_head.weight": 0}
     devices = tensor_devices(model, device_map)
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
@@ -288,7 +282,7 @@ def test_execution_device():
 
 
 def test_check_device_map_names_every_problem():
-    model = _meta_gpt()
+    model = meta_gpt()
     device_map = {"transformer.wte": 0, "transformer.h": 0, "transformer.nope": 1, "lm_head": "meta"}
     with pytest.raises(ValueError) as err:
         check_device_map(model, device_map)
@@ -310,7 +304,7 @@ def test_check_devices_exist(monkeypatch):
 
 
 def test_clean_device_map_merges_uniform_children():
-    model = _meta_gpt()
+    model = meta_gpt()
     raw = {"transformer.wte": 0, "transformer.wpe": 0, "transformer.h.0": 0, "transformer.h.1": 0,
            "transformer.h.2": 0, "transformer.h.3": "cuda:0", "transformer.ln_f": 0, "lm_head": 0}  # fmt: skip
     assert clean_device_map(model, raw) == {"": 0}

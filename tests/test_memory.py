@@ -5,15 +5,10 @@ import torch
 from torch import nn
 
 from examples.gpt import GPT, GPTConfig
+from models import meta_gpt
 from lightning_bigmodel.memory import compute_module_sizes, find_tied_parameters, get_max_memory, parse_size
 
 
-def _meta_gpt(preset="tiny", **overrides):
-    config = GPTConfig.preset(preset)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    with torch.device("meta"):
-        return GPT(config)
 
 
 @pytest.mark.parametrize(
@@ -125,19 +120,19 @@ def _reference_sizes(model, dtype=None):
 def test_compute_module_sizes_matches_real_model(dtype):
     torch.manual_seed(0)
     real = GPT(GPTConfig.preset("tiny"))
-    sizes = compute_module_sizes(_meta_gpt(), dtype)
+    sizes = compute_module_sizes(meta_gpt(), dtype)
     assert sizes == _reference_sizes(real, dtype)
     assert sizes == compute_module_sizes(real, dtype)
 
 
 def test_compute_module_sizes_counts_tied_once_and_dtype_shrinks_floats_only():
     config = GPTConfig.preset("tiny")
-    model = _meta_gpt()
+    model = meta_gpt()
     sizes = compute_module_sizes(model)
     emb = config.vocab_size * config.n_embd * 4
     assert sizes["transformer.wte"] == emb and sizes["transformer.wte.weight"] == emb
     assert "lm_head" not in sizes  # its only tensor is the tied embedding, owned by transformer.wte
-    untied = compute_module_sizes(_meta_gpt(tie_weights=False))
+    untied = compute_module_sizes(meta_gpt(tie_weights=False))
     assert untied[""] == sizes[""] + emb
     half = compute_module_sizes(model, torch.float16)
     mask = config.block_size**2  # bool buffer: never shrinks
@@ -160,8 +155,8 @@ def test_compute_module_sizes_shared_module():
 
 
 def test_find_tied_parameters():
-    assert find_tied_parameters(_meta_gpt()) == [["transformer.wte.weight", "lm_head.weight"]]
-    assert find_tied_parameters(_meta_gpt(tie_weights=False)) == []
+    assert find_tied_parameters(meta_gpt()) == [["transformer.wte.weight", "lm_head.weight"]]
+    assert find_tied_parameters(meta_gpt(tie_weights=False)) == []
     three = nn.ModuleDict({"a": nn.Linear(3, 3), "b": nn.Linear(3, 3), "c": nn.Linear(3, 3)})
     three["c"].weight = three["a"].weight
     three["b"].bias = three["a"].bias

@@ -5,13 +5,12 @@ code, and a dispatched model refuses to move or train."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
-from models import BufferNet, UntiedMLP, example_input, make_reference
+from models import BufferNet, PicklePayload, UntiedMLP, example_input, make_reference
 from torch import nn
 
 from lightning_bigmodel import (
@@ -225,12 +224,6 @@ def test_budget_too_small_without_offload_folder(tmp_path):
 # --------------------------------------------------------------------------- pickles never run code
 
 
-class _Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -239,7 +232,7 @@ class _Payload:
 def test_malicious_pickle_never_runs_through_the_loaders(tmp_path, suffix, legacy):
     marker = tmp_path / "pwned"
     path = tmp_path / f"evil{suffix}"
-    state = {**make_reference(UntiedMLP).state_dict(), "extra": _Payload(marker)}
+    state = {**make_reference(UntiedMLP).state_dict(), "extra": PicklePayload(marker)}
     if legacy:  # pre-zip torch.save format: a plain pickle stream
         with open(path, "wb") as f:
             pickle.dump(state, f)
