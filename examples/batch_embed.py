@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # `python examples/batch_embed.py`: make `example
 
 from examples.minilm_embed import SentenceEmbedder  # noqa: E402
 from lightning_bigmodel import BigModelInferenceStrategy  # noqa: E402
-from lightning_bigmodel.writers import ResumablePredictionWriter, read_predictions  # noqa: E402
+from lightning_bigmodel.pl.writers import ResumablePredictionWriter, read_predictions  # noqa: E402
 
 
 def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-from lightning_bigmodel.cli import main
+from lightning_bigmodel.pl.cli import main
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_bigmodel.checkpoint.loading import load_checkpoint_in_model
 from lightning_bigmodel.checkpoint.resolve import is_safetensors, resolve_checkpoint
-from lightning_bigmodel.device_map import POLICIES, execution_device, infer_device_map, normalize_device
+from lightning_bigmodel.planning.device_map import POLICIES, execution_device, infer_device_map, normalize_device
 from lightning_bigmodel.offload.attach import DispatchState, attach_hooks
 from lightning_bigmodel.offload.disk import OffloadFolder
 from lightning_bigmodel.offload.placement import (

@@ -30,7 +30,7 @@ def build_inputs() -> torch.Tensor:
 def main() -> None:
     import lightning.pytorch as pl
 
-    from lightning_bigmodel import _chunks, writers
+    from lightning_bigmodel.pl import _chunks, writers
 
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")

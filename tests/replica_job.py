@@ -23,7 +23,7 @@ def main() -> None:
     import torch
     from lightning_models import GPTModule, token_loader, tokens
 
-    from lightning_bigmodel.replicas import ReplicatedBigModelStrategy
+    from lightning_bigmodel.pl.replicas import ReplicatedBigModelStrategy
 
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")

@@ -9,8 +9,8 @@ import pytest
 from lightning.pytorch.accelerators import CPUAccelerator
 
 from lightning_bigmodel import BigModelInferenceStrategy, DeviceMapCallback
-from lightning_bigmodel.memory import compute_module_sizes
-from lightning_bigmodel.table import bytes_per_device, format_bytes, module_ranges, render_table
+from lightning_bigmodel.planning.sizes import compute_module_sizes
+from lightning_bigmodel.planning.table import bytes_per_device, format_bytes, module_ranges, render_table
 from tests.lightning_models import GPTModule, bigmodel_trainer, plain_gpt, token_loader, write_bare_checkpoint
 
 

@@ -14,7 +14,7 @@ import torch
 from examples.gpt import GPT, GPTConfig
 from examples.gpt_generate import random_prompts
 from lightning_bigmodel import infer_device_map, init_empty_weights, save_sharded_checkpoint
-from lightning_bigmodel.cli import main
+from lightning_bigmodel.pl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "lightning-bigmodel"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_bigmodel.cli import BigModelCLI, _plan_parser
+from lightning_bigmodel.pl.cli import BigModelCLI, _plan_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from models import meta_gpt
-from lightning_bigmodel.device_map import (
+from lightning_bigmodel.planning.device_map import (
     POLICIES,
     check_device_map,
     check_devices_exist,

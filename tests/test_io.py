@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lightning_bigmodel import ShardedCheckpointIO
-from lightning_bigmodel.io import LazyStateDict
-from lightning_bigmodel.keys import infer_key_prefix
+from lightning_bigmodel.pl.io import LazyStateDict
+from lightning_bigmodel.checkpoint.keys import infer_key_prefix
 from tests.lightning_models import plain_gpt, write_bare_checkpoint
 
 

@@ -6,7 +6,8 @@ from torch import nn
 
 from examples.gpt import GPT, GPTConfig
 from models import meta_gpt
-from lightning_bigmodel.memory import compute_module_sizes, find_tied_parameters, get_max_memory, parse_size
+from lightning_bigmodel.planning.budget import get_max_memory
+from lightning_bigmodel.planning.sizes import compute_module_sizes, find_tied_parameters, parse_size
 
 
 

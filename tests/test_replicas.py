@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_bigmodel.replicas as replicas
+import lightning_bigmodel.pl.replicas as replicas
 from examples.gpt import GPT, GPTConfig
 from lightning_models import (
     GPTModule,
@@ -31,7 +31,7 @@ from lightning_models import (
     write_bare_checkpoint,
 )
 from lightning_bigmodel import DeviceMapCallback, init_empty_weights
-from lightning_bigmodel.replicas import ReplicatedBigModelStrategy, merge_by_index, rebatch, unbatch
+from lightning_bigmodel.pl.replicas import ReplicatedBigModelStrategy, merge_by_index, rebatch, unbatch
 
 NODES, DEVICES_PER_NODE, K = 2, 4, 2  # 2 nodes x 2 replicas of 2 GPUs = 8 GPUs, 4 replica processes
 WORLD = NODES * DEVICES_PER_NODE // K

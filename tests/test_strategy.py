@@ -13,8 +13,8 @@ from torch import nn
 
 from lightning_bigmodel import BigModelInferenceStrategy, DeviceMapCallback, ShardedCheckpointIO, dispatch_model
 from lightning_bigmodel import remove_dispatch
-from lightning_bigmodel.io import LazyStateDict
-from lightning_bigmodel.loader import dispatched_modules, hook_network_children, prefetchers, return_outputs
+from lightning_bigmodel.pl.io import LazyStateDict
+from lightning_bigmodel.pl.loader import dispatched_modules, hook_network_children, prefetchers, return_outputs
 from lightning_bigmodel.offload.hooks import RootHook
 from tests.lightning_models import (
     GPTModule,

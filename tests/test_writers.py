@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_bigmodel import _chunks
-from lightning_bigmodel.writers import (
+from lightning_bigmodel.pl import _chunks
+from lightning_bigmodel.pl.writers import (
     PredictionFolderError,
     ResumablePredictionWriter,
     ResumableSampler,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lightning_bigmodel.writers import read_predictions
+from lightning_bigmodel.pl.writers import read_predictions
 
 JOB = Path(__file__).with_name("crash_job.py")
 sys.path.insert(0, str(JOB.parent))

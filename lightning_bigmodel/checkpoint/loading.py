@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_bigmodel.checkpoint.reader import CheckpointReader, TensorSpec
 from lightning_bigmodel.checkpoint.resolve import resolve_checkpoint
-from lightning_bigmodel.device_map import execution_device
+from lightning_bigmodel.planning.device_map import execution_device
 from lightning_bigmodel.offload.disk import OffloadFolder, source_identity
 from lightning_bigmodel.offload.placement import (
     DISK,

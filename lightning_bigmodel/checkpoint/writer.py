@@ -100,7 +100,7 @@ def save_sharded_checkpoint(
     Raises:
         ValueError: a tensor is on the meta device, or ``index_format`` is unknown.
     """
-    from lightning_bigmodel.memory import parse_size
+    from lightning_bigmodel.planning.sizes import parse_size
 
     if index_format not in ("hf", "plain"):
         raise ValueError(f"`index_format` is {index_format!r}; choose 'hf' or 'plain'.")

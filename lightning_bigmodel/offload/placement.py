@@ -16,7 +16,7 @@ from typing import Iterator, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from lightning_bigmodel.device_map import check_device_map, check_devices_exist, normalize_device
+from lightning_bigmodel.planning.device_map import check_device_map, check_devices_exist, normalize_device
 
 Target = Union[torch.device, str]
 DISK = "disk"

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from lightning_bigmodel._batching import _items
+from lightning_bigmodel.pipeline._batching import _items
 
 
 class _Cancelled(Exception):

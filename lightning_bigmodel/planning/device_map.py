@@ -8,48 +8,24 @@ from typing import Literal, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from lightning_bigmodel._planner import _Planner, _members, _prefixes
-from lightning_bigmodel.memory import get_max_memory
+from lightning_bigmodel.planning._planner import _Planner, _members, _prefixes
+from lightning_bigmodel.planning.budget import get_max_memory
+from lightning_bigmodel.planning.devices import _ACCEPTED, Device, DeviceMap, execution_device, normalize_device
 
-Device = Union[int, str]  # GPU index, "cpu" or "disk" (also "cuda:1"-style strings are accepted on input)
-DeviceMap = dict[str, Device]
+__all__ = [
+    "POLICIES",
+    "Policy",
+    "check_device_map",
+    "check_devices_exist",
+    "clean_device_map",
+    "execution_device",
+    "infer_device_map",
+    "normalize_device",
+    "tensor_devices",
+]
+
 Policy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 POLICIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-_ACCEPTED = 'an int >= 0, "cuda:N", "cpu", "disk" or a torch.device'
-
-
-def normalize_device(value: Union[Device, torch.device]) -> Device:
-    """Canonical form of a device-map value: a GPU index (int), ``"cpu"`` or ``"disk"``.
-
-    Accepts ``1``, ``"1"``, ``"cuda:1"``, ``torch.device("cuda", 1)``, ``"cuda"`` (GPU 0), ``"cpu"``, ``"disk"``.
-
-    Raises:
-        ValueError: for anything else (``"meta"``, negative indices, other device types), naming the value.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"Device {value!r} is not a device; use {_ACCEPTED}.")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"Device {value!r} is a negative GPU index; use {_ACCEPTED}.")
-        return value
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("cpu", "disk"):
-            return text
-        if text.isdigit():
-            return int(text)
-        try:
-            value = torch.device(text)
-        except (RuntimeError, ValueError):
-            raise ValueError(f"Device {value!r} is not a device; use {_ACCEPTED}.") from None
-    if isinstance(value, torch.device):
-        if value.type == "cuda":
-            return 0 if value.index is None else value.index
-        if value.type == "cpu":
-            return "cpu"
-        raise ValueError(f"Device {str(value)!r} cannot hold weights in a device map; use {_ACCEPTED}.")
-    raise ValueError(f"Device {value!r} is not a device; use {_ACCEPTED}.")
 
 
 def _device_of(name: str, normalized: Mapping[str, Device]) -> Optional[Device]:
@@ -93,12 +69,6 @@ def tensor_devices(model: nn.Module, device_map: Mapping[str, Device]) -> dict[s
             '`device_map="auto"`.'
         )
     return devices
-
-
-def execution_device(device_map: Mapping[str, Device]) -> torch.device:
-    """Where offloaded ("cpu"/"disk") modules compute: the lowest GPU in the map, else CPU."""
-    gpus = [device for device in map(normalize_device, device_map.values()) if isinstance(device, int)]
-    return torch.device("cuda", min(gpus)) if gpus else torch.device("cpu")
 
 
 def infer_device_map(

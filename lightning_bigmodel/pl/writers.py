@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import Sampler, SequentialSampler
 
-from lightning_bigmodel._chunks import (
+from lightning_bigmodel.pl._chunks import (
     _FORMAT,
     _TMP_RE,
     MANIFEST_NAME,

@@ -1,6 +1,6 @@
 """Gather predictions of data-parallel ranks: split batches into samples, merge by dataset index, regroup.
 
-Used by :class:`~lightning_bigmodel.replicas.ReplicatedBigModelStrategy` (``gather="batches"``/``"samples"``) and
+Used by :class:`~lightning_bigmodel.pl.replicas.ReplicatedBigModelStrategy` (``gather="batches"``/``"samples"``) and
 usable on its own after ``trainer.predict`` on every rank (:func:`gather_predictions`).
 """
 

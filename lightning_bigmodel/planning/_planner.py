@@ -1,4 +1,4 @@
-"""Greedy device-map planner behind :func:`lightning_bigmodel.device_map.infer_device_map`.
+"""Greedy device-map planner behind :func:`lightning_bigmodel.planning.device_map.infer_device_map`.
 
 Pure: reads module names, tensor shapes and dtypes only (works on a meta model). :class:`_Planner` holds what
 one model needs (sizes, tied groups, splittability) and repeats a :class:`_Pass` (one greedy walk of the module
@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 from torch import nn
 
-from lightning_bigmodel.memory import _prefix_sizes, compute_module_sizes, find_tied_parameters
+from lightning_bigmodel.planning.sizes import _prefix_sizes, compute_module_sizes, find_tied_parameters
 
 if TYPE_CHECKING:
-    from lightning_bigmodel.device_map import Device, DeviceMap
+    from lightning_bigmodel.planning.device_map import Device, DeviceMap
 
 _MAX_PASSES = 6
 

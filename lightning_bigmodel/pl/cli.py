@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional, Union
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_bigmodel.device_map import Policy
+from lightning_bigmodel.planning.device_map import Policy
 
 _USAGE = """usage: lightning-bigmodel {predict,plan} [-h] ...
 
@@ -33,7 +33,7 @@ subcommands:
 
 Run `lightning-bigmodel predict --help` or `lightning-bigmodel plan --help` for the options.
 """
-_STRATEGY_CLASS = "lightning_bigmodel.strategy.BigModelInferenceStrategy"
+_STRATEGY_CLASS = "lightning_bigmodel.pl.strategy.BigModelInferenceStrategy"
 DType = Literal["float32", "float16", "bfloat16", "float64"]
 
 
@@ -105,10 +105,11 @@ def plan(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run ``lightning-bigmodel plan``: build the model on meta, plan it, print the table; return the map."""
     import torch
 
-    from lightning_bigmodel.device_map import infer_device_map
+    from lightning_bigmodel.planning.device_map import infer_device_map
     from lightning_bigmodel.init import init_empty_weights
-    from lightning_bigmodel.memory import compute_module_sizes, get_max_memory
-    from lightning_bigmodel.table import format_bytes, render_table
+    from lightning_bigmodel.planning.budget import get_max_memory
+    from lightning_bigmodel.planning.sizes import compute_module_sizes
+    from lightning_bigmodel.planning.table import format_bytes, render_table
 
     parser = _plan_parser()
     cfg = parser.parse_args(argv)
@@ -136,7 +137,7 @@ def plan(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 def predict(argv: Optional[list[str]] = None) -> BigModelCLI:
     """Run ``lightning-bigmodel predict`` (``argv`` without the word ``predict``)."""
-    import lightning_bigmodel.strategy  # noqa: F401  (registers strategy="bigmodel")
+    import lightning_bigmodel.pl.strategy  # noqa: F401  (registers strategy="bigmodel")
 
     return BigModelCLI(args=["predict", *(argv or [])])
 

@@ -13,9 +13,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_bigmodel.device_map import Policy, check_device_map, infer_device_map, normalize_device
-from lightning_bigmodel.memory import compute_module_sizes, get_max_memory
-from lightning_bigmodel.table import bytes_per_device, device_label, render_table
+from lightning_bigmodel.planning.device_map import Policy, check_device_map, infer_device_map, normalize_device
+from lightning_bigmodel.planning.budget import get_max_memory
+from lightning_bigmodel.planning.sizes import compute_module_sizes
+from lightning_bigmodel.planning.table import bytes_per_device, device_label, render_table
 
 DeviceMapArg = Union[Policy, dict[str, Union[int, str]]]
 JSON_NAME = "device_map.json"
@@ -142,7 +143,7 @@ class DeviceMapCallback(Callback):
         return budget
 
     def render(self) -> str:
-        """The plan as a table (see :func:`lightning_bigmodel.table.render_table`)."""
+        """The plan as a table (see :func:`lightning_bigmodel.planning.table.render_table`)."""
         if self.device_map is None:
             raise RuntimeError("`DeviceMapCallback` has not planned yet: `render()` needs `plan()` first.")
         return render_table(self.device_map, self.module_sizes, self.max_memory_bytes)

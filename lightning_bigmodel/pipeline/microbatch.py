@@ -32,9 +32,9 @@ from typing import Any, Callable, Hashable, Optional, Union
 import torch
 from torch import nn
 
-from lightning_bigmodel._batching import _gather, _split_inputs
-from lightning_bigmodel._workers import _Cancelled, _Run, _record_streams
-from lightning_bigmodel.device_map import normalize_device
+from lightning_bigmodel.pipeline._batching import _gather, _split_inputs
+from lightning_bigmodel.pipeline._workers import _Cancelled, _Run, _record_streams
+from lightning_bigmodel.planning.device_map import normalize_device
 
 __all__ = ["MicroBatchPipeline", "pipelined_forward"]
 

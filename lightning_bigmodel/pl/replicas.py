@@ -35,11 +35,11 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from torch import Tensor
 
 import lightning.pytorch as pl
-from lightning_bigmodel.callback import DeviceMapCallback
-from lightning_bigmodel.device_map import normalize_device
-from lightning_bigmodel.gather import gather_predictions, merge_by_index, rebatch, unbatch  # noqa: F401 - re-exported
-from lightning_bigmodel.memory import _GPU_HEADROOM_FRACTION, _MIN_GPU_HEADROOM, _available_cpu_memory, get_max_memory
-from lightning_bigmodel.strategy import BigModelInferenceStrategy, Policy
+from lightning_bigmodel.pl.callback import DeviceMapCallback
+from lightning_bigmodel.planning.device_map import normalize_device
+from lightning_bigmodel.pl.gather import gather_predictions, merge_by_index, rebatch, unbatch  # noqa: F401 - re-exported
+from lightning_bigmodel.planning.budget import _GPU_HEADROOM_FRACTION, _MIN_GPU_HEADROOM, _available_cpu_memory, get_max_memory
+from lightning_bigmodel.pl.strategy import BigModelInferenceStrategy, Policy
 
 Gather = Literal["batches", "samples", "none"]
 

@@ -1,6 +1,6 @@
 """The Lightning-side load-and-dispatch step: stream a checkpoint into a LightningModule, dispatch it, undo it.
 
-:class:`~lightning_bigmodel.strategy.BigModelInferenceStrategy` calls :func:`load_into` from
+:class:`~lightning_bigmodel.pl.strategy.BigModelInferenceStrategy` calls :func:`load_into` from
 ``load_model_state_dict``; :func:`release` undoes it at teardown when asked to. Where the hooks go
 (:func:`dispatch_root`): on the single child holding every tensor (``self.model``) when there is one, else on the
 LightningModule itself plus output hooks on its network children (see :func:`hook_network_children`).
@@ -18,10 +18,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import nn
 
 from lightning_bigmodel.checkpoint import load_checkpoint_in_model
-from lightning_bigmodel.device_map import normalize_device
+from lightning_bigmodel.planning.device_map import normalize_device
 from lightning_bigmodel.dispatch import dispatch_model, remove_dispatch
-from lightning_bigmodel.io import LazyStateDict, ShardedCheckpointIO
-from lightning_bigmodel.keys import infer_key_prefix
+from lightning_bigmodel.pl.io import LazyStateDict, ShardedCheckpointIO
+from lightning_bigmodel.checkpoint.keys import infer_key_prefix
 from lightning_bigmodel.offload.hooks import RootHook, map_tensors
 from lightning_bigmodel.offload.placement import (
     DISPATCH_STATE,
@@ -30,7 +30,7 @@ from lightning_bigmodel.offload.placement import (
     is_dispatched,
     main_device_of,
 )
-from lightning_bigmodel.table import format_bytes
+from lightning_bigmodel.planning.table import format_bytes
 
 __all__ = [
     "LoadProgress",
@@ -120,11 +120,11 @@ def load_into(
 ) -> None:
     """Stream ``state_dict`` into ``model`` on the devices of ``device_map``, check nothing is left on meta, dispatch.
 
-    A :class:`~lightning_bigmodel.io.LazyStateDict` streams tensor by tensor (``load_checkpoint_in_model``, with a
-    progress bar when ``checkpoint_io`` is a :class:`~lightning_bigmodel.io.ShardedCheckpointIO` that wants one) and is
+    A :class:`~lightning_bigmodel.pl.io.LazyStateDict` streams tensor by tensor (``load_checkpoint_in_model``, with a
+    progress bar when ``checkpoint_io`` is a :class:`~lightning_bigmodel.pl.io.ShardedCheckpointIO` that wants one) and is
     closed afterwards; any other mapping (from another ``CheckpointIO``) is copied in on CPU first.
     ``state_dict=None`` dispatches a model whose weights are already real. ``key_prefix=None`` detects the prefix
-    (:func:`~lightning_bigmodel.keys.infer_key_prefix`).
+    (:func:`~lightning_bigmodel.checkpoint.keys.infer_key_prefix`).
 
     Raises:
         RuntimeError: keys missing or unexpected under ``strict``, or parameters left on meta (no weights for them).

@@ -3,8 +3,8 @@
 ``Strategy.load_checkpoint`` hands its result to Lightning's migration (which needs
 ``"pytorch-lightning_version"``) and then to ``Strategy.load_model_state_dict``. Here that result is a small
 mutable dict whose ``"state_dict"`` is a :class:`LazyStateDict`: keys come from headers, a tensor is read only
-when asked for, and :class:`~lightning_bigmodel.strategy.BigModelInferenceStrategy` streams it straight to
-each tensor's device (:func:`lightning_bigmodel.loader.load_into`, which also drives the progress bar).
+when asked for, and :class:`~lightning_bigmodel.pl.strategy.BigModelInferenceStrategy` streams it straight to
+each tensor's device (:func:`lightning_bigmodel.pl.loader.load_into`, which also drives the progress bar).
 """
 
 from __future__ import annotations

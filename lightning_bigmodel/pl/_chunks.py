@@ -1,6 +1,6 @@
 """Chunk files and manifest of a prediction folder: names, atomic writes, encoding and reading.
 
-Used by :mod:`lightning_bigmodel.writers`. Every file is written to ``.NAME.PID.tmp`` in the same folder, fsynced,
+Used by :mod:`lightning_bigmodel.pl.writers`. Every file is written to ``.NAME.PID.tmp`` in the same folder, fsynced,
 renamed over ``NAME`` (:func:`_commit`, its own function so tests can inject a crash) and the folder is fsynced.
 A chunk holds the global dataset ``indices`` of its samples and their predictions: safetensors for a tensor or a
 ``{str: tensor}`` dict, ``torch.save`` (read back with ``weights_only=True``) for a per-sample list.
@@ -32,7 +32,7 @@ _TMP_RE = re.compile(r"^\.(chunk-.*|manifest\.json)\.\d+\.tmp$")
 class PredictionFolderError(RuntimeError):
     """A prediction folder belongs to another job, or its chunks break exactly-once."""
 
-    __module__ = "lightning_bigmodel.writers"  # its public home (re-exported there), as shown in tracebacks
+    __module__ = "lightning_bigmodel.pl.writers"  # its public home (re-exported there), as shown in tracebacks
 
 
 def _commit(tmp: Path, final: Path) -> None:

@@ -2,8 +2,8 @@
 
 Call flow (Lightning 2.6): ``configure_model`` runs inside :meth:`tensor_init_context` (parameters on meta); with
 ``restore_checkpoint_after_setup`` :meth:`setup` plans before the checkpoint; ``load_checkpoint`` opens it lazily
-(:class:`~lightning_bigmodel.io.ShardedCheckpointIO`); :meth:`load_model_state_dict` streams every tensor to its
-device and dispatches (:func:`~lightning_bigmodel.loader.load_into`); without ``ckpt_path`` the strategy's own
+(:class:`~lightning_bigmodel.pl.io.ShardedCheckpointIO`); :meth:`load_model_state_dict` streams every tensor to its
+device and dispatches (:func:`~lightning_bigmodel.pl.loader.load_into`); without ``ckpt_path`` the strategy's own
 ``checkpoint`` is loaded when predict starts.
 """
 
@@ -24,11 +24,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 import lightning.pytorch as pl
-from lightning_bigmodel.callback import DeviceMapCallback, check_trainer_devices, parse_dtype
-from lightning_bigmodel.device_map import Policy, execution_device, normalize_device
+from lightning_bigmodel.pl.callback import DeviceMapCallback, check_trainer_devices, parse_dtype
+from lightning_bigmodel.planning.device_map import Policy, execution_device, normalize_device
 from lightning_bigmodel.init import init_empty_weights
-from lightning_bigmodel.io import ShardedCheckpointIO
-from lightning_bigmodel.loader import (
+from lightning_bigmodel.pl.io import ShardedCheckpointIO
+from lightning_bigmodel.pl.loader import (
     dispatched_plan,
     is_dispatched,
     load_into,
@@ -67,7 +67,7 @@ class BigModelInferenceStrategy(Strategy):
         stays dispatched: hooks, GPU weights, pinned RAM and the memory-mapped disk weights stay in place, so a
         second ``predict`` (with the same or no ``ckpt_path``) reuses them instead of streaming the checkpoint
         again; this is what a batch job predicting several dataloaders wants. Call
-        :func:`lightning_bigmodel.loader.release` (or pass ``release_on_teardown=True``) to free them.
+        :func:`lightning_bigmodel.pl.loader.release` (or pass ``release_on_teardown=True``) to free them.
 
     Outputs and prefetch:
         ``predict_step`` usually calls the network child (``self.model(...)``), not the LightningModule's forward.

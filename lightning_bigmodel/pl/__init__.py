@@ -1,0 +1,7 @@
+"""The Lightning side: strategies, callback, checkpoint IO, loader, CLI, prediction writers and gathering.
+
+Everything here may import Lightning; nothing in the core (the rest of the package) imports this subpackage.
+Importing it registers ``strategy="bigmodel"`` and ``strategy="bigmodel_replicas"`` with Lightning.
+"""
+
+from lightning_bigmodel.pl import replicas, strategy  # noqa: F401  (each registers its strategy name)

@@ -1,0 +1,52 @@
+"""Device-map values: the canonical device of a key, and where offloaded modules compute."""
+
+from __future__ import annotations
+
+from typing import Mapping, Union
+
+import torch
+
+Device = Union[int, str]  # GPU index, "cpu" or "disk" (also "cuda:1"-style strings are accepted on input)
+DeviceKey = Device  # a key of a memory budget: a GPU index, "cpu" or "disk"
+DeviceMap = dict[str, Device]
+
+_ACCEPTED = 'an int >= 0, "cuda:N", "cpu", "disk" or a torch.device'
+
+
+def normalize_device(value: Union[Device, torch.device]) -> Device:
+    """Canonical form of a device-map value: a GPU index (int), ``"cpu"`` or ``"disk"``.
+
+    Accepts ``1``, ``"1"``, ``"cuda:1"``, ``torch.device("cuda", 1)``, ``"cuda"`` (GPU 0), ``"cpu"``, ``"disk"``.
+
+    Raises:
+        ValueError: for anything else (``"meta"``, negative indices, other device types), naming the value.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"Device {value!r} is not a device; use {_ACCEPTED}.")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"Device {value!r} is a negative GPU index; use {_ACCEPTED}.")
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("cpu", "disk"):
+            return text
+        if text.isdigit():
+            return int(text)
+        try:
+            value = torch.device(text)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"Device {value!r} is not a device; use {_ACCEPTED}.") from None
+    if isinstance(value, torch.device):
+        if value.type == "cuda":
+            return 0 if value.index is None else value.index
+        if value.type == "cpu":
+            return "cpu"
+        raise ValueError(f"Device {str(value)!r} cannot hold weights in a device map; use {_ACCEPTED}.")
+    raise ValueError(f"Device {value!r} is not a device; use {_ACCEPTED}.")
+
+
+def execution_device(device_map: Mapping[str, Device]) -> torch.device:
+    """Where offloaded ("cpu"/"disk") modules compute: the lowest GPU in the map, else CPU."""
+    gpus = [device for device in map(normalize_device, device_map.values()) if isinstance(device, int)]
+    return torch.device("cuda", min(gpus)) if gpus else torch.device("cpu")

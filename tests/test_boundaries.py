@@ -1,0 +1,173 @@
+"""The core/Lightning boundary: the core never imports Lightning, no import circles, cheap import."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lightning_bigmodel"
+LIGHTNING_SIDE = "lightning_bigmodel.pl"  # may import Lightning
+
+
+ENTRY_POINTS = ("lightning_bigmodel.__main__",)  # `python -m lightning_bigmodel` is the CLI: the Lightning side
+
+
+def _on_lightning_side(module: str) -> bool:
+    return module == LIGHTNING_SIDE or module.startswith(LIGHTNING_SIDE + ".") or module in ENTRY_POINTS
+OPTIONAL = ("transformers", "torchao", "accelerate")  # never imported at module level anywhere
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, top_level_only: bool) -> set[str]:
+    """Modules imported by ``path``; with ``top_level_only``, those run at import time (not in functions)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    module = _module_name(path)
+    stack, nodes = list(tree.body), []
+    while stack:  # TYPE_CHECKING blocks never run; function bodies run only when called
+        node = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        if top_level_only and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        nodes.append(node)
+        stack.extend(ast.iter_child_nodes(node))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                anchor = module.split(".")[: len(module.split(".")) - node.level + (path.name == "__init__.py")]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _package_modules() -> dict[str, Path]:
+    return {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_core_modules_never_import_lightning():
+    offenders = {}
+    for name, path in _package_modules().items():
+        if _on_lightning_side(name):
+            continue
+        bad = sorted(i for i in _imports(path, top_level_only=False) if i.split(".")[0] in ("lightning", "pytorch_lightning", "lightning_fabric"))
+        bad += sorted(i for i in _imports(path, top_level_only=False) if _on_lightning_side(i))
+        if bad:
+            offenders[name] = bad
+    assert offenders == {}, f"core modules import the Lightning side: {offenders}"
+
+
+def test_optional_dependencies_are_imported_lazily():
+    offenders = {}
+    for name, path in _package_modules().items():
+        bad = sorted(i for i in _imports(path, top_level_only=True) if i.split(".")[0] in OPTIONAL)
+        if bad:
+            offenders[name] = bad
+    assert offenders == {}, f"optional dependencies imported at module level: {offenders}"
+
+
+def test_no_import_circles():
+    modules = _package_modules()
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in _imports(path, top_level_only=True):
+            while imported and imported not in modules:  # `from pkg.mod import name` -> pkg.mod
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and not name.startswith(imported + "."):
+                targets.add(imported)  # a package importing its own submodules is not a circle
+        graph[name] = targets
+    cycles, state = [], {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(trail[trail.index(nxt):] + [nxt] if nxt in trail else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == [], f"import circles: {cycles}"
+
+
+def _run(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_core_api_end_to_end_never_imports_lightning(tmp_path):
+    out = _run(
+        f"""
+        import sys
+        import torch
+        import lightning_bigmodel as lbm
+        from torch import nn
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        lbm.save_sharded_checkpoint(model, {str(tmp_path)!r}, max_shard_size=300)
+        with lbm.init_empty_weights():
+            empty = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        lbm.load_checkpoint_and_dispatch(empty, {str(tmp_path)!r}, device_map={{"0": "cpu", "2": "disk"}},
+                                         offload_folder={str(tmp_path / "off")!r})
+        x = torch.randn(3, 8)
+        assert torch.equal(empty(x), model(x))
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning", "lightning_fabric")))
+        """
+    )
+    assert out.strip() == "[]"
+
+
+def test_import_loads_neither_torch_nor_lightning():
+    out = _run("import sys, lightning_bigmodel; print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))")
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import lightning_bigmodel\nfrom lightning.pytorch import Trainer",  # plugin first
+        "from lightning.pytorch import Trainer\nimport lightning_bigmodel",  # Lightning first
+        "import lightning as L\nimport lightning_bigmodel\nTrainer = L.Trainer",  # the `lightning` umbrella
+    ],
+    ids=["plugin-first", "lightning-first", "umbrella"],
+)
+def test_strategy_name_is_registered_in_either_import_order(code):
+    out = _run(
+        code
+        + textwrap.dedent(
+            """
+            from lightning_bigmodel import BigModelInferenceStrategy, ReplicatedBigModelStrategy
+            trainer = Trainer(strategy="bigmodel", accelerator="cpu", devices=1, logger=False)
+            print(type(trainer.strategy).__name__)
+            from lightning.pytorch.strategies import StrategyRegistry
+            print("bigmodel_replicas" in StrategyRegistry)
+            """
+        )
+    )
+    assert out.split() == ["BigModelInferenceStrategy", "True"]
+
+
+def test_lazy_names_resolve_and_unknown_names_raise():
+    import lightning_bigmodel
+
+    for name in lightning_bigmodel.__all__:
+        assert getattr(lightning_bigmodel, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        lightning_bigmodel.nope  # noqa: B018
