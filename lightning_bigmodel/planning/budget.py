@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional, Union
+import warnings
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
+from lightning_bigmodel.planning import cgroup as _cgroup
+from lightning_bigmodel.planning.cgroup import CgroupMemory, cgroup_memory
 from lightning_bigmodel.planning.devices import DeviceKey, normalize_device
 from lightning_bigmodel.planning.sizes import parse_size
+from lightning_bigmodel.planning.table import format_bytes
 
 # Free GPU memory kept back when budgets are detected: the CUDA context, cuBLAS/cuDNN workspaces, the caching
 # allocator's fragmentation and the activations of a forward pass need room beside the weights.
 _MIN_GPU_HEADROOM = 2**30  # 1 GiB
 _GPU_HEADROOM_FRACTION = 0.10  # of the device's total memory
+# Free RAM kept back from a detected CPU budget for the process itself: the interpreter and libraries growing, the
+# activations of a forward pass, a tensor being converted while loading.
+_MIN_CPU_HEADROOM = 256 * 2**20  # 256 MiB
+_CPU_HEADROOM_FRACTION = 0.05  # of the free memory found
+# Layers of disk weights read ahead of the one computing on a CPU execution device; the planner keeps
+# (1 + READ_AHEAD_LAYERS) times the largest disk layer of the CPU budget free for that stream.
+READ_AHEAD_LAYERS = 1
 
 
 def _normalize_key(key: object) -> DeviceKey:
@@ -32,7 +44,9 @@ def _order(budget: Mapping[DeviceKey, int]) -> dict[DeviceKey, int]:
     return {key: budget[key] for key in [*gpus, "cpu", "disk"] if key in budget}
 
 
-def get_max_memory(max_memory: Optional[Mapping[DeviceKey, Union[int, str]]] = None) -> dict[DeviceKey, int]:
+def get_max_memory(
+    max_memory: Optional[Mapping[DeviceKey, Union[int, str]]] = None, gpus: Optional[Sequence[int]] = None
+) -> dict[DeviceKey, int]:
     """Normalise a budget ``{0: "10GiB", "cpu": "30GB", "disk": ...}`` to bytes, GPUs first (ascending), then "cpu", "disk".
 
     Keys may be GPU indices (``1``, ``"1"``, ``"cuda:1"``, ``torch.device("cuda", 1)``), ``"cpu"`` and ``"disk"``;
@@ -42,13 +56,16 @@ def get_max_memory(max_memory: Optional[Mapping[DeviceKey, Union[int, str]]] = N
     With a budget given, CUDA is never touched (GPU ids are taken as written; ``check_devices_exist`` in
     ``device_map`` checks them against the visible GPUs). With ``None``, every visible GPU gets its free memory
     minus a headroom of ``max(1 GiB, 10% of its total memory)`` for the CUDA context, workspaces and activations,
-    and "cpu" gets the available RAM (``MemAvailable`` of ``/proc/meminfo``, else ``os.sysconf``).
+    and "cpu" gets :func:`detect_cpu_memory`: the smaller of the room under the process's memory cgroup limit and the
+    available RAM, minus ``max(256 MiB, 5%)`` for the process (a given ``"cpu"`` budget above it warns). ``gpus`` limits
+    detection to those GPU indices (the Trainer's or a replica's): no other GPU is queried, so none gets a context or
+    fails when another job owns it.
 
     Raises:
         ValueError: for an unknown or repeated key, or a malformed size.
     """
     if max_memory is None:
-        return _detect_max_memory()
+        return _detect_max_memory(gpus)
     budget: dict[DeviceKey, int] = {}
     for key, value in max_memory.items():
         device = _normalize_key(key)
@@ -58,24 +75,131 @@ def get_max_memory(max_memory: Optional[Mapping[DeviceKey, Union[int, str]]] = N
             budget[device] = parse_size(value)
         except ValueError as err:
             raise ValueError(f"`max_memory[{key!r}]`: {err}") from None
+    if "cpu" in budget:
+        _warn_above_detected(budget["cpu"])
     return _order(budget)
 
 
-def _detect_max_memory() -> dict[DeviceKey, int]:
+def _detect_max_memory(gpus: Optional[Sequence[int]] = None) -> dict[DeviceKey, int]:
     budget: dict[DeviceKey, int] = {}
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
+    if gpus is None:
+        gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() else []
+    for index in sorted(set(gpus)):
+        try:
             free, total = torch.cuda.mem_get_info(index)
-            headroom = max(_MIN_GPU_HEADROOM, int(total * _GPU_HEADROOM_FRACTION))
-            budget[index] = max(0, free - headroom)
+        except RuntimeError as err:  # e.g. an exclusive-process GPU another job holds
+            warnings.warn(
+                f"GPU {index} cannot be queried ({str(err).strip().splitlines()[0]}); it gets no budget. Hide it "
+                "(`CUDA_VISIBLE_DEVICES`) or give `max_memory` explicitly.",
+                stacklevel=3,
+            )
+            free, total = 0, 0
+        headroom = max(_MIN_GPU_HEADROOM, int(total * _GPU_HEADROOM_FRACTION))
+        budget[index] = max(0, free - headroom)
     budget["cpu"] = _available_cpu_memory()
     return budget
 
 
+@dataclass(frozen=True)
+class CpuMemory:
+    """The detected CPU budget and where it comes from.
+
+    Attributes:
+        budget: bytes for weights kept in RAM: ``free - headroom`` (never negative).
+        source: ``"cgroup limit"`` when the process's memory cgroup leaves less room than the available RAM, else
+            ``"available RAM"``.
+        free: the smaller of the cgroup's room (limit minus non-reclaimable use) and the available RAM.
+        available: ``MemAvailable`` of ``/proc/meminfo`` (else free pages from ``os.sysconf``).
+        headroom: bytes kept back for the process: ``max(256 MiB, 5% of free)``.
+        cgroup: the binding cgroup limit, or ``None`` when no cgroup limits memory.
+    """
+
+    budget: int
+    source: str
+    free: int
+    available: int
+    headroom: int
+    cgroup: Optional[CgroupMemory]
+
+    def describe(self) -> str:
+        """``"cgroup limit 1.6 GiB (1.2 GiB free)"`` or ``"available RAM 22.9 GiB"``: the figure behind the budget."""
+        if self.source == "cgroup limit" and self.cgroup is not None:
+            return f"cgroup limit {format_bytes(self.cgroup.limit)} ({format_bytes(self.free)} free)"
+        return f"available RAM {format_bytes(self.free)}"
+
+
+def detect_cpu_memory() -> CpuMemory:
+    """The CPU budget of this process: the smaller of its cgroup's room and the available RAM, minus a headroom.
+
+    A container's memory limit (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``, the tightest along the
+    cgroup's ancestors) is invisible in ``/proc/meminfo``; ignoring it gets the process OOM-killed. See
+    :func:`~lightning_bigmodel.planning.cgroup.cgroup_memory`.
+    """
+    available = _available_ram()
+    limit = cgroup_memory()
+    if limit is not None and limit.room < available:
+        source, free = "cgroup limit", limit.room
+    else:
+        source, free = "available RAM", available
+    headroom = max(_MIN_CPU_HEADROOM, int(free * _CPU_HEADROOM_FRACTION))
+    return CpuMemory(max(0, free - headroom), source, free, available, headroom, limit)
+
+
+def budget_sources(max_memory: Optional[Mapping[DeviceKey, Union[int, str]]] = None) -> dict[DeviceKey, str]:
+    """Where each budget of ``get_max_memory(max_memory)`` comes from, for the device-map table.
+
+    ``"max_memory"`` for every device of a given budget; detected: ``"free memory"`` for GPUs and the CPU's
+    :attr:`CpuMemory.source` (``"cgroup limit"`` or ``"available RAM"``).
+    """
+    if max_memory is not None:
+        return {key: "max_memory" for key in get_max_memory(max_memory)}
+    sources: dict[DeviceKey, str] = {}
+    if torch.cuda.is_available():
+        sources.update({index: "free memory" for index in range(torch.cuda.device_count())})
+    sources["cpu"] = detect_cpu_memory().source
+    return sources
+
+
+def _warn_above_detected(cpu: int) -> None:
+    """Warn when a given CPU budget exceeds what this process can really hold."""
+    detected = detect_cpu_memory()
+    if cpu <= detected.free:
+        return
+    warnings.warn(
+        f"`max_memory['cpu']`={format_bytes(cpu)} ({cpu} bytes) is above the {detected.source} of this process: "
+        f"{format_bytes(detected.free)} ({detected.free} bytes) free"
+        + (f" under the limit of {detected.cgroup.path}" if detected.source == "cgroup limit" else "")
+        + f". Weights planned for the CPU may not fit and the process may be OOM-killed. Lower `max_memory['cpu']` "
+        f"(the detected budget, which keeps {format_bytes(detected.headroom)} for the process, is {detected.budget} "
+        "bytes), or pass `max_memory=None` to use it.",
+        stacklevel=3,
+    )
+
+
+def check_layer_fits(nbytes: int, name: str) -> None:
+    """Raise ``ValueError`` when the process's cgroup leaves less room than ``name`` (``nbytes``), the largest piece of
+    the model that must be in memory at once: even streamed from disk it could not run."""
+    limit = cgroup_memory()
+    if limit is None or nbytes <= limit.room:
+        return
+    raise ValueError(
+        f"The memory cgroup limit of this process, {format_bytes(limit.limit)} ({limit.limit} bytes, "
+        f"{limit.path}), leaves {format_bytes(limit.room)} ({limit.room} bytes) free, less than the largest layer "
+        f"that must be in memory at once: `{name}` ({format_bytes(nbytes)}, {nbytes} bytes). Raise the memory limit "
+        f"(e.g. the pod's `resources.limits.memory` or the job's `--mem`), load in a smaller `dtype`, or let `{name}` "
+        "be split (take its class out of `no_split_module_classes`)."
+    )
+
+
 def _available_cpu_memory() -> int:
+    """The detected CPU budget in bytes (see :func:`detect_cpu_memory`)."""
+    return detect_cpu_memory().budget
+
+
+def _available_ram() -> int:
     """Available RAM in bytes: ``MemAvailable`` from ``/proc/meminfo``, else free pages from ``os.sysconf``."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
+        with open(_cgroup.SYSTEM_ROOT / "proc/meminfo", encoding="ascii") as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024  # reported in kB (KiB)
@@ -85,5 +209,3 @@ def _available_cpu_memory() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return 0
-
-
