@@ -12,9 +12,11 @@ from torch import nn
 
 from lightning_bigmodel.checkpoint.loading import load_checkpoint_in_model
 from lightning_bigmodel.checkpoint.resolve import is_safetensors, resolve_checkpoint
+from lightning_bigmodel.integrations.quantization.spec import Quantization, quantized_weights, resolve_quantization
 from lightning_bigmodel.planning.device_map import POLICIES, execution_device, infer_device_map, normalize_device
 from lightning_bigmodel.offload.attach import DispatchState, attach_hooks
 from lightning_bigmodel.offload.disk import OffloadFolder
+from lightning_bigmodel.offload.subclass import inner_tensors, is_wrapped, stored_nbytes
 from lightning_bigmodel.offload.placement import (
     restored_on_error,
     DISK,
@@ -26,6 +28,7 @@ from lightning_bigmodel.offload.placement import (
     is_disk,
     is_dispatched,
     mark_disk,
+    owner_key,
     pin_host,
     tensor_groups,
     to_host,
@@ -60,7 +63,7 @@ def dispatch_model(
         RuntimeError: a parameter or buffer is still on meta (load the checkpoint first).
     """
     remove_dispatch(model)
-    validate_device_map(model, device_map)
+    device_map = validate_device_map(model, device_map)
     _refuse_meta(model)
     normalized = {key: normalize_device(value) for key, value in device_map.items()}
     main = torch.device(main_device) if main_device is not None else execution_device(normalized)
@@ -103,10 +106,15 @@ def load_checkpoint_and_dispatch(
     dtype: Optional[torch.dtype] = None,
     strict: bool = False,
     key_prefix: str = "",
+    quantization: Optional[Quantization] = None,
+    quantization_skip_modules: Optional[Sequence[str]] = None,
 ) -> nn.Module:
     """Plan (when ``device_map`` is a policy name), stream the checkpoint in, and dispatch; return ``model``.
 
-    ``device_map=None`` loads everything on CPU and attaches nothing. See :func:`load_checkpoint_in_model` and
+    ``device_map=None`` loads everything on CPU and attaches nothing. ``quantization="int8"`` (or ``"int4"`` on GPUs)
+    quantizes ``nn.Linear`` weights while they stream in (torchao, weight-only; the ``lm_head`` and embeddings stay in
+    the compute dtype unless ``quantization_skip_modules`` says otherwise), plans them at their quantized size, and
+    keeps them quantized on every device, ``"disk"`` included. See :func:`load_checkpoint_in_model` and
     :func:`dispatch_model` for the other arguments.
 
     Bad input fails before any tensor is placed: an unknown policy, a malformed budget, a map that misses tensors or
@@ -126,15 +134,19 @@ def load_checkpoint_and_dispatch(
             dtype=dtype,
             policy=policy,
             offload_buffers=offload_buffers,
+            quantization=quantization,
+            quantization_skip_modules=quantization_skip_modules,
         )
     if device_map is not None:
-        validate_device_map(model, device_map)
+        device_map = validate_device_map(model, device_map)
         if policy is not None and offload_folder is None:
-            _refuse_spill_without_folder(device_map, checkpoint, policy, max_memory)
+            quantized = quantized_weights(model, resolve_quantization(quantization, quantization_skip_modules))
+            _refuse_spill_without_folder(device_map, checkpoint, policy, max_memory, quantized)
     with restored_on_error(model):
         load_checkpoint_in_model(
             model, checkpoint, device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
-            offload_buffers=offload_buffers, key_prefix=key_prefix,
+            offload_buffers=offload_buffers, key_prefix=key_prefix, quantization=quantization,
+            quantization_skip_modules=quantization_skip_modules,
         )  # fmt: skip
         if device_map is not None:
             dispatch_model(model, device_map, offload_folder=offload_folder, offload_buffers=offload_buffers)
@@ -142,17 +154,24 @@ def load_checkpoint_and_dispatch(
 
 
 def _refuse_spill_without_folder(
-    device_map: Mapping[str, Union[int, str]], checkpoint, policy: str, max_memory
+    device_map: Mapping[str, Union[int, str]], checkpoint, policy: str, max_memory, quantized: Mapping[str, object]
 ) -> None:
-    """A planned map that spills to ``"disk"`` needs an offload folder unless every shard is safetensors."""
+    """A planned map that spills to ``"disk"`` needs an offload folder unless every shard is safetensors (and
+    nothing is quantized: quantized weights have no bytes in the checkpoint to reference)."""
     spilled = [key or "<root>" for key, device in device_map.items() if device == DISK]
     if not spilled:
         return
+    shown = spilled if len(spilled) <= 8 else spilled[:8] + [f"... ({len(spilled) - 8} more)"]
+    if any(device_map[owner_key(name, device_map)] == DISK for name in quantized):
+        raise ValueError(
+            f"The budget `max_memory`={dict(max_memory) if max_memory else 'detected free memory'} is too small for the "
+            f"quantized model: `device_map={policy!r}` puts {shown} on \"disk\", and quantized weights are written "
+            "once to an offload folder. Pass `offload_folder=` (a folder with room for them), or raise the budget."
+        )
     files = resolve_checkpoint(checkpoint).files
     pickled = [f.name for f in files if not is_safetensors(f)]
     if not pickled:
         return  # safetensors shards are referenced in place
-    shown = spilled if len(spilled) <= 8 else spilled[:8] + [f"... ({len(spilled) - 8} more)"]
     raise ValueError(
         f"The budget `max_memory`={dict(max_memory) if max_memory else 'detected free memory'} is too small for the "
         f"model: `device_map={policy!r}` puts {shown} on \"disk\", and checkpoint file(s) {pickled[:3]} are not "
@@ -191,11 +210,22 @@ def _place(groups: list[TensorGroup], pin: bool, offload_folder: Optional[Union[
     store = OffloadFolder(offload_folder, None) if to_write else nullcontext()  # in-memory weights: nothing to reuse
     with store:  # opened first: an unwritable or full folder fails before anything moves
         if to_write:
-            store.ensure_space(sum(g.tensor.numel() * g.tensor.element_size() for g in to_write), len(to_write))
+            store.ensure_space(sum(stored_nbytes(g.tensor) for g in to_write), len(to_write))
         for group in groups:
             target = group.target
             if target == DISK or is_at(group.tensor, target, pin):
                 continue
             install(group, to_host(group.tensor, pin) if target.type == "cpu" else group.tensor.to(target))
         for group in to_write:
-            install(group, mark_disk(store.write(group.name, group.tensor)))
+            install(group, mark_disk(_write(store, group)))
+
+
+def _write(store: OffloadFolder, group: TensorGroup) -> torch.Tensor:
+    """Write ``group``'s tensor once and return its file-backed view; a tensor subclass (e.g. already quantized in
+    memory) is written as its inner tensors and rebuilt over their views, keeping its class."""
+    tensor = group.tensor
+    if not is_wrapped(tensor):
+        return store.write(group.name, tensor)
+    parts, context = inner_tensors(tensor)
+    views = store.write_parts(group.name, parts, tensor, {"class": type(tensor).__name__}, {})
+    return type(tensor).__tensor_unflatten__(views, context, tensor.shape, tensor.stride())

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from lightning_bigmodel.checkpoint.reader import CheckpointReader, TensorSpec
 from lightning_bigmodel.checkpoint.resolve import resolve_checkpoint
+from lightning_bigmodel.checkpoint.transform import TensorTransform, compute_device, place_transformed
 from lightning_bigmodel.planning.device_map import execution_device
 from lightning_bigmodel.offload.disk import OffloadFolder, source_identity
 from lightning_bigmodel.offload.placement import (
@@ -36,6 +38,8 @@ class _Plan:
     dtypes: dict[int, torch.dtype] = field(default_factory=dict)  # group index -> dtype to install
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    transform: Optional[TensorTransform] = None  # the per-tensor transform hook (see `checkpoint/transform.py`)
+    transformed: set[int] = field(default_factory=set)  # group indices it applies to
 
 
 def load_checkpoint_in_model(
@@ -48,6 +52,8 @@ def load_checkpoint_in_model(
     offload_buffers: bool = False,
     key_prefix: str = "",
     progress: Optional[Callable[[str, int], None]] = None,
+    quantization: Optional[str] = None,
+    quantization_skip_modules: Optional[Sequence[str]] = None,
 ) -> tuple[list[str], list[str]]:
     """Stream ``checkpoint`` into ``model``, each tensor straight to the place ``device_map`` gives it.
 
@@ -70,6 +76,11 @@ def load_checkpoint_in_model(
         progress: called as ``progress(key, nbytes)`` once per checkpoint key, with the tensor's size in the
             checkpoint: right after the tensor is placed, or, for keys that place nothing (unexpected keys, a second
             alias of tied weights), after the last placement. The ``nbytes`` add up to the checkpoint's tensor bytes.
+        quantization: ``"int8"`` or ``"int4"`` quantizes ``nn.Linear`` weights (weight-only, with torchao) as they
+            stream in, on the CPU after the cast and before placement; they stay quantized on every device, ``"disk"``
+            included (written once to ``offload_folder``). See :mod:`lightning_bigmodel.integrations.quantization`.
+        quantization_skip_modules: modules whose ``nn.Linear`` weights stay in the compute dtype (default
+            ``["lm_head"]``; a list given replaces it). Embeddings are never quantized.
 
     Returns:
         ``(missing_keys, unexpected_keys)``: model names absent from the checkpoint (parameters listed there stay on
@@ -80,31 +91,45 @@ def load_checkpoint_in_model(
             "`model` is dispatched: its hooks hold the weights placed before. Call `remove_dispatch(model)` before "
             "loading a checkpoint into it, then dispatch it again (or build a fresh model)."
         )
+    if quantization is not None or quantization_skip_modules:  # a bad name fails before anything is opened
+        from lightning_bigmodel.integrations.quantization.spec import resolve_quantization
+
+        resolve_quantization(quantization, quantization_skip_modules)
     groups = tensor_groups(model)
     main_device = torch.device("cpu")
     if device_map is not None:
-        validate_device_map(model, device_map)
+        device_map = validate_device_map(model, device_map)
         main_device = execution_device(device_map)
     assign_targets(groups, device_map, main_device, offload_buffers)
     pin = device_map is not None and pin_host(main_device)
     resolved = resolve_checkpoint(checkpoint)
     with CheckpointReader(resolved) as reader:
+        if quantization is not None:  # an already quantized checkpoint fails here, not on its first odd shape
+            _refuse_prequantized(reader)
         plan = _plan(groups, reader, dtype, key_prefix)
+        if quantization is not None:
+            _add_quantization(plan, model, groups, reader, main_device, quantization, quantization_skip_modules)
         if strict and (plan.missing or plan.unexpected):
             raise RuntimeError(_strict_message(plan, key_prefix))
         writes = _needs_writes(groups, plan, reader)
         if writes and offload_folder is None:
             raise ValueError(
                 f"`device_map` puts {_modules_of(writes)} on \"disk\", but their weights cannot be referenced in "
-                "place (the checkpoint is not safetensors, or `dtype` converts them). Pass `offload_folder=` (a "
-                "folder with room for them) so they are written there once."
+                "place (the checkpoint is not safetensors, or `dtype` converts them, or they are quantized). Pass "
+                "`offload_folder=` (a folder with room for them) so they are written there once."
             )
         store = OffloadFolder(offload_folder, source_identity(resolved.files)) if writes else nullcontext()
         with store, restored_on_error(model):  # a failure part way (e.g. a full disk) leaves the model as it was
             if writes:
                 _ensure_room(store, groups, plan, reader)
             for index, key in plan.sources.items():
-                _load_group(groups[index], key, reader, plan.dtypes[index], pin, store)
+                if index in plan.transformed:
+                    read = partial(_cast_source, reader, key, plan.dtypes[index])
+                    place_transformed(
+                        groups[index], key, read, plan.dtypes[index], plan.transform, pin, store, main_device
+                    )
+                else:
+                    _load_group(groups[index], key, reader, plan.dtypes[index], pin, store)
                 if progress is not None:
                     progress(key, reader.spec(key).nbytes)
             _place_unloaded(model, groups, plan, pin)
@@ -117,9 +142,15 @@ def _ensure_room(store: OffloadFolder, groups: list[TensorGroup], plan: _Plan, r
     nbytes = files = 0
     for index, key in plan.sources.items():
         spec, dtype, group = reader.spec(key), plan.dtypes[index], groups[index]
-        if group.target != DISK or _in_place(spec, dtype) or store.has(group.name, spec.shape, dtype, key=key):
+        if index in plan.transformed:
+            form = plan.transform.form
+            if group.target != DISK or store.has(group.name, spec.shape, dtype, key=key, form=form):
+                continue
+            nbytes += plan.transform.stored_nbytes(group.name)
+        elif group.target != DISK or _in_place(spec, dtype) or store.has(group.name, spec.shape, dtype, key=key):
             continue
-        nbytes += spec.numel * dtype.itemsize
+        else:
+            nbytes += spec.numel * dtype.itemsize
         files += 1
     store.ensure_space(nbytes, files=files)
 
@@ -188,7 +219,7 @@ def _needs_writes(groups: list[TensorGroup], plan: _Plan, reader: CheckpointRead
     return [
         groups[i]
         for i, key in plan.sources.items()
-        if groups[i].target == DISK and not _in_place(reader.spec(key), plan.dtypes[i])
+        if groups[i].target == DISK and (i in plan.transformed or not _in_place(reader.spec(key), plan.dtypes[i]))
     ]
 
 
@@ -200,6 +231,11 @@ def _modules_of(groups: list[TensorGroup]) -> list[str]:
 def _cpu_source(reader: CheckpointReader, key: str) -> torch.Tensor:
     """The cheapest CPU tensor holding ``key``, to copy or convert from: no anonymous copy of the source."""
     return reader.borrow(key)
+
+
+def _cast_source(reader: CheckpointReader, key: str, dtype: torch.dtype) -> torch.Tensor:
+    """``key`` as a CPU tensor of ``dtype``: the borrowed source itself when no cast is needed (no copy)."""
+    return _cpu_source(reader, key).to(dtype)
 
 
 def _load_group(group: TensorGroup, key: str, reader: CheckpointReader, dtype: torch.dtype, pin: bool, store) -> None:
@@ -223,6 +259,25 @@ def _load_group(group: TensorGroup, key: str, reader: CheckpointReader, dtype: t
     else:
         tensor = _cpu_source(reader, key).to(dtype=dtype, copy=True)  # one copy, cast included
     install(group, tensor)
+
+
+def _refuse_prequantized(reader: CheckpointReader) -> None:
+    from lightning_bigmodel.integrations.quantization.prequantized import check_not_prequantized
+
+    keys = [(key, reader.spec(key).dtype) for key in reader.keys()]
+    check_not_prequantized(reader.checkpoint.root, keys, str(reader.checkpoint.root))
+
+
+def _add_quantization(plan: _Plan, model, groups, reader, main_device, quantization, skip_modules) -> None:
+    """Check the quantization request (before any weight is read) and hook its quantizer into ``plan``."""
+    from lightning_bigmodel.integrations.quantization.quantizer import build_quantizer
+
+    loaded = {groups[i].name: i for i in plan.sources}
+    devices = {name: compute_device(groups[i], main_device) for name, i in loaded.items()}
+    dtypes = {name: plan.dtypes[i] for name, i in loaded.items()}
+    plan.transform = build_quantizer(model, quantization, skip_modules, devices, dtypes)
+    if plan.transform is not None:
+        plan.transformed = {i for name, i in loaded.items() if plan.transform.selects(name)}
 
 
 def _place_unloaded(model: nn.Module, groups: list[TensorGroup], plan: _Plan, pin: bool) -> None:

@@ -62,21 +62,32 @@ def source_identity(files: Sequence[Union[str, Path]]) -> list[dict[str, Any]]:
     return out
 
 
-def _save_aligned(tensor: torch.Tensor, path: Path) -> None:
-    """Write ``tensor`` as a one-entry safetensors file named ``"tensor"`` whose data starts 64-byte aligned.
+def _save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write ``tensors`` as one safetensors file whose data starts 64-byte aligned.
 
-    The format allows padding the JSON header with spaces; the safetensors library reads such files as usual.
+    The format allows padding the JSON header with spaces; the safetensors library reads such files as usual. Several
+    tensors (the parts of a quantized weight) go widest element first, so each starts at a multiple of its itemsize
+    (the format allows no gaps between them).
     """
-    data = tensor.detach().to("cpu").contiguous()
-    nbytes = data.numel() * data.element_size()
-    header = {"tensor": {"dtype": DTYPE_CODES[data.dtype], "shape": list(data.shape), "data_offsets": [0, nbytes]}}
+    datas = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    order = sorted(datas, key=lambda name: -datas[name].element_size())
+    header, offset = {}, 0
+    for name in order:
+        data = datas[name]
+        nbytes = data.numel() * data.element_size()
+        header[name] = {
+            "dtype": DTYPE_CODES[data.dtype], "shape": list(data.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % _ALIGN)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        if nbytes:
-            f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        for name in order:
+            if datas[name].numel():
+                f.write(memoryview(datas[name].reshape(-1).view(torch.uint8).numpy()))
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -229,18 +240,49 @@ class OffloadFolder:
         self._dirty = False
 
     # ------------------------------------------------------------------ tensors
-    def has(self, name: str, shape: Sequence[int], dtype: torch.dtype, key: Optional[str] = None) -> bool:
-        """Whether a reusable file for ``name`` (read from source ``key``) with this shape and dtype is there."""
+    def has(
+        self, name: str, shape: Sequence[int], dtype: torch.dtype, key: Optional[str] = None, form: Optional[dict] = None
+    ) -> bool:
+        """Whether a reusable file for ``name`` (read from source ``key``) with this shape and dtype is there; ``form``
+        identifies a stored form written by :meth:`write_parts` (e.g. a quantization), ``None`` a plain tensor."""
         entry = self.entries.get(name)
         if entry is None:
             return False
-        if (entry.get("shape"), entry.get("dtype"), entry.get("key")) != (list(shape), str(dtype), key):
+        found = (entry.get("shape"), entry.get("dtype"), entry.get("key"), entry.get("form"))
+        if found != (list(shape), str(dtype), key, form):
             return False
         file = self.folder / entry["file"]
         return file.is_file() and file.stat().st_size == entry.get("size")
 
     def write(self, name: str, tensor: torch.Tensor, key: Optional[str] = None) -> torch.Tensor:
         """Write ``tensor`` as ``name`` (from source ``key``, replacing any previous file); return its mapped view."""
+        self._write_file(name, {"tensor": tensor}, {"shape": list(tensor.shape), "dtype": str(tensor.dtype), "key": key})
+        return self.view(name)
+
+    def write_parts(
+        self,
+        name: str,
+        parts: dict[str, torch.Tensor],
+        like: torch.Tensor,
+        form: dict[str, Any],
+        meta: dict[str, Any],
+        key: Optional[str] = None,
+    ) -> dict[str, torch.Tensor]:
+        """Write the plain ``parts`` of a tensor stored in another form (e.g. quantized), in one file; return views.
+
+        Args:
+            name: the model tensor's name.
+            parts: its inner tensors (``{"qdata": ..., "scale": ...}``).
+            like: the logical tensor (its shape and dtype key the entry, as for :meth:`write`).
+            form: JSON identity of the stored form; :meth:`has` reuses the entry only for the same ``form``.
+            meta: JSON data needed to rebuild the tensor from its parts (given back by :meth:`view_parts`).
+            key: the source checkpoint key.
+        """
+        entry = {"shape": list(like.shape), "dtype": str(like.dtype), "key": key, "form": form, "meta": meta}
+        self._write_file(name, parts, entry)
+        return self.view_parts(name)[0]
+
+    def _write_file(self, name: str, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> None:
         if self._lock_file is None:
             raise RuntimeError("OffloadFolder.write() needs the folder open: use `with OffloadFolder(...) as store:`.")
         if self._unwritable is not None:
@@ -252,20 +294,21 @@ class OffloadFolder:
                 (self.folder / MANIFEST).unlink(missing_ok=True)  # a crash from here on leaves no stale manifest
                 self._dirty = True
             self.entries.pop(name, None)
-            _write_atomic(path, lambda tmp: _save_aligned(tensor, tmp))
+            _write_atomic(path, lambda tmp: _save_aligned(tensors, tmp))
         except OSError as err:
             raise _folder_error(self.folder, f"writing {file_name!r} (tensor `{name}`)", err) from err
         self._written.append(path)
-        self.entries[name] = {
-            "file": file_name,
-            "shape": list(tensor.shape),
-            "dtype": str(tensor.dtype),
-            "key": key,
-            "size": path.stat().st_size,
-        }
-        return self.view(name)
+        self.entries[name] = {"file": file_name, **entry, "size": path.stat().st_size}
 
     def view(self, name: str) -> torch.Tensor:
         """Zero-copy CPU view of a stored tensor (private copy-on-write map: writes never reach the file)."""
         path = self.folder / self.entries[name]["file"]
         return view(open_mmap(path), read_header(path).entries["tensor"])
+
+    def view_parts(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Zero-copy views of the parts :meth:`write_parts` stored for ``name``, and its ``meta``."""
+        entry = self.entries[name]
+        path = self.folder / entry["file"]
+        mapping = open_mmap(path)
+        parts = {part: view(mapping, info) for part, info in read_header(path).entries.items()}
+        return parts, entry.get("meta", {})

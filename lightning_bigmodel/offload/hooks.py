@@ -15,6 +15,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from lightning_bigmodel.offload.subclass import is_pinned
+
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """``obj`` with ``fn`` applied to every tensor, through nested tuples (named ones too), lists and dicts."""
@@ -91,7 +93,7 @@ class WeightHook:
 
     def fetch(self, index: int) -> torch.Tensor:
         host = self.entries[index].host
-        return host.to(self.device, non_blocking=host.is_pinned(), copy=True)
+        return host.to(self.device, non_blocking=is_pinned(host), copy=True)
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict):
         ready = self.prefetcher.take(self) if self.prefetcher is not None else None

@@ -16,7 +16,8 @@ from typing import Iterator, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from lightning_bigmodel.planning.device_map import check_device_map, check_devices_exist, normalize_device
+from lightning_bigmodel.offload.subclass import is_pinned, is_wrapped, map_inner
+from lightning_bigmodel.planning.device_map import CheckedDeviceMap, checked_device_map, normalize_device
 
 Target = Union[torch.device, str]
 DISK = "disk"
@@ -77,10 +78,12 @@ def execution_target(device, main_device: torch.device) -> torch.device:
     return torch.device("cuda", device) if isinstance(device, int) else main_device
 
 
-def validate_device_map(model: nn.Module, device_map: Mapping[str, object]) -> None:
-    """Raise ``ValueError`` if the map misses tensors, names unknown modules or devices, or GPUs this machine lacks."""
-    check_device_map(model, device_map)
-    check_devices_exist(device_map)
+def validate_device_map(model: nn.Module, device_map: Mapping[str, object]) -> CheckedDeviceMap:
+    """The map checked once (misses tensors, unknown modules or devices, absent GPUs raise ``ValueError``).
+
+    An already :class:`~lightning_bigmodel.planning.device_map.CheckedDeviceMap` for ``model`` passes through as is.
+    """
+    return checked_device_map(model, device_map)
 
 
 def _rank(device) -> tuple[int, int]:
@@ -156,14 +159,19 @@ def is_at(tensor: torch.Tensor, target: Target, pin: bool) -> bool:
     if tensor.device != target:
         return False
     if target.type == "cpu":
-        return not is_disk(tensor) and (not pin or tensor.is_pinned())
+        return not is_disk(tensor) and (not pin or is_pinned(tensor))
     return True
 
 
 def to_host(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
-    """A RAM copy of ``tensor`` (pinned when ``pin``); a CPU tensor that is not file-backed is reused when possible."""
-    if tensor.device.type == "cpu" and not is_disk(tensor) and (not pin or tensor.is_pinned()):
+    """A RAM copy of ``tensor`` (pinned when ``pin``); a CPU tensor that is not file-backed is reused when possible.
+
+    A tensor subclass holding inner tensors (a quantized weight) is copied part by part and keeps its class.
+    """
+    if tensor.device.type == "cpu" and not is_disk(tensor) and (not pin or is_pinned(tensor)):
         return tensor
+    if is_wrapped(tensor):
+        return map_inner(tensor, lambda part: to_host(part, pin))
     if pin:
         out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         return out.copy_(tensor)

@@ -22,9 +22,14 @@ from typing import Optional
 
 import torch
 
+from lightning_bigmodel.offload.subclass import is_pinned, is_wrapped, map_inner
+
 
 def _stage(host: torch.Tensor) -> torch.Tensor:
-    """A pinned copy of a pageable (e.g. memory-mapped) host tensor; reading it faults the pages in."""
+    """A pinned copy of a pageable (e.g. memory-mapped) host tensor; reading it faults the pages in. A tensor subclass
+    holding inner tensors (a quantized weight) is staged part by part: copying it whole would dequantize it."""
+    if is_wrapped(host):
+        return map_inner(host, _stage)
     return torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
 
 
@@ -113,7 +118,7 @@ class Prefetcher:
         with torch.cuda.stream(stream):
             for index in hook.prefetchable:
                 host = hook.entries[index].host
-                source = host if host.is_pinned() else _stage(host)
+                source = host if is_pinned(host) else _stage(host)
                 copies[index] = source.to(hook.device, non_blocking=True, copy=True)
             event = torch.cuda.Event()
             event.record(stream)

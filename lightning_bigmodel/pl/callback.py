@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_bigmodel.planning.device_map import Policy, check_device_map, infer_device_map, normalize_device
 from lightning_bigmodel.planning.budget import get_max_memory
 from lightning_bigmodel.planning.sizes import compute_module_sizes
-from lightning_bigmodel.planning.table import bytes_per_device, device_label, render_table
+from lightning_bigmodel.planning.table import bytes_per_device, device_label, format_bytes, render_table
 
 DeviceMapArg = Union[Policy, dict[str, Union[int, str]]]
 JSON_NAME = "device_map.json"
@@ -44,10 +44,26 @@ def trainer_gpus(strategy: "pl.strategies.Strategy") -> list[int]:
     return sorted({device.index or 0 for device in devices if device.type == "cuda"})
 
 
-def check_trainer_devices(plan: Mapping[str, Union[int, str]], strategy: "pl.strategies.Strategy") -> None:
-    """Raise ``MisconfigurationException`` when ``plan`` uses GPUs the Trainer of ``strategy`` does not run on."""
+def check_trainer_devices(
+    plan: Mapping[str, Union[int, str]],
+    strategy: "pl.strategies.Strategy",
+    budget: Optional[Mapping[Union[int, str], int]] = None,
+) -> None:
+    """Raise ``MisconfigurationException`` when ``plan`` uses GPUs the Trainer of ``strategy`` does not run on, or
+    none of the GPUs a GPU Trainer runs on (``budget``, the plan's budget in bytes, is shown then)."""
     gpus_used = sorted({d for d in map(normalize_device, plan.values()) if isinstance(d, int)})
     allowed = trainer_gpus(strategy)
+    if allowed and not gpus_used:
+        shown = "" if budget is None else " (budget: " + ", ".join(
+            f"{device_label(key)} {format_bytes(value)}" for key, value in budget.items()
+        ) + ")"
+        raise MisconfigurationException(
+            f"The device map puts no module on the Trainer's GPU(s) {allowed}{shown}: every weight would stay on "
+            "'cpu'/'disk' and compute on the CPU while the Trainer holds the GPU(s). Give the GPUs room (e.g. "
+            "`max_memory={0: '20GiB', 'cpu': '60GiB'}`; a detected budget leaves a GPU nothing when its free memory "
+            "is below the headroom), put modules on them in an explicit `device_map`, or run on the CPU with "
+            "`Trainer(accelerator='cpu')`."
+        )
     if gpus_used and not allowed:
         raise MisconfigurationException(
             f"The device map puts modules on GPU(s) {gpus_used}, but the Trainer runs on the "
@@ -112,7 +128,11 @@ class DeviceMapCallback(Callback):
         """Compute (or check, for an explicit map) the device map of ``pl_module`` over the devices of ``strategy``."""
         gpus = trainer_gpus(strategy)
         self.max_memory_bytes = self._budget(gpus)
-        self.module_sizes = compute_module_sizes(pl_module, dtype=self.dtype)
+        quantized = {  # the strategy's setting, used for sizes and the plan alike (a callback does not repeat it)
+            "quantization": getattr(strategy, "quantization", None),
+            "quantization_skip_modules": getattr(strategy, "quantization_skip_modules", None),
+        }
+        self.module_sizes = compute_module_sizes(pl_module, dtype=self.dtype, **quantized)
         if isinstance(self.requested_map, Mapping):
             device_map = {key: normalize_device(value) for key, value in self.requested_map.items()}
             check_device_map(pl_module, device_map)
@@ -124,14 +144,14 @@ class DeviceMapCallback(Callback):
                 dtype=self.dtype,
                 policy=self.requested_map,
                 offload_buffers=self.offload_buffers,
+                **quantized,
             )
         self.device_map = dict(device_map)
         return self.device_map
 
     def _budget(self, gpus: list[int]) -> dict[Union[int, str], int]:
         if self.max_memory is None:
-            detected = get_max_memory(None)
-            return {key: value for key, value in detected.items() if not isinstance(key, int) or key in gpus}
+            return get_max_memory(None, gpus=gpus)  # only the Trainer's GPUs are queried
         budget = get_max_memory(self.max_memory)
         extra = [key for key in budget if isinstance(key, int) and key not in gpus]
         if extra:

@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_bigmodel.integrations.quantization.spec import Quantization
 from lightning_bigmodel.planning.device_map import Policy
 
 _USAGE = """usage: lightning-bigmodel {predict,plan} [-h] ...
@@ -90,6 +91,12 @@ def _plan_parser() -> ArgumentParser:
     parser.add_argument("--policy", type=Policy, default="auto", help="How to spread modules over the GPUs.")
     parser.add_argument("--dtype", type=Optional[DType], default=None, help="Plan for weights cast to this dtype.")
     parser.add_argument("--offload_buffers", type=bool, default=False, help="Count buffers of offloaded modules too.")
+    parser.add_argument(
+        "--quantization", type=Optional[Quantization], default=None, help="Plan nn.Linear weights quantized to this."
+    )
+    parser.add_argument(
+        "--quantization_skip_modules", type=Optional[list[str]], default=None, help='Keep these unquantized (["lm_head"]).'
+    )
     parser.add_argument("--output", type=Optional[str], default=None, help="Also write the map to this JSON file.")
     return parser
 
@@ -124,9 +131,12 @@ def plan(argv: Optional[list[str]] = None) -> dict[str, Any]:
         dtype=dtype,
         policy=cfg.policy,
         offload_buffers=cfg.offload_buffers,
+        quantization=cfg.quantization,
+        quantization_skip_modules=cfg.quantization_skip_modules,
     )
-    sizes = compute_module_sizes(model, dtype=dtype)
-    print(f"Plan for {type(model).__name__}: {format_bytes(sizes[''])} of weights, policy {cfg.policy!r}")
+    sizes = compute_module_sizes(model, dtype, cfg.quantization, cfg.quantization_skip_modules)
+    quantized = f", {cfg.quantization} weights" if cfg.quantization else ""
+    print(f"Plan for {type(model).__name__}: {format_bytes(sizes[''])} of weights{quantized}, policy {cfg.policy!r}")
     print(render_table(device_map, sizes, budget))
     if cfg.output:
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)

@@ -117,6 +117,8 @@ def load_into(
     strict: bool = True,
     key_prefix: Optional[str] = None,
     checkpoint_io: Optional[CheckpointIO] = None,
+    quantization: Optional[str] = None,
+    quantization_skip_modules: Optional[list[str]] = None,
 ) -> None:
     """Stream ``state_dict`` into ``model`` on the devices of ``device_map``, check nothing is left on meta, dispatch.
 
@@ -124,17 +126,24 @@ def load_into(
     progress bar when ``checkpoint_io`` is a :class:`~lightning_bigmodel.pl.io.ShardedCheckpointIO` that wants one) and is
     closed afterwards; any other mapping (from another ``CheckpointIO``) is copied in on CPU first.
     ``state_dict=None`` dispatches a model whose weights are already real. ``key_prefix=None`` detects the prefix
-    (:func:`~lightning_bigmodel.checkpoint.keys.infer_key_prefix`).
+    (:func:`~lightning_bigmodel.checkpoint.keys.infer_key_prefix`). ``quantization`` quantizes while streaming (see
+    :func:`~lightning_bigmodel.checkpoint.loading.load_checkpoint_in_model`); it needs a streamed checkpoint.
 
     Raises:
         RuntimeError: keys missing or unexpected under ``strict``, or parameters left on meta (no weights for them).
     """
+    if quantization is not None and not isinstance(state_dict, LazyStateDict):
+        given = "no checkpoint" if state_dict is None else f"an in-memory state dict ({type(state_dict).__name__})"
+        raise ValueError(
+            f"`quantization`={quantization!r} quantizes weights while a checkpoint streams in, but {given} was given. "
+            "Pass `ckpt_path=` (or `checkpoint=`) with the default `ShardedCheckpointIO`, or drop `quantization`."
+        )
     if state_dict is not None:
         if key_prefix is None:
             key_prefix = infer_key_prefix(list(state_dict.keys()), list(model.state_dict().keys()))
         if isinstance(state_dict, LazyStateDict):
             _stream(model, state_dict, device_map, dtype, offload_folder, offload_buffers, strict, key_prefix,
-                    checkpoint_io)  # fmt: skip
+                    checkpoint_io, (quantization, quantization_skip_modules))  # fmt: skip
         else:
             _copy_in(model, state_dict, strict, key_prefix)
     left = meta_tensor_names(model)
@@ -197,7 +206,9 @@ def hook_network_children(model: nn.Module) -> None:
         state.handles.append(child.register_forward_hook(hook.post, with_kwargs=True, always_call=True))
 
 
-def _stream(model, state_dict, device_map, dtype, offload_folder, offload_buffers, strict, key_prefix, io) -> None:
+def _stream(
+    model, state_dict, device_map, dtype, offload_folder, offload_buffers, strict, key_prefix, io, quantized=(None, None)
+) -> None:
     show = isinstance(io, ShardedCheckpointIO) and io.show_progress(state_dict.nbytes)
     progress = _make_progress(state_dict.nbytes) if show else None
     try:
@@ -211,6 +222,8 @@ def _stream(model, state_dict, device_map, dtype, offload_folder, offload_buffer
             offload_buffers=offload_buffers,
             key_prefix=key_prefix,
             progress=progress,
+            quantization=quantized[0],
+            quantization_skip_modules=quantized[1],
         )
     finally:
         if progress is not None:

@@ -27,6 +27,7 @@ import lightning.pytorch as pl
 from lightning_bigmodel.pl.callback import DeviceMapCallback, check_trainer_devices, parse_dtype
 from lightning_bigmodel.planning.device_map import Policy, execution_device, normalize_device
 from lightning_bigmodel.init import init_empty_weights
+from lightning_bigmodel.integrations.quantization.spec import Quantization, resolve_quantization
 from lightning_bigmodel.pl.io import ShardedCheckpointIO
 from lightning_bigmodel.pl.loader import (
     dispatched_plan,
@@ -53,6 +54,11 @@ class BigModelInferenceStrategy(Strategy):
         dtype: dtype of floating-point weights (``torch.bfloat16`` or ``"bfloat16"``); default: the model's, after
             the Trainer's ``precision``.
         checkpoint: path or Hub id loaded when ``predict`` gets no ``ckpt_path``.
+        quantization: ``"int8"`` (CPU and GPU) or ``"int4"`` (GPU only) quantizes ``nn.Linear`` weights while they
+            stream in (torchao, weight-only; ``pip install "lightning-bigmodel[quantization]"``); the plan sizes them
+            quantized and they stay quantized on GPUs, CPU and disk.
+        quantization_skip_modules: modules whose ``nn.Linear`` weights stay in the compute dtype (default
+            ``["lm_head"]``; a list given replaces it).
         key_prefix: prepended to checkpoint keys to name model keys (``"model."``); ``None`` detects it.
         strict: raise when keys are missing or unexpected (the module's ``strict_loading=False`` also relaxes it).
         release_on_teardown: at the end of each ``predict`` remove the hooks and free the weights (parameters go
@@ -87,6 +93,8 @@ class BigModelInferenceStrategy(Strategy):
         offload_buffers: bool = False,
         dtype: Optional[Union[str, torch.dtype]] = None,
         checkpoint: Optional[Union[str, Path]] = None,
+        quantization: Optional[Quantization] = None,
+        quantization_skip_modules: Optional[list[str]] = None,
         key_prefix: Optional[str] = None,
         strict: bool = True,
         release_on_teardown: bool = False,
@@ -106,6 +114,9 @@ class BigModelInferenceStrategy(Strategy):
         self.offload_buffers = offload_buffers
         self.dtype = parse_dtype(dtype)
         self.checkpoint = checkpoint
+        resolve_quantization(quantization, quantization_skip_modules)  # a bad name fails here, before any work
+        self.quantization = quantization
+        self.quantization_skip_modules = quantization_skip_modules
         self.key_prefix = key_prefix
         self.strict = strict
         self.release_on_teardown = release_on_teardown
@@ -185,7 +196,7 @@ class BigModelInferenceStrategy(Strategy):
         self.accelerator.setup(trainer)
         module = self.lightning_module
         self._prefetchers = None
-        main_device = None
+        main_device, budget = None, None
         if is_dispatched(module):
             rank_zero_info("`BigModelInferenceStrategy`: the model is already dispatched; reusing its device map.")
             self.plan = dispatched_plan(module) or dict(self.plan or {})
@@ -194,9 +205,11 @@ class BigModelInferenceStrategy(Strategy):
             self.model = self.precision_plugin.convert_module(self.model)
             if self.dtype is not None:
                 module.to(dtype=self.dtype)  # meta parameters and real floating-point buffers; ints stay
-            self.plan = self._device_map_callback(trainer).plan(module, self)
+            callback = self._device_map_callback(trainer)
+            self.plan = callback.plan(module, self)
+            budget = callback.max_memory_bytes
             self.loaded_from = None
-        check_trainer_devices(self.plan, self)
+        check_trainer_devices(self.plan, self, budget)  # before anything is loaded
         if main_device is None:
             main_device = execution_device(self.plan) if self.plan else torch.device("cpu")
         self._root_device = main_device
@@ -249,6 +262,8 @@ class BigModelInferenceStrategy(Strategy):
             strict=self.strict and strict,
             key_prefix=self.key_prefix,
             checkpoint_io=self.checkpoint_io,
+            quantization=self.quantization,
+            quantization_skip_modules=self.quantization_skip_modules,
         )
         self.loaded_from = source
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 from torch import nn
 
+from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS
 from lightning_bigmodel.planning.sizes import _prefix_sizes, compute_module_sizes, find_tied_parameters
 
 if TYPE_CHECKING:
@@ -59,9 +60,11 @@ def _water_level(remaining: float, budgets: list[float]) -> float:
 class _Planner:
     """One greedy pass per call of :meth:`fill`; :meth:`plan` repeats it to reserve room on the execution device."""
 
-    def __init__(self, model: nn.Module, no_split: Optional[Sequence[str]], dtype, offload_buffers: bool) -> None:
+    def __init__(
+        self, model: nn.Module, no_split: Optional[Sequence[str]], dtype, offload_buffers: bool, quantization=None
+    ) -> None:
         self.modules = dict(model.named_modules(remove_duplicate=False))
-        self.sizes = compute_module_sizes(model, dtype)
+        self.sizes = compute_module_sizes(model, dtype, *(quantization or (None, None)))
         self.buffer_sizes = _prefix_sizes(model.named_buffers(), dtype)
         self.no_split = set(no_split or ())
         self.offload_buffers = offload_buffers
@@ -92,6 +95,14 @@ class _Planner:
                 direct = sum(self.sizes.get(m, 0) for m in members if m not in self.modules)
                 self.units[name] = max([direct] + [self.unit(m) for m in members if m in self.modules])
         return self.units[name]
+
+    def largest(self, name: str) -> tuple[int, str]:
+        """``(bytes, name)`` of the largest piece under ``name`` brought in at once (see :meth:`unit`)."""
+        if not self.splittable(name):
+            return self.sizes.get(name, 0), name
+        members = self.members(name)
+        direct = sum(self.sizes.get(m, 0) for m in members if m not in self.modules)
+        return max([(direct, name)] + [self.largest(m) for m in members if m in self.modules])
 
     def group(self, name: str, pending: set[str], placed: Mapping[str, Device]) -> list[str]:
         """``name`` plus the pending items holding the tied partners of tensors under ``name``."""
@@ -152,11 +163,13 @@ class _Planner:
         return self.sizes.get(name, 0)
 
     def _reserve(self, raw: DeviceMap) -> tuple[int, Device]:
-        """Bytes the execution device needs beside its own modules: the largest offloaded layer, offloaded buffers."""
+        """Bytes the execution device needs beside its own modules: the largest offloaded layer (on the CPU, the disk
+        stream: that layer plus ``READ_AHEAD_LAYERS`` read ahead), and offloaded buffers."""
         gpus = [device for device in raw.values() if isinstance(device, int)]
         exec_device: Device = min(gpus) if gpus else "cpu"
         offloaded = [name for name, device in raw.items() if device == "disk" or (device == "cpu" and self.has_gpu)]
-        need = max((self.unit(name) for name in offloaded), default=0) if gpus else 0
+        largest = max((self.unit(name) for name in offloaded), default=0)
+        need = largest if gpus else (1 + READ_AHEAD_LAYERS) * largest
         if not self.offload_buffers:
             need += sum(self.buffer_sizes.get(name, 0) for name in offloaded)
         return need, exec_device

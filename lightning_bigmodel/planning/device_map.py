@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Literal, Mapping, Optional, Sequence, Union
 
 import torch
@@ -14,8 +15,10 @@ from lightning_bigmodel.planning.devices import _ACCEPTED, Device, DeviceMap, ex
 
 __all__ = [
     "POLICIES",
+    "CheckedDeviceMap",
     "Policy",
     "check_device_map",
+    "checked_device_map",
     "check_devices_exist",
     "clean_device_map",
     "execution_device",
@@ -78,6 +81,8 @@ def infer_device_map(
     dtype: Optional[torch.dtype] = None,
     policy: Policy = "auto",
     offload_buffers: bool = False,
+    quantization: Optional[str] = None,
+    quantization_skip_modules: Optional[Sequence[str]] = None,
 ) -> DeviceMap:
     """Plan ``{module_name: gpu_index | "cpu" | "disk"}`` for ``model`` under ``max_memory``.
 
@@ -101,6 +106,10 @@ def infer_device_map(
     module) is reserved there too, by planning again with that reserve; with no GPU nothing is reserved for
     layers (disk weights are memory-mapped). Linear in the number of modules and tensors.
 
+    ``quantization`` (``"int8"``/``"int4"``) sizes the weights it will quantize at their quantized bytes (about a
+    quarter of float32 for int8, plus scales; see :func:`~lightning_bigmodel.planning.sizes.compute_module_sizes`), so
+    more layers fit on each device; ``quantization_skip_modules`` as for loading.
+
     Raises:
         ValueError: for an unknown ``policy``, a malformed ``max_memory``, or a budgeted disk that is used up.
     """
@@ -108,7 +117,8 @@ def infer_device_map(
         raise ValueError(f"`policy={policy!r}` is not a device-map policy; choose one of {list(POLICIES)}.")
     budgets: dict[Device, float] = dict(get_max_memory(max_memory))
     budgets.setdefault("disk", math.inf)  # get_max_memory orders "disk" last; setdefault appends it last
-    planner = _Planner(model, no_split_module_classes, dtype, offload_buffers)
+    quantized = (quantization, quantization_skip_modules)
+    planner = _Planner(model, no_split_module_classes, dtype, offload_buffers, quantized)
     raw = planner.plan(budgets, balanced=policy != "sequential", low_0=policy == "balanced_low_0")
     return clean_device_map(model, raw)
 
@@ -186,3 +196,30 @@ def check_devices_exist(device_map: Mapping[str, Device]) -> None:
             f"`device_map` puts {details}. Use GPU indices below {count}, make the GPUs visible "
             '(CUDA_VISIBLE_DEVICES), or plan with `device_map="auto"`.'
         )
+
+
+class CheckedDeviceMap(dict):
+    """A device map already checked against one model: values normalised, every tensor covered, GPUs visible.
+
+    Made by :func:`checked_device_map` where a map enters the library; the functions it is passed down to see the
+    type and skip the checks, so a map is validated once per call chain.
+    """
+
+    __slots__ = ("_model",)
+
+
+def checked_device_map(model: nn.Module, device_map: Mapping[str, Device]) -> CheckedDeviceMap:
+    """``device_map`` checked against ``model`` (:func:`check_device_map`, :func:`check_devices_exist`), values normalised.
+
+    A :class:`CheckedDeviceMap` already checked for this very model is returned as it is.
+
+    Raises:
+        ValueError: as :func:`check_device_map` and :func:`check_devices_exist`.
+    """
+    if isinstance(device_map, CheckedDeviceMap) and device_map._model() is model:
+        return device_map
+    check_device_map(model, device_map)
+    check_devices_exist(device_map)
+    checked = CheckedDeviceMap((key, normalize_device(value)) for key, value in device_map.items())
+    checked._model = weakref.ref(model)
+    return checked

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
-from typing import Iterable, Optional, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 _UNITS = {
     "": 1, "b": 1,
@@ -45,21 +46,30 @@ def parse_size(size: Union[int, str]) -> int:
 
 
 def _tensor_bytes(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> int:
+    if is_traceable_wrapper_subclass(tensor) and not tensor.is_meta:  # e.g. quantized: the bytes it really holds
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(tensor, name), None) for name in names)
     itemsize = tensor.element_size()
     if dtype is not None and tensor.is_floating_point():
         itemsize = min(itemsize, dtype.itemsize)
     return tensor.numel() * itemsize
 
 
-def _prefix_sizes(named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: Optional[torch.dtype]) -> dict[str, int]:
-    """Add each tensor's bytes to its own name and every dotted ancestor prefix, ``""`` included; first name wins."""
+def _prefix_sizes(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    dtype: Optional[torch.dtype],
+    stored: Optional[Mapping[str, int]] = None,
+) -> dict[str, int]:
+    """Add each tensor's bytes to its own name and every dotted ancestor prefix, ``""`` included; first name wins.
+    ``stored`` gives the bytes of tensors that are stored in another form (e.g. quantized), by name."""
+    stored = stored or {}
     sizes: dict[str, int] = {"": 0}
     seen: set[int] = set()
     for name, tensor in named_tensors:
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        nbytes = _tensor_bytes(tensor, dtype)
+        nbytes = stored[name] if name in stored else _tensor_bytes(tensor, dtype)
         prefix = name
         while prefix:
             sizes[prefix] = sizes.get(prefix, 0) + nbytes
@@ -69,7 +79,12 @@ def _prefix_sizes(named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: Opti
     return sizes
 
 
-def compute_module_sizes(model: nn.Module, dtype: Optional[torch.dtype] = None) -> dict[str, int]:
+def compute_module_sizes(
+    model: nn.Module,
+    dtype: Optional[torch.dtype] = None,
+    quantization: Optional[str] = None,
+    quantization_skip_modules: Optional[Sequence[str]] = None,
+) -> dict[str, int]:
     """Bytes of parameters and buffers under every module prefix (``""`` is the whole model).
 
     Keys are every module prefix holding tensors and every tensor name. One pass over ``named_parameters()`` then
@@ -77,10 +92,28 @@ def compute_module_sizes(model: nn.Module, dtype: Optional[torch.dtype] = None) 
     A tensor reachable under several names (tied weights, shared modules) is counted once, under the first name
     in that order; its other names do not appear. ``dtype`` models loading in a smaller dtype: a floating-point
     tensor counts ``min(its itemsize, dtype.itemsize)`` bytes per element (it never grows; integer and bool
-    tensors keep their size). Works on meta models.
+    tensors keep their size). ``quantization`` (``"int8"``/``"int4"``, see
+    :mod:`lightning_bigmodel.integrations.quantization`) counts the weights it would quantize at their quantized
+    bytes (data plus scales). A tensor already quantized counts the bytes it holds. Works on meta models.
     """
     named = [*model.named_parameters(), *model.named_buffers()]
-    return _prefix_sizes(named, dtype)
+    return _prefix_sizes(named, dtype, quantized_bytes(model, quantization, quantization_skip_modules))
+
+
+def quantized_bytes(
+    model: nn.Module, quantization: Optional[str], skip_modules: Optional[Sequence[str]] = None
+) -> dict[str, int]:
+    """``{weight name: bytes once quantized}`` for the weights ``quantization`` quantizes (``{}`` for ``None``)."""
+    if quantization is None and not skip_modules:
+        return {}
+    from lightning_bigmodel.integrations.quantization.spec import (  # pure: no torchao
+        quantized_nbytes,
+        quantized_weights,
+        resolve_quantization,
+    )
+
+    spec = resolve_quantization(quantization, skip_modules)
+    return {name: quantized_nbytes(spec, *shape) for name, shape in quantized_weights(model, spec).items()}
 
 
 def find_tied_parameters(model: nn.Module) -> list[list[str]]:
