@@ -171,3 +171,28 @@ def test_lazy_names_resolve_and_unknown_names_raise():
         assert getattr(lightning_bigmodel, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         lightning_bigmodel.nope  # noqa: B018
+
+
+def test_device_map_is_validated_once_along_load_checkpoint_and_dispatch(tmp_path, monkeypatch):
+    import torch
+    from torch import nn
+
+    import lightning_bigmodel as lbm
+    from lightning_bigmodel.planning import device_map as device_map_module
+
+    calls = []
+    real = device_map_module.check_device_map
+    monkeypatch.setattr(device_map_module, "check_device_map", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    lbm.save_sharded_checkpoint(plain, tmp_path / "ckpt", max_shard_size=300)
+    with lbm.init_empty_weights():
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    lbm.load_checkpoint_and_dispatch(model, tmp_path / "ckpt", device_map={"0": "cpu", "2": "disk"})
+    assert len(calls) == 1
+    x = torch.randn(2, 8)
+    assert torch.equal(model(x), plain(x))
+    with pytest.raises(ValueError, match=r"leaves \['2.weight', '2.bias'\] unassigned"):
+        with lbm.init_empty_weights():
+            other = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        lbm.load_checkpoint_and_dispatch(other, tmp_path / "ckpt", device_map={"0": "cpu"})
