@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_bigmodel.planning._planner import _Planner, _members, _prefixes
-from lightning_bigmodel.planning.budget import get_max_memory
+from lightning_bigmodel.planning.budget import check_layer_fits, get_max_memory
 from lightning_bigmodel.planning.devices import _ACCEPTED, Device, DeviceMap, execution_device, normalize_device
 
 __all__ = [
@@ -103,15 +103,17 @@ def infer_device_map(
     modules holding its partners. With ``offload_buffers=False``, the buffers of modules offloaded to cpu/disk
     are charged to the execution device (the lowest GPU in the map, else cpu). When something is offloaded
     while GPUs are used, room for the largest offloaded layer (a no-split module, or the direct tensors of one
-    module) is reserved there too, by planning again with that reserve; with no GPU nothing is reserved for
-    layers (disk weights are memory-mapped). Linear in the number of modules and tensors.
+    module) is reserved there too, by planning again with that reserve; with no GPU, the CPU reserves
+    ``1 + READ_AHEAD_LAYERS`` times the largest disk layer for streaming disk weights (the layer computing and the
+    ones read ahead). Linear in the number of modules and tensors.
 
     ``quantization`` (``"int8"``/``"int4"``) sizes the weights it will quantize at their quantized bytes (about a
     quarter of float32 for int8, plus scales; see :func:`~lightning_bigmodel.planning.sizes.compute_module_sizes`), so
     more layers fit on each device; ``quantization_skip_modules`` as for loading.
 
     Raises:
-        ValueError: for an unknown ``policy``, a malformed ``max_memory``, or a budgeted disk that is used up.
+        ValueError: for an unknown ``policy``, a malformed ``max_memory``, or a budgeted disk that is used up; with
+            ``max_memory=None``, when the process's memory cgroup leaves less room than the largest layer.
     """
     if policy not in POLICIES:
         raise ValueError(f"`policy={policy!r}` is not a device-map policy; choose one of {list(POLICIES)}.")
@@ -119,6 +121,8 @@ def infer_device_map(
     budgets.setdefault("disk", math.inf)  # get_max_memory orders "disk" last; setdefault appends it last
     quantized = (quantization, quantization_skip_modules)
     planner = _Planner(model, no_split_module_classes, dtype, offload_buffers, quantized)
+    if max_memory is None:  # detected budgets: this process runs the model, so its cgroup limit must hold a layer
+        check_layer_fits(*planner.largest(""))
     raw = planner.plan(budgets, balanced=policy != "sequential", low_0=policy == "balanced_low_0")
     return clean_device_map(model, raw)
 
