@@ -72,6 +72,16 @@ def simulate(monkeypatch, launcher: str, rank: int) -> None:
         monkeypatch.setenv(key, str(value))
 
 
+@pytest.fixture
+def cuda_calls(monkeypatch):
+    """Records every call that would initialise CUDA or pick a GPU. ``torch.cuda.is_initialized()`` cannot tell on a
+    GPU machine, where an earlier test of the session may have initialised CUDA already; these spies can."""
+    calls = []
+    for name in ("_lazy_init", "init", "set_device", "current_device", "mem_get_info", "get_device_properties"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, _name=name, **k: calls.append(_name))
+    return calls
+
+
 def gpu_trainer(strategy: ReplicatedBigModelStrategy) -> pl.Trainer:
     return pl.Trainer(accelerator="gpu", devices=DEVICES_PER_NODE, num_nodes=NODES, strategy=strategy, logger=False,
                       enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
@@ -79,7 +89,8 @@ def gpu_trainer(strategy: ReplicatedBigModelStrategy) -> pl.Trainer:
 
 @pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
 @pytest.mark.parametrize("rank", range(WORLD))
-def test_each_rank_owns_its_gpu_group(monkeypatch, fake_gpus, launcher, rank):
+def test_each_rank_owns_its_gpu_group(monkeypatch, fake_gpus, cuda_calls, launcher, rank):
+    was_initialized = torch.cuda.is_initialized()
     simulate(monkeypatch, launcher, rank)
     strategy = ReplicatedBigModelStrategy(devices_per_replica=K)
     trainer = gpu_trainer(strategy)
@@ -98,7 +109,8 @@ def test_each_rank_owns_its_gpu_group(monkeypatch, fake_gpus, launcher, rank):
     assert isinstance(launcher_, _SubprocessScriptLauncher)
     assert (launcher_.num_processes, launcher_.num_nodes) == (2, NODES)
     strategy.cluster_environment.validate_settings(launcher_.num_processes, launcher_.num_nodes)  # torchrun/srun agree
-    assert not torch.cuda.is_initialized()
+    assert cuda_calls == []  # building the Trainer touched no GPU
+    assert was_initialized or not torch.cuda.is_initialized()
 
 
 @pytest.mark.parametrize(("launcher", "fix"), [("torchrun", "--nproc_per_node=2"), ("slurm", "--ntasks-per-node=2")])

@@ -16,6 +16,7 @@ from lightning_bigmodel import remove_dispatch
 from lightning_bigmodel.pl.io import LazyStateDict
 from lightning_bigmodel.pl.loader import dispatched_modules, hook_network_children, prefetchers, return_outputs
 from lightning_bigmodel.offload.hooks import RootHook
+from tests.gpu_expectations import DeviceSpy, assert_greedy_consistent, gpu_tolerance
 from tests.lightning_models import (
     GPTModule,
     PlainGPTModule,
@@ -238,9 +239,11 @@ def test_gpu_cpu_disk_map_matches_stock_lightning(tmp_path, bare_ckpt, precision
     trainer = bigmodel_trainer(strategy, accelerator="gpu", devices=1, precision=precision)
     outputs = trainer.predict(GPTModule(), token_loader(), ckpt_path=str(bare_ckpt))
     assert strategy.root_device == torch.device("cuda", 0)
-    for got, want in zip(outputs, expected):
-        assert got.device == want.device and got.dtype == want.dtype
-        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    assert len(outputs) == len(expected) == 2
+    for got, want in zip(outputs, expected, strict=True):
+        # Lightning returns predictions on the CPU; both runs use GPU kernels, which may still differ in algorithm
+        assert got.device.type == want.device.type == "cpu" and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **gpu_tolerance(got.dtype))
 
 
 def pl_gpu_trainer(precision):
@@ -345,13 +348,15 @@ def test_gpu_module_with_tensors_outside_the_network_prefetches(tmp_path, bare_c
     device_map = {**GPU_CPU_DISK_MAP, "scale": 0}
     strategy = BigModelInferenceStrategy(device_map=device_map, offload_folder=tmp_path / "off")
     module = _ExtraBuffer()
-    trainer = bigmodel_trainer(strategy, accelerator="gpu", devices=1)
+    spy = DeviceSpy()
+    trainer = bigmodel_trainer(strategy, accelerator="gpu", devices=1, callbacks=[spy])
     outputs = trainer.predict(module, token_loader(), ckpt_path=str(bare_ckpt))
     found = prefetchers(module)
     assert found and not any(p.recording for p in found)  # the order was fixed after the first step
     expected = [out * 2 for out in reference_outputs()]
-    assert all(out.device == torch.device("cuda", 0) for out in outputs)
-    assert_same([out.cpu() for out in outputs], expected, atol=1e-4)
+    assert spy.devices == [torch.device("cuda", 0)] * 2  # produced on the root device; Lightning returns them on CPU
+    assert all(out.device.type == "cpu" for out in outputs)
+    assert_same(outputs, expected, atol=gpu_tolerance(torch.float32)["atol"])  # GPU vs CPU float32 kernels
 
 
 @needs_two_gpus
@@ -362,16 +367,21 @@ def test_two_gpus_outputs_come_back_to_the_root_device(tmp_path, bare_ckpt, mode
                   "model.transformer.ln_f": 1, "model.lm_head": 1, "scale": 0}  # fmt: skip
     strategy = BigModelInferenceStrategy(device_map=device_map, offload_folder=tmp_path / "off")
     module = _ExtraBuffer(mode=mode)
-    trainer = bigmodel_trainer(strategy, accelerator="gpu", devices=2)
+    spy = DeviceSpy()
+    trainer = bigmodel_trainer(strategy, accelerator="gpu", devices=2, callbacks=[spy])
     outputs = trainer.predict(module, token_loader(), ckpt_path=str(bare_ckpt))
-    assert all(out.device == torch.device("cuda", 0) for out in outputs)
+    assert spy.devices == [torch.device("cuda", 0)] * 2  # back on the root device; Lightning then returns them on CPU
     reference = plain_gpt()
-    with torch.no_grad():
-        if mode == "generate":
-            expected = [reference.generate(chunk, max_new_tokens=4) for chunk in tokens().split(3)]
-            assert all(torch.equal(got.cpu(), want) for got, want in zip(outputs, expected))
-        else:
-            assert_same([out.cpu() for out in outputs], [reference(c) * 2 for c in tokens().split(3)], atol=1e-4)
+    prompts = tokens().split(3)
+    assert len(outputs) == len(prompts) == 2
+    if mode == "generate":  # a near-tie may resolve the other way on a GPU: check each choice, not CPU's sequence
+        for got, prompt in zip(outputs, prompts, strict=True):
+            assert got.shape == (prompt.shape[0], prompt.shape[1] + 4)
+            assert_greedy_consistent(reference, prompt, got)
+    else:
+        with torch.no_grad():
+            expected = [reference(c) * 2 for c in prompts]
+        assert_same(outputs, expected, atol=gpu_tolerance(torch.float32)["atol"])  # GPU vs CPU float32 kernels
 
 
 def test_network_children_get_output_hooks_before_the_dispatch_hooks(tmp_path):

@@ -11,6 +11,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from lightning_bigmodel._accelerator import is_gpu
 from lightning_bigmodel.checkpoint.reader import CheckpointReader, TensorSpec
 from lightning_bigmodel.checkpoint.resolve import resolve_checkpoint
 from lightning_bigmodel.checkpoint.transform import TensorTransform, compute_device, place_transformed
@@ -248,7 +249,7 @@ def _load_group(group: TensorGroup, key: str, reader: CheckpointReader, dtype: t
         else:
             tensor = store.write(group.name, _cpu_source(reader, key).to(dtype), key=key)
         tensor = mark_disk(tensor)
-    elif target.type == "cuda":
+    elif is_gpu(target):
         tensor = reader.read(key, target).to(dtype)
     elif pin:
         tensor = torch.empty(spec.shape, dtype=dtype, pin_memory=True).copy_(_cpu_source(reader, key))

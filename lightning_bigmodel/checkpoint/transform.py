@@ -19,6 +19,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
+from lightning_bigmodel._accelerator import is_gpu
 from lightning_bigmodel.offload.placement import DISK, TensorGroup, install, mark_disk, to_host
 
 __all__ = ["TensorTransform", "compute_device", "place_transformed"]
@@ -59,7 +60,7 @@ class TensorTransform(Protocol):
 def compute_device(group: TensorGroup, main_device: torch.device) -> torch.device:
     """Where ``group`` computes: its GPU, else (``"cpu"``/``"disk"`` targets) the main execution device."""
     target = group.target
-    return target if isinstance(target, torch.device) and target.type == "cuda" else main_device
+    return target if isinstance(target, torch.device) and is_gpu(target) else main_device
 
 
 def place_transformed(
@@ -88,7 +89,7 @@ def place_transformed(
         parts, meta = transform.to_parts(tensor)
         views = store.write_parts(group.name, parts, tensor, transform.form, meta, key=key)
         tensor = mark_disk(transform.from_parts(views, meta))
-    elif target.type == "cuda":
+    elif is_gpu(target):
         tensor = tensor.to(target)
     else:
         tensor = to_host(tensor.to("cpu"), pin)

@@ -13,6 +13,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from lightning_bigmodel._accelerator import has_streams
 from lightning_bigmodel.offload.hooks import HostEntry, InputHook, RootHook, WeightHook
 from lightning_bigmodel.offload.placement import TensorGroup, execution_target, is_disk, owner_key
 from lightning_bigmodel.offload.prefetch import Prefetcher
@@ -84,7 +85,7 @@ def attach_hooks(
     state = DispatchState(main_device=main)
     units, by_unit = _entries_by_unit(model, groups, normalized, main)
     move_io = len({device for _, device in units.values()}) > 1 or bool(by_unit)
-    if any(units[name][1].type == "cuda" for name in by_unit):
+    if any(has_streams(units[name][1]) for name in by_unit):
         state.prefetcher = Prefetcher()
     guarded = {
         id(e.host): (groups[index].name, e.host)

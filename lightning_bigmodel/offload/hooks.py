@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from lightning_bigmodel._accelerator import is_gpu
 from lightning_bigmodel.offload.subclass import is_pinned
 
 
@@ -38,7 +39,7 @@ def move_to(obj: Any, device: torch.device) -> Any:
     def move(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device == device:
             return tensor
-        return tensor.to(device, non_blocking=device.type == "cuda")  # never non_blocking towards the host
+        return tensor.to(device, non_blocking=is_gpu(device))  # never non_blocking towards the host
 
     return map_tensors(obj, move)
 

@@ -16,6 +16,7 @@ from typing import Iterator, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from lightning_bigmodel._accelerator import can_pin, gpu
 from lightning_bigmodel.offload.subclass import is_pinned, is_wrapped, map_inner
 from lightning_bigmodel.planning.device_map import CheckedDeviceMap, checked_device_map, normalize_device
 
@@ -75,7 +76,7 @@ def owner_key(name: str, keys: Mapping[str, object]) -> Optional[str]:
 
 def execution_target(device, main_device: torch.device) -> torch.device:
     """Where a map entry computes: its GPU, else the main execution device."""
-    return torch.device("cuda", device) if isinstance(device, int) else main_device
+    return gpu(device) if isinstance(device, int) else main_device
 
 
 def validate_device_map(model: nn.Module, device_map: Mapping[str, object]) -> CheckedDeviceMap:
@@ -111,7 +112,7 @@ def assign_targets(
         group.map_devices = devices
         best = min(devices, key=_rank)
         if isinstance(best, int):
-            group.target = torch.device("cuda", best)
+            group.target = gpu(best)
         elif not group.is_param:
             group.target = _CPU if offload_buffers else main_device
         else:
@@ -138,8 +139,8 @@ def main_device_of(model: nn.Module) -> Optional[torch.device]:
 
 
 def pin_host(main_device: torch.device) -> bool:
-    """Whether host copies should be pinned (they feed a GPU)."""
-    return main_device.type == "cuda" and torch.cuda.is_available()
+    """Whether host copies should be pinned: they feed a GPU whose accelerator supports pinned memory."""
+    return can_pin(main_device)
 
 
 def mark_disk(tensor: torch.Tensor) -> torch.Tensor:

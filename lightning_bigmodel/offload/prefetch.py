@@ -1,4 +1,4 @@
-"""Prefetch of offloaded weights on a side CUDA stream, in the execution order learned on the first forward.
+"""Prefetch of offloaded weights on a side GPU stream, in the execution order learned on the first forward.
 
 During the first forward the prefetcher only records the order in which weight hooks start. Afterwards, when the
 hook of module ``i`` starts, the parameters of the module that followed it are copied in by a background thread:
@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Optional
 
 import torch
 
+from lightning_bigmodel import _accelerator as accel
+from lightning_bigmodel._modes import capture_modes
 from lightning_bigmodel.offload.subclass import is_pinned, is_wrapped, map_inner
 
 
@@ -35,7 +38,7 @@ def _stage(host: torch.Tensor) -> torch.Tensor:
 
 class Prefetcher:
     """Learns the order of :class:`~lightning_bigmodel.offload.hooks.WeightHook` calls and copies the next one's
-    parameters in ahead of time. CUDA execution devices only."""
+    parameters in ahead of time. GPU execution devices only (any accelerator with streams: ``torch.cuda``-like)."""
 
     def __init__(self) -> None:
         self._order: list = []
@@ -44,7 +47,7 @@ class Prefetcher:
         self._next: dict = {}
         self._pending: Optional[tuple[object, Future]] = None
         self._lock = threading.Lock()  # guards `_pending` and the switch out of recording
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._streams: dict[torch.device, torch.Stream] = {}
         self._pool: Optional[ThreadPoolExecutor] = None
 
     @property
@@ -70,7 +73,7 @@ class Prefetcher:
                 return
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmodel-prefetch")
-            self._pending = (successor, self._pool.submit(self._copy_in, successor))
+            self._pending = (successor, self._pool.submit(self._copy_in, successor, capture_modes()))
 
     def end_forward(self) -> None:
         """Called after the root forward: the recording thread's first one fixes the order (see
@@ -99,28 +102,34 @@ class Prefetcher:
             _, future = self._pending
             self._pending = None
         copies, event = future.result()
-        stream = torch.cuda.current_stream(hook.device)
+        stream = accel.current_stream(hook.device)
         stream.wait_event(event)
         for copy in copies.values():
             copy.record_stream(stream)
         return copies
 
-    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+    def _side_stream(self, device: torch.device) -> torch.Stream:
         stream = self._streams.get(device)
         if stream is None:
-            stream = self._streams[device] = torch.cuda.Stream(device=device)
+            stream = self._streams[device] = accel.new_stream(device)
         return stream
 
-    def _copy_in(self, hook) -> tuple[dict[int, torch.Tensor], torch.cuda.Event]:
-        """Runs on the background thread: stage disk views, issue the H2D copies on the side stream, record an event."""
+    def _copy_in(self, hook, modes) -> tuple[dict[int, torch.Tensor], torch.Event]:
+        """Runs on the background thread, in the modes of the forward's thread (``modes``, from ``capture_modes``):
+        stage disk views, issue the H2D copies on the side stream, record an event."""
+        with ExitStack() as stack:
+            modes(stack)
+            return self._copy_in_modes(hook)
+
+    def _copy_in_modes(self, hook) -> tuple[dict[int, torch.Tensor], torch.Event]:
         stream = self._side_stream(hook.device)
         copies = {}
-        with torch.cuda.stream(stream):
+        with accel.use_stream(stream):
             for index in hook.prefetchable:
                 host = hook.entries[index].host
                 source = host if is_pinned(host) else _stage(host)
                 copies[index] = source.to(hook.device, non_blocking=True, copy=True)
-            event = torch.cuda.Event()
+            event = accel.new_event(hook.device)
             event.record(stream)
         return copies, event
 

@@ -1,18 +1,19 @@
-"""Thread and CUDA-stream state of one pipelined call of :class:`~lightning_bigmodel.pipeline.MicroBatchPipeline`.
+"""Thread and GPU-stream state of one pipelined call of :class:`~lightning_bigmodel.pipeline.MicroBatchPipeline`.
 
-Each micro-batch runs in its own worker thread on its own CUDA streams (one per CUDA device of the map, ordered
-after the caller's streams). Workers queue for an execution device with a first-come, first-served ticket lock;
-the caller's grad, inference and autocast modes are re-entered in every worker.
+Each micro-batch runs in its own worker thread on its own streams (one per GPU of the map, ordered after the
+caller's streams). Workers queue for an execution device with a first-come, first-served ticket lock; the caller's
+grad, inference and autocast modes and torch-function modes are re-entered in every worker.
 """
 
 from __future__ import annotations
 
 import threading
-from contextlib import ExitStack
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from lightning_bigmodel import _accelerator as accel
+from lightning_bigmodel._modes import capture_modes
 from lightning_bigmodel.pipeline._batching import _items
 
 
@@ -52,43 +53,31 @@ class _Run:
         self.failed = threading.Event()
         self.results: list = [None] * n
         self.errors: list = [None] * n
-        self.modes = _capture_modes()
-        self.cuda = _cuda_devices(domains)
-        self.caller_device = torch.cuda.current_device() if self.cuda else None
-        self.caller_streams = {d: torch.cuda.current_stream(d) for d in self.cuda}
-        self.streams = [{d: torch.cuda.Stream(device=d) for d in self.cuda} for _ in range(n)]
+        self.modes = capture_modes()
+        self.gpus = _gpu_devices(domains)
+        self.caller_device = accel.current_device(accel.accelerator_type()) if self.gpus else None
+        self.caller_streams = {d: accel.current_stream(accel.gpu(d)) for d in self.gpus}
+        self.streams = [{d: accel.new_stream(accel.gpu(d)) for d in self.gpus} for _ in range(n)]
         for streams in self.streams:
             for d, stream in streams.items():
                 stream.wait_stream(self.caller_streams[d])
 
 
-def _capture_modes() -> Callable[[ExitStack], None]:
-    """Capture the caller's thread-local grad, inference and autocast modes to re-enter in a worker."""
-    inference = torch.is_inference_mode_enabled()
-    grad = torch.is_grad_enabled()
-    cache = torch.is_autocast_cache_enabled()
-    autocasts = [(t, torch.get_autocast_dtype(t)) for t in ("cpu", "cuda") if torch.is_autocast_enabled(t)]
-
-    def enter(stack: ExitStack) -> None:
-        stack.enter_context(torch.inference_mode() if inference else torch.set_grad_enabled(grad))
-        for device_type, dtype in autocasts:
-            stack.enter_context(torch.autocast(device_type, dtype=dtype, cache_enabled=cache))
-
-    return enter
-
-
-def _cuda_devices(domains: set) -> list[int]:
-    """The domains that are real, already initialised CUDA devices (never initialises CUDA)."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+def _gpu_devices(domains: set) -> list[int]:
+    """The domains that are GPUs with streams, their accelerator already initialised (never initialises CUDA)."""
+    count = accel.gpu_count()
+    if not count or not accel.has_streams(accel.gpu(0)):
         return []
-    count = torch.cuda.device_count()
+    module = accel.device_module(accel.gpu(0))
+    if not getattr(module, "is_initialized", lambda: True)():
+        return []
     return sorted(d for d in domains if isinstance(d, int) and 0 <= d < count)
 
 
 def _record_streams(obj: Any, streams: dict) -> None:
-    """Mark CUDA outputs made on worker streams as used by the caller's streams (allocator safety)."""
+    """Mark GPU outputs made on worker streams as used by the caller's streams (allocator safety)."""
     if isinstance(obj, torch.Tensor):
-        if obj.is_cuda and obj.device.index in streams:
+        if accel.is_gpu(obj.device) and obj.device.index in streams:
             obj.record_stream(streams[obj.device.index])
         return
     items = _items(obj)

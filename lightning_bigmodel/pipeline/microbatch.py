@@ -32,6 +32,7 @@ from typing import Any, Callable, Hashable, Optional, Union
 import torch
 from torch import nn
 
+from lightning_bigmodel import _accelerator as accel
 from lightning_bigmodel.pipeline._batching import _gather, _split_inputs
 from lightning_bigmodel.pipeline._workers import _Cancelled, _Run, _record_streams
 from lightning_bigmodel.planning.device_map import normalize_device
@@ -181,7 +182,7 @@ class MicroBatchPipeline:
         errors = [e for e in run.errors if e is not None and not isinstance(e, _Cancelled)]
         if errors:
             raise errors[0]
-        if run.cuda:
+        if run.gpus:
             _record_streams(run.results, run.caller_streams)
         return run.results
 
@@ -192,9 +193,9 @@ class MicroBatchPipeline:
             with ExitStack() as stack:
                 run.modes(stack)
                 for stream in run.streams[index].values():
-                    torch.cuda.set_stream(stream)
-                if run.cuda:
-                    torch.cuda.set_device(run.caller_device)
+                    accel.set_stream(stream)
+                if run.gpus:
+                    accel.set_device(accel.gpu(run.caller_device))
                 run.results[index] = fn(*args, **kwargs)
         except BaseException as exc:  # handed to the caller's thread
             run.errors[index] = exc

@@ -127,6 +127,7 @@ class ReplicatedBigModelStrategy(BigModelInferenceStrategy, ParallelStrategy):
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self._gather_group: Optional[Any] = None
+        self._collective_device: Optional[torch.device] = None  # the GPU the process group is bound to
         self._translated: dict[int, tuple] = {}  # id(callback) -> its (max_memory, device_map) as given
 
     # ------------------------------------------------------------------ devices: one process per replica
@@ -203,7 +204,6 @@ class ReplicatedBigModelStrategy(BigModelInferenceStrategy, ParallelStrategy):
     node_rank = ParallelStrategy.node_rank
     world_size = ParallelStrategy.world_size
     is_global_zero = ParallelStrategy.is_global_zero
-    all_gather = ParallelStrategy.all_gather
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -218,18 +218,39 @@ class ReplicatedBigModelStrategy(BigModelInferenceStrategy, ParallelStrategy):
         if self._process_group_backend is None:
             self._process_group_backend = _get_default_process_group_backend_for_device(self.root_device)
         device_id = self.root_device if self.root_device.type != "cpu" else None
+        # `setup` may later move `root_device` to the lowest GPU the plan uses; collectives stay on this one.
+        self._collective_device = device_id
         assert self.cluster_environment is not None
         _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout,
                               device_id=device_id)  # fmt: skip
 
+    def _nccl_device(self) -> Optional[torch.device]:
+        """The GPU the NCCL process group is bound to (its first owned GPU), or ``None`` for another backend."""
+        if self._collective_device is None or dist.get_backend() != "nccl":
+            return None
+        return self._collective_device
+
     def reduce(self, tensor: Union[Tensor, Any], group: Optional[Any] = None, reduce_op: Any = "mean") -> Any:
-        return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op) if isinstance(tensor, Tensor) else tensor
+        if not isinstance(tensor, Tensor):
+            return tensor
+        device = self._nccl_device() if _distributed_is_initialized() else None
+        if device is None or tensor.device == device:
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return _sync_ddp_if_available(tensor.to(device), group, reduce_op=reduce_op).to(tensor.device)
+
+    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        device = self._nccl_device() if _distributed_is_initialized() else None
+        if device is None or tensor.device == device:
+            return ParallelStrategy.all_gather(self, tensor, group=group, sync_grads=sync_grads)
+        gathered = ParallelStrategy.all_gather(self, tensor.to(device), group=group, sync_grads=sync_grads)
+        return gathered.to(tensor.device)
 
     def barrier(self, name: Optional[str] = None) -> None:
         if not _distributed_is_initialized():
             return
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[self.root_device.index or 0])
+        device = self._nccl_device()
+        if device is not None:
+            dist.barrier(device_ids=[device.index])
         else:
             dist.barrier()
 
@@ -237,7 +258,7 @@ class ReplicatedBigModelStrategy(BigModelInferenceStrategy, ParallelStrategy):
         if not _distributed_is_initialized():
             return obj
         holder = [obj]
-        dist.broadcast_object_list(holder, src)
+        dist.broadcast_object_list(holder, src, device=self._nccl_device())
         return holder[0]
 
     # ------------------------------------------------------------------ setup: plan over this replica's devices

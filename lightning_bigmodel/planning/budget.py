@@ -7,8 +7,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
-import torch
-
+from lightning_bigmodel._accelerator import gpu_count, memory_info
 from lightning_bigmodel.planning import cgroup as _cgroup
 from lightning_bigmodel.planning.cgroup import CgroupMemory, cgroup_memory
 from lightning_bigmodel.planning.devices import DeviceKey, normalize_device
@@ -83,10 +82,10 @@ def get_max_memory(
 def _detect_max_memory(gpus: Optional[Sequence[int]] = None) -> dict[DeviceKey, int]:
     budget: dict[DeviceKey, int] = {}
     if gpus is None:
-        gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() else []
+        gpus = range(gpu_count())
     for index in sorted(set(gpus)):
         try:
-            free, total = torch.cuda.mem_get_info(index)
+            free, total = memory_info(index)
         except RuntimeError as err:  # e.g. an exclusive-process GPU another job holds
             warnings.warn(
                 f"GPU {index} cannot be queried ({str(err).strip().splitlines()[0]}); it gets no budget. Hide it "
@@ -154,8 +153,7 @@ def budget_sources(max_memory: Optional[Mapping[DeviceKey, Union[int, str]]] = N
     if max_memory is not None:
         return {key: "max_memory" for key in get_max_memory(max_memory)}
     sources: dict[DeviceKey, str] = {}
-    if torch.cuda.is_available():
-        sources.update({index: "free memory" for index in range(torch.cuda.device_count())})
+    sources.update({index: "free memory" for index in range(gpu_count())})
     sources["cpu"] = detect_cpu_memory().source
     return sources
 

@@ -9,6 +9,7 @@ from typing import Literal, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from lightning_bigmodel._accelerator import gpu_count
 from lightning_bigmodel.planning._planner import _Planner, _members, _prefixes
 from lightning_bigmodel.planning.budget import check_layer_fits, get_max_memory
 from lightning_bigmodel.planning.devices import _ACCEPTED, Device, DeviceMap, execution_device, normalize_device
@@ -184,11 +185,11 @@ def check_device_map(model: nn.Module, device_map: Mapping[str, Device]) -> None
 
 
 def check_devices_exist(device_map: Mapping[str, Device]) -> None:
-    """Raise ``ValueError`` naming each GPU of ``device_map`` that is not visible (``torch.cuda.device_count()``).
+    """Raise ``ValueError`` naming each GPU of ``device_map`` that is not visible (the accelerator's device count).
 
     Dispatch calls this; planning does not (it may plan for GPUs this process cannot see).
     """
-    count = torch.cuda.device_count()
+    count = gpu_count()
     absent: dict[int, list[str]] = {}
     for key, value in device_map.items():
         device = normalize_device(value)

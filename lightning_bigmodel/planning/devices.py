@@ -1,10 +1,16 @@
-"""Device-map values: the canonical device of a key, and where offloaded modules compute."""
+"""Device-map values: the canonical device of a key, and where offloaded modules compute.
+
+GPU ``k`` of a map is ``torch.device(accelerator_type(), k)``: ``cuda:k`` on NVIDIA and AMD GPUs, the device type of
+whichever accelerator is available otherwise (``xpu``, the simulated ``simgpu``); see ``lightning_bigmodel._accelerator``.
+"""
 
 from __future__ import annotations
 
 from typing import Mapping, Union
 
 import torch
+
+from lightning_bigmodel._accelerator import accelerator_type, gpu
 
 Device = Union[int, str]  # GPU index, "cpu" or "disk" (also "cuda:1"-style strings are accepted on input)
 DeviceKey = Device  # a key of a memory budget: a GPU index, "cpu" or "disk"
@@ -16,7 +22,8 @@ _ACCEPTED = 'an int >= 0, "cuda:N", "cpu", "disk" or a torch.device'
 def normalize_device(value: Union[Device, torch.device]) -> Device:
     """Canonical form of a device-map value: a GPU index (int), ``"cpu"`` or ``"disk"``.
 
-    Accepts ``1``, ``"1"``, ``"cuda:1"``, ``torch.device("cuda", 1)``, ``"cuda"`` (GPU 0), ``"cpu"``, ``"disk"``.
+    Accepts ``1``, ``"1"``, ``"cuda:1"``, ``torch.device("cuda", 1)``, ``"cuda"`` (GPU 0), ``"cpu"``, ``"disk"``, and
+    the same forms on the available accelerator's device type (e.g. ``"xpu:1"``, or ``"simgpu:1"`` when simulating).
 
     Raises:
         ValueError: for anything else (``"meta"``, negative indices, other device types), naming the value.
@@ -38,7 +45,7 @@ def normalize_device(value: Union[Device, torch.device]) -> Device:
         except (RuntimeError, ValueError):
             raise ValueError(f"Device {value!r} is not a device; use {_ACCEPTED}.") from None
     if isinstance(value, torch.device):
-        if value.type == "cuda":
+        if value.type == "cuda" or value.type == accelerator_type():
             return 0 if value.index is None else value.index
         if value.type == "cpu":
             return "cpu"
@@ -49,4 +56,4 @@ def normalize_device(value: Union[Device, torch.device]) -> Device:
 def execution_device(device_map: Mapping[str, Device]) -> torch.device:
     """Where offloaded ("cpu"/"disk") modules compute: the lowest GPU in the map, else CPU."""
     gpus = [device for device in map(normalize_device, device_map.values()) if isinstance(device, int)]
-    return torch.device("cuda", min(gpus)) if gpus else torch.device("cpu")
+    return gpu(min(gpus)) if gpus else torch.device("cpu")

@@ -1,0 +1,114 @@
+"""GPU-correctness fixes checked on CPU: what the CUDA paths do is simulated by mocks of the CUDA queries, fakes of
+Lightning's CUDA accelerator and spies on the collectives (the real things: ``test_gpu_correctness_integration.py``)."""
+
+from __future__ import annotations
+
+import lightning.fabric.accelerators.cuda as fabric_cuda
+import lightning.pytorch as pl
+import lightning.pytorch.accelerators.cuda as pl_cuda
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+
+import lightning_bigmodel.pl.replicas as replicas
+from lightning_bigmodel import BigModelInferenceStrategy, DeviceMapCallback
+from lightning_bigmodel.planning.budget import get_max_memory
+from lightning_bigmodel.pl.replicas import ReplicatedBigModelStrategy
+from lightning_models import GPTModule, plain_gpt, token_loader, write_bare_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _restore_ranks():
+    ranks = (rank_zero_only.rank, utils_rank_zero_only.rank)
+    yield
+    rank_zero_only.rank, utils_rank_zero_only.rank = ranks
+
+
+@pytest.fixture
+def four_fake_gpus(monkeypatch):
+    """Lightning's CUDA accelerator sees 4 GPUs, `setup_device` runs for real (it rejects a non-GPU root) but the
+    device switch it ends with is recorded instead; every memory query is recorded too."""
+    calls = {"set_device": [], "mem_get_info": []}
+    for module in (fabric_cuda, pl_cuda):
+        monkeypatch.setattr(module, "num_cuda_devices", lambda: 4)
+    monkeypatch.setattr(pl_cuda, "_check_cuda_matmul_precision", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls["set_device"].append(device))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+
+    def mem_get_info(index):
+        calls["mem_get_info"].append(index)
+        return 30 * 2**30, 40 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    return calls
+
+
+# ---------------------------------------------------------------------------------------------- finding 5
+def test_detection_queries_only_the_given_gpus(four_fake_gpus):
+    budget = get_max_memory(None, gpus=[2, 3])
+    assert four_fake_gpus["mem_get_info"] == [2, 3]
+    assert [key for key in budget if isinstance(key, int)] == [2, 3]
+    assert budget[2] == 30 * 2**30 - 4 * 2**30  # free minus 10% of the total
+
+
+def test_trainer_budget_queries_only_the_trainers_gpus(four_fake_gpus):
+    trainer = pl.Trainer(accelerator="gpu", devices=[2, 3], strategy=BigModelInferenceStrategy(), logger=False)
+    budget = DeviceMapCallback()._budget([2, 3])
+    assert trainer.strategy.parallel_devices == [torch.device("cuda", 2), torch.device("cuda", 3)]
+    assert four_fake_gpus["mem_get_info"] == [2, 3]  # GPUs 0 and 1 get no context
+    assert set(budget) == {2, 3, "cpu"}
+
+
+def test_a_gpu_that_cannot_be_queried_gets_no_budget(four_fake_gpus, monkeypatch):
+    def mem_get_info(index):
+        if index == 1:
+            raise RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable")
+        return 30 * 2**30, 40 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    with pytest.warns(UserWarning, match=r"GPU 1 cannot be queried \(CUDA error: all CUDA-capable devices are busy"):
+        budget = get_max_memory(None)
+    assert budget[1] == 0 and budget[0] > 0
+
+
+# ---------------------------------------------------------------------------------------------- finding 3
+@pytest.mark.parametrize("max_memory", [{"cpu": "1GiB"}, {0: 0, "cpu": "1GiB"}])
+def test_gpu_trainer_whose_plan_uses_no_gpu_fails_before_loading(tmp_path, four_fake_gpus, max_memory):
+    ckpt = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt())
+    strategy = BigModelInferenceStrategy(max_memory=max_memory, no_split_module_classes=["Block"])
+    trainer = pl.Trainer(accelerator="gpu", devices=1, strategy=strategy, logger=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path)  # fmt: skip
+    module = GPTModule()
+    with pytest.raises(MisconfigurationException, match=r"puts no module on the Trainer's GPU\(s\) \[0\] \(budget: "):
+        trainer.predict(module, token_loader(), ckpt_path=str(ckpt))
+    assert all(p.is_meta for p in module.parameters())  # nothing was loaded
+    assert torch.device("cpu") not in four_fake_gpus["set_device"]  # `setup_device(cpu)` never ran
+
+
+# ---------------------------------------------------------------------------------------------- finding 8
+def test_replica_collectives_stay_on_the_gpu_the_group_is_bound_to(monkeypatch, four_fake_gpus):
+    for key, value in {"WORLD_SIZE": 2, "RANK": 1, "LOCAL_RANK": 1, "LOCAL_WORLD_SIZE": 2, "GROUP_RANK": 0,
+                       "TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}.items():  # fmt: skip
+        monkeypatch.setenv(key, str(value))
+    strategy = ReplicatedBigModelStrategy(devices_per_replica=2)
+    pl.Trainer(accelerator="gpu", devices=4, strategy=strategy, logger=False)
+    seen = {}
+    monkeypatch.setattr(replicas, "_init_dist_connection", lambda *a, device_id=None, **k: seen.update(init=device_id))
+    monkeypatch.setattr(replicas, "_distributed_is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(dist, "barrier", lambda **kwargs: seen.update(barrier=kwargs))
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda objs, src, device=None: seen.update(broadcast=device))
+    strategy.setup_environment()
+    assert seen["init"] == torch.device("cuda", 2)  # replica 1 owns GPUs 2 and 3
+    strategy._root_device = torch.device("cuda", 3)  # as `setup` does when the plan leaves GPU 2 empty
+    strategy.barrier()
+    assert strategy.broadcast("x") == "x"
+    assert seen["barrier"] == {"device_ids": [2]} and seen["broadcast"] == torch.device("cuda", 2)
+    monkeypatch.setattr(replicas, "_sync_ddp_if_available", lambda t, group, reduce_op: seen.update(reduce=t) or t)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device, *a, **k: seen.setdefault("moved", []).append(device) or self)
+    strategy.reduce(torch.ones(1))
+    assert seen["moved"] == [torch.device("cuda", 2), torch.device("cpu")]  # reduced on GPU 2, back where it was
