@@ -1,0 +1,88 @@
+"""The dispatch hooks, over fake tensors: the real hook classes, with a stand-in for the CUDA prefetcher.
+
+:class:`~lightning_bigmodel.offload.hooks.WeightHook`, ``InputHook`` and ``RootHook`` run unchanged (their copies are
+fake, so they cost nothing); :class:`SimPrefetcher` stands in for
+:class:`~lightning_bigmodel.offload.prefetch.Prefetcher` (which needs CUDA streams and a thread): it holds the same
+copies in flight (the successor's parameters on the execution device, disk reads staged in host RAM on the way), with
+no stream. It follows the map's order from the first forward on, where the real one learns that order during the
+first forward: the steady state (every later forward, every decode step) is what the peak must cover.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from lightning_bigmodel.offload.hooks import HostEntry, InputHook, RootHook, WeightHook
+from lightning_bigmodel.offload.placement import is_disk
+
+
+class SimPrefetcher:
+    """Memory model of the prefetcher: when a weight hook starts, its successor's parameters are copied in."""
+
+    def __init__(self) -> None:
+        self.next: dict[WeightHook, WeightHook] = {}
+        self._pending: Optional[tuple[WeightHook, dict[int, torch.Tensor]]] = None
+
+    def set_order(self, hooks: list[WeightHook]) -> None:
+        """Each hook is followed by the next one; the last by the first (the next forward)."""
+        self.next = {hook: hooks[(i + 1) % len(hooks)] for i, hook in enumerate(hooks)}
+
+    def take(self, hook: WeightHook) -> Optional[dict[int, torch.Tensor]]:
+        if self._pending is None or self._pending[0] is not hook:
+            return None
+        copies = self._pending[1]
+        self._pending = None
+        return copies
+
+    def started(self, hook: WeightHook) -> None:
+        successor = self.next.get(hook)
+        if successor is None or (self._pending is not None and self._pending[0] is successor):
+            return
+        self._pending = None
+        self._pending = (successor, _copy_in(successor))
+
+    def end_forward(self) -> None:
+        """Nothing to learn: the order is set up front."""
+
+
+def _copy_in(hook: WeightHook) -> dict[int, torch.Tensor]:
+    """The prefetchable tensors of ``hook`` on its device. Disk views are read into pinned RAM first; those staging
+    blocks stay held (by the caching host allocator) until the asynchronous copies are done, so all of them count."""
+    staged, copies = [], {}
+    for index in hook.prefetchable:
+        host = hook.entries[index].host
+        if is_disk(host):
+            staged.append(torch.empty(host.shape, dtype=host.dtype, device="cpu"))
+            host = staged[-1]
+        copies[index] = host.to(hook.device, copy=True)
+    return copies
+
+
+def attach_memory_hooks(
+    model: nn.Module,
+    units: Mapping[str, tuple[nn.Module, torch.device]],
+    by_unit: Mapping[str, Mapping[int, HostEntry]],
+) -> list:
+    """Attach the hooks ``dispatch_model`` would (see ``offload.attach.attach_hooks``); return their handles."""
+    handles = []
+    move_io = len({device for _, device in units.values()}) > 1 or bool(by_unit)
+    prefetcher = SimPrefetcher() if any(units[name][1].type != "cpu" for name in by_unit) else None
+    if move_io:
+        root = RootHook({}, prefetcher, restore_outputs=True)
+        handles.append(model.register_forward_pre_hook(root.pre, with_kwargs=True))
+        handles.append(model.register_forward_hook(root.post, with_kwargs=True, always_call=True))
+    weight_hooks = []
+    for name, (module, device) in units.items():
+        if name in by_unit:
+            hook = WeightHook(name, device, list(by_unit[name].values()), move_io, prefetcher)
+            weight_hooks.append(hook)
+            handles.append(module.register_forward_pre_hook(hook.pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(hook.post, with_kwargs=True, always_call=True))
+        elif move_io:
+            handles.append(module.register_forward_pre_hook(InputHook(device).pre, with_kwargs=True))
+    if prefetcher is not None:
+        prefetcher.set_order(weight_hooks)
+    return handles
