@@ -1,0 +1,291 @@
+"""Quantized loading (torchao int8) on cpu and cpu+disk maps, checked against torchao's own ``quantize_`` of the plainly
+loaded model (equal outputs) and against float32 (within a stated tolerance); the offload folder keyed by quantization;
+planned sizes; and the bad input refused before any weight is read."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from examples.gpt import GPT, GPTConfig
+from lightning_bigmodel import BigModelInferenceStrategy, init_empty_weights, load_checkpoint_and_dispatch
+from lightning_bigmodel.checkpoint.loading import load_checkpoint_in_model
+from lightning_bigmodel.checkpoint.reader import CheckpointReader
+from lightning_bigmodel.checkpoint.writer import save_sharded_checkpoint
+from lightning_bigmodel.offload import disk
+from lightning_bigmodel.offload.placement import is_disk
+from lightning_bigmodel.offload.subclass import stored_nbytes
+from lightning_bigmodel.planning.device_map import infer_device_map, tensor_devices
+from lightning_bigmodel.planning.sizes import compute_module_sizes
+from tests.lightning_models import GPTModule, bigmodel_trainer, token_loader, tokens
+
+torchao_quantization = pytest.importorskip("torchao.quantization")
+
+# int8 weight-only (per output row) against float32 on this tiny GPT: measured ~0.2% relative L2 error of the logits.
+FP32_TOLERANCE = 1e-2
+PRESET = "tiny"
+N_LAYER = GPTConfig.preset(PRESET).n_layer
+MAPS = {
+    "cpu": {"": "cpu"},
+    "cpu+disk": {
+        "transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "cpu", "transformer.h.1": "disk",
+        "transformer.h.2": "disk", "transformer.h.3": "cpu", "transformer.ln_f": "disk", "lm_head": "cpu",
+    },
+    "disk": {"": "disk"},
+}  # fmt: skip
+
+
+def plain_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig.preset(PRESET)).eval()
+
+
+def torchao_int8(model: nn.Module) -> nn.Module:
+    """The reference: torchao's own ``quantize_`` on a copy of the loaded model, block linears only (the tied
+    ``lm_head`` is the embedding and stays float, as in our default)."""
+    quantized = copy.deepcopy(model)
+    torchao_quantization.quantize_(
+        quantized,
+        torchao_quantization.Int8WeightOnlyConfig(),
+        filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and fqn.startswith("transformer.h."),
+    )
+    return quantized
+
+
+def empty_gpt() -> GPT:
+    with init_empty_weights():
+        return GPT(GPTConfig.preset(PRESET)).eval()
+
+
+def logits(model: nn.Module, x: torch.Tensor = None) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(tokens() if x is None else x)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    return _write(tmp_path / "ckpt", plain_gpt(), safe=True)
+
+
+def _write(folder, model, safe):
+    save_sharded_checkpoint(model, folder, max_shard_size=40_000, safe_serialization=safe)
+    return folder
+
+
+def _commits(monkeypatch) -> list[str]:
+    """Names of the offload files written from now on (the folder's own test seam), manifest excluded."""
+    written: list[str] = []
+
+    def seam(stage, path):
+        if stage == "committed" and path.name != disk.MANIFEST:
+            written.append(path.name.removesuffix(".safetensors"))
+
+    monkeypatch.setattr(disk, "_fault_point", seam)
+    return written
+
+
+@pytest.mark.parametrize("where", list(MAPS))
+def test_int8_dispatch_equals_torchao_and_stays_close_to_fp32(tmp_path, ckpt, where):
+    plain = plain_gpt()
+    model = load_checkpoint_and_dispatch(
+        empty_gpt(), ckpt, device_map=MAPS[where], offload_folder=tmp_path / "offload", quantization="int8"
+    )
+    out = logits(model)
+    assert torch.equal(out, logits(torchao_int8(plain)))
+    assert relative_error(out, logits(plain)) < FP32_TOLERANCE
+    weight = model.transformer.h[1].mlp.c_fc.weight
+    assert type(weight).__name__ == "Int8Tensor" and weight.qdata.dtype == torch.int8
+    assert is_disk(weight) == (where != "cpu")  # disk weights stay quantized: views of the offload files
+    assert model.lm_head.weight.dtype == torch.float32 and model.lm_head.weight is model.transformer.wte.weight
+    assert type(model.transformer.h[0].ln_1.weight) is nn.Parameter
+    plain_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())
+    assert sum(stored_nbytes(p) for p in model.parameters()) < 0.6 * plain_bytes  # embeddings stay fp32
+
+
+def test_int8_after_a_cast_from_a_bin_checkpoint(tmp_path):
+    """Quantizing happens after the cast: bf16 weights quantized while streaming equal torchao on the bf16 model."""
+    plain = plain_gpt()
+    ckpt = _write(tmp_path / "ckpt", plain, safe=False)
+    model = empty_gpt()
+    load_checkpoint_in_model(
+        model, ckpt, MAPS["cpu+disk"], dtype=torch.bfloat16, offload_folder=tmp_path / "off", quantization="int8"
+    )
+    reference = torchao_int8(copy.deepcopy(plain).to(torch.bfloat16))
+    assert model.transformer.h[2].attn.c_attn.weight.dtype == torch.bfloat16
+    assert torch.equal(logits(model), logits(reference))
+
+
+def test_offload_folder_is_reused_per_quantization_and_rebuilt_when_it_changes(tmp_path, monkeypatch):
+    plain = plain_gpt()
+    ckpt = _write(tmp_path / "ckpt", plain, safe=False)  # .bin: unquantized disk tensors are written too
+    folder = tmp_path / "offload"
+    written = _commits(monkeypatch)
+    quantized = {f"transformer.h.{i}.{m}.weight" for i in range(N_LAYER) for m in ("attn.c_attn", "attn.c_proj",
+                                                                                 "mlp.c_fc", "mlp.c_proj")}
+
+    def load(**kwargs):
+        written.clear()
+        model = load_checkpoint_and_dispatch(empty_gpt(), ckpt, MAPS["disk"], offload_folder=folder, **kwargs)
+        return logits(model), set(written)
+
+    first, files = load(quantization="int8")
+    assert quantized <= files and len(files) > len(quantized)  # biases, norms, embeddings written plain
+    again, files = load(quantization="int8")
+    assert files == set() and torch.equal(again, first)  # same checkpoint, same quantization: all reused
+    fp32, files = load()
+    assert files == quantized and torch.equal(fp32, logits(plain))  # only the quantized ones are rebuilt
+    skip_h0, files = load(quantization="int8", quantization_skip_modules=["transformer.h.0"])
+    assert files == {name for name in quantized if not name.startswith("transformer.h.0.")}  # h.0: fp32 reused
+    reference = copy.deepcopy(plain)
+    torchao_quantization.quantize_(
+        reference,
+        torchao_quantization.Int8WeightOnlyConfig(),
+        filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn.startswith("transformer.h.") and ".h.0." not in fqn + ".",
+    )
+    assert torch.equal(skip_h0, logits(reference))
+    manifest = json.loads((folder / disk.MANIFEST).read_text())["tensors"]
+    assert manifest["transformer.h.1.mlp.c_fc.weight"]["form"]["quantization"] == "int8"
+    assert "form" not in manifest["transformer.h.0.mlp.c_fc.weight"]
+
+
+def test_planned_sizes_are_the_bytes_placed(tmp_path, ckpt):
+    """The planner's int8 sizes equal what an int8 load really holds, block by block."""
+    planned = compute_module_sizes(empty_gpt(), quantization="int8")
+    model = load_checkpoint_and_dispatch(empty_gpt(), ckpt, MAPS["cpu"], quantization="int8")
+    for i in range(N_LAYER):
+        block = model.transformer.h[i]
+        held = sum(stored_nbytes(t) for t in [*block.parameters(), *block.buffers()])
+        assert planned[f"transformer.h.{i}"] == held
+    rows, cols = model.transformer.h[0].mlp.c_fc.weight.shape
+    assert planned["transformer.h.0.mlp.c_fc.weight"] == rows * cols + rows * 5  # int8 data, fp32 scale, int8 zero
+    assert compute_module_sizes(empty_gpt())["transformer.h.0.mlp.c_fc.weight"] == rows * cols * 4
+
+
+def test_int8_plan_puts_more_layers_in_ram():
+    with torch.device("meta"):
+        model = GPT(GPTConfig.preset("small"))
+    budget = {"cpu": compute_module_sizes(model)[""] // 2}
+    fp32 = infer_device_map(model, max_memory=budget, no_split_module_classes=["Block"])
+    int8 = infer_device_map(model, max_memory=budget, no_split_module_classes=["Block"], quantization="int8")
+    on_disk = lambda plan: sorted(key for key, device in plan.items() if device == "disk")  # noqa: E731
+    assert len(on_disk(int8)) < len(on_disk(fp32)) and on_disk(fp32)
+
+
+def test_plan_command_sizes_quantized_weights(capsys):
+    from lightning_bigmodel.pl.cli import plan
+
+    args = ["--model", "examples.gpt.GPT", "--model.config", '{"class_path": "examples.gpt.GPTConfig"}',
+            "--max_memory", '{"cpu": "250MB"}', "--no_split_module_classes", '["Block"]']  # fmt: skip
+    fp32 = plan(args)
+    fp32_out = capsys.readouterr().out
+    int8 = plan(args + ["--quantization", "int8"])
+    int8_out = capsys.readouterr().out
+    assert "int8 weights" in int8_out and "int8" not in fp32_out
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+
+    def blocks_on_disk(plan) -> int:
+        devices = tensor_devices(model, plan)
+        return sum(devices[f"transformer.h.{i}.ln_1.weight"] == "disk" for i in range(model.config.n_layer))
+
+    assert 0 < blocks_on_disk(int8) < blocks_on_disk(fp32)
+
+
+@pytest.fixture
+def no_weight_read(monkeypatch):
+    """Fail the test if any tensor data is read from the checkpoint."""
+
+    def refuse(self, key, *args, **kwargs):
+        raise AssertionError(f"tensor {key!r} was read before the bad input was refused")
+
+    for method in ("read", "borrow", "mmap_view"):
+        monkeypatch.setattr(CheckpointReader, method, refuse)
+
+
+def _assert_untouched(model: nn.Module) -> None:
+    assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("bad", ["int3", "nf4", "fp8"])
+def test_unknown_quantization_is_refused_before_reading(ckpt, no_weight_read, bad):
+    model = empty_gpt()
+    with pytest.raises(ValueError, match=rf"`quantization`='{bad}' is not supported.*'int8', 'int4'"):
+        load_checkpoint_and_dispatch(model, ckpt, MAPS["cpu"], quantization=bad)
+    _assert_untouched(model)
+    with pytest.raises(ValueError, match="not supported"):
+        BigModelInferenceStrategy(quantization=bad)
+
+
+def test_int4_without_a_kernel_on_the_cpu_is_refused_before_reading(ckpt, no_weight_read):
+    model = empty_gpt()
+    with pytest.raises(ValueError, match=r"'int4'.*no torchao kernel for execution device\(s\) \['cpu'\].*'int8'"):
+        load_checkpoint_and_dispatch(model, ckpt, MAPS["cpu+disk"], quantization="int4")
+    _assert_untouched(model)
+
+
+@pytest.mark.parametrize("how", ["config", "gptq", "int8_scales"])
+def test_already_quantized_checkpoint_is_refused_before_reading(tmp_path, how, no_weight_read):
+    from safetensors.torch import save_file
+
+    state = {k: v for k, v in plain_gpt().state_dict().items() if k != "lm_head.weight"}
+    folder = tmp_path / how
+    folder.mkdir()
+    if how == "config":
+        (folder / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "awq"}}))
+    elif how == "gptq":
+        weight = state.pop("transformer.h.0.mlp.c_fc.weight")
+        state["transformer.h.0.mlp.c_fc.qweight"] = torch.zeros(weight.shape[1] // 8, weight.shape[0], dtype=torch.int32)
+        state["transformer.h.0.mlp.c_fc.scales"] = torch.ones(1, weight.shape[0], dtype=torch.float16)
+    else:
+        state["transformer.h.0.mlp.c_fc.weight"] = state["transformer.h.0.mlp.c_fc.weight"].to(torch.int8)
+        state["transformer.h.0.mlp.c_fc.weight_scale"] = torch.ones(128, 1)
+    save_file(state, str(folder / "model.safetensors"))
+    model = empty_gpt()
+    with pytest.raises(ValueError, match=r"already quantized.*unquantized"):
+        load_checkpoint_and_dispatch(model, folder, MAPS["cpu"], quantization="int8")
+    _assert_untouched(model)
+
+
+def test_missing_torchao_names_the_extra(ckpt, monkeypatch, no_weight_read):
+    from lightning_bigmodel.integrations.quantization import torchao as integration
+
+    monkeypatch.setattr(integration, "torchao_version", lambda: None)
+    model = empty_gpt()
+    with pytest.raises(ImportError, match=r'pip install "lightning-bigmodel\[quantization\]"'):
+        load_checkpoint_and_dispatch(model, ckpt, MAPS["cpu"], quantization="int8")
+    _assert_untouched(model)
+
+
+def test_quantized_spill_to_disk_needs_an_offload_folder(ckpt):
+    with torch.device("meta"):
+        model = GPT(GPTConfig.preset(PRESET))
+    budget = {"cpu": compute_module_sizes(model, quantization="int8")[""] // 2}
+    with pytest.raises(ValueError, match=r"quantized model.*written once to an offload folder.*`offload_folder=`"):
+        load_checkpoint_and_dispatch(empty_gpt(), ckpt, "auto", max_memory=budget, quantization="int8",
+                                     no_split_module_classes=["Block"])  # fmt: skip
+
+
+def test_trainer_predict_int8_cpu_disk(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plain = plain_gpt()
+    ckpt = _write(tmp_path / "ckpt", plain, safe=True)
+    strategy = BigModelInferenceStrategy(
+        device_map={f"model.{key}": device for key, device in MAPS["cpu+disk"].items()},
+        offload_folder=tmp_path / "offload",
+        checkpoint=ckpt,
+        quantization="int8",
+    )
+    batches = bigmodel_trainer(strategy).predict(GPTModule(), token_loader())
+    reference = torchao_int8(plain)
+    with torch.inference_mode():
+        expected = [reference(idx) for (idx,) in token_loader()]
+    assert all(torch.equal(out, ref) for out, ref in zip(batches, expected))
+    assert type(strategy.lightning_module.model.transformer.h[1].attn.c_attn.weight).__name__ == "Int8Tensor"
