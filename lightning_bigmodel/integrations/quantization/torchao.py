@@ -29,7 +29,7 @@ from lightning_bigmodel.offload.subclass import decode_context, encode_context, 
 __all__ = ["TorchaoQuantizer", "check_kernel", "import_torchao", "torchao_version"]
 
 _EXTRA = 'pip install "lightning-bigmodel[quantization]"'
-_MIN_VERSION = (0, 14)  # Int8Tensor (weight-only, version 2 configs) is what this module builds
+_MIN_VERSION = (0, 18)  # the release tested (with torch 2.13); Int8Tensor and its flatten protocol as used here
 
 
 def torchao_version() -> Optional[str]:
@@ -51,7 +51,7 @@ def import_torchao() -> Any:
         raise ImportError(f"`quantization=` needs torchao, which is not installed. Install it: {_EXTRA}")
     parts = tuple(int(p) for p in version.split("+")[0].split(".")[:2] if p.isdigit())
     if parts < _MIN_VERSION:
-        raise ImportError(f"`quantization=` needs torchao >= 0.14, found {version}. Upgrade it: {_EXTRA}")
+        raise ImportError(f"`quantization=` needs torchao >= 0.18, found {version}. Upgrade it: {_EXTRA}")
     loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [logger.level for logger in loggers]
     try:
