@@ -289,3 +289,25 @@ def test_trainer_predict_int8_cpu_disk(tmp_path, monkeypatch):
         expected = [reference(idx) for (idx,) in token_loader()]
     assert all(torch.equal(out, ref) for out, ref in zip(batches, expected))
     assert type(strategy.lightning_module.model.transformer.h[1].attn.c_attn.weight).__name__ == "Int8Tensor"
+
+
+def test_cli_yaml_predict_with_int8(tmp_path, monkeypatch):
+    """The YAML job with `quantization: int8` on the strategy (given on the command line here) generates the tokens of
+    the plain model quantized by torchao; on a budget where float32 spills to disk."""
+    from examples.gpt_generate import random_prompts
+    from lightning_bigmodel.pl.cli import main
+    from tests.test_cli import ROOT
+
+    torch.manual_seed(123)
+    reference = GPT(GPTConfig.preset("tiny")).eval()
+    save_sharded_checkpoint(reference, tmp_path / "ckpt", max_shard_size="40KB")
+    monkeypatch.chdir(tmp_path)
+    main(["predict", "--config", str(ROOT / "configs" / "gpt_tiny.yaml"), "--ckpt_path", str(tmp_path / "ckpt"),
+          "--model.init_args.random_checkpoint_dir", "null", "--trainer.strategy.init_args.quantization", "int8",
+          "--trainer.strategy.init_args.max_memory", '{"cpu": "60KB"}'])  # fmt: skip
+    tokens = torch.load(tmp_path / "runs" / "gpt_tokens.pt")
+    prompts = random_prompts(reference.config.vocab_size, 4, 8)
+    with torch.inference_mode():
+        assert torch.equal(tokens, torchao_int8(reference).generate(prompts, max_new_tokens=10))
+    manifest = json.loads((tmp_path / "runs" / "offload" / disk.MANIFEST).read_text())["tensors"]
+    assert any(entry.get("form", {}).get("quantization") == "int8" for entry in manifest.values())
