@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_bigmodel import BigModelInferenceStrategy, DeviceMapCallback, ShardedCheckpointIO, dispatch_model
-from lightning_bigmodel import remove_dispatch
+from lightning_bigmodel import infer_device_map, init_empty_weights, remove_dispatch
 from lightning_bigmodel.pl.io import LazyStateDict
 from lightning_bigmodel.pl.loader import dispatched_modules, hook_network_children, prefetchers, return_outputs
 from lightning_bigmodel.offload.hooks import RootHook
@@ -115,7 +115,8 @@ def test_generate_loop_in_predict_step(bare_ckpt):
     outputs = bigmodel_trainer(strategy).predict(module, token_loader(), ckpt_path=str(bare_ckpt))
     reference = plain_gpt()
     expected = [reference.generate(chunk, max_new_tokens=4) for chunk in tokens().split(3)]
-    for got, want in zip(outputs, expected):
+    assert len(outputs) == len(expected) == 2
+    for got, want in zip(outputs, expected, strict=True):
         assert torch.equal(got, want)
 
 
@@ -156,18 +157,49 @@ def test_precision_matches_stock_lightning(tmp_path, bare_ckpt, precision):
     strategy = BigModelInferenceStrategy(device_map=CPU_DISK_MAP, offload_folder=tmp_path / "offload")
     trainer = bigmodel_trainer(strategy, precision=precision, accelerator=accelerator)
     outputs = trainer.predict(GPTModule(), token_loader(), ckpt_path=str(bare_ckpt))
-    for got, want in zip(outputs, expected):
+    assert len(outputs) == len(expected) == 2
+    for got, want in zip(outputs, expected, strict=True):
         assert got.dtype == want.dtype
         assert torch.equal(got, want)
+
+
+@torch.no_grad()
+def _plain_outputs_in(dtype: torch.dtype) -> list[torch.Tensor]:
+    """The plainly built model, every floating tensor cast to ``dtype`` (the attention mask stays bool)."""
+    reference = plain_gpt().to(dtype)
+    return [reference(chunk) for chunk in tokens().split(3)]
 
 
 def test_dtype_argument_casts_weights(tmp_path, bare_ckpt):
     strategy = BigModelInferenceStrategy(device_map=CPU_DISK_MAP, dtype="bfloat16", offload_folder=tmp_path / "off")
     module = GPTModule()
-    bigmodel_trainer(strategy).predict(module, token_loader(), ckpt_path=str(bare_ckpt))
-    assert module.model.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    outputs = bigmodel_trainer(strategy).predict(module, token_loader(), ckpt_path=str(bare_ckpt))
+    floats = [t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
+    assert floats and all(t.dtype == torch.bfloat16 for t in floats)  # disk-offloaded ones too
+    expected = _plain_outputs_in(torch.bfloat16)
+    assert all(out.dtype == torch.bfloat16 for out in outputs)
+    assert len(outputs) == len(expected) == 2
+    for got, want in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)  # same kernels on the same bf16 weights
+    assert not torch.equal(outputs[0].float(), reference_outputs()[0])  # bf16 is not float32
     with pytest.raises(ValueError, match="dtype="):
         BigModelInferenceStrategy(dtype="int8")
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_dtype_with_precision(tmp_path, bare_ckpt, precision):
+    """`dtype` casts the stored weights; the Trainer's `precision` decides the compute, as with a stock Trainer."""
+    strategy = BigModelInferenceStrategy(device_map=CPU_DISK_MAP, dtype="bfloat16", offload_folder=tmp_path / "off")
+    outputs = bigmodel_trainer(strategy, precision=precision).predict(
+        GPTModule(), token_loader(), ckpt_path=str(bare_ckpt)
+    )
+    stock = PlainGPTModule()
+    stock.model.to(torch.bfloat16)  # the same bf16 weights, loaded plainly
+    expected = stock_trainer(precision=precision).predict(stock, token_loader())
+    assert len(outputs) == len(expected) == 2
+    for got, want in zip(outputs, expected, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 class _Trainable(GPTModule):
@@ -217,13 +249,13 @@ def test_explicit_key_prefix_and_ambiguous_prefix(tmp_path, bare_ckpt):
 
 
 def test_signature_validates_with_jsonargparse():
-    from jsonargparse import ArgumentParser
+    from jsonargparse import ArgumentError, ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(BigModelInferenceStrategy, "strategy")
     cfg = parser.parse_args(["--strategy.device_map=balanced_low_0", "--strategy.dtype=bfloat16"])
     assert cfg.strategy.device_map == "balanced_low_0"
-    with pytest.raises(Exception):
+    with pytest.raises(ArgumentError, match=r"(?s)device_map.*fastest"):
         parser.parse_args(["--strategy.device_map=fastest"])
 
 
@@ -407,3 +439,78 @@ def test_network_children_get_output_hooks_before_the_dispatch_hooks(tmp_path):
     assert (len(wrapper.net._forward_pre_hooks), len(wrapper.net._forward_hooks)) == (2, 2)
     remove_dispatch(wrapper)
     assert not wrapper.net._forward_pre_hooks and not wrapper.net._forward_hooks  # removed with the dispatch
+
+
+# ---------------------------------------------------------------------------------------------- untested paths
+def test_offload_buffers_reaches_the_plan(tmp_path, bare_ckpt):
+    """The strategy plans with its `offload_buffers`: the plain planner's map for each flag (the two differ here, so
+    a strategy that drops the flag fails), and predictions equal the plain model's either way."""
+    budget = {"cpu": 190_000}
+    skeleton = GPTModule()
+    with init_empty_weights():
+        skeleton.configure_model()
+    plans = {}
+    for offload_buffers in (False, True):
+        strategy = BigModelInferenceStrategy(max_memory=budget, no_split_module_classes=["Block"],
+                                             offload_buffers=offload_buffers, offload_folder=tmp_path / "off")  # fmt: skip
+        outputs = bigmodel_trainer(strategy).predict(GPTModule(), token_loader(), ckpt_path=str(bare_ckpt))
+        assert_same(outputs, reference_outputs())
+        expected = infer_device_map(skeleton, budget, ["Block"], offload_buffers=offload_buffers)
+        assert strategy.plan == expected
+        plans[offload_buffers] = expected
+    assert plans[False] != plans[True]
+
+
+class _Evaluated(GPTModule):
+    """Logs the mean next-token loss of each batch, computed from the logits."""
+
+    def _loss(self, batch, stage: str) -> torch.Tensor:
+        (idx,) = batch
+        logits = self.model(idx[:, :-1])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+        self.log(f"{stage}_loss", loss, batch_size=idx.shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        return self._loss(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._loss(batch, "test")
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_validate_and_test_match_stock_lightning(tmp_path, bare_ckpt, stage):
+    strategy = BigModelInferenceStrategy(device_map=CPU_DISK_MAP, offload_folder=tmp_path / "off")
+    (got,) = getattr(bigmodel_trainer(strategy), stage)(_Evaluated(), token_loader(), ckpt_path=str(bare_ckpt))
+    stock = _Evaluated()
+    stock.model = plain_gpt()
+    (want,) = getattr(stock_trainer(), stage)(stock, token_loader())
+    key = "val_loss" if stage == "validate" else "test_loss"
+    with torch.no_grad():  # and by hand, batch by batch (equal batch sizes: the mean of the means)
+        model, data = plain_gpt(), tokens()
+        losses = [nn.functional.cross_entropy(model(c[:, :-1]).flatten(0, 1), c[:, 1:].flatten()) for c in data.split(3)]
+    assert set(got) == {key} and got[key] == pytest.approx(want[key], abs=1e-6)
+    assert got[key] == pytest.approx(float(torch.stack(losses).mean()), abs=1e-5)
+    assert strategy.plan == CPU_DISK_MAP
+
+
+class _Lenient(GPTModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.strict_loading = False
+
+
+def test_strict_loading_false_accepts_unexpected_keys(tmp_path):
+    state = {**plain_gpt().state_dict(), "extra.weight": torch.ones(3)}
+    ckpt = write_bare_checkpoint(tmp_path / "ckpt", state)
+    with pytest.raises(RuntimeError, match=r"Unexpected key.*extra\.weight"):
+        bigmodel_trainer(BigModelInferenceStrategy()).predict(GPTModule(), token_loader(), ckpt_path=str(ckpt))
+    outputs = bigmodel_trainer(BigModelInferenceStrategy()).predict(_Lenient(), token_loader(), ckpt_path=str(ckpt))
+    assert_same(outputs, reference_outputs())
+
+
+def test_strict_loading_false_still_refuses_weights_left_on_meta(tmp_path):
+    state = {k: v for k, v in plain_gpt().state_dict().items() if "h.3.mlp.c_fc" not in k}
+    ckpt = write_bare_checkpoint(tmp_path / "ckpt", state)
+    with pytest.raises(RuntimeError, match=r"model\.transformer\.h\.3\.mlp\.c_fc\.weight"):
+        bigmodel_trainer(BigModelInferenceStrategy()).predict(_Lenient(), token_loader(), ckpt_path=str(ckpt))
