@@ -218,7 +218,7 @@ def test_fit_is_rejected():
 
 def test_user_device_map_callback_is_used(bare_ckpt):
     callback = DeviceMapCallback(device_map=CPU_DISK_MAP)
-    strategy = BigModelInferenceStrategy(device_map="sequential")  # the callback's plan wins
+    strategy = BigModelInferenceStrategy()  # no planning settings: the callback's are used
     trainer = bigmodel_trainer(strategy, callbacks=[callback])
     outputs = trainer.predict(GPTModule(), token_loader(), ckpt_path=str(bare_ckpt))
     assert strategy.plan == callback.device_map == CPU_DISK_MAP

@@ -21,6 +21,28 @@ from lightning_bigmodel.planning.table import bytes_per_device, device_label, fo
 DeviceMapArg = Union[Policy, dict[str, Union[int, str]]]
 JSON_NAME = "device_map.json"
 
+# The planning settings a strategy and a DeviceMapCallback can both take, with what "not given anywhere" means.
+PLANNING_DEFAULTS: dict[str, Any] = {
+    "device_map": "auto",
+    "max_memory": None,
+    "no_split_module_classes": [],
+    "dtype": None,
+    "offload_buffers": False,
+}
+
+
+def _canonical(name: str, value: Any) -> Any:
+    """A comparable form of a planning setting: normalised devices and sizes, dtypes parsed, lists as sorted tuples."""
+    if name == "device_map" and isinstance(value, Mapping):
+        return {key: normalize_device(device) for key, device in value.items()}
+    if name == "max_memory" and value is not None:
+        return get_max_memory(value)
+    if name == "no_split_module_classes":
+        return tuple(sorted(value))
+    if name == "dtype":
+        return parse_dtype(value)
+    return value
+
 
 def parse_dtype(dtype: Optional[Union[str, torch.dtype]]) -> Optional[torch.dtype]:
     """``"bfloat16"``, ``"torch.float16"``, ``"bf16"``, ``"fp16"``, ``"fp32"`` or a ``torch.dtype`` -> ``torch.dtype``."""
@@ -85,9 +107,13 @@ class DeviceMapCallback(Callback):
     calls :meth:`plan` once the (meta) model exists. ``on_predict_start`` prints the table on rank zero and writes
     ``device_map.json`` (the map, bytes per device and the budget) into ``trainer.log_dir``.
 
+    The planning arguments (``device_map`` to ``offload_buffers``) are usually given to the strategy alone; a
+    callback created without them uses the strategy's (it then only reports). A setting given to both must have the
+    same value: different values raise ``ValueError`` before anything is planned.
+
     Args:
         device_map: a policy (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) or an explicit
-            ``{module_name: gpu_index | "cpu" | "disk"}``.
+            ``{module_name: gpu_index | "cpu" | "disk"}``. Default: the strategy's, else ``"auto"``.
         max_memory: budget per device, e.g. ``{0: "10GiB", "cpu": "30GB"}``; ``None`` detects free memory. Only the
             Trainer's GPUs may be named.
         no_split_module_classes: class names whose instances stay whole on one device (e.g. ``["Block"]``).
@@ -103,23 +129,63 @@ class DeviceMapCallback(Callback):
 
     def __init__(
         self,
-        device_map: DeviceMapArg = "auto",
+        device_map: Optional[DeviceMapArg] = None,
         max_memory: Optional[dict[Union[int, str], Union[int, str]]] = None,
         no_split_module_classes: Optional[Sequence[str]] = None,
         dtype: Optional[Union[str, torch.dtype]] = None,
-        offload_buffers: bool = False,
+        offload_buffers: Optional[bool] = None,
         save_json: bool = True,
     ) -> None:
-        self.requested_map = device_map
-        self.max_memory = max_memory
-        self.no_split_module_classes = list(no_split_module_classes or [])
-        self.dtype = parse_dtype(dtype)
-        self.offload_buffers = offload_buffers
+        given = {
+            "device_map": device_map,
+            "max_memory": max_memory,
+            "no_split_module_classes": None if no_split_module_classes is None else list(no_split_module_classes),
+            "dtype": parse_dtype(dtype),
+            "offload_buffers": offload_buffers,
+        }
+        self.given_settings = {name: value for name, value in given.items() if value is not None}
+        self._apply_settings(PLANNING_DEFAULTS | self.given_settings)
         self.save_json = save_json
         self.device_map: Optional[dict[str, Union[int, str]]] = None
         self.module_sizes: dict[str, int] = {}
         self.max_memory_bytes: dict[Union[int, str], int] = {}
         self.json_path: Optional[Path] = None
+        self._reconciled_with: Optional[int] = None  # id() of the strategy whose settings were merged in
+
+    def _apply_settings(self, settings: Mapping[str, Any]) -> None:
+        self.requested_map = settings["device_map"]
+        self.max_memory = settings["max_memory"]
+        self.no_split_module_classes = list(settings["no_split_module_classes"] or [])
+        self.dtype = settings["dtype"]
+        self.offload_buffers = bool(settings["offload_buffers"])
+
+    def reconcile(self, owner: object, strategy_settings: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge the planning settings given to the strategy with those given to this callback; return the result.
+
+        A setting given on one side only is used as given; given on both with different values is an error (no
+        silent choice); given on neither takes the default. Done once per strategy (``owner``).
+
+        Raises:
+            ValueError: naming each setting given twice with different values, and both values.
+        """
+        strategy_given = {name: value for name, value in strategy_settings.items() if value is not None}
+        clashes = [
+            f"`{name}`: {strategy_given[name]!r} (strategy) vs {self.given_settings[name]!r} (DeviceMapCallback)"
+            for name in PLANNING_DEFAULTS
+            if name in strategy_given and name in self.given_settings
+            and _canonical(name, strategy_given[name]) != _canonical(name, self.given_settings[name])
+        ]
+        if clashes:
+            raise ValueError(
+                "The strategy and `DeviceMapCallback` set the same planning setting(s) to different values: "
+                + "; ".join(clashes) + ". Give each setting in one place (the strategy, or the callback), or the "
+                "same value in both."
+            )
+        merged = PLANNING_DEFAULTS | strategy_given | self.given_settings
+        if self._reconciled_with != id(owner):
+            self._apply_settings(merged)
+            self._reconciled_with = id(owner)
+        return merged
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         """Nothing to plan yet: the model is built later, in ``configure_model``."""

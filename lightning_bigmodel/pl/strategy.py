@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 import lightning.pytorch as pl
-from lightning_bigmodel.pl.callback import DeviceMapCallback, check_trainer_devices, parse_dtype
+from lightning_bigmodel.pl.callback import PLANNING_DEFAULTS, DeviceMapCallback, check_trainer_devices, parse_dtype
 from lightning_bigmodel.planning.device_map import Policy, execution_device, normalize_device
 from lightning_bigmodel.init import init_empty_weights
 from lightning_bigmodel.integrations.quantization.spec import Quantization, resolve_quantization
@@ -47,6 +47,9 @@ class BigModelInferenceStrategy(Strategy):
     Args:
         device_map: a policy (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) or an explicit
             ``{module_name: gpu_index | "cpu" | "disk"}`` (names as in the LightningModule, e.g. ``"model.h.0"``).
+            Default ``"auto"``. The planning settings (``device_map``, ``max_memory``, ``no_split_module_classes``,
+            ``offload_buffers``, ``dtype``) may instead be given to a ``DeviceMapCallback``; giving one to both with
+            different values raises ``ValueError`` before anything is planned.
         max_memory: budget per device, e.g. ``{0: "10GiB", "cpu": "30GB"}``; ``None`` detects free memory.
         no_split_module_classes: class names kept whole on one device (residual blocks, e.g. ``["Block"]``).
         offload_folder: where ``"disk"`` weights are written when they cannot be read in place from the checkpoint.
@@ -86,11 +89,11 @@ class BigModelInferenceStrategy(Strategy):
 
     def __init__(
         self,
-        device_map: Union[Policy, dict[str, Union[int, str]]] = "auto",
+        device_map: Optional[Union[Policy, dict[str, Union[int, str]]]] = None,
         max_memory: Optional[dict[Union[int, str], Union[int, str]]] = None,
         no_split_module_classes: Optional[list[str]] = None,
         offload_folder: Optional[Union[str, Path]] = None,
-        offload_buffers: bool = False,
+        offload_buffers: Optional[bool] = None,
         dtype: Optional[Union[str, torch.dtype]] = None,
         checkpoint: Optional[Union[str, Path]] = None,
         quantization: Optional[Quantization] = None,
@@ -107,12 +110,16 @@ class BigModelInferenceStrategy(Strategy):
         super().__init__(accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin)
         if isinstance(device_map, Mapping):
             device_map = {key: normalize_device(value) for key, value in device_map.items()}
-        self.device_map = device_map
-        self.max_memory = max_memory
-        self.no_split_module_classes = list(no_split_module_classes or [])
+        given = {
+            "device_map": device_map,
+            "max_memory": max_memory,
+            "no_split_module_classes": None if no_split_module_classes is None else list(no_split_module_classes),
+            "dtype": parse_dtype(dtype),
+            "offload_buffers": offload_buffers,
+        }
+        self.given_settings = {name: value for name, value in given.items() if value is not None}
+        self._use_settings(PLANNING_DEFAULTS | self.given_settings)
         self.offload_folder = offload_folder
-        self.offload_buffers = offload_buffers
-        self.dtype = parse_dtype(dtype)
         self.checkpoint = checkpoint
         resolve_quantization(quantization, quantization_skip_modules)  # a bad name fails here, before any work
         self.quantization = quantization
@@ -202,10 +209,10 @@ class BigModelInferenceStrategy(Strategy):
             self.plan = dispatched_plan(module) or dict(self.plan or {})
             main_device = main_device_of(module)
         else:
+            callback = self._device_map_callback(trainer)  # settles the settings (dtype included) first
             self.model = self.precision_plugin.convert_module(self.model)
             if self.dtype is not None:
                 module.to(dtype=self.dtype)  # meta parameters and real floating-point buffers; ints stay
-            callback = self._device_map_callback(trainer)
             self.plan = callback.plan(module, self)
             budget = callback.max_memory_bytes
             self.loaded_from = None
@@ -213,22 +220,38 @@ class BigModelInferenceStrategy(Strategy):
         if main_device is None:
             main_device = execution_device(self.plan) if self.plan else torch.device("cpu")
         self._root_device = main_device
-        self.accelerator.setup_device(self._root_device)
+        self.accelerator.setup_device(self._lightning_device(main_device))
         self.setup_precision_plugin()
 
+    def _lightning_device(self, device: torch.device) -> torch.device:
+        """``device`` as Lightning's accelerator names it: its GPUs are ``parallel_devices``' type (``cuda`` for the
+        ``"gpu"`` accelerator), the library's are the available accelerator's (the same type on real GPUs; ``simgpu``
+        inside ``lightning_bigmodel.simulate.simulated_gpus``, where ``torch.cuda`` is stood in for)."""
+        devices = self.parallel_devices or []
+        if device.type == "cpu" or not devices or devices[0].type in ("cpu", device.type):
+            return device
+        return torch.device(devices[0].type, device.index)
+
+    def _use_settings(self, settings: Mapping[str, Any]) -> None:
+        self.device_map = settings["device_map"]
+        self.max_memory = settings["max_memory"]
+        self.no_split_module_classes = list(settings["no_split_module_classes"] or [])
+        self.dtype = settings["dtype"]
+        self.offload_buffers = bool(settings["offload_buffers"])
+
     def _device_map_callback(self, trainer: "pl.Trainer") -> DeviceMapCallback:
-        """The user's ``DeviceMapCallback``, else one made from this strategy's arguments (added to the Trainer)."""
-        for callback in trainer.callbacks:
-            if isinstance(callback, DeviceMapCallback):
-                return callback
-        callback = DeviceMapCallback(
-            device_map=self.device_map,
-            max_memory=self.max_memory,
-            no_split_module_classes=self.no_split_module_classes,
-            offload_buffers=self.offload_buffers,
-        )
-        trainer.callbacks.append(callback)
-        return callback
+        """The user's ``DeviceMapCallback`` (else a new one, added to the Trainer), with the planning settings of
+        both merged: one source of truth, and a clear error when both set one differently."""
+        callbacks = [callback for callback in trainer.callbacks if isinstance(callback, DeviceMapCallback)]
+        if len(callbacks) > 1:
+            raise MisconfigurationException(
+                f"The Trainer has {len(callbacks)} `DeviceMapCallback`s; keep one (it plans and reports the map)."
+            )
+        if not callbacks:
+            callbacks.append(DeviceMapCallback())
+            trainer.callbacks.append(callbacks[0])
+        self._use_settings(callbacks[0].reconcile(self, self.given_settings))
+        return callbacks[0]
 
     # ------------------------------------------------------------------ loading
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
