@@ -84,6 +84,8 @@ def infer_device_map(
     offload_buffers: bool = False,
     quantization: Optional[str] = None,
     quantization_skip_modules: Optional[Sequence[str]] = None,
+    input_shape: Optional[Union[str, Sequence[int]]] = None,
+    max_new_tokens: int = 0,
 ) -> DeviceMap:
     """Plan ``{module_name: gpu_index | "cpu" | "disk"}`` for ``model`` under ``max_memory``.
 
@@ -112,9 +114,16 @@ def infer_device_map(
     quarter of float32 for int8, plus scales; see :func:`~lightning_bigmodel.planning.sizes.compute_module_sizes`), so
     more layers fit on each device; ``quantization_skip_modules`` as for loading.
 
+    ``input_shape`` (a batch of token ids, ``"4x2048"`` or ``(4, 2048)``) and ``max_new_tokens`` make the plan fit at
+    run time: the plan's memory is simulated on fake tensors (activations, KV cache of ``max_new_tokens`` decode steps,
+    staging of offloaded layers; :func:`~lightning_bigmodel.simulate.simulate_memory`), and while a device's peak
+    exceeds its budget, the model is planned again with that excess reserved there. A plan whose peaks already fit is
+    returned as without ``input_shape``. Still pure (fake tensors; no GPU is touched when ``max_memory`` is given).
+
     Raises:
         ValueError: for an unknown ``policy``, a malformed ``max_memory``, or a budgeted disk that is used up; with
-            ``max_memory=None``, when the process's memory cgroup leaves less room than the largest layer.
+            ``max_memory=None``, when the process's memory cgroup leaves less room than the largest layer; for an
+            ``input_shape`` that does not parse, or whose simulated peak fits no plan.
     """
     if policy not in POLICIES:
         raise ValueError(f"`policy={policy!r}` is not a device-map policy; choose one of {list(POLICIES)}.")
@@ -124,8 +133,18 @@ def infer_device_map(
     planner = _Planner(model, no_split_module_classes, dtype, offload_buffers, quantized)
     if max_memory is None:  # detected budgets: this process runs the model, so its cgroup limit must hold a layer
         check_layer_fits(*planner.largest(""))
-    raw = planner.plan(budgets, balanced=policy != "sequential", low_0=policy == "balanced_low_0")
-    return clean_device_map(model, raw)
+    def plan(under: Mapping[Device, float]) -> DeviceMap:
+        raw = planner.plan(dict(under), balanced=policy != "sequential", low_0=policy == "balanced_low_0")
+        return clean_device_map(model, raw)
+
+    if input_shape is None:
+        if max_new_tokens:
+            raise ValueError(f"`max_new_tokens={max_new_tokens!r}` needs `input_shape` (e.g. '4x2048') to plan for.")
+        return plan(budgets)
+    from lightning_bigmodel.simulate.fit import fit_device_map  # lazy: simulate imports planning, not the reverse
+
+    sizes = planner.sizes if quantization is not None else None
+    return fit_device_map(model, plan, budgets, input_shape, max_new_tokens, dtype, offload_buffers, sizes).device_map
 
 
 def clean_device_map(model: nn.Module, device_map: Mapping[str, Device]) -> DeviceMap:
