@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from lightning_bigmodel.checkpoint.errors import CheckpointError
+from lightning_bigmodel.offload.pages import track_file
 
 MAX_HEADER_BYTES = 100 * 2**20  # the limit of the safetensors format itself
 
@@ -127,7 +128,9 @@ def read_header(path: Path) -> SafetensorsHeader:
 def open_mmap(path: Path) -> mmap.mmap:
     """A private copy-on-write map of the whole file: writes to views never reach the file (or other processes)."""
     with open(path, "rb") as f:  # mmap keeps its own duplicate of the descriptor
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        track_file(mapping, f.fileno())  # read-ahead and release of disk weights advise exactly their file range
+        return mapping
 
 
 def view(mapping: mmap.mmap, entry: TensorEntry) -> torch.Tensor:

@@ -8,7 +8,7 @@ its execution device gets no weight hook; inputs are moved only when the model s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from lightning_bigmodel._accelerator import has_streams
 from lightning_bigmodel.offload.hooks import HostEntry, InputHook, RootHook, WeightHook
 from lightning_bigmodel.offload.placement import TensorGroup, execution_target, is_disk, owner_key
 from lightning_bigmodel.offload.prefetch import Prefetcher
+from lightning_bigmodel.offload.readahead import ReadAhead
 
 
 @dataclass
@@ -25,13 +26,14 @@ class DispatchState:
 
     Attributes:
         handles: the hook handles (``remove_dispatch`` removes them all; more may be appended).
-        prefetcher: the prefetcher (CUDA) to close, or ``None``.
+        prefetcher: the prefetcher (GPU streams), or on a CPU execution device the disk read-ahead
+            (:class:`~lightning_bigmodel.offload.readahead.ReadAhead`), to close; else ``None``.
         main_device: where ``"cpu"`` and ``"disk"`` entries execute (read it with
             :func:`~lightning_bigmodel.offload.placement.main_device_of`).
     """
 
     handles: list = field(default_factory=list)
-    prefetcher: Optional[Prefetcher] = None
+    prefetcher: Optional[Union[Prefetcher, ReadAhead]] = None
     main_device: Optional[torch.device] = None
 
 
@@ -78,6 +80,26 @@ def _entries_by_unit(
     return units, by_unit
 
 
+def _disk_units(model: nn.Module, groups: list[TensorGroup]) -> dict[str, tuple[nn.Module, list[torch.Tensor]]]:
+    """The modules whose own parameters are disk views used in place (CPU execution), with those views.
+
+    The finest modules holding them (a ``Linear``, not its block), so that reading ahead and releasing follow compute
+    closely; a module whose forward never runs (a container) is left out: its pages fault in when used.
+    """
+    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    out: dict[str, tuple[nn.Module, list[torch.Tensor]]] = {}
+    for group in groups:
+        if not (group.is_param and is_disk(group.tensor)):
+            continue
+        for module, _ in group.slots:
+            if type(module).forward is nn.Module.forward:
+                continue
+            _, tensors = out.setdefault(names[id(module)], (module, []))
+            if all(tensor is not group.tensor for tensor in tensors):
+                tensors.append(group.tensor)
+    return out
+
+
 def attach_hooks(
     model: nn.Module, groups: list[TensorGroup], normalized: Mapping[str, object], main: torch.device
 ) -> DispatchState:
@@ -87,6 +109,12 @@ def attach_hooks(
     move_io = len({device for _, device in units.values()}) > 1 or bool(by_unit)
     if any(has_streams(units[name][1]) for name in by_unit):
         state.prefetcher = Prefetcher()
+    elif main.type == "cpu":
+        disk_units = _disk_units(model, groups)
+        if disk_units:  # disk views used in place: read them ahead of compute, release them after
+            state.prefetcher = ReadAhead()
+            for name, (module, tensors) in disk_units.items():
+                state.handles += state.prefetcher.attach(name, module, tensors)
     guarded = {
         id(e.host): (groups[index].name, e.host)
         for entries in by_unit.values()

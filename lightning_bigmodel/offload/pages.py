@@ -1,0 +1,173 @@
+"""Page-level control of file-backed (memory-mapped) tensors: keep them resident, read them ahead, release them.
+
+A safetensors weight loaded in place is a view of a private (copy-on-write) file mapping: zero-copy, but its pages
+are page cache the kernel may evict at any time. Here:
+
+- :func:`keep_resident` locks a view's pages with ``mlock2(MLOCK_ONFAULT)``: nothing is read at load time (zero cost),
+  each page is locked as the first forward faults it in, and the kernel never evicts it afterwards. A read fault on a
+  private mapping maps the page cache page itself, so locking this way copies nothing (plain ``mlock`` would fault
+  the pages in for writing and give every page an anonymous copy). Where locking is refused (``RLIMIT_MEMLOCK``
+  without ``CAP_IPC_LOCK``, an old kernel), the weight is copied into anonymous memory instead, which the kernel does
+  not evict without swap either.
+- :func:`populate` reads a view's pages in and maps them (``MADV_POPULATE_READ``, else ``MADV_WILLNEED``), so a
+  background thread takes the page faults and the disk reads instead of the compute thread.
+- :func:`release` drops a view's pages from memory once used (``MADV_PAGEOUT``, then ``POSIX_FADV_DONTNEED`` on its
+  file range): clean file pages leave the page cache, so streaming one layer does not push out others; private
+  modifications, if any, are kept (swapped or left).
+- :func:`resident_fraction` asks ``mincore`` which pages are in memory (tests and benchmarks).
+
+Why by hand (``ctypes``): Python's ``mmap.madvise`` needs the ``mmap`` object and knows neither ``MADV_PAGEOUT`` nor
+``MADV_POPULATE_READ``; ``mlock2`` and ``mincore`` are not exposed by the standard library or by torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import sys
+import weakref
+from typing import Optional
+
+import torch
+
+PAGE = mmap.PAGESIZE
+_MLOCK_ONFAULT = 1
+_MADV_WILLNEED = 3
+_MADV_PAGEOUT = 21  # Linux 5.4
+_MADV_POPULATE_READ = 22  # Linux 5.14
+
+_libc: Optional[ctypes.CDLL] = None
+_mapped: dict[int, tuple[int, int]] = {}  # start address of a tracked file map -> (its end, a descriptor of the file)
+_unsupported: set[int] = set()  # madvise advice this libc/kernel lacks: not tried again
+
+
+def _c() -> Optional[ctypes.CDLL]:
+    global _libc
+    if _libc is None and sys.platform.startswith("linux"):
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def page_span(tensor: torch.Tensor, inner: bool = False) -> tuple[int, int]:
+    """``(address, length)`` of the pages holding ``tensor``'s bytes: every page it touches, or with ``inner`` only the
+    pages it fills alone (a page shared with a neighbour tensor is left out). ``(0, 0)`` when there are none."""
+    nbytes = tensor.numel() * tensor.element_size()
+    start = tensor.data_ptr()
+    end = start + nbytes
+    if inner:
+        start, end = start + -start % PAGE, end - end % PAGE
+    else:
+        start, end = start - start % PAGE, end + -end % PAGE
+    return (start, end - start) if end > start else (0, 0)
+
+
+_ARGS = {
+    "madvise": (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int),
+    "mlock2": (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint),
+    "mincore": (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p),
+}
+
+
+def _call(name: str, *args) -> int:
+    """``libc.name(*args)``: 0 on success, else the errno (``-1`` when this libc lacks the call)."""
+    libc = _c()
+    function = getattr(libc, name, None) if libc is not None else None
+    if function is None:
+        return -1
+    function.argtypes = _ARGS[name]
+    return 0 if function(*args) == 0 else ctypes.get_errno()
+
+
+def _madvise(tensor: torch.Tensor, advice: int, inner: bool = False) -> bool:
+    start, length = page_span(tensor, inner)
+    if not length or advice in _unsupported:
+        return False
+    error = _call("madvise", start, length, advice)
+    if error in (-1, errno.ENOSYS):  # this libc or kernel lacks madvise (EINVAL may be one locked range: not cached)
+        _unsupported.add(advice)
+    return error == 0
+
+
+def track_file(mapping: mmap.mmap, fileno: int) -> None:
+    """Remember which file ``mapping`` maps from offset 0 (a duplicate of ``fileno``, closed when the map is freed), so
+    :func:`populate` and :func:`release` can also advise the page cache of exactly a view's file range."""
+    if not len(mapping):
+        return
+    start = ctypes.addressof(ctypes.c_char.from_buffer(mapping))  # the temporary export ends with this statement
+    fd = os.dup(fileno)
+    _mapped[start] = (start + len(mapping), fd)
+    weakref.finalize(mapping, _forget, start, fd)
+
+
+def _forget(start: int, fd: int) -> None:
+    _mapped.pop(start, None)
+    os.close(fd)
+
+
+def _file_advise(tensor: torch.Tensor, advice: int, inner: bool) -> bool:
+    """``posix_fadvise`` over the file range behind ``tensor``'s pages, when its map is tracked."""
+    start, length = page_span(tensor, inner)
+    for map_start, (map_end, fd) in list(_mapped.items()):
+        if length and map_start <= start < map_end:
+            os.posix_fadvise(fd, start - map_start, min(length, map_end - start), advice)
+            return True
+    return False
+
+
+def is_file_backed(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a view of a memory map (its storage does not own its memory)."""
+    return tensor.device.type == "cpu" and not tensor.untyped_storage().resizable()
+
+
+def lock_pages(tensor: torch.Tensor) -> bool:
+    """Lock ``tensor``'s pages as they fault in (``mlock2(MLOCK_ONFAULT)``); ``False`` when the kernel refuses."""
+    start, length = page_span(tensor)
+    if not length:
+        return True
+    return _call("mlock2", start, length, _MLOCK_ONFAULT) == 0
+
+
+def keep_resident(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in memory the kernel will not evict: a file view locked in place, else an anonymous copy.
+
+    Tensors that own their memory (anonymous pages) are returned as they are.
+    """
+    if not is_file_backed(tensor) or lock_pages(tensor):
+        return tensor
+    return tensor.clone()
+
+
+def populate(tensor: torch.Tensor) -> bool:
+    """Read ``tensor``'s pages into memory and map them now (blocking; call it from a background thread).
+
+    On a tracked map (:func:`track_file`) the exact file range is read first (``POSIX_FADV_WILLNEED``), so the faults
+    that map the pages find them cached and start no read-ahead of the kernel's own beyond the tensor.
+    """
+    _file_advise(tensor, os.POSIX_FADV_WILLNEED, inner=False)
+    return _madvise(tensor, _MADV_POPULATE_READ) or _madvise(tensor, _MADV_WILLNEED)
+
+
+def release(tensor: torch.Tensor) -> bool:
+    """Drop ``tensor``'s clean file pages from memory (``MADV_PAGEOUT``), leaving the pages it shares with neighbours.
+
+    ``False`` when the kernel refuses (before Linux 5.4, or the range holds locked pages): the pages then stay until
+    the kernel reclaims them.
+    """
+    paged_out = _madvise(tensor, _MADV_PAGEOUT, inner=True)
+    # Pages of the range that are cached but not mapped here (read ahead by the kernel) go too, on a tracked map.
+    return _file_advise(tensor, os.POSIX_FADV_DONTNEED, inner=True) or paged_out
+
+
+def resident_fraction(tensor: torch.Tensor) -> float:
+    """Fraction of ``tensor``'s pages in memory, from ``mincore`` (1.0 for a tensor without bytes)."""
+    start, length = page_span(tensor)
+    if not length:
+        return 1.0
+    pages = length // PAGE
+    vector = (ctypes.c_ubyte * pages)()
+    error = _call("mincore", start, length, ctypes.addressof(vector))
+    if error:
+        raise OSError(error, f"mincore failed on {length} bytes at {start:#x}")
+    return sum(byte & 1 for byte in vector) / pages
