@@ -103,7 +103,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
         pos = torch.arange(t, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        tok = self.transformer.wte(idx)
+        x = tok + self.transformer.wpe(pos).to(tok.device)  # a device map may put the two embeddings on two GPUs
         for block in self.transformer.h:
             x = block(x)
         return self.lm_head(self.transformer.ln_f(x))

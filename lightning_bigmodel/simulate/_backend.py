@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from contextlib import nullcontext
 from typing import Any, Optional
 
 import torch
@@ -30,7 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 BACKEND = "simgpu"
 
 # Ops that may mix devices on CUDA too: copies between devices, and indexing with CPU index tensors.
-_CROSS_DEVICE = {"aten::copy_", "aten::_to_copy", "aten::_copy_from", "aten::index", "aten::index_put_",
+_CROSS_DEVICE = {"aten::copy_", "aten::_to_copy", "aten::to", "aten::_copy_from", "aten::index", "aten::index_put_",
                  "aten::index_put", "aten::_index_put_impl_", "aten::record_stream"}  # fmt: skip
 
 
@@ -140,18 +141,24 @@ def _same_device_check(func, flat: list) -> Optional[torch.device]:
     return next(iter(devices), None)
 
 
-def _target_device(kwargs: dict) -> tuple[bool, Optional[torch.device]]:
-    """``(has_device_kwarg, simulated target or None)`` of an op's ``device=`` argument; rewrites it to the CPU."""
-    device = kwargs.get("device")
+def _target_device(args: tuple, kwargs: dict) -> tuple[tuple, Optional[torch.device], Optional[torch.device]]:
+    """The op's device argument (``device=``, or positional as in ``aten::to.device``): ``(args, device or None,
+    simulated target or None)``, with a simulated target rewritten to the CPU in ``args``/``kwargs``."""
+    position = next((i for i, arg in enumerate(args) if isinstance(arg, torch.device)), None)
+    device = kwargs.get("device") if position is None else args[position]
     if device is None:
-        return False, None
+        return args, None, None
     device = torch.device(device)
     if device.type != BACKEND:
-        return True, None
+        return args, device, None
     _check_index(device)
-    kwargs["device"] = torch.device("cpu")
+    if position is None:
+        kwargs["device"] = torch.device("cpu")
+    else:
+        args = (*args[:position], torch.device("cpu"), *args[position + 1 :])
     kwargs.pop("pin_memory", None)
-    return True, torch.device(BACKEND, device.index or 0)
+    index = getattr(STATE.local, "device", 0) if device.index is None else device.index  # no index: the current GPU
+    return args, device, torch.device(BACKEND, index)
 
 
 def run_op(func, args: tuple, kwargs: dict):
@@ -162,24 +169,32 @@ def run_op(func, args: tuple, kwargs: dict):
     source = _same_device_check(func, flat)
     wrappers = {id(x.raw): x for x in flat if isinstance(x, SimTensor)}
     kwargs = dict(kwargs)
-    has_target, target = _target_device(kwargs)
+    args, destination, target = _target_device(args, kwargs)
+    has_target = destination is not None
     out_device = target if has_target else source
     if func._schema.name == "aten::_fused_sdp_choice":
         return 0  # the math kernel: fused attention kernels are CUDA-only ops without a CPU kernel
     if func._schema.name == "aten::record_stream":
         return _runtime.log_record_stream(args[0], args[1])
-    _runtime.log_copy(func, args, kwargs, source, target)
+    _runtime.log_copy(func, args, kwargs, source, target or destination)
     unwrapped_args, unwrapped_kwargs = tree_map(_unwrap, (args, kwargs))
     out = func(*unwrapped_args, **unwrapped_kwargs)
 
     def rewrap(value):
         if not isinstance(value, torch.Tensor) or type(value) is SimTensor:
             return value
-        if id(value) in wrappers:  # in-place and out= ops return their argument
-            return wrappers[id(value)]
+        wrapper = wrappers.get(id(value))
+        if wrapper is not None:
+            if not has_target or wrapper.device == target:  # in-place and out= ops, a `to` that changes nothing
+                return wrapper
+            value = value.clone()  # a `to` to another device, which the CPU op answered with its input
         return wrap(value, out_device) if out_device is not None and value.device.type == "cpu" else value
 
-    return tree_map(rewrap, out)
+    # A view of a normal tensor must be a normal tensor also under inference mode (autograd shares its version
+    # counter with the base's afterwards): create the wrapper with inference mode off, as a C++ kernel's view would be.
+    normal_base = func.is_view and any(not x.is_inference() for x in wrappers.values())
+    with torch.inference_mode(False) if normal_base else nullcontext():
+        return tree_map(rewrap, out)
 
 
 def _unwrap(value):

@@ -37,6 +37,7 @@ class Record:
         thread: the name of the thread that did it.
         detail: for copies ``"h2d"``, ``"d2h"`` or ``"d2d"``, then ``"pinned"``/``"pageable"`` (host to device) and
             ``"non_blocking"`` when so; for events the event id; for ``wait_stream`` the id of the stream waited for.
+        nbytes: for copies, the bytes copied.
     """
 
     kind: str
@@ -44,6 +45,7 @@ class Record:
     stream: int
     thread: str
     detail: str = ""
+    nbytes: int = 0
 
 
 def _index(device: DeviceLike) -> int:
@@ -55,8 +57,8 @@ def _index(device: DeviceLike) -> int:
     return current_device_index() if device.index is None else device.index
 
 
-def _log(kind: str, device: int, stream: int, detail: str = "") -> None:
-    STATE.log.append(Record(kind, device, stream, threading.current_thread().name, detail))
+def _log(kind: str, device: int, stream: int, detail: str = "", nbytes: int = 0) -> None:
+    STATE.log.append(Record(kind, device, stream, threading.current_thread().name, detail, nbytes))
 
 
 def _device_type_code() -> int:
@@ -252,18 +254,24 @@ def clear_pinned() -> None:
     _PINNED.clear()
 
 
-def log_copy(func, args: tuple, kwargs: dict, source: Optional[torch.device], target: Optional[torch.device]) -> None:
+def log_copy(
+    func, args: tuple, kwargs: dict, source: Optional[torch.device], destination: Optional[torch.device]
+) -> None:
     """Record a copy between the host and a simulated GPU, or between two of them (``copy_`` and ``_to_copy``)."""
     name = func._schema.name
     if name == "aten::copy_":
         src, non_blocking = args[1], bool(args[2]) if len(args) > 2 else bool(kwargs.get("non_blocking", False))
         src_dev, dst_dev = args[1].device, args[0].device
-    elif name == "aten::_to_copy" and source is not None and "device" in kwargs:
+    elif name in ("aten::_to_copy", "aten::to") and source is not None and destination is not None:
         src, non_blocking = args[0], bool(kwargs.get("non_blocking", False))
-        src_dev, dst_dev = source, target if target is not None else torch.device(kwargs["device"])
+        if func._overloadname == "device" and len(args) > 3:  # aten::to.device(self, device, dtype, non_blocking)
+            non_blocking = bool(args[3])
+        src_dev, dst_dev = source, destination
     else:
         return
     src_sim, dst_sim = src_dev.type == BACKEND, dst_dev.type == BACKEND
+    if src_sim and dst_sim and dst_dev.index is None:
+        dst_dev = torch.device(BACKEND, current_device_index())
     if src_sim == dst_sim and (not src_sim or src_dev == dst_dev):
         return
     direction = "d2d" if src_sim and dst_sim else ("d2h" if src_sim else "h2d")
@@ -273,7 +281,7 @@ def log_copy(func, args: tuple, kwargs: dict, source: Optional[torch.device], ta
         detail.append("pinned" if is_pinned(src) else "pageable")
     if non_blocking:
         detail.append("non_blocking")
-    _log("copy", index, current_stream(index).stream_id, " ".join(detail))
+    _log("copy", index, current_stream(index).stream_id, " ".join(detail), src.numel() * src.element_size())
 
 
 def log_record_stream(tensor: SimTensor, stream: torch.Stream) -> None:
