@@ -15,9 +15,9 @@ from lightning_bigmodel._accelerator import is_gpu
 from lightning_bigmodel.checkpoint.reader import CheckpointReader, TensorSpec
 from lightning_bigmodel.checkpoint.resolve import resolve_checkpoint
 from lightning_bigmodel.checkpoint.transform import TensorTransform, compute_device, place_transformed
+from lightning_bigmodel.integrations.transformers import converted_source
 from lightning_bigmodel.planning.device_map import execution_device
 from lightning_bigmodel.offload.disk import OffloadFolder, source_identity
-from lightning_bigmodel.offload.pages import keep_resident
 from lightning_bigmodel.offload.placement import (
     DISK,
     TensorGroup,
@@ -105,10 +105,15 @@ def load_checkpoint_in_model(
     assign_targets(groups, device_map, main_device, offload_buffers)
     pin = device_map is not None and pin_host(main_device)
     resolved = resolve_checkpoint(checkpoint)
-    with CheckpointReader(resolved) as reader:
+    with CheckpointReader(resolved) as opened:
+        # A transformers model reads the checkpoint through its own conversion rules (renames, merged experts): the
+        # keys are then its names. The per-tensor transform (quantization) applies after this, to model tensors.
+        reader = converted_source(model, opened, key_prefix)
         if quantization is not None:  # an already quantized checkpoint fails here, not on its first odd shape
             _refuse_prequantized(reader)
         plan = _plan(groups, reader, dtype, key_prefix)
+        if reader is not opened:  # a checkpoint of another class or revision fails here, before any placement
+            reader.check_fit(_missing_parameters(groups, plan), plan.unexpected)
         if quantization is not None:
             _add_quantization(plan, model, groups, reader, main_device, quantization, quantization_skip_modules)
         if strict and (plan.missing or plan.unexpected):
@@ -117,8 +122,9 @@ def load_checkpoint_in_model(
         if writes and offload_folder is None:
             raise ValueError(
                 f"`device_map` puts {_modules_of(writes)} on \"disk\", but their weights cannot be referenced in "
-                "place (the checkpoint is not safetensors, or `dtype` converts them, or they are quantized). Pass "
-                "`offload_folder=` (a folder with room for them) so they are written there once."
+                "place (the checkpoint is not safetensors, or `dtype` converts them, or they are quantized, or "
+                "transformers' conversion rules build them from several checkpoint tensors). Pass `offload_folder=` "
+                "(a folder with room for them) so they are written there once."
             )
         store = OffloadFolder(offload_folder, source_identity(resolved.files)) if writes else nullcontext()
         with store, restored_on_error(model):  # a failure part way (e.g. a full disk) leaves the model as it was
@@ -230,6 +236,17 @@ def _modules_of(groups: list[TensorGroup]) -> list[str]:
     return modules if len(modules) <= 8 else modules[:8] + [f"... ({len(modules) - 8} more)"]
 
 
+def _missing_parameters(groups: list[TensorGroup], plan: _Plan) -> list[str]:
+    return [g.name for i, g in enumerate(groups) if g.is_param and i not in plan.sources]
+
+
+def _owned_cpu(reader: CheckpointReader, key: str, dtype: torch.dtype) -> torch.Tensor:
+    """``key`` on the CPU in ``dtype``, owning its memory: one copy (cast included) of a borrowed tensor; none of a
+    tensor the source built for this call (``is_fresh``: a converted one), which is only cast if needed."""
+    fresh = getattr(reader, "is_fresh", None)
+    return reader.borrow(key).to(dtype=dtype, copy=not (fresh is not None and fresh(key)))
+
+
 def _cpu_source(reader: CheckpointReader, key: str) -> torch.Tensor:
     """The cheapest CPU tensor holding ``key``, to copy or convert from: no anonymous copy of the source."""
     return reader.borrow(key)
@@ -255,12 +272,11 @@ def _load_group(group: TensorGroup, key: str, reader: CheckpointReader, dtype: t
     elif pin:
         tensor = torch.empty(spec.shape, dtype=dtype, pin_memory=True).copy_(_cpu_source(reader, key))
     elif _in_place(spec, dtype):
-        # CPU execution: a safetensors tensor needing no cast stays a copy-on-write view of the file (no second copy,
-        # loading touches no page), its pages locked as the first forward faults them in: the kernel never evicts what
-        # the CPU budget keeps in RAM (an anonymous copy where locking is refused).
-        tensor = keep_resident(reader.mmap_view(key))
+        # CPU execution: a safetensors tensor needing no cast stays a copy-on-write view of the file. Loading touches
+        # no page and holds no second copy; the first forward faults the weights in from the page cache.
+        tensor = reader.mmap_view(key)
     else:
-        tensor = _cpu_source(reader, key).to(dtype=dtype, copy=True)  # one copy, cast included
+        tensor = _owned_cpu(reader, key, dtype)  # one copy at most, cast included
     install(group, tensor)
 
 

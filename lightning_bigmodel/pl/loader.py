@@ -22,6 +22,7 @@ from lightning_bigmodel.planning.device_map import normalize_device
 from lightning_bigmodel.dispatch import dispatch_model, remove_dispatch
 from lightning_bigmodel.pl.io import LazyStateDict, ShardedCheckpointIO
 from lightning_bigmodel.checkpoint.keys import infer_key_prefix
+from lightning_bigmodel.integrations.transformers import infer_converted_prefix
 from lightning_bigmodel.offload.hooks import RootHook, map_tensors
 from lightning_bigmodel.offload.placement import (
     DISPATCH_STATE,
@@ -140,7 +141,7 @@ def load_into(
         )
     if state_dict is not None:
         if key_prefix is None:
-            key_prefix = infer_key_prefix(list(state_dict.keys()), list(model.state_dict().keys()))
+            key_prefix = _infer_prefix(model, list(state_dict.keys()))
         if isinstance(state_dict, LazyStateDict):
             _stream(model, state_dict, device_map, dtype, offload_folder, offload_buffers, strict, key_prefix,
                     checkpoint_io, (quantization, quantization_skip_modules))  # fmt: skip
@@ -204,6 +205,18 @@ def hook_network_children(model: nn.Module) -> None:
         hook = RootHook({}, None, restore_outputs=True)  # pre first: it must see the inputs before they move
         state.handles.append(child.register_forward_pre_hook(hook.pre, with_kwargs=True, prepend=True))
         state.handles.append(child.register_forward_hook(hook.post, with_kwargs=True, always_call=True))
+
+
+def _infer_prefix(model: nn.Module, checkpoint_keys: list[str]) -> str:
+    """:func:`infer_key_prefix`; failing that, the prefix of the transformers network inside ``model`` whose
+    conversion rules take the checkpoint's keys (a Hub checkpoint whose names differ from the modules)."""
+    try:
+        return infer_key_prefix(checkpoint_keys, list(model.state_dict().keys()))
+    except ValueError:
+        prefix = infer_converted_prefix(model, checkpoint_keys)
+        if prefix is None:
+            raise
+        return prefix
 
 
 def _stream(
