@@ -100,3 +100,20 @@ def test_two_gpu_replicas_each_on_its_own_gpu(tmp_path):
     assert len(predictions) == len(expected)
     for got, want in zip(predictions, expected):
         torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_fewer_samples_than_replicas_fails_clearly_on_every_rank_before_loading(tmp_path):
+    checkpoint = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt(), safe=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(JOB), str(checkpoint), str(out), "--num-samples", "1"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    message = "Predict dataloader 0 has 1 sample(s) for 2 replicas"
+    assert output.count(message) >= 2, output[-4000:]  # both ranks refuse alike: no rank waits for the other
+    assert "AssertionError" not in output
+    assert [p for p in out.rglob("*") if p.is_file()] == []  # refused before planning: no offload file, no output

@@ -30,6 +30,7 @@ from lightning.fabric.utilities.distributed import (
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
@@ -264,10 +265,36 @@ class ReplicatedBigModelStrategy(BigModelInferenceStrategy, ParallelStrategy):
     # ------------------------------------------------------------------ setup: plan over this replica's devices
     def setup(self, trainer: "pl.Trainer") -> None:
         """Point the offload folder and the planner at this replica's devices, then set up as one big model."""
+        self._refuse_fewer_samples_than_replicas(trainer)  # before anything is planned or loaded
         if self.offload_root is not None:
             self.offload_folder = Path(self.offload_root) / f"rank-{self.global_rank}"
         self._restrict_callback(self._device_map_callback(trainer))
         super().setup(trainer)
+
+    def _refuse_fewer_samples_than_replicas(self, trainer: "pl.Trainer") -> None:
+        """Raise, on every rank alike, when a predict dataset has fewer samples than there are replicas.
+
+        Lightning's predict sampler needs one sample per rank at least (an ``AssertionError`` deep inside it, after
+        the model is loaded). The loaders are asked for here, in ``setup`` (after the setup hooks, before the weights
+        are read), through the predict loop's data source (Lightning 2.6's private ``_data_source``).
+        """
+        source = getattr(trainer.predict_loop, "_data_source", None)
+        if trainer.state.fn != TrainerFn.PREDICTING or source is None or not source.is_defined():
+            return
+        loaders = source.dataloader()
+        loaders = list(loaders.values()) if isinstance(loaders, Mapping) else loaders
+        loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+        for position, loader in enumerate(loaders):
+            dataset = getattr(loader, "dataset", None)
+            if dataset is None or has_iterable_dataset(loader) or not hasattr(dataset, "__len__"):
+                continue
+            if 0 < len(dataset) < self.num_replicas:
+                raise ValueError(
+                    f"Predict dataloader {position} has {len(dataset)} sample(s) for {self.num_replicas} replicas: "
+                    f"each replica needs one sample at least. Run at most {len(dataset)} replica(s) (fewer "
+                    "`Trainer(devices=...)`, or a larger `devices_per_replica`), or use `BigModelInferenceStrategy` "
+                    "in one process for so little data."
+                )
 
     def owned_gpus(self) -> list[int]:
         """Indices of the CUDA devices of this replica (empty on the CPU accelerator)."""
