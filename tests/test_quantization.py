@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from examples.gpt import GPT, GPTConfig
-from lightning_bigmodel import BigModelInferenceStrategy, init_empty_weights, load_checkpoint_and_dispatch
+from lightning_bigmodel import (
+    BigModelInferenceStrategy,
+    DeviceMapCallback,
+    dispatch_model,
+    init_empty_weights,
+    load_checkpoint_and_dispatch,
+)
 from lightning_bigmodel.checkpoint.loading import load_checkpoint_in_model
 from lightning_bigmodel.checkpoint.reader import CheckpointReader
 from lightning_bigmodel.checkpoint.writer import save_sharded_checkpoint
@@ -164,6 +170,7 @@ def test_planned_sizes_are_the_bytes_placed(tmp_path, ckpt):
         block = model.transformer.h[i]
         held = sum(stored_nbytes(t) for t in [*block.parameters(), *block.buffers()])
         assert planned[f"transformer.h.{i}"] == held
+    assert compute_module_sizes(model)["transformer.h.0"] == held  # a loaded model counts its quantized bytes
     rows, cols = model.transformer.h[0].mlp.c_fc.weight.shape
     assert planned["transformer.h.0.mlp.c_fc.weight"] == rows * cols + rows * 5  # int8 data, fp32 scale, int8 zero
     assert compute_module_sizes(empty_gpt())["transformer.h.0.mlp.c_fc.weight"] == rows * cols * 4
@@ -283,12 +290,26 @@ def test_trainer_predict_int8_cpu_disk(tmp_path, monkeypatch):
         checkpoint=ckpt,
         quantization="int8",
     )
-    batches = bigmodel_trainer(strategy).predict(GPTModule(), token_loader())
+    trainer = bigmodel_trainer(strategy)
+    batches = trainer.predict(GPTModule(), token_loader())
     reference = torchao_int8(plain)
     with torch.inference_mode():
         expected = [reference(idx) for (idx,) in token_loader()]
     assert all(torch.equal(out, ref) for out, ref in zip(batches, expected))
     assert type(strategy.lightning_module.model.transformer.h[1].attn.c_attn.weight).__name__ == "Int8Tensor"
+    (callback,) = [c for c in trainer.callbacks if isinstance(c, DeviceMapCallback)]  # its table shows int8 sizes
+    planned = compute_module_sizes(empty_gpt(), quantization="int8")
+    assert callback.module_sizes["model.transformer.h.1"] == planned["transformer.h.1"]
+
+
+def test_dispatching_a_model_quantized_in_memory_to_disk(tmp_path):
+    """A model quantized by torchao in memory, dispatched with disk entries: written as its inner tensors, kept int8."""
+    model = torchao_int8(plain_gpt())
+    expected = logits(model)
+    dispatch_model(model, MAPS["cpu+disk"], offload_folder=tmp_path / "offload")
+    weight = model.transformer.h[2].mlp.c_proj.weight
+    assert is_disk(weight) and type(weight).__name__ == "Int8Tensor"
+    assert torch.equal(logits(model), expected)
 
 
 def test_cli_yaml_predict_with_int8(tmp_path, monkeypatch):
