@@ -97,6 +97,17 @@ def _plan_parser() -> ArgumentParser:
     parser.add_argument(
         "--quantization_skip_modules", type=Optional[list[str]], default=None, help='Keep these unquantized (["lm_head"]).'
     )
+    parser.add_argument(
+        "--input_shape", "--input-shape", type=Optional[str], default=None,
+        help="Batch of token ids, e.g. 4x2048: simulate the peak memory per device (activations, KV cache, staging).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max_new_tokens", "--max-new-tokens", type=int, default=0, help="Decode steps to simulate (with --input-shape)."
+    )
+    parser.add_argument(
+        "--fit", type=bool, default=True,
+        help="With --input-shape: plan so that every simulated peak fits its budget (else plan weights only and flag).",
+    )  # fmt: skip
     parser.add_argument("--output", type=Optional[str], default=None, help="Also write the map to this JSON file.")
     return parser
 
@@ -117,12 +128,16 @@ def plan(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from lightning_bigmodel.planning.budget import get_max_memory
     from lightning_bigmodel.planning.sizes import compute_module_sizes
     from lightning_bigmodel.planning.table import format_bytes, render_table
+    from lightning_bigmodel.simulate.fit import token_ids
+    from lightning_bigmodel.simulate.memory import parse_input_shape, simulate_memory
+    from lightning_bigmodel.simulate.report import render_peaks
 
     parser = _plan_parser()
     cfg = parser.parse_args(argv)
     with init_empty_weights():
         model = parser.instantiate_classes(cfg).model
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+    shape = parse_input_shape(cfg.input_shape) if cfg.input_shape else None
     budget = get_max_memory(_budget(cfg.max_memory))
     device_map = infer_device_map(
         model,
@@ -133,11 +148,16 @@ def plan(argv: Optional[list[str]] = None) -> dict[str, Any]:
         offload_buffers=cfg.offload_buffers,
         quantization=cfg.quantization,
         quantization_skip_modules=cfg.quantization_skip_modules,
+        input_shape=shape if cfg.fit else None,
+        max_new_tokens=cfg.max_new_tokens if cfg.fit and shape else 0,
     )
     sizes = compute_module_sizes(model, dtype, cfg.quantization, cfg.quantization_skip_modules)
     quantized = f", {cfg.quantization} weights" if cfg.quantization else ""
     print(f"Plan for {type(model).__name__}: {format_bytes(sizes[''])} of weights{quantized}, policy {cfg.policy!r}")
     print(render_table(device_map, sizes, budget))
+    if shape is not None:
+        memory = simulate_memory(model, device_map, token_ids(shape), cfg.max_new_tokens, dtype, cfg.offload_buffers)
+        print("\n" + render_peaks(memory, budget, shape, cfg.max_new_tokens))
     if cfg.output:
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.output).write_text(json.dumps(device_map, indent=2) + "\n", encoding="utf-8")
