@@ -332,3 +332,27 @@ def test_cli_yaml_predict_with_int8(tmp_path, monkeypatch):
         assert torch.equal(tokens, torchao_int8(reference).generate(prompts, max_new_tokens=10))
     manifest = json.loads((tmp_path / "runs" / "offload" / disk.MANIFEST).read_text())["tensors"]
     assert any(entry.get("form", {}).get("quantization") == "int8" for entry in manifest.values())
+
+
+def test_release_on_teardown_then_predict_again_requantizes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plain = plain_gpt()
+    ckpt = _write(tmp_path / "ckpt", plain, safe=True)
+    strategy = BigModelInferenceStrategy(device_map={"model": "cpu"}, checkpoint=ckpt, quantization="int8",
+                                         release_on_teardown=True)  # fmt: skip
+    module, trainer = GPTModule(), bigmodel_trainer(strategy)
+    first = trainer.predict(module, token_loader())
+    assert module.model.transformer.h[0].mlp.c_fc.weight.is_meta  # released: back to a plain meta tensor
+    second = trainer.predict(module, token_loader())
+    with torch.inference_mode():
+        expected = [torchao_int8(plain)(idx) for (idx,) in token_loader()]
+    assert all(torch.equal(a, c) and torch.equal(b, c) for a, b, c in zip(first, second, expected))
+
+
+def test_quantization_without_a_checkpoint_is_refused(tmp_path, monkeypatch):
+    from tests.lightning_models import PlainGPTModule
+
+    monkeypatch.chdir(tmp_path)
+    strategy = BigModelInferenceStrategy(device_map={"model": "cpu"}, quantization="int8")
+    with pytest.raises(ValueError, match=r"quantizes weights while a checkpoint streams in, but no checkpoint"):
+        bigmodel_trainer(strategy).predict(PlainGPTModule(), token_loader())

@@ -67,7 +67,9 @@ def release(model: nn.Module) -> None:
             if param is None or param.is_meta:
                 continue
             if id(param) not in replaced:
-                meta = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+                # shape and dtype only: a quantized weight goes back to a plain meta tensor (re-quantized on reload)
+                empty = torch.empty(param.shape, dtype=param.dtype, device="meta")
+                meta = nn.Parameter(empty, requires_grad=param.requires_grad)
                 replaced[id(param)] = (param, meta)
             module._parameters[name] = replaced[id(param)][1]
 

@@ -301,7 +301,7 @@ class BigModelInferenceStrategy(Strategy):
             self.load_model_state_dict(loaded, strict=module.strict_loading)
             return
         load_into(module, None, self.plan or {}, main_device=self.root_device, offload_folder=self.offload_folder,
-                  offload_buffers=self.offload_buffers)  # fmt: skip
+                  offload_buffers=self.offload_buffers, quantization=self.quantization)  # fmt: skip
 
     def on_predict_start(self) -> None:
         self._ensure_loaded()
