@@ -3,6 +3,8 @@ Lightning's CUDA accelerator and spies on the collectives (the real things: ``te
 
 from __future__ import annotations
 
+import threading
+
 import lightning.fabric.accelerators.cuda as fabric_cuda
 import lightning.pytorch as pl
 import lightning.pytorch.accelerators.cuda as pl_cuda
@@ -112,3 +114,64 @@ def test_replica_collectives_stay_on_the_gpu_the_group_is_bound_to(monkeypatch, 
     monkeypatch.setattr(torch.Tensor, "to", lambda self, device, *a, **k: seen.setdefault("moved", []).append(device) or self)
     strategy.reduce(torch.ones(1))
     assert seen["moved"] == [torch.device("cuda", 2), torch.device("cpu")]  # reduced on GPU 2, back where it was
+
+
+# ---------------------------------------------------------------------------------------------- findings 4, 6, 10
+def _prefetched_run(monkeypatch, device_map, calls=3, cls_name="UntiedMLP"):
+    """Dispatch a test model (``UntiedMLP``) over 2 simulated GPUs, run ``calls`` forwards (the first learns the order); return the
+    outputs' match with the plain model, the harness log and the events the prefetch thread waited for on the CPU."""
+    from lightning_bigmodel import dispatch_model, remove_dispatch
+    from lightning_bigmodel.simulate import simulated_gpus
+    from lightning_bigmodel.simulate._runtime import SimEvent
+    import models
+    from models import example_input, make_reference
+
+    cls = getattr(models, cls_name)
+    synced = []
+    monkeypatch.setattr(SimEvent, "synchronize", lambda self: synced.append((threading.current_thread().name, self.sim_id)))
+    x = example_input(cls)
+    with torch.inference_mode():
+        expected = make_reference(cls)(x)
+    with simulated_gpus(2) as gpus, torch.no_grad():  # (the harness's `.to("cpu")` misbehaves in inference mode)
+        model = dispatch_model(make_reference(cls), device_map)
+        outputs = [model(x) for _ in range(calls)]
+        log = gpus.log
+        remove_dispatch(model)
+    for out in outputs:
+        torch.testing.assert_close(out, expected)
+    return log, synced
+
+
+def test_prefetch_thread_never_switches_to_gpu_0(monkeypatch):
+    log, _ = _prefetched_run(monkeypatch, {"inp": 1, "blocks": "cpu", "out": "cpu"})  # computes on GPU 1 only
+    prefetch = [r for r in log if r.thread.startswith("bigmodel-prefetch")]
+    assert any(r.kind == "copy" for r in prefetch)
+    assert {r.device for r in prefetch} == {1}  # with the bug: leaving the side stream switched back to GPU 0
+    assert not any(r.kind == "set_device" and r.device == 0 for r in log)
+
+
+def test_prefetch_copies_wait_until_compute_freed_the_module_before(monkeypatch):
+    log, synced = _prefetched_run(monkeypatch, {"inp": 1, "blocks": "cpu", "out": "cpu"})
+    reached = {r.detail for r in log if r.kind == "record_event" and not r.thread.startswith("bigmodel-prefetch")
+               and r.stream == 0}  # fmt: skip
+    prefetch = [r for r in log if r.thread.startswith("bigmodel-prefetch")]
+    jobs, current = [], None
+    for record in prefetch:  # one job: wait for compute, copy on the side stream, record the ready event
+        if record.kind == "wait_event":
+            current = {"waited": record.detail, "copies": []}
+            jobs.append(current)
+        elif record.kind == "copy":
+            assert current is not None, "a prefetch copy was issued before waiting for the compute stream"
+            current["copies"].append(record)
+    assert jobs and all(job["waited"] in reached and job["copies"] for job in jobs)
+    assert all(copy.stream != 0 for job in jobs for copy in job["copies"])  # on the side stream
+    waited_on_cpu = {sim_id for thread, sim_id in synced if thread.startswith("bigmodel-prefetch")}
+    assert {job["waited"] for job in jobs} == {str(sim_id) for sim_id in waited_on_cpu}  # allocation waits too
+
+
+def test_tied_weight_on_another_gpu_is_copied_gpu_to_gpu(monkeypatch):
+    # `head` computes on GPU 1 with the weight it shares with `wte`, resident on GPU 0; `ln_f` is in RAM
+    log, _ = _prefetched_run(monkeypatch, {"wte": 0, "blocks": 0, "ln_f": "cpu", "head": 1}, cls_name="TiedLM")
+    copies = [r for r in log if r.kind == "copy" and r.thread.startswith("bigmodel-prefetch")]
+    assert any(r.detail.startswith("d2d") and r.device == 1 for r in copies)  # the tied weight, GPU 0 -> GPU 1
+    assert not any(r.detail.startswith("d2h") for r in copies)  # with the bug: staged through pinned RAM

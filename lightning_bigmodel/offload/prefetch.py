@@ -5,7 +5,12 @@ hook of module ``i`` starts, the parameters of the module that followed it are c
 disk views are read (page faults happen there, not on the compute thread) into pinned staging memory, and every
 host tensor is copied to the GPU with ``non_blocking=True`` on a side stream, followed by an event. When that module
 starts, its hook waits for the event on the current stream and calls ``record_stream`` on the copies, so the caching
-allocator does not reuse their memory before the compute stream is done with them. At most one module is in flight.
+allocator does not reuse their memory before the compute stream is done with them. At most one module is in flight,
+on the GPU too: before allocating module ``i + 1``'s copies the background thread waits for an event the compute stream
+recorded when module ``i`` started (every module before ``i`` done, their copies freed), so however far the CPU runs
+ahead, two modules' weights are resident at steady state (the planner reserves room for the two largest). Pageable host
+tensors are staged through pinned memory; pinned ones and tensors on another GPU (a tied weight resident there) are
+copied directly. The background thread makes the hook's device its current device, so it never touches GPU 0's context.
 
 The order is learned in one thread only: the first that calls :meth:`Prefetcher.started` (micro-batches of a
 pipelined forward run in threads and would interleave their orders). Other threads neither record nor prefetch
@@ -73,7 +78,11 @@ class Prefetcher:
                 return
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmodel-prefetch")
-            self._pending = (successor, self._pool.submit(self._copy_in, successor, capture_modes()))
+            # Reached by the compute stream once every module before `hook` is done (their weights are free): the
+            # successor's copies are not allocated before, so at most two modules' weights are resident at once.
+            reached = accel.new_event(hook.device)
+            reached.record(accel.current_stream(hook.device))
+            self._pending = (successor, self._pool.submit(self._copy_in, successor, capture_modes(), reached))
 
     def end_forward(self) -> None:
         """Called after the root forward: the recording thread's first one fixes the order (see
@@ -114,20 +123,29 @@ class Prefetcher:
             stream = self._streams[device] = accel.new_stream(device)
         return stream
 
-    def _copy_in(self, hook, modes) -> tuple[dict[int, torch.Tensor], torch.Event]:
+    def _copy_in(self, hook, modes, reached: torch.Event) -> tuple[dict[int, torch.Tensor], torch.Event]:
         """Runs on the background thread, in the modes of the forward's thread (``modes``, from ``capture_modes``):
-        stage disk views, issue the H2D copies on the side stream, record an event."""
+        wait until compute reached ``reached``, stage disk views, issue the copies on the side stream, record an event.
+        """
         with ExitStack() as stack:
             modes(stack)
-            return self._copy_in_modes(hook)
+            return self._copy_in_modes(hook, reached)
 
-    def _copy_in_modes(self, hook) -> tuple[dict[int, torch.Tensor], torch.Event]:
+    def _copy_in_modes(self, hook, reached: torch.Event) -> tuple[dict[int, torch.Tensor], torch.Event]:
+        # This thread's current device starts as GPU 0: leaving the side stream's `with` block would switch back to
+        # it (and create a context there). Make the hook's device current for good; this thread serves no other.
+        accel.set_device(hook.device)
         stream = self._side_stream(hook.device)
+        reached.synchronize()  # bounds run-ahead on the GPU: the modules before `hook`'s predecessor freed their copies
         copies = {}
         with accel.use_stream(stream):
+            stream.wait_event(reached)
             for index in hook.prefetchable:
                 host = hook.entries[index].host
-                source = host if is_pinned(host) else _stage(host)
+                # Pageable host memory is staged into pinned memory; pinned host memory and another GPU's tensor (a
+                # tied weight resident there) are copied directly: GPU to GPU, not through RAM.
+                pageable = host.device.type == "cpu" and not is_pinned(host)
+                source = _stage(host) if pageable else host
                 copies[index] = source.to(hook.device, non_blocking=True, copy=True)
             event = accel.new_event(hook.device)
             event.record(stream)

@@ -163,13 +163,15 @@ class _Planner:
         return self.sizes.get(name, 0)
 
     def _reserve(self, raw: DeviceMap) -> tuple[int, Device]:
-        """Bytes the execution device needs beside its own modules: the largest offloaded layer (on the CPU, the disk
-        stream: that layer plus ``READ_AHEAD_LAYERS`` read ahead), and offloaded buffers."""
+        """Bytes the execution device needs beside its own modules: on a GPU the two largest offloaded layers (the
+        prefetcher keeps the layer computing and the next one resident), on the CPU the disk stream (the largest layer
+        plus ``READ_AHEAD_LAYERS`` read ahead); and offloaded buffers."""
         gpus = [device for device in raw.values() if isinstance(device, int)]
         exec_device: Device = min(gpus) if gpus else "cpu"
         offloaded = [name for name, device in raw.items() if device == "disk" or (device == "cpu" and self.has_gpu)]
-        largest = max((self.unit(name) for name in offloaded), default=0)
-        need = largest if gpus else (1 + READ_AHEAD_LAYERS) * largest
+        units = sorted((self.unit(name) for name in offloaded), reverse=True)
+        largest = units[0] if units else 0
+        need = sum(units[:2]) if gpus else (1 + READ_AHEAD_LAYERS) * largest
         if not self.offload_buffers:
             need += sum(self.buffer_sizes.get(name, 0) for name in offloaded)
         return need, exec_device
@@ -247,11 +249,13 @@ class _Pass:
             self.expanded.add(name)  # a tied partner: its children take its place when it reaches the front
 
     def skip_ahead(self, group: list[str]) -> bool:
-        """Place an atom too big for the whole current device on the first later device with room, if any."""
-        for device in self.devices[self.index + 1 :]:
+        """Place an atom too big for the whole current device on the first later device with room, if any, and go on
+        from there (what follows never goes back to an earlier device: the map stays sequential)."""
+        for position, device in enumerate(self.devices[self.index + 1 :], start=self.index + 1):
             need = sum(self.planner.cost(member, device) for member in group)
             if self.fills[device] + need <= self.budgets[device]:
                 self.place(group, device)
+                self.index, self.target = position, self.target_of(device)
                 return True
         return False
 
