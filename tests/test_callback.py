@@ -45,7 +45,9 @@ def test_render_table_bytes_and_budget():
 
 def test_callback_prints_table_and_writes_json(tmp_path, caplog):
     ckpt = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt())
-    callback = DeviceMapCallback(device_map="auto", max_memory={"cpu": 120_000}, no_split_module_classes=["Block"])
+    stream = 2 * compute_module_sizes(GPTModule_sized())["model.transformer.h.0"]  # kept for the disk stream
+    budget = 120_000 + stream
+    callback = DeviceMapCallback(device_map="auto", max_memory={"cpu": budget}, no_split_module_classes=["Block"])
     trainer = bigmodel_trainer(callbacks=[callback], default_root_dir=tmp_path / "run")
     with caplog.at_level(logging.INFO):
         trainer.predict(GPTModule(), token_loader(), ckpt_path=str(ckpt))
@@ -55,7 +57,7 @@ def test_callback_prints_table_and_writes_json(tmp_path, caplog):
     written = json.loads((tmp_path / "run" / "device_map.json").read_text())
     assert written["device_map"] == callback.device_map
     assert sum(written["bytes_per_device"].values()) == callback.module_sizes[""]
-    assert written["max_memory"] == {"cpu": 120_000}
+    assert written["max_memory"] == {"cpu": budget} and written["max_memory_source"] == {"cpu": "max_memory"}
     # the blocks are whole on one device
     blocks = [key for key in callback.device_map if ".h." in key]
     assert all(key.count(".") == 3 for key in blocks)

@@ -13,8 +13,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_bigmodel.planning.device_map import Policy, check_device_map, infer_device_map, normalize_device
-from lightning_bigmodel.planning.budget import get_max_memory
+from lightning_bigmodel.planning.device_map import (
+    Policy,
+    check_device_map,
+    infer_device_map,
+    largest_layer,
+    normalize_device,
+)
+from lightning_bigmodel.planning.budget import budget_sources, check_layer_fits, get_max_memory
 from lightning_bigmodel.planning.sizes import compute_module_sizes
 from lightning_bigmodel.planning.table import bytes_per_device, device_label, format_bytes, render_table
 
@@ -125,6 +131,8 @@ class DeviceMapCallback(Callback):
         device_map: the plan (``None`` until planned).
         module_sizes: bytes per module prefix of the planned model.
         max_memory_bytes: the budget the plan was made under, in bytes.
+        budget_sources: where each budget came from (``"cgroup limit"``, ``"available RAM"``, ``"free memory"``,
+            ``"max_memory"``), shown in the table.
     """
 
     def __init__(
@@ -149,6 +157,7 @@ class DeviceMapCallback(Callback):
         self.device_map: Optional[dict[str, Union[int, str]]] = None
         self.module_sizes: dict[str, int] = {}
         self.max_memory_bytes: dict[Union[int, str], int] = {}
+        self.budget_sources: dict[Union[int, str], str] = {}
         self.json_path: Optional[Path] = None
         self._reconciled_with: Optional[int] = None  # id() of the strategy whose settings were merged in
 
@@ -194,11 +203,16 @@ class DeviceMapCallback(Callback):
         """Compute (or check, for an explicit map) the device map of ``pl_module`` over the devices of ``strategy``."""
         gpus = trainer_gpus(strategy)
         self.max_memory_bytes = self._budget(gpus)
+        sources = budget_sources(self.max_memory)  # "cgroup limit" / "available RAM" / "max_memory", for the table
+        self.budget_sources = {key: sources.get(key, "-") for key in self.max_memory_bytes}
         quantized = {  # the strategy's setting, used for sizes and the plan alike (a callback does not repeat it)
             "quantization": getattr(strategy, "quantization", None),
             "quantization_skip_modules": getattr(strategy, "quantization_skip_modules", None),
         }
         self.module_sizes = compute_module_sizes(pl_module, dtype=self.dtype, **quantized)
+        if self.max_memory is None and not isinstance(self.requested_map, Mapping):  # detected budgets: a cgroup
+            # limit smaller than the largest layer fails here, before anything is loaded
+            check_layer_fits(*largest_layer(pl_module, self.no_split_module_classes, self.dtype, **quantized))
         if isinstance(self.requested_map, Mapping):
             device_map = {key: normalize_device(value) for key, value in self.requested_map.items()}
             check_device_map(pl_module, device_map)
@@ -232,7 +246,7 @@ class DeviceMapCallback(Callback):
         """The plan as a table (see :func:`lightning_bigmodel.planning.table.render_table`)."""
         if self.device_map is None:
             raise RuntimeError("`DeviceMapCallback` has not planned yet: `render()` needs `plan()` first.")
-        return render_table(self.device_map, self.module_sizes, self.max_memory_bytes)
+        return render_table(self.device_map, self.module_sizes, self.max_memory_bytes, self.budget_sources)
 
     def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.device_map is None:
@@ -256,6 +270,7 @@ class DeviceMapCallback(Callback):
             "device_map": self.device_map,
             "bytes_per_device": bytes_per_device(self.device_map, self.module_sizes),
             "max_memory": {device_label(key): value for key, value in self.max_memory_bytes.items()},
+            "max_memory_source": {device_label(key): value for key, value in self.budget_sources.items()},
         }
         path.write_text(json.dumps(payload, indent=2))
         return path

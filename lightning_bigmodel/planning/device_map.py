@@ -24,6 +24,7 @@ __all__ = [
     "clean_device_map",
     "execution_device",
     "infer_device_map",
+    "largest_layer",
     "normalize_device",
     "tensor_devices",
 ]
@@ -145,6 +146,19 @@ def infer_device_map(
 
     sizes = planner.sizes if quantization is not None else None
     return fit_device_map(model, plan, budgets, input_shape, max_new_tokens, dtype, offload_buffers, sizes).device_map
+
+
+def largest_layer(
+    model: nn.Module,
+    no_split_module_classes: Optional[Sequence[str]] = None,
+    dtype: Optional[torch.dtype] = None,
+    quantization: Optional[str] = None,
+    quantization_skip_modules: Optional[Sequence[str]] = None,
+) -> tuple[int, str]:
+    """``(bytes, name)`` of the largest piece of ``model`` that must be in memory at once: a no-split module, or the
+    direct tensors of one module (the unit a device map cannot split further)."""
+    planner = _Planner(model, no_split_module_classes, dtype, False, (quantization, quantization_skip_modules))
+    return planner.largest("")
 
 
 def clean_device_map(model: nn.Module, device_map: Mapping[str, Device]) -> DeviceMap:

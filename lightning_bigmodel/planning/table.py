@@ -75,9 +75,15 @@ def render_table(
     device_map: Mapping[str, Device],
     module_sizes: Mapping[str, int],
     budget: Optional[Mapping[Device, int]] = None,
+    sources: Optional[Mapping[Device, str]] = None,
 ) -> str:
-    """The device map as text: one line per module range, then one per device with its bytes and budget used."""
+    """The device map as text: one line per module range, then one per device with its bytes and budget used.
+
+    ``sources`` says where each budget came from (e.g. ``"cgroup limit"``, ``"available RAM"``, ``"max_memory"``;
+    see :func:`~lightning_bigmodel.planning.budget.budget_sources`), shown in a last column when given.
+    """
     budget = {device_label(device): size for device, size in (budget or {}).items()}
+    source = {device_label(device): text for device, text in (sources or {}).items()}
     ranges = [
         (name, device_label(device), format_bytes(sum(int(module_sizes.get(k, 0)) for k in keys)))
         for name, device, keys in module_ranges(device_map)
@@ -86,11 +92,12 @@ def render_table(
     lines = [f"{'module':<{width}}  {'device':<7}  {'size':>10}"]
     lines += [f"{name:<{width}}  {label:<7}  {size:>10}" for name, label, size in ranges]
     lines.append("")
-    lines.append(f"{'device':<7}  {'placed':>10}  {'budget':>10}  {'used':>6}")
+    lines.append(f"{'device':<7}  {'placed':>10}  {'budget':>10}  {'used':>6}" + ("  source" if source else ""))
     totals = bytes_per_device(device_map, module_sizes)
     for label, placed in totals.items():
         limit = budget.get(label)
         used = f"{100 * placed / limit:.1f}%" if limit else "-"
-        lines.append(f"{label:<7}  {format_bytes(placed):>10}  {format_bytes(limit):>10}  {used:>6}")
+        line = f"{label:<7}  {format_bytes(placed):>10}  {format_bytes(limit):>10}  {used:>6}"
+        lines.append(line + (f"  {source.get(label, '-')}" if source else ""))
     lines.append(f"{'total':<7}  {format_bytes(sum(totals.values())):>10}")
     return "\n".join(lines)
