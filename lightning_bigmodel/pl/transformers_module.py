@@ -176,16 +176,16 @@ class TransformersModule(LightningModule):
         return "AutoModelForSeq2SeqLM" if getattr(config, "is_encoder_decoder", False) else "AutoModelForCausalLM"
 
     def _tell_strategy(self) -> None:
-        """Point the strategy at the weights unless it has a ``checkpoint`` (or ``ckpt_path`` is given), and give
-        the planner the network's no-split classes (``_no_split_modules``) unless the user named some."""
+        """Point the strategy at the weights unless it has a ``checkpoint`` (a ``ckpt_path`` given to ``predict`` wins
+        anyway), and plan with the network's no-split classes (``_no_split_modules``, as transformers'
+        ``device_map="auto"`` does) unless the strategy or a ``DeviceMapCallback`` was given some."""
         strategy = self.trainer.strategy
-        if getattr(strategy, "checkpoint", None) is None:
+        if strategy.checkpoint is None:
             strategy.checkpoint = self._checked_source()
-        no_split = list(getattr(self.model, "_no_split_modules", None) or [])
-        planners = [strategy] + [cb for cb in self.trainer.callbacks if isinstance(cb, DeviceMapCallback)]
-        for planner in planners:
-            if not planner.no_split_module_classes:
-                planner.no_split_module_classes = list(no_split)
+        no_split = sorted(getattr(self.model, "_no_split_modules", None) or [])
+        planners = [strategy, *(cb for cb in self.trainer.callbacks if isinstance(cb, DeviceMapCallback))]
+        if no_split and not any("no_split_module_classes" in planner.given_settings for planner in planners):
+            strategy.given_settings["no_split_module_classes"] = no_split
 
     @property
     def tokenizer(self) -> Any:
