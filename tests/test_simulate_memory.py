@@ -66,6 +66,18 @@ def test_offloaded_layers_are_staged_on_the_execution_gpu_with_the_next_one_pref
     assert result["disk"] == {"weights": block, "peak": block}
 
 
+def test_disk_layers_on_a_cpu_execution_device_count_the_pages_read_and_read_ahead():
+    model = _meta_lm(width=64, vocab=8)
+    block = (64 * 64 + 64) * F32
+    device_map = {"emb": "cpu", "blocks.0": "disk", "blocks.1": "disk", "blocks.2": "cpu", "blocks.3": "cpu", "head": "cpu"}
+    result = simulate_memory(model, device_map, _ids())
+    cpu_weights = 8 * 64 * F32 + 2 * block + 64 * 8 * F32
+    hidden, ids = B * T * 64 * F32, B * T * 8
+    assert result["disk"] == {"weights": 2 * block, "peak": 2 * block}
+    # A disk block computing has its pages in RAM and the next one's read ahead (the last reads the first).
+    assert result["cpu"] == {"weights": cpu_weights, "peak": cpu_weights + ids + 2 * block + 2 * hidden}
+
+
 def test_cpu_only_map_counts_the_largest_activations():
     model = _meta_lm()
     result = simulate_memory(model, {"": "cpu"}, _ids())

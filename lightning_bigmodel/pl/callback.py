@@ -23,6 +23,7 @@ from lightning_bigmodel.planning.device_map import (
 from lightning_bigmodel.planning.budget import budget_sources, check_layer_fits, get_max_memory
 from lightning_bigmodel.planning.sizes import compute_module_sizes
 from lightning_bigmodel.planning.table import bytes_per_device, device_label, format_bytes, render_table
+from lightning_bigmodel.pl._peaks import fitted_plan, simulated_memory
 
 DeviceMapArg = Union[Policy, dict[str, Union[int, str]]]
 JSON_NAME = "device_map.json"
@@ -34,6 +35,8 @@ PLANNING_DEFAULTS: dict[str, Any] = {
     "no_split_module_classes": [],
     "dtype": None,
     "offload_buffers": False,
+    "input_shape": None,  # a batch of token ids ("4x2048"): plan so that the simulated peak fits
+    "max_new_tokens": 0,
 }
 
 
@@ -47,6 +50,10 @@ def _canonical(name: str, value: Any) -> Any:
         return tuple(sorted(value))
     if name == "dtype":
         return parse_dtype(value)
+    if name == "input_shape" and value is not None:
+        from lightning_bigmodel.simulate.memory import parse_input_shape  # lazy: fake tensors load on use only
+
+        return parse_input_shape(value)
     return value
 
 
@@ -126,11 +133,16 @@ class DeviceMapCallback(Callback):
         dtype: plan sizes as if floating-point weights were in this dtype.
         offload_buffers: count buffers of offloaded modules as offloaded too.
         save_json: write ``device_map.json``.
+        input_shape: the shape of a batch of token ids (``"4x2048"``): the plan reserves room for the simulated
+            activations, KV cache and staging of offloaded layers on every device (see ``infer_device_map``), and
+            ``device_map.json`` carries the simulated weights and peak per device. Default: the strategy's, else none.
+        max_new_tokens: decode steps of ``generate`` to plan for (with ``input_shape``).
 
     Attributes:
         device_map: the plan (``None`` until planned).
         module_sizes: bytes per module prefix of the planned model.
         max_memory_bytes: the budget the plan was made under, in bytes.
+        memory: with ``input_shape``, the simulated ``{device: {"weights", "peak"}}`` of the plan, else ``None``.
         budget_sources: where each budget came from (``"cgroup limit"``, ``"available RAM"``, ``"free memory"``,
             ``"max_memory"``), shown in the table.
     """
@@ -143,8 +155,12 @@ class DeviceMapCallback(Callback):
         dtype: Optional[Union[str, torch.dtype]] = None,
         offload_buffers: Optional[bool] = None,
         save_json: bool = True,
+        input_shape: Optional[Union[str, Sequence[int]]] = None,
+        max_new_tokens: Optional[int] = None,
     ) -> None:
         given = {
+            "input_shape": None if input_shape is None else _canonical("input_shape", input_shape),
+            "max_new_tokens": max_new_tokens,
             "device_map": device_map,
             "max_memory": max_memory,
             "no_split_module_classes": None if no_split_module_classes is None else list(no_split_module_classes),
@@ -159,6 +175,7 @@ class DeviceMapCallback(Callback):
         self.max_memory_bytes: dict[Union[int, str], int] = {}
         self.budget_sources: dict[Union[int, str], str] = {}
         self.json_path: Optional[Path] = None
+        self.memory: Optional[dict[Union[int, str], dict[str, int]]] = None
         self._reconciled_with: Optional[int] = None  # id() of the strategy whose settings were merged in
 
     def _apply_settings(self, settings: Mapping[str, Any]) -> None:
@@ -167,6 +184,8 @@ class DeviceMapCallback(Callback):
         self.no_split_module_classes = list(settings["no_split_module_classes"] or [])
         self.dtype = settings["dtype"]
         self.offload_buffers = bool(settings["offload_buffers"])
+        self.input_shape = settings["input_shape"]
+        self.max_new_tokens = int(settings["max_new_tokens"] or 0)
 
     def reconcile(self, owner: object, strategy_settings: Mapping[str, Any]) -> dict[str, Any]:
         """Merge the planning settings given to the strategy with those given to this callback; return the result.
@@ -213,9 +232,19 @@ class DeviceMapCallback(Callback):
         if self.max_memory is None and not isinstance(self.requested_map, Mapping):  # detected budgets: a cgroup
             # limit smaller than the largest layer fails here, before anything is loaded
             check_layer_fits(*largest_layer(pl_module, self.no_split_module_classes, self.dtype, **quantized))
+        self.memory = None
         if isinstance(self.requested_map, Mapping):
             device_map = {key: normalize_device(value) for key, value in self.requested_map.items()}
             check_device_map(pl_module, device_map)
+            if self.input_shape is not None:
+                self.memory = simulated_memory(pl_module, device_map, self.input_shape, self.max_new_tokens,
+                                               self.dtype, self.offload_buffers)  # fmt: skip
+        elif self.input_shape is not None:  # plan so that the simulated peak fits, on the network the batch runs
+            device_map, self.memory = fitted_plan(
+                pl_module, self.input_shape, self.max_new_tokens, max_memory=self.max_memory_bytes,
+                no_split_module_classes=self.no_split_module_classes, dtype=self.dtype, policy=self.requested_map,
+                offload_buffers=self.offload_buffers, **quantized,
+            )  # fmt: skip
         else:
             device_map = infer_device_map(
                 pl_module,
@@ -272,5 +301,9 @@ class DeviceMapCallback(Callback):
             "max_memory": {device_label(key): value for key, value in self.max_memory_bytes.items()},
             "max_memory_source": {device_label(key): value for key, value in self.budget_sources.items()},
         }
+        if self.memory is not None:  # the simulated run-time memory of a batch of `input_shape`
+            from lightning_bigmodel.simulate.report import peaks_json
+
+            payload.update(peaks_json(self.memory, self.input_shape, self.max_new_tokens))
         path.write_text(json.dumps(payload, indent=2))
         return path

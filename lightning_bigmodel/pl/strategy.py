@@ -24,7 +24,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 import lightning.pytorch as pl
-from lightning_bigmodel.pl.callback import PLANNING_DEFAULTS, DeviceMapCallback, check_trainer_devices, parse_dtype
+from lightning_bigmodel.pl.callback import (
+    PLANNING_DEFAULTS,
+    DeviceMapCallback,
+    _canonical,
+    check_trainer_devices,
+    parse_dtype,
+)
 from lightning_bigmodel.planning.device_map import Policy, execution_device, normalize_device
 from lightning_bigmodel.init import init_empty_weights
 from lightning_bigmodel.integrations.quantization.spec import Quantization, resolve_quantization
@@ -67,6 +73,9 @@ class BigModelInferenceStrategy(Strategy):
         release_on_teardown: at the end of each ``predict`` remove the hooks and free the weights (parameters go
             back to meta; the next ``predict`` streams the checkpoint again). By default the model stays dispatched
             (see Teardown below).
+        input_shape: the shape of a batch of token ids (``"4x2048"``): plan so that every device's simulated peak
+            (activations, KV cache, staging of offloaded layers) fits its budget, and report it in ``device_map.json``.
+        max_new_tokens: decode steps of ``generate`` to plan for (with ``input_shape``).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as for Lightning
             strategies (the Trainer fills them in). ``checkpoint_io`` defaults to ``ShardedCheckpointIO()``.
 
@@ -101,6 +110,8 @@ class BigModelInferenceStrategy(Strategy):
         key_prefix: Optional[str] = None,
         strict: bool = True,
         release_on_teardown: bool = False,
+        input_shape: Optional[Union[str, list[int]]] = None,
+        max_new_tokens: Optional[int] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -116,6 +127,8 @@ class BigModelInferenceStrategy(Strategy):
             "no_split_module_classes": None if no_split_module_classes is None else list(no_split_module_classes),
             "dtype": parse_dtype(dtype),
             "offload_buffers": offload_buffers,
+            "input_shape": None if input_shape is None else _canonical("input_shape", input_shape),
+            "max_new_tokens": max_new_tokens,
         }
         self.given_settings = {name: value for name, value in given.items() if value is not None}
         self._use_settings(PLANNING_DEFAULTS | self.given_settings)
@@ -238,6 +251,8 @@ class BigModelInferenceStrategy(Strategy):
         self.no_split_module_classes = list(settings["no_split_module_classes"] or [])
         self.dtype = settings["dtype"]
         self.offload_buffers = bool(settings["offload_buffers"])
+        self.input_shape = settings["input_shape"]
+        self.max_new_tokens = int(settings["max_new_tokens"] or 0)
 
     def _device_map_callback(self, trainer: "pl.Trainer") -> DeviceMapCallback:
         """The user's ``DeviceMapCallback`` (else a new one, added to the Trainer), with the planning settings of

@@ -15,7 +15,9 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from lightning_bigmodel.offload.attach import _disk_units  # the real dispatch's choice of streamed modules
 from lightning_bigmodel.offload.hooks import HostEntry, InputHook, RootHook, WeightHook
+from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS
 from lightning_bigmodel.offload.placement import is_disk
 
 
@@ -61,15 +63,53 @@ def _copy_in(hook: WeightHook) -> dict[int, torch.Tensor]:
     return copies
 
 
+class SimReadAhead:
+    """Memory model of :class:`~lightning_bigmodel.offload.readahead.ReadAhead` (disk weights used in place on a CPU
+    execution device): a module's disk pages are in RAM from just before it runs (or from when the module
+    ``depth`` places before it started, read ahead) until it has run; the last module reads the first ahead."""
+
+    def __init__(self, disk_units: Mapping[str, tuple[nn.Module, list[torch.Tensor]]], depth: int) -> None:
+        self.tensors = {name: tensors for name, (_, tensors) in disk_units.items()}
+        self.order = list(disk_units)
+        self.depth = depth
+        self.resident: dict[str, list[torch.Tensor]] = {}
+
+    def attach(self, disk_units: Mapping[str, tuple[nn.Module, list[torch.Tensor]]]) -> list:
+        handles = []
+        for name, (module, _) in disk_units.items():
+            handles.append(module.register_forward_pre_hook(lambda *_, n=name: self.pre(n)))
+            handles.append(module.register_forward_hook(lambda *_, n=name: self.post(n), always_call=True))
+        return handles
+
+    def _read(self, name: str) -> None:
+        if name not in self.resident:
+            self.resident[name] = [torch.empty(t.shape, dtype=t.dtype, device="cpu") for t in self.tensors[name]]
+
+    def pre(self, name: str) -> None:
+        self._read(name)
+        at = self.order.index(name)
+        for step in range(1, self.depth + 1):
+            self._read(self.order[(at + step) % len(self.order)])
+
+    def post(self, name: str) -> None:
+        self.resident.pop(name, None)
+
+
 def attach_memory_hooks(
     model: nn.Module,
     units: Mapping[str, tuple[nn.Module, torch.device]],
     by_unit: Mapping[str, Mapping[int, HostEntry]],
+    groups: list,
+    main: torch.device,
 ) -> list:
     """Attach the hooks ``dispatch_model`` would (see ``offload.attach.attach_hooks``); return their handles."""
     handles = []
     move_io = len({device for _, device in units.values()}) > 1 or bool(by_unit)
     prefetcher = SimPrefetcher() if any(units[name][1].type != "cpu" for name in by_unit) else None
+    if prefetcher is None and main.type == "cpu":
+        disk_units = _disk_units(model, groups)
+        if disk_units:
+            handles += SimReadAhead(disk_units, READ_AHEAD_LAYERS).attach(disk_units)
     if move_io:
         root = RootHook({}, prefetcher, restore_outputs=True)
         handles.append(model.register_forward_pre_hook(root.pre, with_kwargs=True))
