@@ -30,6 +30,8 @@ import torch
 
 from lightning_bigmodel import _accelerator as accel
 from lightning_bigmodel._modes import capture_modes
+from lightning_bigmodel.offload.pages import populate, release
+from lightning_bigmodel.offload.placement import is_disk
 from lightning_bigmodel.offload.subclass import is_pinned, is_wrapped, map_inner
 
 
@@ -38,7 +40,13 @@ def _stage(host: torch.Tensor) -> torch.Tensor:
     holding inner tensors (a quantized weight) is staged part by part: copying it whole would dequantize it."""
     if is_wrapped(host):
         return map_inner(host, _stage)
-    return torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
+    on_disk = is_disk(host)
+    if on_disk:
+        populate(host)  # one large read of the file range instead of page faults
+    staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
+    if on_disk:
+        release(host)  # the pinned copy is what the GPU reads: the file pages leave the page cache
+    return staged
 
 
 class Prefetcher:
