@@ -175,3 +175,38 @@ def test_tied_weight_on_another_gpu_is_copied_gpu_to_gpu(monkeypatch):
     copies = [r for r in log if r.kind == "copy" and r.thread.startswith("bigmodel-prefetch")]
     assert any(r.detail.startswith("d2d") and r.device == 1 for r in copies)  # the tied weight, GPU 0 -> GPU 1
     assert not any(r.detail.startswith("d2h") for r in copies)  # with the bug: staged through pinned RAM
+
+
+# ---------------------------------------------------------------------------------------------- findings 7, 10
+def test_pipelined_micro_batches_hand_each_gpu_over_with_an_event_on_reused_streams():
+    from lightning_bigmodel import dispatch_model, remove_dispatch
+    from lightning_bigmodel.pipeline import MicroBatchPipeline
+    from lightning_bigmodel.simulate import simulated_gpus
+    from models import UntiedMLP, example_input, make_reference
+
+    x = example_input(UntiedMLP, batch=4)
+    with torch.no_grad():
+        expected = make_reference(UntiedMLP)(x)
+    device_map = {"inp": 0, "blocks.0": 0, "blocks.1": 1, "blocks.2": 1, "out": 1}
+    with simulated_gpus(2) as gpus, torch.no_grad():
+        model = dispatch_model(make_reference(UntiedMLP), device_map)
+        calls = []
+        with MicroBatchPipeline(model, micro_batches=2) as pipe:
+            for _ in range(2):
+                gpus.clear_log()
+                out = pipe(x)
+                calls.append((out.to("cpu"), gpus.log))
+        remove_dispatch(model)
+    streams = []
+    for out, log in calls:
+        torch.testing.assert_close(out, expected)
+        workers = [r for r in log if r.thread.startswith("micro-batch-")]
+        for gpu in (0, 1):  # micro-batch 0 releases the GPU with an event; micro-batch 1's stream waits for it
+            handed = [r for r in workers if r.kind == "record_event" and r.device == gpu and r.thread == "micro-batch-0"]
+            waits = [r for r in workers if r.kind == "wait_event" and r.device == gpu and r.thread == "micro-batch-1"]
+            assert handed and {r.detail for r in handed} & {r.detail for r in waits}
+            first_wait = log.index(next(r for r in waits if r.detail in {h.detail for h in handed}))
+            later = [r for r in log[:first_wait] if r.thread == "micro-batch-1" and r.device == gpu and r.kind == "copy"]
+            assert later == []  # nothing of micro-batch 1 ran there before the wait
+        streams.append({(r.thread, r.device, r.stream) for r in workers if r.kind in ("record_event", "wait_event")})
+    assert streams[0] == streams[1] and all(stream != 0 for _, _, stream in streams[0])  # no new streams per call

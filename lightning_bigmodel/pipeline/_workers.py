@@ -1,14 +1,21 @@
 """Thread and GPU-stream state of one pipelined call of :class:`~lightning_bigmodel.pipeline.MicroBatchPipeline`.
 
 Each micro-batch runs in its own worker thread on its own streams (one per GPU of the map, ordered after the
-caller's streams). Workers queue for an execution device with a first-come, first-served ticket lock; the caller's
+caller's streams; kept by the pipeline and reused by every call, so no call adds streams, nor the cuBLAS workspace
+each stream gets). Workers queue for an execution device with a first-come, first-served ticket lock; the caller's
 grad, inference and autocast modes and torch-function modes are re-entered in every worker.
+
+The lock orders the CPU side only. The GPU side is ordered the same way by an event: a worker releasing a GPU records
+one on its stream there (:meth:`_Run.hand_over`), and the next holder's stream waits for it before anything of its own
+runs there (:meth:`_Run.take_over`). All work on one GPU thus runs in lock order, whichever stream it was queued on:
+in-place buffer updates and caches built lazily by one micro-batch are complete before the next reads them, and
+memory one micro-batch's stream freed is reused only by work ordered after it.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -47,7 +54,7 @@ class _TicketLock:
 class _Run:
     """State shared by the workers of one pipelined call."""
 
-    def __init__(self, domains: set, n: int) -> None:
+    def __init__(self, domains: set, n: int, pool: Optional[dict] = None) -> None:
         self.locks = {domain: _TicketLock() for domain in domains}
         self.gates = [threading.Event() for _ in range(n)]
         self.failed = threading.Event()
@@ -57,10 +64,28 @@ class _Run:
         self.gpus = _gpu_devices(domains)
         self.caller_device = accel.current_device(accel.accelerator_type()) if self.gpus else None
         self.caller_streams = {d: accel.current_stream(accel.gpu(d)) for d in self.gpus}
-        self.streams = [{d: accel.new_stream(accel.gpu(d)) for d in self.gpus} for _ in range(n)]
+        pool = {} if pool is None else pool  # (micro-batch index, GPU) -> stream, kept across calls by the pipeline
+        for key in [(i, d) for i in range(n) for d in self.gpus if (i, d) not in pool]:
+            pool[key] = accel.new_stream(accel.gpu(key[1]))
+        self.streams = [{d: pool[(i, d)] for d in self.gpus} for i in range(n)]
+        self.handoff: dict[int, Any] = {}  # GPU -> event recorded by the last worker that released it
         for streams in self.streams:
             for d, stream in streams.items():
                 stream.wait_stream(self.caller_streams[d])
+
+    def hand_over(self, domain: Any, index: int) -> None:
+        """Worker ``index`` releases ``domain``: mark on its stream there how far its work goes (call before
+        releasing the lock)."""
+        if domain in self.gpus:
+            event = accel.new_event(accel.gpu(domain))
+            event.record(self.streams[index][domain])
+            self.handoff[domain] = event
+
+    def take_over(self, domain: Any, index: int) -> None:
+        """Worker ``index`` holds ``domain`` now: its stream there waits for the previous holder's work."""
+        event = self.handoff.get(domain) if domain in self.gpus else None
+        if event is not None:
+            self.streams[index][domain].wait_event(event)
 
 
 def _gpu_devices(domains: set) -> list[int]:

@@ -7,9 +7,10 @@ of a module's execution device while it runs there, so each device serves one mi
 time while different devices serve different ones: GPU ``k`` works on micro-batch ``i`` while
 GPU ``k + 1`` works on micro-batch ``i - 1``. CUDA kernel launches are asynchronous and waits
 release the GIL, so the devices overlap. Outputs are concatenated back and equal the unsplit
-batch's.
+batch's when the micro-batches of a forward are independent (no state carried from one sample to
+another, e.g. no KV cache: pass ``use_cache=False``).
 
-Scheduling rules (what makes it safe for any forward, not only a chain of stages):
+Scheduling rules (not only for a chain of stages):
 
 - ``"cpu"`` and ``"disk"`` entries execute on the main device (the lowest GPU of the map, else the
   CPU) and share its lock, so the offload hooks that swap weights in and out are never raced.
@@ -17,6 +18,9 @@ Scheduling rules (what makes it safe for any forward, not only a chain of stages
   next device, releases the current one, then waits for its turn. Locks are served first come,
   first served and micro-batches enter their first device in order, so they keep their order on
   every device and no cycle can form.
+- The GPU side follows the same order: releasing a GPU records an event on the worker's stream
+  there, and the next holder's stream waits for it (see ``_workers``). Every GPU thus runs its
+  micro-batches one after the other, as the CPU hands them over, on streams kept across calls.
 - Devices are the device map's identities, not the tensors' devices: a map may name devices that
   are all the CPU (how the tests simulate several GPUs).
 """
@@ -105,6 +109,7 @@ class MicroBatchPipeline:
         self.micro_batches = micro_batches
         self.dim = dim
         self._local = threading.local()
+        self._streams: dict = {}  # (micro-batch index, GPU) -> the stream it runs on, reused by every call
         self._handles: list = []
         prefix, device_map = _find_device_map(model)
         device_map = dict(device_map or {})
@@ -163,7 +168,7 @@ class MicroBatchPipeline:
         self.remove()
 
     def _run_pipelined(self, fn: Callable, chunks: list) -> list:
-        run = _Run(set(self.domains.values()), len(chunks))
+        run = _Run(set(self.domains.values()), len(chunks), self._streams)
         threads = [
             threading.Thread(target=self._work, args=(run, i, fn, a, k), name=f"micro-batch-{i}", daemon=True)
             for i, (a, k) in enumerate(chunks)
@@ -202,6 +207,7 @@ class MicroBatchPipeline:
             run.failed.set()
         finally:
             if state.held is not None:
+                run.hand_over(state.held, index)
                 run.locks[state.held].release()
             run.gates[index].set()
             state.run = None
@@ -238,9 +244,11 @@ class MicroBatchPipeline:
             run.gates[state.index].set()
         else:
             ticket = lock.ticket()  # queue up first, so no later micro-batch overtakes this one
+            run.hand_over(state.held, state.index)
             run.locks[state.held].release()
             state.held = None
         lock.wait(ticket)
+        run.take_over(domain, state.index)  # the GPU side, in the same order as the lock
         state.held = domain
 
 
