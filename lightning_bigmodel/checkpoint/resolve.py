@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -62,11 +63,12 @@ def resolve_checkpoint(checkpoint: Union[str, Path, ResolvedCheckpoint]) -> Reso
         return _resolve_file(path.absolute())
     if path.is_dir():
         return _resolve_folder(path.absolute())
-    if isinstance(checkpoint, str) and _looks_like_repo_id(text):
+    if isinstance(checkpoint, str) and not _can_only_be_local(text) and _looks_like_repo_id(text):
         return _resolve_hub(text)
     raise CheckpointNotFoundError(
-        f"`checkpoint` {text!r} does not exist. Pass a weights file (.safetensors, .bin, .pt, .pth, .ckpt), a folder "
-        "holding one or a sharded set with its index, an index JSON, or a Hugging Face Hub repo id ('org/name')."
+        f"`checkpoint` {text!r} does not exist (looked for {str(path.absolute())!r}). Pass a weights file "
+        "(.safetensors, .bin, .pt, .pth, .ckpt), a folder holding one or a sharded set with its index, an index JSON, or a Hugging "
+        "Face Hub repo id ('org/name')."
     )
 
 
@@ -198,6 +200,17 @@ def _resolve_index(index: Path) -> ResolvedCheckpoint:
     return ResolvedCheckpoint(root=index.parent, files=files, weight_map=resolved_map, index=index, metadata=metadata)
 
 
+def _can_only_be_local(text: str) -> bool:
+    """A path no Hub repo id can be: it starts with ``.``, ``/``, ``~`` or ``\\``, has more than one ``/``, or ends in a
+    checkpoint suffix. A missing one is "not found" without asking the Hub."""
+    return (
+        text.startswith((".", "/", "~", "\\"))
+        or text.count("/") > 1
+        or "\\" in text
+        or Path(text).suffix.lower() in WEIGHT_SUFFIXES + (".json",)
+    )
+
+
 def _looks_like_repo_id(text: str) -> bool:
     return bool(_REPO_ID.match(text)) and Path(text).suffix.lower() not in WEIGHT_SUFFIXES + (".json",)
 
@@ -210,10 +223,13 @@ def _resolve_hub(repo_id: str) -> ResolvedCheckpoint:
         try:
             folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
         except (OSError, ValueError) as err:  # offline, not cached, not found, gated, invalid id, network down
+            cause = " ".join(str(err).split())  # the Hub's messages span lines: keep ours on one
             raise CheckpointNotFoundError(
-                f"`checkpoint` {repo_id!r} is not a local path, and the Hugging Face Hub could not provide it "
-                f"({type(err).__name__}: {err}). If the Hub is unreachable or HF_HUB_OFFLINE=1, download the repo while "
-                "online first (it is then read from the cache), or pass a local path."
+                f"`checkpoint` {repo_id!r} is neither a local path (no {str(Path(repo_id).absolute())!r} under the "
+                f"working directory {os.getcwd()!r}) nor a Hugging Face Hub repo that could be provided "
+                f"({type(err).__name__}: {cause}). Fix the local path; or, for a Hub repo, check the id and, if the "
+                "Hub is unreachable or HF_HUB_OFFLINE=1, download it while online first (then it is read from the "
+                "cache)."
             ) from err
         try:
             return _resolve_folder(folder)

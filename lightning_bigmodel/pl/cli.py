@@ -33,9 +33,12 @@ subcommands:
   plan      print the device map and memory table for a model and a budget, reading no weight
 
 Run `lightning-bigmodel predict --help` or `lightning-bigmodel plan --help` for the options.
+A bad input is reported in one line (exit status 2); add --debug (or set LIGHTNING_BIGMODEL_DEBUG=1) for the traceback.
 """
 _STRATEGY_CLASS = "lightning_bigmodel.pl.strategy.BigModelInferenceStrategy"
 DType = Literal["float32", "float16", "bfloat16", "float64"]
+DEBUG_ENV = "LIGHTNING_BIGMODEL_DEBUG"
+_PACKAGE = "lightning_bigmodel"
 
 
 class BigModelCLI(LightningCLI):

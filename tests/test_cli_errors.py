@@ -1,0 +1,158 @@
+"""The CLI speaks plainly: a bad input is one line on stderr and exit status 2; ``--debug`` shows the traceback.
+
+Also where a missing checkpoint is looked for: a path that can only be local is "not found" without asking the Hub;
+an ``org/name`` that is neither a local folder nor on the Hub gets a message that says both, local first.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_bigmodel.checkpoint.errors import CheckpointNotFoundError
+from lightning_bigmodel.checkpoint.resolve import resolve_checkpoint
+from lightning_bigmodel.pl.cli import _raised_on_purpose, main
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = "lightning-bigmodel: error: "
+TINY_PLAN = ["plan", "--model", "examples.gpt.GPT", "--model.config.n_layer", "2", "--model.config.n_embd", "32",
+             "--model.config.n_head", "2", "--model.config.vocab_size", "97",
+             "--model.config.block_size", "16"]  # fmt: skip
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "LIGHTNING_BIGMODEL_DEBUG"}
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "lightning_bigmodel", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def error_line(stderr: str) -> str:
+    """The one line of our report: the last of stderr, checked to be the only line that starts like it."""
+    lines = [line for line in stderr.splitlines() if line.startswith(PREFIX)]
+    assert len(lines) == 1 and stderr.rstrip().splitlines()[-1] == lines[0], stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ the real command
+def test_predict_with_a_checkpoint_found_nowhere_says_both_places(tmp_path):
+    config = str(ROOT / "configs" / "gpt_tiny.yaml")
+    done = run_cli(["predict", "--config", config, "--ckpt_path", "runs/does-not-exist",
+                    "--model.init_args.random_checkpoint_dir", "null"], cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = error_line(done.stderr)
+    looked_for = str(tmp_path / "runs" / "does-not-exist")
+    local = line.index(f"no {looked_for!r} under the working directory {str(tmp_path)!r}")
+    hub = line.index("nor a Hugging Face Hub repo")
+    assert line.startswith(f"{PREFIX}`checkpoint` 'runs/does-not-exist' is neither a local path") and local < hub
+    assert "HF_HUB_OFFLINE" in line and line.endswith("(--debug shows the traceback)")
+
+
+def test_plan_with_a_malformed_size_is_one_line(tmp_path):
+    done = run_cli([*TINY_PLAN, "--max_memory", '{"cpu": "2 gigs"}'], cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = error_line(done.stderr)
+    assert line.startswith(f"{PREFIX}`max_memory['cpu']`: Memory size '2 gigs' is malformed") and "GiB" in line
+    assert done.stdout == ""  # nothing was planned
+
+
+# ------------------------------------------------------------------------------------------ in process
+@pytest.fixture
+def in_repo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.delenv("LIGHTNING_BIGMODEL_DEBUG", raising=False)
+    return tmp_path
+
+
+def test_local_only_checkpoint_is_not_found_in_one_line(in_repo, capsys, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.snapshot_download", _no_hub_lookup)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--config", str(ROOT / "configs" / "gpt_tiny.yaml"), "--ckpt_path", "./runs/nope",
+              "--model.init_args.random_checkpoint_dir", "null"])  # fmt: skip
+    assert exit_info.value.code == 2
+    line = error_line(capsys.readouterr().err)
+    looked_for = str(in_repo / "runs" / "nope")
+    assert line.startswith(f"{PREFIX}`checkpoint` './runs/nope' does not exist (looked for {looked_for!r})")
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_debug_shows_the_original_error(in_repo, monkeypatch, how):
+    argv = [*TINY_PLAN, "--max_memory", '{"cpu": "2 gigs"}']
+    if how == "flag":
+        argv.insert(1, "--debug")
+    else:
+        monkeypatch.setenv("LIGHTNING_BIGMODEL_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"`max_memory\['cpu'\]`: Memory size '2 gigs' is malformed"):
+        main(argv)
+
+
+def test_foreign_errors_keep_their_traceback(in_repo, monkeypatch):
+    def broken_plan(argv):
+        {}["bug"]  # a bug is not a bad input: it must not be dressed up as one
+
+    monkeypatch.setattr("lightning_bigmodel.pl.cli.plan", broken_plan)
+    with pytest.raises(KeyError, match="bug"):
+        main(["plan"])
+
+
+def _raise(error: Exception) -> Exception:
+    try:
+        raise error
+    except Exception as caught:  # noqa: BLE001 - returned with its traceback
+        return caught
+
+
+def test_only_our_own_reports_count_as_bad_input():
+    from lightning_bigmodel.offload.disk import OffloadFolderError
+    from lightning_bigmodel.pl.writers import PredictionFolderError
+
+    for ours in (CheckpointNotFoundError("x"), OffloadFolderError("x"), PredictionFolderError("x")):
+        assert _raised_on_purpose(ours)  # our types, wherever raised
+    with pytest.raises(ValueError) as ours:
+        resolve_checkpoint(Path("/nonexistent-for-sure/x.npz"))  # raised inside the package
+    assert _raised_on_purpose(ours.value)
+    assert not _raised_on_purpose(_raise(ValueError("raised by a test, not by the package")))
+    assert not _raised_on_purpose(_raise(KeyError("a bug")))
+
+
+# ------------------------------------------------------------------------------------------ where to look
+def _no_hub_lookup(*args, **kwargs):
+    raise AssertionError(f"the Hub was asked for {args} {kwargs}")
+
+
+@pytest.mark.parametrize(
+    "checkpoint",
+    ["./ckpt", "../ckpt", "/nonexistent-for-sure/ckpt", "~/nonexistent-for-sure-ckpt", "runs/org/name",
+     "model.safetensors", "org/model.bin", "org/weights.PT", "org/model.safetensors.index.json", ".hidden"],
+)  # fmt: skip
+def test_a_path_that_can_only_be_local_is_not_found_without_the_hub(tmp_path, monkeypatch, checkpoint):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", _no_hub_lookup)
+    with pytest.raises(CheckpointNotFoundError, match=r"does not exist \(looked for '/") as info:
+        resolve_checkpoint(checkpoint)
+    assert repr(checkpoint) in str(info.value)
+
+
+@pytest.mark.parametrize("checkpoint", ["org/name", "gpt2", "runs/does-not-exist"])
+def test_a_repo_id_shape_is_looked_for_locally_then_on_the_hub(tmp_path, monkeypatch, checkpoint):
+    monkeypatch.chdir(tmp_path)
+    asked = []
+
+    def offline(repo_id, **kwargs):
+        asked.append(repo_id)
+        raise OSError("Cannot find an appropriate cached snapshot folder;\noutgoing traffic has been disabled.")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    with pytest.raises(CheckpointNotFoundError) as info:
+        resolve_checkpoint(checkpoint)
+    message = str(info.value)
+    assert asked == [checkpoint]
+    local = message.index(f"no {str(tmp_path / checkpoint)!r} under the working directory {str(tmp_path)!r}")
+    assert local < message.index("Hugging Face Hub") and "\n" not in message
+    assert "OSError: Cannot find an appropriate cached snapshot folder; outgoing traffic" in message
