@@ -127,6 +127,8 @@ def _run_cli(config: Path, cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_callback_without_settings_uses_the_strategys_and_a_clash_fails(tmp_path):
     done = _run_cli(_cli_config(tmp_path, {}), tmp_path)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "Tip:" not in done.stdout + done.stderr and "LeafSpec" not in done.stdout + done.stderr  # no banners
+    assert "Device map:" in done.stdout + done.stderr
     written = json.loads((tmp_path / "runs" / "device_map.json").read_text())
     assert written["max_memory"] == {"cpu": 150_000}  # the strategy's budget from the YAML
     assert "disk" in written["device_map"].values()

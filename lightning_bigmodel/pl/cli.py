@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_bigmodel.integrations.quantization.spec import Quantization
 from lightning_bigmodel.planning.device_map import Policy
+from lightning_bigmodel.pl._quiet import quiet_banners
 
 _USAGE = """usage: lightning-bigmodel {predict,plan} [-h] ...
 
@@ -98,7 +99,7 @@ def _plan_parser() -> ArgumentParser:
         "--quantization", type=Optional[Quantization], default=None, help="Plan nn.Linear weights quantized to this."
     )
     parser.add_argument(
-        "--quantization_skip_modules", type=Optional[list[str]], default=None, help='Keep these unquantized (["lm_head"]).'
+        "--quantization_skip_modules", type=Optional[list[str]], default=None, help='Unquantized modules (["lm_head"]).'
     )
     parser.add_argument(
         "--input_shape", "--input-shape", type=Optional[str], default=None,
@@ -175,9 +176,52 @@ def predict(argv: Optional[list[str]] = None) -> BigModelCLI:
     return BigModelCLI(args=["predict", *(argv or [])])
 
 
+def _raised_on_purpose(err: BaseException) -> bool:
+    """Whether ``err`` is this package's own report of a bad input, not a bug or a failure elsewhere.
+
+    Our error types (``CheckpointError``, ``OffloadFolderError``, ``PredictionFolderError``, ...) always are; a
+    ``ValueError``, ``RuntimeError`` or Lightning ``MisconfigurationException`` is when it was raised in our code.
+    """
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    if type(err).__module__.startswith(_PACKAGE):
+        return True
+    if not isinstance(err, (ValueError, RuntimeError, MisconfigurationException)):
+        return False
+    frame = err.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and str(frame.tb_frame.f_globals.get("__name__", "")).startswith(_PACKAGE)
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    """Take ``--debug`` out of ``argv``; also on when ``LIGHTNING_BIGMODEL_DEBUG`` is set (to anything but 0/false)."""
+    flag = "--debug" in argv
+    argv[:] = [arg for arg in argv if arg != "--debug"]
+    return flag or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point of ``lightning-bigmodel`` and ``python -m lightning_bigmodel``."""
+    """Entry point of ``lightning-bigmodel`` and ``python -m lightning_bigmodel``.
+
+    A bad input this package detects (a checkpoint that is not found, a malformed size, a device map that misses a
+    module, ...) is printed as one line and exits with status 2; ``--debug`` (or ``LIGHTNING_BIGMODEL_DEBUG=1``)
+    shows the traceback instead. Any other exception keeps its traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    try:
+        _run(argv)
+    except Exception as err:
+        if debug or not _raised_on_purpose(err):
+            raise
+        message = str(err).strip() or type(err).__name__
+        sys.stderr.write(f"lightning-bigmodel: error: {message} (--debug shows the traceback)\n")
+        raise SystemExit(2) from None
+
+
+def _run(argv: list[str]) -> None:
+    quiet_banners()  # the job's output is the device table and the result, not other libraries' banners
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)  # class paths like examples.gpt.GPT resolve from here, as with `python -m`
