@@ -139,7 +139,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             label = method or "fp32"
             spec = {
                 "kind": "gpt" if name == "gpt2" else "minilm", "preset": "gpt2", "checkpoint": checkpoint,
-                "budget": int(nbytes * BUDGET[name]), "quantization": method, "threads": args.threads, "runs": runs[name],
+                "budget": int(nbytes * BUDGET[name]), "quantization": method, "threads": args.threads,
+                "runs": runs[name],
                 "offload_folder": str(cache / "offload-quant" / f"{name}-{label}"),
             }  # fmt: skip
             results[f"{name}-{label}"] = result = _run(spec, args.timeout)

@@ -143,7 +143,8 @@ def main(argv: list[str]) -> int:
     try:
         result = {"ok": True, **run_case(spec)}
     except BaseException as exc:  # noqa: BLE001 - reported, the run goes on
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:1500], "traceback": traceback.format_exc()[-2000:]}
+        error = f"{type(exc).__name__}: {exc}"[:1500]
+        result = {"ok": False, "error": error, "traceback": traceback.format_exc()[-2000:]}
     print(MARKER + json.dumps(result), flush=True)
     return 0
 

@@ -14,6 +14,7 @@ from lightning_bigmodel.checkpoint.loading import load_checkpoint_in_model
 from lightning_bigmodel.checkpoint.resolve import is_safetensors, resolve_checkpoint
 from lightning_bigmodel.integrations.quantization.spec import Quantization, quantized_weights, resolve_quantization
 from lightning_bigmodel.planning.device_map import POLICIES, execution_device, infer_device_map, normalize_device
+from lightning_bigmodel.planning.devices import as_execution_device
 from lightning_bigmodel.offload.attach import DispatchState, attach_hooks
 from lightning_bigmodel.offload.disk import OffloadFolder
 from lightning_bigmodel.offload.subclass import inner_tensors, is_wrapped, stored_nbytes
@@ -66,7 +67,7 @@ def dispatch_model(
     device_map = validate_device_map(model, device_map)
     _refuse_meta(model)
     normalized = {key: normalize_device(value) for key, value in device_map.items()}
-    main = torch.device(main_device) if main_device is not None else execution_device(normalized)
+    main = as_execution_device(main_device) if main_device is not None else execution_device(normalized)
     groups = tensor_groups(model)
     assign_targets(groups, normalized, main, offload_buffers)
     with restored_on_error(model):
@@ -164,8 +165,8 @@ def _refuse_spill_without_folder(
     shown = spilled if len(spilled) <= 8 else spilled[:8] + [f"... ({len(spilled) - 8} more)"]
     if any(device_map[owner_key(name, device_map)] == DISK for name in quantized):
         raise ValueError(
-            f"The budget `max_memory`={dict(max_memory) if max_memory else 'detected free memory'} is too small for the "
-            f"quantized model: `device_map={policy!r}` puts {shown} on \"disk\", and quantized weights are written "
+            f"The budget `max_memory`={dict(max_memory) if max_memory else 'detected free memory'} is too small for "
+            f"the quantized model: `device_map={policy!r}` puts {shown} on \"disk\", and quantized weights are written "
             "once to an offload folder. Pass `offload_folder=` (a folder with room for them), or raise the budget."
         )
     files = resolve_checkpoint(checkpoint).files

@@ -57,9 +57,13 @@ def torchao_int8(model: nn.Module) -> nn.Module:
     torchao_quantization.quantize_(
         quantized,
         torchao_quantization.Int8WeightOnlyConfig(),
-        filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and fqn.startswith("transformer.h."),
+        filter_fn=_is_block_linear,
     )
     return quantized
+
+
+def _is_block_linear(module: nn.Module, fqn: str) -> bool:
+    return isinstance(module, nn.Linear) and fqn.startswith("transformer.h.")
 
 
 def empty_gpt() -> GPT:
@@ -154,7 +158,7 @@ def test_offload_folder_is_reused_per_quantization_and_rebuilt_when_it_changes(t
     torchao_quantization.quantize_(
         reference,
         torchao_quantization.Int8WeightOnlyConfig(),
-        filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn.startswith("transformer.h.") and ".h.0." not in fqn + ".",
+        filter_fn=lambda m, fqn: _is_block_linear(m, fqn) and not fqn.startswith("transformer.h.0."),
     )
     assert torch.equal(skip_h0, logits(reference))
     manifest = json.loads((folder / disk.MANIFEST).read_text())["tensors"]
@@ -249,7 +253,8 @@ def test_already_quantized_checkpoint_is_refused_before_reading(tmp_path, how, n
         (folder / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "awq"}}))
     elif how == "gptq":
         weight = state.pop("transformer.h.0.mlp.c_fc.weight")
-        state["transformer.h.0.mlp.c_fc.qweight"] = torch.zeros(weight.shape[1] // 8, weight.shape[0], dtype=torch.int32)
+        packed = torch.zeros(weight.shape[1] // 8, weight.shape[0], dtype=torch.int32)
+        state["transformer.h.0.mlp.c_fc.qweight"] = packed
         state["transformer.h.0.mlp.c_fc.scales"] = torch.ones(1, weight.shape[0], dtype=torch.float16)
     else:
         state["transformer.h.0.mlp.c_fc.weight"] = state["transformer.h.0.mlp.c_fc.weight"].to(torch.int8)

@@ -241,7 +241,12 @@ class OffloadFolder:
 
     # ------------------------------------------------------------------ tensors
     def has(
-        self, name: str, shape: Sequence[int], dtype: torch.dtype, key: Optional[str] = None, form: Optional[dict] = None
+        self,
+        name: str,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        key: Optional[str] = None,
+        form: Optional[dict] = None,
     ) -> bool:
         """Whether a reusable file for ``name`` (read from source ``key``) with this shape and dtype is there; ``form``
         identifies a stored form written by :meth:`write_parts` (e.g. a quantization), ``None`` a plain tensor."""
@@ -256,7 +261,8 @@ class OffloadFolder:
 
     def write(self, name: str, tensor: torch.Tensor, key: Optional[str] = None) -> torch.Tensor:
         """Write ``tensor`` as ``name`` (from source ``key``, replacing any previous file); return its mapped view."""
-        self._write_file(name, {"tensor": tensor}, {"shape": list(tensor.shape), "dtype": str(tensor.dtype), "key": key})
+        entry = {"shape": list(tensor.shape), "dtype": str(tensor.dtype), "key": key}
+        self._write_file(name, {"tensor": tensor}, entry)
         return self.view(name)
 
     def write_parts(
