@@ -210,3 +210,42 @@ def test_pipelined_micro_batches_hand_each_gpu_over_with_an_event_on_reused_stre
             assert later == []  # nothing of micro-batch 1 ran there before the wait
         streams.append({(r.thread, r.device, r.stream) for r in workers if r.kind in ("record_event", "wait_event")})
     assert streams[0] == streams[1] and all(stream != 0 for _, _, stream in streams[0])  # no new streams per call
+
+
+# ---------------------------------------------------------------------------------------------- finding 9
+@pytest.mark.parametrize(("value", "index"), [("cuda", 0), (0, 0), ("cuda:1", 1), (torch.device("cuda"), 0)])
+def test_main_device_is_always_indexed(value, index):
+    from lightning_bigmodel._accelerator import gpu
+    from lightning_bigmodel.planning.devices import as_execution_device
+
+    assert as_execution_device(value) == gpu(index) and as_execution_device(value).index == index
+    assert as_execution_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="`main_device`='disk' cannot compute"):
+        as_execution_device("disk")
+
+
+def test_unindexed_main_device_moves_no_resident_buffer(tmp_path):
+    from lightning_bigmodel import dispatch_model, remove_dispatch
+    from lightning_bigmodel.offload.placement import main_device_of
+    from lightning_bigmodel.simulate import simulated_gpus
+    from models import BufferNet, example_input, make_reference
+
+    x = example_input(BufferNet)
+    reference = make_reference(BufferNet)
+    with torch.no_grad():
+        reference(x)
+        expected = reference(x)  # the second call: a forward updates buffers (the dispatched model writes them back)
+    with simulated_gpus(1) as gpus, torch.no_grad():
+        model = make_reference(BufferNet)
+        dispatch_model(model, {"a": "cpu", "mid": 0, "b": 0}, main_device="cuda")  # `a` computes on GPU 0
+        assert main_device_of(model) == torch.device("simgpu", 0)
+        assert model.a.offset.device == torch.device("simgpu", 0)  # its buffers live where it computes
+        model(x)  # learns the prefetch order
+        gpus.clear_log()
+        out = model(x)
+        log = gpus.log
+        remove_dispatch(model)
+    torch.testing.assert_close(out, expected)
+    # only the CPU weights of `a` come in; with an unindexed "cuda" its GPU-resident buffers were copied GPU to GPU
+    # and written back on every forward
+    assert not any(r.kind == "copy" and r.detail.startswith("d2d") for r in log)

@@ -53,6 +53,22 @@ def normalize_device(value: Union[Device, torch.device]) -> Device:
     raise ValueError(f"Device {value!r} is not a device; use {_ACCEPTED}.")
 
 
+def as_execution_device(value: Union[Device, torch.device]) -> torch.device:
+    """A ``main_device`` as a user passes it, as an indexed ``torch.device``: ``0``, ``"cuda"`` and ``"cuda:0"`` are GPU 0
+    (as in device maps), ``1`` or ``"cuda:1"`` GPU 1 (on the available accelerator), ``"cpu"`` the CPU.
+
+    The index matters: ``torch.device("cuda") != torch.device("cuda", 0)``, so an unindexed execution device makes every
+    tensor already on GPU 0 look misplaced (copied in and written back on every forward).
+
+    Raises:
+        ValueError: for ``"disk"`` and anything :func:`normalize_device` refuses, naming the value.
+    """
+    device = normalize_device(value)
+    if device == "disk":
+        raise ValueError(f"`main_device`={value!r} cannot compute; pass a GPU index, 'cuda:N' or 'cpu'.")
+    return torch.device("cpu") if device == "cpu" else gpu(device)
+
+
 def execution_device(device_map: Mapping[str, Device]) -> torch.device:
     """Where offloaded ("cpu"/"disk") modules compute: the lowest GPU in the map, else CPU."""
     gpus = [device for device in map(normalize_device, device_map.values()) if isinstance(device, int)]
