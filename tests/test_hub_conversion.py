@@ -232,3 +232,16 @@ def test_converted_prefix_of_a_wrapped_network(mixtral, vit):
     wrapper.other = meta_model(vit)
     assert hub.infer_converted_prefix(wrapper, keys) == "net."  # the ViT takes none of them
     assert hub.infer_converted_prefix(nn.Linear(2, 2), keys) is None
+
+
+def test_quantization_applies_to_converted_checkpoints(mixtral, tmp_path):
+    pytest.importorskip("torchao")
+    model = meta_model(mixtral)
+    load_checkpoint_and_dispatch(model, mixtral.folder, device_map={"": "cpu", "model.layers.1": "disk"},
+                                 offload_folder=tmp_path, quantization="int8")  # fmt: skip
+    assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"  # a renamed Linear weight
+    assert model.get_parameter(GATE_UP).dtype == torch.float32  # fused experts are no nn.Linear: kept as they are
+    inputs = mixtral.inputs()
+    with torch.no_grad():
+        expected, actual = outputs_of(mixtral.reference(**inputs)), outputs_of(model(**inputs))
+    assert ((actual - expected).norm() / expected.norm()).item() < 0.02

@@ -65,6 +65,13 @@ def load_checkpoint_in_model(
     ``"disk"`` parameters are memory-mapped views: of the checkpoint itself when it is safetensors and no cast is
     needed, else of files written once into ``offload_folder``.
 
+    When ``model`` (or the submodule ``key_prefix`` names) is a transformers ``PreTrainedModel``, the checkpoint is
+    read through transformers' own conversion rules for its class, as ``from_pretrained`` does: renamed keys cost
+    nothing (same zero-copy views), and a tensor built from several checkpoint tensors (fused MoE experts) is made
+    from its sources only, then placed like any other (written once to ``offload_folder`` when it goes to disk). A
+    checkpoint leaving model parameters without weights while some of its tensors fit nothing raises ``ValueError``
+    before anything is placed (another class or revision). See :mod:`lightning_bigmodel.integrations.transformers`.
+
     Args:
         model: the model, usually built under ``init_empty_weights`` (meta parameters).
         checkpoint: a file, folder, index JSON or Hub repo id.
