@@ -361,3 +361,30 @@ def test_quantization_without_a_checkpoint_is_refused(tmp_path, monkeypatch):
     strategy = BigModelInferenceStrategy(device_map={"model": "cpu"}, quantization="int8")
     with pytest.raises(ValueError, match=r"quantizes weights while a checkpoint streams in, but no checkpoint"):
         bigmodel_trainer(strategy).predict(PlainGPTModule(), token_loader())
+
+
+def test_int8_on_simulated_gpus_with_cpu_and_disk_offload(tmp_path):
+    """GPU paths on the CPU: int8 weights resident on two simulated GPUs, CPU-offloaded ones copied in as int8 by the
+    hooks (then by the prefetcher), disk ones staged part by part; outputs equal torchao's on the plain model."""
+    from lightning_bigmodel.simulate import simulated_gpus
+
+    plain = plain_gpt()
+    ckpt = _write(tmp_path / "ckpt", plain, safe=True)
+    device_map = {
+        "transformer.wte": 0, "transformer.wpe": 0, "transformer.h.0": 0, "transformer.h.1": 1,
+        "transformer.h.2": "cpu", "transformer.h.3": "disk", "transformer.ln_f": 1, "lm_head": 0,
+    }  # fmt: skip
+    x = tokens()
+    expected = logits(torchao_int8(plain), x)
+    with simulated_gpus(2) as sim:
+        model = load_checkpoint_and_dispatch(
+            empty_gpt(), ckpt, device_map, offload_folder=tmp_path / "offload", quantization="int8"
+        )
+        resident = model.transformer.h[1].mlp.c_fc.weight
+        assert type(resident).__name__ == "Int8Tensor" and resident.qdata.device == sim.devices[1]
+        on_gpu_1 = [*model.transformer.h[1].parameters(), *model.transformer.h[1].buffers(),
+                    *model.transformer.ln_f.parameters()]  # fmt: skip
+        assert sim.memory_allocated(1) == sum(stored_nbytes(t) for t in on_gpu_1)  # int8 bytes on the GPU
+        first, second = logits(model, x), logits(model, x)  # the second forward is prefetched
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert type(model.transformer.h[2].attn.c_attn.weight).__name__ == "Int8Tensor"  # back on the host, still int8

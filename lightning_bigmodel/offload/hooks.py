@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_bigmodel._accelerator import is_gpu
-from lightning_bigmodel.offload.subclass import is_pinned
+from lightning_bigmodel.offload.subclass import copy_to, is_pinned
 
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -94,7 +94,7 @@ class WeightHook:
 
     def fetch(self, index: int) -> torch.Tensor:
         host = self.entries[index].host
-        return host.to(self.device, non_blocking=is_pinned(host), copy=True)
+        return copy_to(host, self.device, non_blocking=is_pinned(host))
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict):
         ready = self.prefetcher.take(self) if self.prefetcher is not None else None

@@ -32,7 +32,7 @@ from lightning_bigmodel import _accelerator as accel
 from lightning_bigmodel._modes import capture_modes
 from lightning_bigmodel.offload.pages import populate, release
 from lightning_bigmodel.offload.placement import is_disk
-from lightning_bigmodel.offload.subclass import is_pinned, is_wrapped, map_inner
+from lightning_bigmodel.offload.subclass import copy_to, is_pinned, is_wrapped, map_inner, plain_parts
 
 
 def _stage(host: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,8 @@ class Prefetcher:
         stream = accel.current_stream(hook.device)
         stream.wait_event(event)
         for copy in copies.values():
-            copy.record_stream(stream)
+            for part in plain_parts(copy):  # a quantized weight: its inner tensors are what the allocator tracks
+                part.record_stream(stream)
         return copies
 
     def _side_stream(self, device: torch.device) -> torch.Stream:
@@ -154,7 +155,7 @@ class Prefetcher:
                 # tied weight resident there) are copied directly: GPU to GPU, not through RAM.
                 pageable = host.device.type == "cpu" and not is_pinned(host)
                 source = _stage(host) if pageable else host
-                copies[index] = source.to(hook.device, non_blocking=True, copy=True)
+                copies[index] = copy_to(source, hook.device, non_blocking=True)
             event = accel.new_event(hook.device)
             event.record(stream)
         return copies, event

@@ -15,7 +15,8 @@ import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 __all__ = [
-    "decode_context", "encode_context", "inner_tensors", "is_pinned", "is_wrapped", "map_inner", "stored_nbytes",
+    "copy_to", "decode_context", "encode_context", "inner_tensors", "is_pinned", "is_wrapped", "map_inner",
+    "plain_parts", "stored_nbytes",
 ]
 
 
@@ -46,6 +47,20 @@ def is_pinned(tensor: torch.Tensor) -> bool:
     if is_wrapped(tensor):
         return all(is_pinned(part) for part in inner_tensors(tensor)[0].values())
     return tensor.is_pinned()
+
+
+def plain_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``tensor``'s data: itself, or a wrapper subclass's inner tensors (for calls such as
+    ``record_stream`` that a subclass may not implement)."""
+    return list(inner_tensors(tensor)[0].values()) if is_wrapped(tensor) else [tensor]
+
+
+def copy_to(tensor: torch.Tensor, device: torch.device, non_blocking: bool = False) -> torch.Tensor:
+    """A copy of ``tensor`` on ``device``; a wrapper subclass is copied part by part (torchao's own ``.to`` accepts no
+    ``non_blocking``), keeping its class."""
+    if is_wrapped(tensor):
+        return map_inner(tensor, lambda part: copy_to(part, device, non_blocking))
+    return tensor.to(device, non_blocking=non_blocking, copy=True)
 
 
 def stored_nbytes(tensor: torch.Tensor) -> int:
