@@ -189,34 +189,29 @@ def predict_fn(x: torch.Tensor) -> dict:
     return {"y": x * 2 + 1, "norm": x.norm(dim=1)}
 
 
-@pytest.mark.parametrize("num_samples", [11, 12, 3])
+@pytest.mark.parametrize("num_samples", [11, 12, 4])
 def test_data_share_exactly_once_and_order_restored(monkeypatch, fake_gpus, num_samples):
-    """Each rank's predict loader (built by Lightning from `distributed_sampler_kwargs`) and the gather."""
+    """Each rank's predict loader (built by Lightning from `distributed_sampler_kwargs`) and the gather. Fewer samples
+    than replicas is refused before loading: see `test_replicas_integration.py` (two real processes)."""
     data = torch.randn(num_samples, 3, generator=torch.Generator().manual_seed(0))
     batch_size, seen, parts = 2, [], []
     for rank in range(WORLD):
         simulate(monkeypatch, "torchrun", rank)
         trainer = gpu_trainer(ReplicatedBigModelStrategy(devices_per_replica=K))
         loader = DataLoader(TensorDataset(data), batch_size=batch_size)
-        if rank >= num_samples:  # Lightning's unrepeated sampler wants one sample per rank at least
-            with pytest.raises(AssertionError):
-                trainer._data_connector._prepare_dataloader(loader, shuffle=False, mode=RunningStage.PREDICTING)
-            continue
         loader = trainer._data_connector._prepare_dataloader(loader, shuffle=False, mode=RunningStage.PREDICTING)
         batches = [predict_fn(x) for (x,) in loader]
         indices = loader.batch_sampler.seen_batch_indices
         seen.append([i for batch in indices for i in batch])
-        parts.extend(zip(indices, batches))
-    if num_samples < WORLD:
-        return
+        parts.extend(zip(indices, batches, strict=True))
     flat = sorted(i for rank_indices in seen for i in rank_indices)
     assert flat == list(range(num_samples))  # every sample exactly once, no padding
     assert all(len(s) in (num_samples // WORLD, num_samples // WORLD + 1) for s in seen)
 
     expected = [predict_fn(x) for (x,) in DataLoader(TensorDataset(data), batch_size=batch_size)]
     got = rebatch(merge_by_index(parts), batch_size)
-    assert len(got) == len(expected)
-    for g, e in zip(got, expected):
+    assert len(got) == len(expected) == -(-num_samples // batch_size)
+    for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)
 
 

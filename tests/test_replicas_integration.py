@@ -15,8 +15,12 @@ import torch
 import torch.distributed as dist
 
 from lightning_models import plain_gpt, reference_outputs, tokens, write_bare_checkpoint
+from replica_cases_job import LOADERS, WRITER_BATCH, WRITER_SAMPLES
+
+from lightning_bigmodel.pl.writers import read_predictions
 
 JOB = Path(__file__).resolve().parent / "replica_job.py"
+CASES_JOB = Path(__file__).resolve().parent / "replica_cases_job.py"
 NUM_SAMPLES, BATCH_SIZE = 7, 2  # uneven: 4 samples on rank 0, 3 on rank 1, no padding
 
 pytestmark = pytest.mark.skipif(
@@ -41,12 +45,18 @@ def run_job(tmp_path: Path, launcher: str, *extra: str) -> Path:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *args]
     else:
         cmd = [sys.executable, *args]  # Trainer(devices=2) re-launches this script for local rank 1
+    communicate(cmd, tmp_path)
+    return out
+
+
+def communicate(cmd: list[str], cwd: Path) -> str:
+    """Run ``cmd`` in its own session (a clean distributed environment); fail the test if it hangs or fails."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_"))}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # fmt: skip
     try:
-        output, _ = proc.communicate(timeout=90)
+        output, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGTERM)  # the job's own session; torchrun passes SIGTERM to its workers
         try:
@@ -57,7 +67,7 @@ def run_job(tmp_path: Path, launcher: str, *extra: str) -> Path:
                 output, _ = proc.communicate()
         pytest.fail(f"the replica job hung:\n{output[-4000:]}")
     assert proc.returncode == 0, output[-4000:]
-    return out
+    return output
 
 
 @pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
@@ -102,18 +112,81 @@ def test_two_gpu_replicas_each_on_its_own_gpu(tmp_path):
         torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
 
 
-def test_fewer_samples_than_replicas_fails_clearly_on_every_rank_before_loading(tmp_path):
+
+
+@pytest.fixture(scope="module")
+def replica_cases(tmp_path_factory) -> list[dict]:
+    """One torchrun pair runs every case of ``replica_cases_job.py``; returns each rank's report."""
+    tmp_path = tmp_path_factory.mktemp("replica_cases")
     checkpoint = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt(), safe=False)
     out = tmp_path / "out"
     out.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_"))}
-    env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(JOB), str(checkpoint), str(out), "--num-samples", "1"]  # fmt: skip
-    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    output = done.stdout + done.stderr
-    assert done.returncode != 0
-    message = "Predict dataloader 0 has 1 sample(s) for 2 replicas"
-    assert output.count(message) >= 2, output[-4000:]  # both ranks refuse alike: no rank waits for the other
-    assert "AssertionError" not in output
-    assert [p for p in out.rglob("*") if p.is_file()] == []  # refused before planning: no offload file, no output
+           str(CASES_JOB), str(checkpoint), str(out)]  # fmt: skip
+    communicate(cmd, tmp_path)
+    reports = [torch.load(out / f"rank-{rank}.pt", weights_only=False) for rank in range(2)]
+    for report in reports:
+        report["out"] = out
+    return reports
+
+
+def _expected(loader: int) -> list[torch.Tensor]:
+    """The plainly loaded model's outputs for dataloader ``loader`` of the cases job, one tensor per batch."""
+    n, t, batch_size = LOADERS[loader]
+    return reference_outputs(tokens(n=n, t=t, seed=loader + 1), batch_size=batch_size)
+
+
+def _assert_close_all(got: list, want: list) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gather", ["batches", "samples"])
+def test_two_replicas_gather_two_dataloaders_on_rank_0(replica_cases, gather):
+    rank0, rank1 = (report[gather] for report in replica_cases)
+    for loader in range(2):
+        seen = rank0["seen"][loader] + rank1["seen"][loader]
+        assert sorted(seen) == list(range(LOADERS[loader][0])) and rank1["seen"][loader]  # both ranks took a share
+        expected = _expected(loader)
+        if gather == "samples":
+            expected = [row for batch in expected for row in batch]
+        _assert_close_all(rank0["returned"][loader], expected)
+        assert rank1["returned"][loader] == []
+
+
+def test_two_replicas_gather_none_keep_their_own_share(replica_cases):
+    for loader in range(2):
+        samples = [row for batch in _expected(loader) for row in batch]
+        by_index = {}
+        for report in replica_cases:
+            case = report["none"]
+            mine = torch.cat(case["returned"][loader]) if case["returned"][loader] else torch.zeros(0)
+            assert len(mine) == len(case["seen"][loader]) > 0
+            for index, row in zip(case["seen"][loader], mine):
+                assert index not in by_index, f"sample {index} predicted twice"
+                by_index[index] = row
+        _assert_close_all([by_index[i] for i in range(len(samples))], samples)
+
+
+def test_resumable_writer_with_gather_none_resumes_exactly_once(replica_cases):
+    crash = [report["writer-crash"] for report in replica_cases]
+    resume = [report["writer-resume"] for report in replica_cases]
+    assert all(case["returned"] == "RuntimeError: simulated failure" for case in crash)
+    assert [case["computed"] for case in crash] == [WRITER_BATCH, WRITER_BATCH]  # one batch each before the failure
+    assert all(case["returned"] is None for case in resume)
+    assert sum(case["computed"] for case in resume) == WRITER_SAMPLES - 2 * WRITER_BATCH  # only what was missing
+    done_first = set(range(2 * WRITER_BATCH))
+    assert not done_first & {i for case in resume for i in case["seen"][0]}  # the sampler skipped written samples
+    predictions = read_predictions(replica_cases[0]["out"] / "preds")
+    expected = reference_outputs(tokens(n=WRITER_SAMPLES, t=4, seed=3), batch_size=WRITER_SAMPLES)[0]
+    torch.testing.assert_close(predictions, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fewer_samples_than_replicas_fails_clearly_on_every_rank_before_loading(replica_cases):
+    message = "ValueError: Predict dataloader 0 has 1 sample(s) for 2 replicas"
+    for report in replica_cases:  # both ranks refuse alike: no rank waits for the other
+        case = report["one-sample"]
+        assert case["returned"].startswith(message) and case["computed"] == 0, case["returned"]
+    one_sample = replica_cases[0]["out"] / "one-sample"
+    assert [p for p in one_sample.rglob("*") if p.is_file()] == []  # refused before planning: no offload file
