@@ -58,6 +58,9 @@ def resolve_quantization(
 ) -> Optional[QuantizationSpec]:
     """Check ``quantization`` (and ``skip_modules``) and return the spec, or ``None`` when none is asked.
 
+    ``skip_modules=None`` keeps the default ``["lm_head"]``; a list given replaces it (``[]`` quantizes the LM head
+    too). An entry matches a module whose dotted name is it, contains it as whole parts, or lies under such a module.
+
     Raises:
         ValueError: an unknown name, a skip list that is not a list of names, or a skip list without a quantization.
     """
