@@ -451,8 +451,10 @@ def test_offload_buffers_reaches_the_plan(tmp_path, bare_ckpt):
         skeleton.configure_model()
     plans = {}
     for offload_buffers in (False, True):
-        strategy = BigModelInferenceStrategy(max_memory=budget, no_split_module_classes=["Block"],
-                                             offload_buffers=offload_buffers, offload_folder=tmp_path / "off")  # fmt: skip
+        strategy = BigModelInferenceStrategy(
+            max_memory=budget, no_split_module_classes=["Block"], offload_buffers=offload_buffers,
+            offload_folder=tmp_path / "off",
+        )  # fmt: skip
         outputs = bigmodel_trainer(strategy).predict(GPTModule(), token_loader(), ckpt_path=str(bare_ckpt))
         assert_same(outputs, reference_outputs())
         expected = infer_device_map(skeleton, budget, ["Block"], offload_buffers=offload_buffers)
@@ -488,7 +490,8 @@ def test_validate_and_test_match_stock_lightning(tmp_path, bare_ckpt, stage):
     key = "val_loss" if stage == "validate" else "test_loss"
     with torch.no_grad():  # and by hand, batch by batch (equal batch sizes: the mean of the means)
         model, data = plain_gpt(), tokens()
-        losses = [nn.functional.cross_entropy(model(c[:, :-1]).flatten(0, 1), c[:, 1:].flatten()) for c in data.split(3)]
+        loss = nn.functional.cross_entropy
+        losses = [loss(model(c[:, :-1]).flatten(0, 1), c[:, 1:].flatten()) for c in data.split(3)]
     assert set(got) == {key} and got[key] == pytest.approx(want[key], abs=1e-6)
     assert got[key] == pytest.approx(float(torch.stack(losses).mean()), abs=1e-5)
     assert strategy.plan == CPU_DISK_MAP
