@@ -110,10 +110,12 @@ def load_ours(spec: dict[str, Any]) -> torch.nn.Module:
     ).eval()
 
 
+# What each loader imports, measured apart from the load (the user pays both: see `paid_*` figures). Ours names the
+# modules behind its lazy package exports, so the import is not hidden inside the timed load.
 _IMPORTS = {
     "plain": ["safetensors.torch"],
     "accelerate": ["safetensors.torch", "accelerate"],
-    "ours": ["safetensors.torch", "lightning_bigmodel"],
+    "ours": ["safetensors.torch", "lightning_bigmodel", "lightning_bigmodel.init", "lightning_bigmodel.dispatch"],
 }
 LOADERS: dict[str, Callable[[dict[str, Any]], torch.nn.Module]] = {
     "plain": load_plain,
@@ -149,8 +151,12 @@ def run_load_case(spec: dict[str, Any], result: dict[str, Any]) -> None:
     device = "cuda" if spec["map"] in GPU_MAPS else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     inputs = {k: v.to(device) for k, v in make_inputs(GPTConfig.preset(spec["size"])).items()}
+    result["stage"] = "import"
+    before, start = read_status().get("RssAnon", 0), time.perf_counter()
     for name in _IMPORTS[spec["lib"]]:
-        importlib.import_module(name)  # imports are not part of the load
+        importlib.import_module(name)  # timed apart from the load
+    result["import_s"] = time.perf_counter() - start
+    result["import_anon_growth"] = read_status().get("RssAnon", 0) - before
     gc.collect()
     result["stage"] = "load"
     sampler = MemorySampler().start()
@@ -159,6 +165,9 @@ def run_load_case(spec: dict[str, Any], result: dict[str, Any]) -> None:
     sync()
     result["load_s"] = time.perf_counter() - start
     result.update(sampler.stop())
+    # as a user pays them: the library's import counted (its anonymous memory stays for the whole run)
+    result["paid_load_s"] = result["import_s"] + result["load_s"]
+    result["paid_peak_anon_growth"] = result["import_anon_growth"] + result.get("peak_anon_growth", 0)
     result["stage"] = "first output"
     with torch.inference_mode():
         outputs = {"decode": model(inputs["decode"]).float().cpu()}
