@@ -118,9 +118,15 @@ def test_core_api_end_to_end_never_imports_lightning(tmp_path):
         f"""
         import sys
         import torch
-        import lightning_bigmodel as lbm
         from torch import nn
+
+        def anon():
+            with open("/proc/self/status") as status:
+                return next((int(l.split()[1]) * 1024 for l in status if l.startswith("RssAnon")), 0)
+
         model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        before = anon()
+        import lightning_bigmodel as lbm
         lbm.save_sharded_checkpoint(model, {str(tmp_path)!r}, max_shard_size=300)
         with lbm.init_empty_weights():
             empty = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -128,6 +134,8 @@ def test_core_api_end_to_end_never_imports_lightning(tmp_path):
                                          offload_folder={str(tmp_path / "off")!r})
         x = torch.randn(3, 8)
         assert torch.equal(empty(x), model(x))
+        grown = anon() - before
+        assert grown <= 10 * 2**20, f"import + load grew anonymous memory by {{grown / 2**20:.1f}} MiB"
         print(sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning", "lightning_fabric")))
         """
     )
