@@ -19,6 +19,7 @@ from lightning_bigmodel.offload.attach import DispatchState, attach_hooks
 from lightning_bigmodel.offload.disk import OffloadFolder
 from lightning_bigmodel.offload.subclass import inner_tensors, is_wrapped, stored_nbytes
 from lightning_bigmodel.offload.placement import (
+    SavedSlots,
     restored_on_error,
     DISK,
     DISPATCH_STATE,
@@ -70,8 +71,8 @@ def dispatch_model(
     main = as_execution_device(main_device) if main_device is not None else execution_device(normalized)
     groups = tensor_groups(model)
     assign_targets(groups, normalized, main, offload_buffers)
-    with restored_on_error(model):
-        _place(groups, pin_host(main), offload_folder)
+    with restored_on_error(model) as saved:
+        _place(groups, pin_host(main), offload_folder, saved)
         state = attach_hooks(model, groups, normalized, main)
     model.hf_device_map = dict(device_map)
     object.__setattr__(model, DISPATCH_STATE, state)
@@ -199,8 +200,13 @@ def _refuse_meta(model: nn.Module) -> None:
         )
 
 
-def _place(groups: list[TensorGroup], pin: bool, offload_folder: Optional[Union[str, Path]]) -> None:
-    """Move every tensor not yet at its target; write ``"disk"`` ones that are not file-backed into the folder."""
+def _place(
+    groups: list[TensorGroup], pin: Optional[torch.device], offload_folder: Optional[Union[str, Path]], saved: SavedSlots
+) -> None:
+    """Move every tensor not yet at its target; write ``"disk"`` ones that are not file-backed into the folder.
+
+    A RAM tensor that gets a pinned copy is dropped from ``saved`` (the copy takes its place in a restore), so the
+    original is freed at once: the model is never held twice in RAM."""
     to_write = [g for g in groups if g.target == DISK and not is_disk(g.tensor)]
     if to_write and offload_folder is None:
         modules = sorted({g.name.rpartition(".")[0] or "<root>" for g in to_write})
@@ -216,7 +222,11 @@ def _place(groups: list[TensorGroup], pin: bool, offload_folder: Optional[Union[
             target = group.target
             if target == DISK or is_at(group.tensor, target, pin):
                 continue
-            install(group, to_host(group.tensor, pin) if target.type == "cpu" else group.tensor.to(target))
+            old = group.tensor
+            new = install(group, to_host(old, pin) if target.type == "cpu" else old.to(target))
+            if target.type == "cpu" and old.device.type == "cpu":
+                saved.replace(old, new)
+            del old, new
         for group in to_write:
             install(group, mark_disk(_write(store, group)))
 

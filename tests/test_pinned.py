@@ -71,3 +71,39 @@ def test_off_cuda_falls_back_to_torch(monkeypatch):
     monkeypatch.setattr(pinned, "_carve", lambda *a: calls.append(a))
     plain = pinned.pinned_empty((2, 3), torch.float32, torch.device("cpu"))  # a CPU execution device: no pinning
     assert plain.shape == (2, 3) and not plain.is_pinned() and calls == []
+
+
+def test_dispatching_a_model_in_ram_pins_it_without_holding_it_twice_and_release_gives_it_back(registrar, monkeypatch):
+    import weakref
+
+    import lightning_bigmodel.dispatch as dispatch
+    from lightning_bigmodel import dispatch_model
+    from lightning_bigmodel.pl.loader import release
+    from lightning_bigmodel.simulate import simulated_gpus
+    from models import UntiedMLP, example_input, make_reference
+
+    x = example_input(UntiedMLP)
+    with torch.no_grad():
+        expected = make_reference(UntiedMLP)(x)
+    originals, alive_at_copy = [], []
+    real_to_host = dispatch.to_host
+
+    def to_host(tensor, pin):  # counts the originals still alive each time one more is copied
+        alive_at_copy.append(sum(ref() is not None for ref in originals))
+        originals.append(weakref.ref(tensor))
+        return real_to_host(tensor, pin)
+
+    monkeypatch.setattr(dispatch, "to_host", to_host)
+    before = pinned.pinned_bytes()
+    with simulated_gpus(1), torch.no_grad():
+        model = make_reference(UntiedMLP)
+        host = {"blocks", "out"}
+        nbytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n.split(".")[0] in host)
+        dispatch_model(model, {"inp": 0, "blocks": "cpu", "out": "cpu"})
+        assert len(originals) == sum(1 for n, _ in model.named_parameters() if n.split(".")[0] in host)
+        assert alive_at_copy == [0] * len(originals)  # each original was freed once its pinned copy was in place
+        assert pinned.pinned_bytes() - before == pinned.SLAB >= nbytes  # small tensors: one shared slab
+        torch.testing.assert_close(model(x), expected)
+        release(model)
+    gc.collect()
+    assert pinned.pinned_bytes() == before and registrar["live"] == {}  # unregistered and unmapped

@@ -135,3 +135,14 @@ def close_shared_slabs() -> None:
     """Stop filling the current shared slabs: each is then freed with the last tensor in it (call after a release)."""
     with _lock:
         _filling.clear()
+
+
+def give_back_host_memory() -> None:
+    """After a release: stop filling the shared slabs (each is unmapped with its last tensor) and return the pinned
+    blocks torch's caching host allocator keeps (disk-read staging of the prefetcher) to the OS. Never initialises
+    CUDA."""
+    close_shared_slabs()
+    empty = getattr(torch._C, "_host_emptyCache", None)  # CUDA builds (`torch.accelerator.empty_host_cache` asks
+    if empty is not None and torch.cuda.is_available() and torch.cuda.is_initialized():  # whichever is current)
+        torch.cuda.synchronize()  # cached blocks still read by a copy are not given back before it ends
+        empty()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_bigmodel._accelerator import can_pin, gpu
+from lightning_bigmodel.offload.pinned import pinned_copy
 from lightning_bigmodel.offload.subclass import is_pinned, is_wrapped, map_inner
 from lightning_bigmodel.planning.device_map import CheckedDeviceMap, checked_device_map, normalize_device
 
@@ -138,9 +139,11 @@ def main_device_of(model: nn.Module) -> Optional[torch.device]:
     return None
 
 
-def pin_host(main_device: torch.device) -> bool:
-    """Whether host copies should be pinned: they feed a GPU whose accelerator supports pinned memory."""
-    return can_pin(main_device)
+def pin_host(main_device: torch.device) -> Optional[torch.device]:
+    """The GPU host copies feed when they should be pinned (its accelerator supports pinned memory), else ``None``.
+
+    Pass the result as ``pin`` to :func:`is_at` and :func:`to_host` (only its truth matters to the first)."""
+    return main_device if can_pin(main_device) else None
 
 
 def mark_disk(tensor: torch.Tensor) -> torch.Tensor:
@@ -153,7 +156,7 @@ def is_disk(tensor: torch.Tensor) -> bool:
     return bool(getattr(tensor, _DISK_FLAG, False))
 
 
-def is_at(tensor: torch.Tensor, target: Target, pin: bool) -> bool:
+def is_at(tensor: torch.Tensor, target: Target, pin: Union[bool, torch.device, None]) -> bool:
     """Whether ``tensor`` already sits at ``target`` (RAM tensors must also be pinned when ``pin``)."""
     if target == DISK:
         return is_disk(tensor)
@@ -164,18 +167,21 @@ def is_at(tensor: torch.Tensor, target: Target, pin: bool) -> bool:
     return True
 
 
-def to_host(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+def to_host(tensor: torch.Tensor, pin: Union[bool, torch.device, None]) -> torch.Tensor:
     """A RAM copy of ``tensor`` (pinned when ``pin``); a CPU tensor that is not file-backed is reused when possible.
 
-    A tensor subclass holding inner tensors (a quantized weight) is copied part by part and keeps its class.
+    ``pin`` is the GPU the copy feeds (from :func:`pin_host`): the copy is page-locked at its own size
+    (:mod:`~lightning_bigmodel.offload.pinned`, no power-of-two rounding, given back to the OS when freed). A tensor
+    subclass holding inner tensors (a quantized weight) is copied part by part and keeps its class.
     """
     if tensor.device.type == "cpu" and not is_disk(tensor) and (not pin or is_pinned(tensor)):
         return tensor
     if is_wrapped(tensor):
         return map_inner(tensor, lambda part: to_host(part, pin))
+    if isinstance(pin, torch.device):
+        return pinned_copy(tensor, pin)
     if pin:
-        out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        return out.copy_(tensor)
+        return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
     return tensor.to("cpu", copy=True)
 
 
@@ -195,18 +201,40 @@ def install(group: TensorGroup, tensor: torch.Tensor) -> torch.Tensor:
     return value
 
 
-@contextmanager
-def restored_on_error(model: nn.Module) -> Iterator[None]:
-    """Put every parameter and buffer slot of ``model`` back as it was if the body raises (no partial placement)."""
-    saved = [
-        (store, dict(store))
-        for module in model.modules()
-        for store in (module._parameters, module._buffers)
-    ]
-    try:
-        yield
-    except BaseException:
-        for store, before in saved:
+class SavedSlots:
+    """Every parameter and buffer slot of a model as it was (see :func:`restored_on_error`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stores = [
+            (store, dict(store))
+            for module in model.modules()
+            for store in (module._parameters, module._buffers)
+        ]
+        self._slots: dict[int, list[tuple[dict, str]]] = {}
+        for _, before in self.stores:
+            for key, value in before.items():
+                if value is not None:
+                    self._slots.setdefault(id(value), []).append((before, key))
+
+    def replace(self, old: torch.Tensor, new: torch.Tensor) -> None:
+        """``new`` holds ``old``'s values in the same place (a pinned copy of a RAM tensor): a restore puts ``new``
+        back instead, so ``old`` is not kept alive here. Dispatching a model already in RAM then frees each original
+        as soon as its pinned copy is installed, instead of holding the whole model twice."""
+        for before, key in self._slots.pop(id(old), []):
+            before[key] = new
+
+    def restore(self) -> None:
+        for store, before in self.stores:
             store.clear()
             store.update(before)
+
+
+@contextmanager
+def restored_on_error(model: nn.Module) -> Iterator[SavedSlots]:
+    """Put every parameter and buffer slot of ``model`` back as it was if the body raises (no partial placement)."""
+    saved = SavedSlots(model)
+    try:
+        yield saved
+    except BaseException:
+        saved.restore()
         raise

@@ -23,6 +23,8 @@ from lightning_bigmodel.dispatch import dispatch_model, remove_dispatch
 from lightning_bigmodel.pl.io import LazyStateDict, ShardedCheckpointIO
 from lightning_bigmodel.checkpoint.keys import infer_key_prefix
 from lightning_bigmodel.integrations.transformers import infer_converted_prefix
+from lightning_bigmodel.offload.pinned import give_back_host_memory
+from lightning_bigmodel.offload.subclass import is_pinned
 from lightning_bigmodel.offload.hooks import RootHook, map_tensors
 from lightning_bigmodel.offload.placement import (
     DISPATCH_STATE,
@@ -56,12 +58,15 @@ def release(model: nn.Module) -> None:
     """Remove the dispatch hooks of ``model`` and every dispatched submodule, and drop the weights.
 
     Parameters go back to meta (tied ones stay tied), which frees GPU memory and pinned RAM and drops the
-    memory-mapped disk views; buffers keep their values (non-persistent ones are in no checkpoint). Loading a
-    checkpoint again makes the model usable.
+    memory-mapped disk views; buffers keep their values (non-persistent ones are in no checkpoint), those in pinned
+    RAM moved to plain RAM. The page-locked memory is given back to the OS, not to a cache (see
+    :func:`~lightning_bigmodel.offload.pinned.give_back_host_memory`). Loading a checkpoint again makes the model
+    usable.
     """
     for _, module in dispatched_modules(model):
         remove_dispatch(module)
     replaced: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id -> (old, meta); `old` keeps the id unique
+    unpinned: dict[int, torch.Tensor] = {}
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is None or param.is_meta:
@@ -72,6 +77,11 @@ def release(model: nn.Module) -> None:
                 meta = nn.Parameter(empty, requires_grad=param.requires_grad)
                 replaced[id(param)] = (param, meta)
             module._parameters[name] = replaced[id(param)][1]
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device.type == "cpu" and is_pinned(buffer):
+                module._buffers[name] = unpinned.setdefault(id(buffer), buffer.to("cpu", copy=True))
+    replaced.clear()
+    give_back_host_memory()
 
 
 def dispatched_plan(model: nn.Module) -> dict[str, Union[int, str]]:

@@ -54,19 +54,25 @@ def normalize_device(value: Union[Device, torch.device]) -> Device:
 
 
 def as_execution_device(value: Union[Device, torch.device]) -> torch.device:
-    """A ``main_device`` as a user passes it, as an indexed ``torch.device``: ``0``, ``"cuda"`` and ``"cuda:0"`` are GPU 0
-    (as in device maps), ``1`` or ``"cuda:1"`` GPU 1 (on the available accelerator), ``"cpu"`` the CPU.
+    """A ``main_device`` as a user passes it, as a ``torch.device`` with an index for GPUs: ``0``, ``"cuda"`` and
+    ``"cuda:0"`` are GPU 0 (as in device maps), ``1`` or ``"cuda:1"`` GPU 1 (on the available accelerator); other
+    device types (``"cpu"``, ``"meta"``) are kept as they are.
 
     The index matters: ``torch.device("cuda") != torch.device("cuda", 0)``, so an unindexed execution device makes every
     tensor already on GPU 0 look misplaced (copied in and written back on every forward).
 
     Raises:
-        ValueError: for ``"disk"`` and anything :func:`normalize_device` refuses, naming the value.
+        ValueError: for a value that names no device (``"disk"`` included), naming it.
     """
-    device = normalize_device(value)
-    if device == "disk":
-        raise ValueError(f"`main_device`={value!r} cannot compute; pass a GPU index, 'cuda:N' or 'cpu'.")
-    return torch.device("cpu") if device == "cpu" else gpu(device)
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        return gpu(normalize_device(value))  # type: ignore[arg-type]
+    try:
+        device = torch.device(value.strip() if isinstance(value, str) else value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"`main_device`={value!r} is not a device that computes; pass a GPU index, 'cuda:N' or 'cpu'.")
+    if device.type == "cuda" or device.type == accelerator_type():
+        return gpu(0 if device.index is None else device.index)
+    return device
 
 
 def execution_device(device_map: Mapping[str, Device]) -> torch.device:
