@@ -18,6 +18,7 @@ from lightning_bigmodel.checkpoint.transform import TensorTransform, compute_dev
 from lightning_bigmodel.integrations.transformers import converted_source
 from lightning_bigmodel.planning.device_map import execution_device
 from lightning_bigmodel.offload.disk import OffloadFolder, source_identity
+from lightning_bigmodel.offload.pinned import pinned_empty
 from lightning_bigmodel.offload.placement import (
     DISK,
     TensorGroup,
@@ -264,7 +265,8 @@ def _cast_source(reader: CheckpointReader, key: str, dtype: torch.dtype) -> torc
     return _cpu_source(reader, key).to(dtype)
 
 
-def _load_group(group: TensorGroup, key: str, reader: CheckpointReader, dtype: torch.dtype, pin: bool, store) -> None:
+def _load_group(group: TensorGroup, key: str, reader: CheckpointReader, dtype: torch.dtype, pin, store) -> None:
+    """Read ``key`` into ``group``'s place; ``pin`` is the GPU pinned RAM copies feed (``pin_host``), or ``None``."""
     target, spec = group.target, reader.spec(key)
     if target == DISK:
         if _in_place(spec, dtype):
@@ -275,9 +277,12 @@ def _load_group(group: TensorGroup, key: str, reader: CheckpointReader, dtype: t
             tensor = store.write(group.name, _cpu_source(reader, key).to(dtype), key=key)
         tensor = mark_disk(tensor)
     elif is_gpu(target):
-        tensor = reader.read(key, target).to(dtype)
+        source = _cpu_source(reader, key)
+        if dtype.itemsize < source.element_size():  # narrow on the host: the GPU never holds the wider copy
+            source = source.to(dtype)
+        tensor = source.to(target, copy=True).to(dtype)
     elif pin:
-        tensor = torch.empty(spec.shape, dtype=dtype, pin_memory=True).copy_(_cpu_source(reader, key))
+        tensor = pinned_empty(spec.shape, dtype, pin).copy_(_cpu_source(reader, key))  # at its size, no rounding
     elif _in_place(spec, dtype):
         # CPU execution: a safetensors tensor needing no cast stays a copy-on-write view of the file. Loading touches
         # no page and holds no second copy; the first forward faults the weights in from the page cache.
