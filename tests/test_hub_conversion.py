@@ -245,3 +245,14 @@ def test_quantization_applies_to_converted_checkpoints(mixtral, tmp_path):
     with torch.no_grad():
         expected, actual = outputs_of(mixtral.reference(**inputs)), outputs_of(model(**inputs))
     assert ((actual - expected).norm() / expected.norm()).item() < 0.02
+
+
+@pytest.mark.parametrize("first", ["lightning_bigmodel.integrations.transformers",
+                                   "lightning_bigmodel.integrations.transformers.source"])  # fmt: skip
+def test_integration_imports_first_without_transformers(first):
+    import subprocess
+
+    code = (f"import sys, {first}, lightning_bigmodel.checkpoint.loading\n"
+            "assert 'transformers' not in sys.modules, 'transformers imported'")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -12,7 +12,9 @@ from typing import Optional, Sequence, Union
 
 from torch import nn
 
-from lightning_bigmodel.integrations.transformers.rules import INSTALL_HINT
+# Nothing of the package is imported here at module level: the loader imports this module, and the rules import the
+# checkpoint package (which imports the loader).
+INSTALL_HINT = 'pip install "lightning-bigmodel[transformers]"'
 
 __all__ = ["INSTALL_HINT", "converted_source", "hub_networks", "infer_converted_prefix", "is_transformers_model"]
 

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from lightning_bigmodel.checkpoint.reader import TensorSpec
-
-INSTALL_HINT = 'pip install "lightning-bigmodel[transformers]"'
+from lightning_bigmodel.integrations.transformers import INSTALL_HINT
 _SHOWN = 5
 
 
