@@ -9,7 +9,6 @@ import pytest
 from lightning.pytorch.accelerators import CPUAccelerator
 
 from lightning_bigmodel import BigModelInferenceStrategy, DeviceMapCallback
-from lightning_bigmodel.planning.sizes import compute_module_sizes
 from lightning_bigmodel.planning.table import bytes_per_device, format_bytes, module_ranges, render_table
 from tests.lightning_models import GPTModule, bigmodel_trainer, plain_gpt, token_loader, write_bare_checkpoint
 
@@ -43,20 +42,31 @@ def test_render_table_bytes_and_budget():
     assert format_bytes(None) == "-"
 
 
+# Bytes of the tiny GPT (n_embd 32, 4 blocks, vocab 97, block_size 64, fp32), by hand: a block has 12 * 32**2 + 13 * 32
+# weights (ln_1, c_attn, c_proj, ln_2, c_fc, c_proj), a float `scale` and a 64 x 64 bool mask.
+BLOCK_BYTES = (12 * 32**2 + 13 * 32) * 4 + 4 + 64 * 64
+TINY_BYTES = {"model.transformer.wte": 97 * 32 * 4, "model.transformer.wpe": 64 * 32 * 4,
+              **{f"model.transformer.h.{i}": BLOCK_BYTES for i in range(4)},
+              "model.transformer.ln_f": 2 * 32 * 4, "model.lm_head": 0}  # fmt: skip  (lm_head is tied to wte)
+
+
 def test_callback_prints_table_and_writes_json(tmp_path, caplog):
     ckpt = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt())
-    stream = 2 * compute_module_sizes(GPTModule_sized())["model.transformer.h.0"]  # kept for the disk stream
+    stream = 2 * BLOCK_BYTES  # kept for the disk stream
     budget = 120_000 + stream
     callback = DeviceMapCallback(device_map="auto", max_memory={"cpu": budget}, no_split_module_classes=["Block"])
     trainer = bigmodel_trainer(callbacks=[callback], default_root_dir=tmp_path / "run")
     with caplog.at_level(logging.INFO):
         trainer.predict(GPTModule(), token_loader(), ckpt_path=str(ckpt))
     assert callback.device_map is not None and set(callback.device_map.values()) == {"cpu", "disk"}
-    assert callback.module_sizes[""] == compute_module_sizes(GPTModule_sized())[""]
+    assert callback.module_sizes[""] == sum(TINY_BYTES.values()) == 240_528
     assert "Device map:" in caplog.text and "model.transformer.h." in caplog.text
     written = json.loads((tmp_path / "run" / "device_map.json").read_text())
     assert written["device_map"] == callback.device_map
-    assert sum(written["bytes_per_device"].values()) == callback.module_sizes[""]
+    per_device = {}
+    for name, device in callback.device_map.items():
+        per_device[device] = per_device.get(device, 0) + TINY_BYTES[name]
+    assert written["bytes_per_device"] == per_device
     assert written["max_memory"] == {"cpu": budget} and written["max_memory_source"] == {"cpu": "max_memory"}
     # the blocks are whole on one device
     blocks = [key for key in callback.device_map if ".h." in key]
