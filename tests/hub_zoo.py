@@ -7,12 +7,13 @@ loading the folder exercises the same renames and expert merges as a real Hub ch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
+GENERATE = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)  # greedy: comparable token for token
 SHARD = "20KB"  # several shards per tiny model, so merged experts come from more than one file
 
 
@@ -69,6 +70,7 @@ class HubModel:
     cls: type
     config: object
     reference: torch.nn.Module
+    _expected: list = field(default_factory=list)
 
     def inputs(self) -> dict[str, torch.Tensor]:
         """Inputs for one forward (fixed seed)."""
@@ -87,6 +89,19 @@ class HubModel:
     @property
     def generates(self) -> bool:
         return self.name not in ENCODERS
+
+    def prompt(self) -> dict[str, torch.Tensor]:
+        """The inputs of a ``generate`` call (the forward's, without decoder inputs)."""
+        return {k: v for k, v in self.inputs().items() if k != "decoder_input_ids"}
+
+    def expected(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The reference's forward output and greedy ``generate`` tokens (``None`` for encoders), computed once."""
+        if not self._expected:
+            with torch.no_grad():
+                forward = outputs_of(self.reference(**self.inputs()))
+            tokens = self.reference.generate(**self.prompt(), **GENERATE) if self.generates else None
+            self._expected.append((forward, tokens))
+        return self._expected[0]
 
 
 def save_hub_model(name: str, folder: Path) -> HubModel:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
-from tests.hub_zoo import MOE, ZOO, HubModel, outputs_of, save_hub_model
+from tests.hub_zoo import GENERATE, MOE, ZOO, HubModel, outputs_of, save_hub_model
 
 pytest.importorskip("transformers", minversion="5.0")
 
@@ -60,16 +60,15 @@ def test_zoo_forward_and_generate_match_from_pretrained(saved, name, where, tmp_
     model = load_on_meta(hub, where, tmp_path / "offload")
     devices = set(model.hf_device_map.values())
     assert devices == ({"cpu"} if where == "cpu" else {"cpu", "disk"}), model.hf_device_map
-    inputs = hub.inputs()
+    head = hub.reference.get_output_embeddings()
+    if head is not None and head.weight is hub.reference.get_input_embeddings().weight:  # tied (GPT-2, Qwen2, T5...)
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    expected, tokens = hub.expected()
     with torch.no_grad():
-        expected = outputs_of(hub.reference(**inputs))
-        actual = outputs_of(model(**inputs))
+        actual = outputs_of(model(**hub.inputs()))
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
-    if hub.generates:
-        prompt = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
-        options = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
-        expected = hub.reference.generate(**prompt, **options)
-        assert torch.equal(model.generate(**prompt, **options), expected)
+    if tokens is not None:
+        assert torch.equal(model.generate(**hub.prompt(), **GENERATE), tokens)
 
 
 @pytest.mark.parametrize("name", MOE)
@@ -88,8 +87,7 @@ def test_moe_experts_planned_for_disk_are_written_once_and_reused(saved, name, t
     model = load_on_meta(hub, "cpu+disk", folder)
     assert writes == []
     with torch.no_grad():
-        inputs = hub.inputs()
-        torch.testing.assert_close(outputs_of(model(**inputs)), outputs_of(hub.reference(**inputs)), rtol=0, atol=0)
+        torch.testing.assert_close(outputs_of(model(**hub.inputs())), hub.expected()[0], rtol=0, atol=0)
 
 
 def test_mixtral_through_trainer_predict(saved, tmp_path):
@@ -113,7 +111,7 @@ def test_mixtral_through_trainer_predict(saved, tmp_path):
                 self.model = hub.cls(hub.config)
 
         def predict_step(self, batch, batch_idx):
-            return self.model.generate(batch[0], max_new_tokens=5, do_sample=False, pad_token_id=0)
+            return self.model.generate(batch[0], **GENERATE)
 
     device_map = {"model": "cpu", "model.model.layers.1": "disk"}  # the LightningModule's names
     strategy = BigModelInferenceStrategy(device_map=device_map, offload_folder=tmp_path / "off")
@@ -122,5 +120,4 @@ def test_mixtral_through_trainer_predict(saved, tmp_path):
     trainer = bigmodel_trainer(strategy, default_root_dir=tmp_path)
     batches = trainer.predict(module, DataLoader(TensorDataset(prompts), batch_size=1), ckpt_path=str(hub.folder))
     assert module.model.hf_device_map == {"": "cpu", "model.layers.1": "disk"}
-    expected = hub.reference.generate(prompts, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert torch.equal(torch.cat(batches), expected)
+    assert torch.equal(torch.cat(batches), hub.expected()[1])
