@@ -79,3 +79,15 @@ def test_no_plan_fits_names_the_device_and_the_fix(model):
 def test_bad_planning_input_is_named(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         infer_device_map(model, BUDGET, **kwargs)
+
+
+def test_detected_gpu_budgets_keep_only_the_context_when_activations_are_simulated(monkeypatch):
+    from lightning_bigmodel.planning import budget
+
+    total = 80 * 2**30
+    monkeypatch.setattr(budget, "gpu_count", lambda: 2)
+    monkeypatch.setattr(budget, "memory_info", lambda index: (total, total))
+    fixed = budget.get_max_memory(None)
+    simulated = budget.get_max_memory(None, simulated_activations=True)
+    assert fixed[0] == fixed[1] == total - total // 10  # 10% kept back for the context and the activations
+    assert simulated[0] == simulated[1] == total - 2**30  # the context only: the plan reserves what it simulates

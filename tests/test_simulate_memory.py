@@ -199,3 +199,14 @@ def test_parse_input_shape(text, shape):
 def test_input_shape_that_does_not_parse_is_named(text):
     with pytest.raises(ValueError, match=rf"`input_shape={text!r}` does not parse.*e.g. '4x2048'"):
         parse_input_shape(text)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_cuda_machine_gpus_beyond_the_visible_ones_are_simulated_without_touching_them():
+    """Planning is pure: a map over more GPUs than this machine has is simulated all the same (fake tensors)."""
+    model = _meta_lm()
+    far = torch.cuda.device_count() + 3
+    allocated = torch.cuda.memory_allocated(0)
+    result = simulate_memory(model, {"emb": 0, "blocks": 0, "head": far}, _ids())
+    assert result[far]["peak"] == V * D * F32 + B * T * D * F32 + B * T * V * F32
+    assert torch.cuda.memory_allocated(0) == allocated

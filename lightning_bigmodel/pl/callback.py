@@ -260,7 +260,8 @@ class DeviceMapCallback(Callback):
 
     def _budget(self, gpus: list[int]) -> dict[Union[int, str], int]:
         if self.max_memory is None:
-            return get_max_memory(None, gpus=gpus)  # only the Trainer's GPUs are queried
+            # only the Trainer's GPUs are queried; with an input shape, the simulation reserves the activations
+            return get_max_memory(None, gpus=gpus, simulated_activations=self.input_shape is not None)
         budget = get_max_memory(self.max_memory)
         extra = [key for key in budget if isinstance(key, int) and key not in gpus]
         if extra:

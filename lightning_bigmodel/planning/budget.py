@@ -44,7 +44,9 @@ def _order(budget: Mapping[DeviceKey, int]) -> dict[DeviceKey, int]:
 
 
 def get_max_memory(
-    max_memory: Optional[Mapping[DeviceKey, Union[int, str]]] = None, gpus: Optional[Sequence[int]] = None
+    max_memory: Optional[Mapping[DeviceKey, Union[int, str]]] = None,
+    gpus: Optional[Sequence[int]] = None,
+    simulated_activations: bool = False,
 ) -> dict[DeviceKey, int]:
     """Normalise a budget ``{0: "10GiB", "cpu": "30GB", "disk": ...}`` to bytes, GPUs first (ascending), then "cpu", "disk".
 
@@ -58,13 +60,14 @@ def get_max_memory(
     and "cpu" gets :func:`detect_cpu_memory`: the smaller of the room under the process's memory cgroup limit and the
     available RAM, minus ``max(256 MiB, 5%)`` for the process (a given ``"cpu"`` budget above it warns). ``gpus`` limits
     detection to those GPU indices (the Trainer's or a replica's): no other GPU is queried, so none gets a context or
-    fails when another job owns it.
+    fails when another job owns it. ``simulated_activations=True`` (planning for an input shape, whose activations
+    the memory simulation reserves instead) keeps only 1 GiB per GPU for the CUDA context and workspaces.
 
     Raises:
         ValueError: for an unknown or repeated key, or a malformed size.
     """
     if max_memory is None:
-        return _detect_max_memory(gpus)
+        return _detect_max_memory(gpus, simulated_activations)
     budget: dict[DeviceKey, int] = {}
     for key, value in max_memory.items():
         device = _normalize_key(key)
@@ -79,7 +82,7 @@ def get_max_memory(
     return _order(budget)
 
 
-def _detect_max_memory(gpus: Optional[Sequence[int]] = None) -> dict[DeviceKey, int]:
+def _detect_max_memory(gpus: Optional[Sequence[int]] = None, simulated_activations: bool = False) -> dict[DeviceKey, int]:
     budget: dict[DeviceKey, int] = {}
     if gpus is None:
         gpus = range(gpu_count())
@@ -93,7 +96,8 @@ def _detect_max_memory(gpus: Optional[Sequence[int]] = None) -> dict[DeviceKey, 
                 stacklevel=3,
             )
             free, total = 0, 0
-        headroom = max(_MIN_GPU_HEADROOM, int(total * _GPU_HEADROOM_FRACTION))
+        fraction = 0.0 if simulated_activations else _GPU_HEADROOM_FRACTION  # activations: reserved by simulation
+        headroom = max(_MIN_GPU_HEADROOM, int(total * fraction))
         budget[index] = max(0, free - headroom)
     budget["cpu"] = _available_cpu_memory()
     return budget

@@ -120,6 +120,8 @@ def infer_device_map(
     staging of offloaded layers; :func:`~lightning_bigmodel.simulate.simulate_memory`), and while a device's peak
     exceeds its budget, the model is planned again with that excess reserved there. A plan whose peaks already fit is
     returned as without ``input_shape``. Still pure (fake tensors; no GPU is touched when ``max_memory`` is given).
+    With ``max_memory=None``, the detected GPU budgets then keep back only 1 GiB for the CUDA context instead of 10%
+    of the card for the activations: the simulation reserves what they need.
 
     Raises:
         ValueError: for an unknown ``policy``, a malformed ``max_memory``, or a budgeted disk that is used up; with
@@ -128,7 +130,7 @@ def infer_device_map(
     """
     if policy not in POLICIES:
         raise ValueError(f"`policy={policy!r}` is not a device-map policy; choose one of {list(POLICIES)}.")
-    budgets: dict[Device, float] = dict(get_max_memory(max_memory))
+    budgets: dict[Device, float] = dict(get_max_memory(max_memory, simulated_activations=input_shape is not None))
     budgets.setdefault("disk", math.inf)  # get_max_memory orders "disk" last; setdefault appends it last
     quantized = (quantization, quantization_skip_modules)
     planner = _Planner(model, no_split_module_classes, dtype, offload_buffers, quantized)
