@@ -9,8 +9,8 @@ are page cache the kernel may evict at any time. Here:
   the pages in for writing and give every page an anonymous copy). Where locking is refused (``RLIMIT_MEMLOCK``
   without ``CAP_IPC_LOCK``, an old kernel), the weight is copied into anonymous memory instead, which the kernel does
   not evict without swap either.
-- :func:`populate` reads a view's pages in and maps them (``MADV_POPULATE_READ``, else ``MADV_WILLNEED``), so a
-  background thread takes the page faults and the disk reads instead of the compute thread.
+- :func:`read_ahead` starts reading a view's file range into the page cache without waiting, :func:`populate` reads
+  and maps it (``MADV_POPULATE_READ``), so the disk works ahead of the compute thread in large requests.
 - :func:`release` drops a view's pages from memory once used (``MADV_PAGEOUT``, then ``POSIX_FADV_DONTNEED`` on its
   file range): clean file pages leave the page cache, so streaming one layer does not push out others; private
   modifications, if any, are kept (swapped or left).
@@ -147,6 +147,13 @@ def populate(tensor: torch.Tensor) -> bool:
     """
     _file_advise(tensor, os.POSIX_FADV_WILLNEED, inner=False)
     return _madvise(tensor, _MADV_POPULATE_READ) or _madvise(tensor, _MADV_WILLNEED)
+
+
+def read_ahead(tensor: torch.Tensor) -> bool:
+    """Start reading ``tensor``'s file range into the page cache and return at once (``POSIX_FADV_WILLNEED`` on a
+    tracked map, else ``MADV_WILLNEED``); the first touch then maps the cached pages (minor faults) or waits for the
+    read in flight. Unlike :func:`populate` it holds no lock of the address space while the disk works."""
+    return _file_advise(tensor, os.POSIX_FADV_WILLNEED, inner=False) or _madvise(tensor, _MADV_WILLNEED)
 
 
 def release(tensor: torch.Tensor) -> bool:

@@ -4,12 +4,12 @@ On the CPU, ``"disk"`` weights are memory-mapped views used in place. Left alone
 page fault (small reads, no overlap with compute) and the page cache keeps every layer it read, pushing out whatever
 the kernel picks. :class:`ReadAhead` hooks each module holding disk weights:
 
-- before a module runs, it waits for that module's pages if they are being read (else reads them itself), then asks
-  a background thread to read the next ``depth`` modules in execution order
-  (:func:`~lightning_bigmodel.offload.pages.populate`);
+- before a module runs, it asks a background thread to start reading the next ``depth`` modules in execution order
+  (:func:`~lightning_bigmodel.offload.pages.read_ahead`: exact file ranges, large requests, no waiting), and
+  starts its own read if nobody did;
 - after it ran, the same thread releases its pages (:func:`~lightning_bigmodel.offload.pages.release`).
 
-So at most ``1 + depth`` modules' disk bytes are in memory at once (the planner reserves that much of the CPU budget,
+So at most ``1 + depth`` modules' disk bytes are in memory or in flight at once (the planner reserves that much of the CPU budget,
 see :data:`READ_AHEAD_LAYERS`), and compute overlaps the reads. The execution order is learned on the first forward
 (one thread records it; the last module is followed by the first, so consecutive forwards stream too); the first
 forward reads nothing ahead but still releases.
@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from lightning_bigmodel.offload.pages import populate, release
+from lightning_bigmodel.offload.pages import read_ahead, release
 from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS
 
 
@@ -64,7 +64,7 @@ class ReadAhead:
         ]
 
     def before(self, name: str) -> None:
-        """Wait for ``name``'s pages if they are being read, then read its successors ahead."""
+        """Read ``name``'s successors ahead; wait until ``name``'s own read was issued (else issue it now)."""
         with self._lock:
             future = self._pending.pop(name, None)
             if self._recording:
@@ -80,7 +80,7 @@ class ReadAhead:
                     self._pending[successor] = self._submit(self._read, successor)
         if future is not None:
             future.result()
-        else:  # not read ahead (the first forward, or out of order): read it now in large requests, not page faults
+        else:  # not read ahead (the first forward, or out of order): large requests now rather than page faults
             self._read(name)
 
     def after(self, name: str) -> None:
@@ -109,7 +109,7 @@ class ReadAhead:
 
     def _read(self, name: str) -> None:
         for tensor in self._tensors[name]:
-            populate(tensor)
+            read_ahead(tensor)
 
     @staticmethod
     def _release(tensors: list[torch.Tensor]) -> None:
