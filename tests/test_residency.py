@@ -17,10 +17,10 @@ from safetensors.torch import save_file
 
 from examples.gpt import GPT, GPTConfig
 from lightning_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
-from lightning_bigmodel.offload import pages
+from lightning_bigmodel.offload import attach, pages, readahead
 from lightning_bigmodel.offload.placement import is_disk
 from lightning_bigmodel.offload.readahead import ReadAhead
-from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS
+from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS, detect_cpu_memory
 from lightning_bigmodel.planning.device_map import infer_device_map
 from lightning_bigmodel.planning.sizes import compute_module_sizes
 
@@ -111,6 +111,17 @@ def test_populate_reads_and_release_drops_pages(tmp_path):
     if not pages.release(view):
         pytest.skip("this kernel has no MADV_PAGEOUT (Linux 5.4+)")
     assert pages.resident_fraction(view) < 0.1
+
+
+@pytest.fixture(autouse=True)
+def release_after_use(monkeypatch):
+    """These models are tiny: make the streamer release pages as it does when disk weights exceed the memory left."""
+    monkeypatch.setattr(attach, "should_release", lambda disk_bytes: True)
+
+
+def test_pages_are_released_only_when_disk_weights_do_not_fit(monkeypatch):
+    free = detect_cpu_memory().free
+    assert not readahead.should_release(free // 4) and readahead.should_release(free)
 
 
 def _load(path: Path, max_memory):

@@ -17,7 +17,7 @@ from lightning_bigmodel._accelerator import has_streams
 from lightning_bigmodel.offload.hooks import HostEntry, InputHook, RootHook, WeightHook
 from lightning_bigmodel.offload.placement import TensorGroup, execution_target, is_disk, owner_key
 from lightning_bigmodel.offload.prefetch import Prefetcher
-from lightning_bigmodel.offload.readahead import ReadAhead
+from lightning_bigmodel.offload.readahead import ReadAhead, should_release
 
 
 @dataclass
@@ -111,8 +111,9 @@ def attach_hooks(
         state.prefetcher = Prefetcher()
     elif main.type == "cpu":
         disk_units = _disk_units(model, groups)
-        if disk_units:  # disk views used in place: read them ahead of compute, release them after
-            state.prefetcher = ReadAhead()
+        if disk_units:  # disk views used in place: read them ahead of compute, release them after if memory is short
+            disk_bytes = sum(g.tensor.numel() * g.tensor.element_size() for g in groups if is_disk(g.tensor))
+            state.prefetcher = ReadAhead(release=should_release(disk_bytes))
             for name, (module, tensors) in disk_units.items():
                 state.handles += state.prefetcher.attach(name, module, tensors)
     guarded = {

@@ -7,7 +7,9 @@ the kernel picks. :class:`ReadAhead` hooks each module holding disk weights:
 - before a module runs, it asks a background thread to start reading the next ``depth`` modules in execution order
   (:func:`~lightning_bigmodel.offload.pages.read_ahead`: exact file ranges, large requests, no waiting), and
   starts its own read if nobody did;
-- after it ran, the same thread releases its pages (:func:`~lightning_bigmodel.offload.pages.release`).
+- after it ran, the same thread releases its pages (:func:`~lightning_bigmodel.offload.pages.release`), when the
+  disk weights do not fit the memory left (:func:`should_release`; else the page cache keeps them for the next
+  forward).
 
 So at most ``1 + depth`` modules' disk bytes are in memory or in flight at once (the planner reserves that much of the CPU budget,
 see :data:`READ_AHEAD_LAYERS`), and compute overlaps the reads. The execution order is learned on the first forward
@@ -25,8 +27,15 @@ import torch
 from torch import nn
 
 from lightning_bigmodel.offload.pages import read_ahead, release
-from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS
+from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS, detect_cpu_memory
 
+
+
+def should_release(disk_bytes: int) -> bool:
+    """Whether streamed disk weights should leave the page cache after use: when they take more than half of the
+    memory this process can still use (its cgroup's room or the available RAM, see
+    :func:`~lightning_bigmodel.planning.budget.detect_cpu_memory`)."""
+    return disk_bytes > detect_cpu_memory().free // 2
 
 
 class ReadAhead:
@@ -37,10 +46,14 @@ class ReadAhead:
 
     Args:
         depth: how many modules to read ahead of the one computing.
+        release: drop each module's pages after its forward. Worth it when the disk weights do not fit the memory
+            left (a cgroup limit, a full machine: see :func:`should_release`); when they do, the page cache keeps
+            them (the kernel may still reclaim them) and later forwards read nothing from disk.
     """
 
-    def __init__(self, depth: int = READ_AHEAD_LAYERS) -> None:
+    def __init__(self, depth: int = READ_AHEAD_LAYERS, release: bool = True) -> None:
         self.depth = depth
+        self.release = release
         self._tensors: dict[str, list[torch.Tensor]] = {}
         self._order: list[str] = []
         self._next: dict[str, str] = {}
@@ -86,7 +99,7 @@ class ReadAhead:
     def after(self, name: str) -> None:
         """Release ``name``'s pages once its forward is done, except those of modules being read (tied weights)."""
         with self._lock:
-            if name in self._pending:
+            if not self.release or name in self._pending:
                 return
             wanted = {id(tensor) for unit in self._pending for tensor in self._tensors[unit]}
             done = [tensor for tensor in self._tensors[name] if id(tensor) not in wanted]
