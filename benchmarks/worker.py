@@ -29,6 +29,10 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
             from benchmarks.cases import run_load_case
 
             run_load_case(spec, result)
+        elif spec["kind"] == "limit":
+            from benchmarks.cases_limit import run_limit_case
+
+            run_limit_case(spec, result)
         elif spec["kind"] == "trainer":
             from benchmarks.cases_trainer import run_trainer_case
 

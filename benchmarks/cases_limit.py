@@ -1,0 +1,95 @@
+"""The larger-than-memory case, run by ``benchmarks.worker`` inside a memory cgroup (see ``benchmarks.limit_run``).
+
+One library loads a GPT with ``device_map="auto"`` under the case's budget (``None``: the library detects it), then
+the case measures the first decode-shaped forward, steady decode (batch 1, 8 tokens) and prefill (batch 1, 128
+tokens) forwards, the bytes each forward streams from disk (what the map puts there), and the difference of the
+outputs from plain PyTorch computed outside the limit.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.cases import NO_SPLIT, _IMPORTS, compare, load_plain, map_summary
+from benchmarks.measure import time_calls
+from examples.gpt import GPT, GPTConfig
+
+
+def limit_inputs(config: GPTConfig, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Decode-shaped (1 x 8 tokens) and prefill-shaped (1 x 128 tokens) batches."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "decode": torch.randint(0, config.vocab_size, (1, 8), generator=gen),
+        "prefill": torch.randint(0, config.vocab_size, (1, min(128, config.block_size)), generator=gen),
+    }
+
+
+def _load(spec: dict[str, Any]) -> torch.nn.Module:
+    lib = spec["lib"]
+    if lib == "plain":
+        return load_plain({**spec, "map": "resident"})
+    if lib == "ours":
+        from lightning_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
+    else:
+        from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+    with init_empty_weights():
+        model = GPT(GPTConfig.preset(spec["size"]))
+    model.lm_head.weight = model.transformer.wte.weight  # accelerate's empty init unties it; a no-op for ours
+    return load_checkpoint_and_dispatch(
+        model,
+        spec["ckpt"],
+        device_map="auto",
+        max_memory=spec["max_memory"],
+        no_split_module_classes=NO_SPLIT,
+        offload_folder=spec["offload_dir"],
+    ).eval()
+
+
+def _detected(lib: str) -> Any:
+    """The CPU budget the library detects here (inside the cgroup), before loading."""
+    if lib == "ours":
+        from lightning_bigmodel.planning.budget import detect_cpu_memory
+
+        cpu = detect_cpu_memory()
+        return {"cpu": cpu.budget, "source": cpu.source}
+    if lib == "accelerate":
+        from accelerate.utils import get_max_memory
+
+        return {"cpu": int(get_max_memory()["cpu"])}
+    return None
+
+
+def run_limit_case(spec: dict[str, Any], result: dict[str, Any]) -> None:
+    """Load under the limit, then time forwards; fills ``result`` as it goes (a kill leaves the stage reached)."""
+    inputs = limit_inputs(GPTConfig.preset(spec["size"]))
+    for name in _IMPORTS[spec["lib"]]:
+        importlib.import_module(name)
+    result["detected"] = _detected(spec["lib"])
+    gc.collect()
+    result["stage"] = "load"
+    start = time.perf_counter()
+    model = _load(spec)
+    result["load_s"] = time.perf_counter() - start
+    result["map_bytes"] = map_summary(model)
+    result["stage"] = "first output"
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        outputs["decode"] = model(inputs["decode"]).float()
+        result["first_output_s"] = time.perf_counter() - start
+        result["stage"] = "forward"
+        for shape, iters in (("decode", spec["decode_iters"]), ("prefill", spec["prefill_iters"])):
+            x = inputs[shape]
+            outputs[shape] = model(x).float()  # warm-up, and the output compared below
+            timing = time_calls(lambda: model(x), 0, iters, lambda: None, budget_s=120.0, min_iters=iters)
+            result[f"{shape}_s"] = timing["median_s"]
+            result[f"{shape}_times_s"] = timing["times_s"]
+    result["stage"] = "compare"
+    if spec.get("write_ref"):
+        torch.save(outputs, spec["ref_path"])
+    else:
+        result["max_abs_diff"] = compare(outputs, spec["ref_path"])

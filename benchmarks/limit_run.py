@@ -1,0 +1,254 @@
+"""Larger-than-memory benchmark under a memory cgroup: ``python -m benchmarks.limit_run [--size gpt2-large]``.
+
+Each case runs in a fresh worker process that moves itself into a new memory cgroup limited to ``--limit`` (default:
+about half the model) before Python starts: ours with ``max_memory=None`` from safetensors and from ``.bin`` shards,
+accelerate with the budget ours detected and with ``max_memory=None``, and plain PyTorch. Before each case the page
+cache of the checkpoint and offload files is dropped (``POSIX_FADV_DONTNEED``) and the cold sequential read
+bandwidth of the checkpoint is measured, so every decode is compared with the disk-bound estimate of the same moment:
+``bytes on "disk" / cold read bandwidth + the resident forward time`` (plain PyTorch, outside the limit).
+Needs root (or a delegated cgroup) on Linux; otherwise the report says why it was skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from benchmarks.checkpoints import build_checkpoints
+from benchmarks.measure import machine_info
+from benchmarks.worker import MARKER
+
+ROOT = Path(__file__).resolve().parent.parent
+GiB = 2**30
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.limit_run", description=__doc__)
+    p.add_argument("--size", default="gpt2-large", help="GPT preset (default gpt2-large: 774M parameters, fp32)")
+    p.add_argument("--limit", default=None, help="cgroup memory limit in bytes (default: 52%% of the model's bytes)")
+    p.add_argument("--cache-dir", default=str(ROOT / "benchmarks" / "out"), help="checkpoints, offload folders, JSON")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS_limit.md"), help="Markdown report path")
+    p.add_argument("--decode-iters", type=int, default=3)
+    p.add_argument("--prefill-iters", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--timeout", type=int, default=900, help="seconds before a case is killed and reported")
+    p.add_argument("--cases", default="ours-safetensors,ours-bin,accelerate-same-budget,accelerate-detected,plain")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ cgroups
+def memory_hierarchy() -> tuple[Optional[tuple[int, Path]], str]:
+    """``((version, mount point), "")`` of a memory cgroup hierarchy this process can use, else ``(None, why)``."""
+    if not sys.platform.startswith("linux"):
+        return None, "not Linux"
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        after = line.split(" - ", 1)[1].split()
+        point = Path(line.split()[4])
+        if after[0] == "cgroup" and "memory" in after[-1].split(","):
+            found = (1, point)
+        elif after[0] == "cgroup2" and "memory" in (point / "cgroup.subtree_control").read_text().split():
+            found = (2, point)
+        else:
+            continue
+        probe = point / f"bench-probe-{os.getpid()}"
+        try:
+            probe.mkdir()
+            probe.rmdir()
+        except OSError as err:
+            return None, f"cannot create a cgroup under {point} ({err}): run as root"
+        return found, ""
+    return None, "no memory cgroup hierarchy is mounted (v1 `memory` or v2 with the memory controller enabled)"
+
+
+class Cgroup:
+    """A fresh memory cgroup limited to ``limit`` bytes; read its peak and OOM kills, then remove it."""
+
+    def __init__(self, version: int, point: Path, limit: int) -> None:
+        self.version, self.path = version, point / f"bench-limit-{uuid.uuid4().hex[:8]}"
+        self.path.mkdir()
+        self._write("memory.max" if version == 2 else "memory.limit_in_bytes", str(limit))
+        if version == 2:
+            self._write("memory.swap.max", "0", missing_ok=True)
+        self.limit = int(self._read("memory.max" if version == 2 else "memory.limit_in_bytes"))
+
+    def _write(self, name: str, text: str, missing_ok: bool = False) -> None:
+        try:
+            (self.path / name).write_text(text)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+    def _read(self, name: str) -> str:
+        try:
+            return (self.path / name).read_text().strip()
+        except OSError:
+            return ""
+
+    def peak(self) -> Optional[int]:
+        text = self._read("memory.peak" if self.version == 2 else "memory.max_usage_in_bytes")
+        return int(text) if text.isdigit() else None
+
+    def oom_kills(self) -> int:
+        text = self._read("memory.events" if self.version == 2 else "memory.oom_control")
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+# ------------------------------------------------------------------------------------------------ the page cache
+def _files(*folders: Optional[str]) -> list[Path]:
+    out: list[Path] = []
+    for folder in folders:
+        if folder and os.path.isdir(folder):
+            out += [Path(root) / name for root, _, names in os.walk(folder) for name in names]
+    return out
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop ``paths`` from the page cache (only these files: the rest of the machine keeps its cache)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cold_read_bandwidth(paths: list[Path], nbytes: int = GiB) -> float:
+    """Bytes per second reading up to ``nbytes`` of ``paths`` sequentially (16 MiB reads) after evicting them."""
+    evict(paths)
+    buffer, total = bytearray(16 * 2**20), 0
+    start = time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while total < nbytes and (n := f.readinto(buffer)):
+                total += n
+        if total >= nbytes:
+            break
+    elapsed = time.perf_counter() - start
+    evict(paths)
+    return total / elapsed
+
+
+# ------------------------------------------------------------------------------------------------ running cases
+def run_worker(spec: dict[str, Any], timeout: int, cgroup: Optional[Cgroup]) -> dict[str, Any]:
+    """Run ``spec`` in a fresh interpreter, inside ``cgroup`` when given; the result, or how it ended."""
+    python = [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)]
+    if cgroup is not None:  # the shell joins the cgroup, then becomes the worker: nothing runs outside the limit
+        command = ["sh", "-c", f'echo $$ > "{cgroup.path / "cgroup.procs"}" && exec "$@"', "sh", *python]
+    else:
+        command = python
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        output, returncode = done.stdout, done.returncode
+    except subprocess.TimeoutExpired as err:
+        output, returncode = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or ""), None
+    result: dict[str, Any] = {"wall_s": time.perf_counter() - start, "returncode": returncode}
+    lines = [line for line in output.splitlines() if line.startswith(MARKER)]
+    if lines:
+        result.update(json.loads(lines[-1][len(MARKER) :]))
+    elif returncode is None:
+        result["error"] = f"timed out after {timeout} s"
+    else:
+        result["error"] = f"exited with {returncode} before reporting"
+    if cgroup is not None:
+        result["peak_bytes"], result["oom_kills"] = cgroup.peak(), cgroup.oom_kills()
+    killed = returncode is not None and returncode in (-9, 137)
+    result["status"] = "completed" if result.get("ok") else "OOM-killed" if killed and result.get("oom_kills") else "failed"
+    return result
+
+
+def case_specs(args: argparse.Namespace, info: dict, cache: Path) -> dict[str, dict[str, Any]]:
+    common = {
+        "kind": "limit", "size": args.size, "threads": args.threads, "ref_path": str(cache / "ref" / f"limit-{args.size}.pt"),
+        "decode_iters": args.decode_iters, "prefill_iters": args.prefill_iters,
+    }  # fmt: skip
+    folders = info["folders"]
+
+    def spec(lib: str, fmt: str, max_memory: Any = None) -> dict[str, Any]:
+        offload = str(cache / "offload" / f"limit-{lib}-{fmt}")
+        return {**common, "lib": lib, "fmt": fmt, "ckpt": folders[fmt], "max_memory": max_memory, "offload_dir": offload}
+
+    return {
+        "reference": {**spec("plain", "safetensors"), "write_ref": True},
+        "ours-safetensors": spec("ours", "safetensors"),
+        "ours-bin": spec("ours", "bin"),
+        "accelerate-same-budget": spec("accelerate", "safetensors"),  # budget filled in from ours' detection
+        "accelerate-detected": spec("accelerate", "safetensors"),
+        "plain": spec("plain", "safetensors"),
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    cache = Path(args.cache_dir)
+    (cache / "ref").mkdir(parents=True, exist_ok=True)
+    found, why = memory_hierarchy()
+    out = Path(args.out)
+    header = {"command": "python -m benchmarks.limit_run " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if found is None:
+        out.write_text(_skipped(header["command"], why))
+        print(f"skipped: {why}")
+        return 0
+    info = build_checkpoints(args.size, cache)
+    limit = int(args.limit) if args.limit else int(info["model_bytes"] * 0.52)
+    specs = case_specs(args, info, cache)
+    shards = [Path(p) for p in info["shards"]["safetensors"]]
+    results: dict[str, Any] = {"machine": machine_info(), "load_before": os.getloadavg(), "info": info}
+    print("reference (plain, outside the limit) ...", flush=True)
+    results["reference"] = run_worker(specs["reference"], args.timeout, None)
+    for name in args.cases.split(","):
+        spec = dict(specs[name])
+        if name == "accelerate-same-budget":
+            detected = (results.get("ours-safetensors") or {}).get("detected") or {}
+            if "cpu" not in detected:
+                continue
+            spec["max_memory"] = {"cpu": detected["cpu"]}
+        shutil.rmtree(spec["offload_dir"], ignore_errors=True)
+        evict(_files(*info["folders"].values()))
+        bandwidth = cold_read_bandwidth(shards)
+        cgroup = Cgroup(found[0], found[1], limit)
+        print(f"{name} under {cgroup.limit / GiB:.2f} GiB (cold read {bandwidth / 1e9:.2f} GB/s) ...", flush=True)
+        try:
+            result = run_worker(spec, args.timeout, cgroup)
+        finally:
+            cgroup.remove()
+        result.update(limit=cgroup.limit, read_bandwidth=bandwidth, max_memory=spec["max_memory"])
+        results[name] = result
+        print(f"  {result['status']}: {result.get('error', '')[:200]}", flush=True)
+        shutil.rmtree(spec["offload_dir"], ignore_errors=True)
+    results["load_after"] = os.getloadavg()
+    (cache / f"limit-{args.size}.json").write_text(json.dumps(results, indent=1, default=str))
+    from benchmarks.limit_report import render
+
+    out.write_text(render(results, header["command"], args.size))
+    print(out.read_text())
+    return 0
+
+
+def _skipped(command: str, why: str) -> str:
+    return f"# Larger-than-memory benchmark\n\nSkipped: {why}.\n\nCommand: `{command}`\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
