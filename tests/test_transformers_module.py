@@ -149,14 +149,30 @@ def test_generate_on_cpu_and_disk_matches_transformers(which, options, request, 
     assert [r["completion"] for r in results] == texts
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
-def test_embed_a_causal_lm_checkpoint_skips_its_head(pooling, llama, tmp_path):
-    module = TransformersModule(str(llama), prompts=PROMPTS, task="embed", pooling=pooling, batch_size=3)
-    vectors, plan = run_predict(module, tmp_path, max_memory=most_of(llama))
+@pytest.fixture(scope="module")
+def bert_mlm(tmp_path_factory) -> Path:
+    """A head checkpoint: keys under ``bert.`` (the base-model prefix) plus ``cls.predictions.*``."""
+    folder = tmp_path_factory.mktemp("hub") / "tiny-bert-mlm"
+    tokenizer = byte_level_tokenizer()
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4,
+                                     num_attention_heads=4, intermediate_size=128, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(2)
+    transformers.BertForMaskedLM(config).save_pretrained(folder, max_shard_size="150KB")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("which", "pooling"), [("llama", "mean"), ("llama", "cls"), ("llama", "last"), ("bert_mlm", "mean")]
+)
+def test_embed_matches_the_base_model_of_transformers(which, pooling, request, tmp_path):
+    folder = request.getfixturevalue(which)
+    module = TransformersModule(str(folder), prompts=PROMPTS, task="embed", pooling=pooling, batch_size=3)
+    vectors, plan = run_predict(module, tmp_path, max_memory=most_of(folder))
     assert cpu_and_disk(plan), plan
 
-    model = transformers.AutoModel.from_pretrained(llama).eval()  # transformers drops lm_head too
-    tokenizer = transformers.AutoTokenizer.from_pretrained(llama)  # right padding
+    model = transformers.AutoModel.from_pretrained(folder).eval()  # transformers drops the head too
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)  # right padding
     expected = []
     for start in range(0, len(PROMPTS), 3):
         batch = tokenizer(PROMPTS[start : start + 3], return_tensors="pt", padding=True)
@@ -267,6 +283,7 @@ def test_embed_yaml_job_on_the_bundled_minilm_matches_transformers(tmp_path):
         ({"prompts": "."}, ValueError, r"`prompts` path '.*' is not a file"),
         ({"prompts": []}, ValueError, r"`prompts` is an empty list"),
         ({"pooling": "max"}, ValueError, r"`pooling` 'max' is not one of"),
+        ({"auto_class": "BertModel"}, ValueError, r"`auto_class` 'BertModel' is not a transformers Auto class"),
     ],
 )
 def test_bad_job_input_is_refused_when_configured(kwargs, error, match, tmp_path, monkeypatch):

