@@ -26,10 +26,21 @@ COMMAND = "python -m benchmarks.quant"
 
 
 def _gpt_checkpoint(cache: Path) -> tuple[str, int]:
-    from benchmarks.checkpoints import build_checkpoints
+    """The GPT-2-small-shaped checkpoint (seeded random weights, tied LM head saved once) as safetensors shards."""
+    import torch
 
-    info = build_checkpoints("gpt2", cache)
-    return info["folders"]["safetensors"], int(info["model_bytes"])
+    from benchmarks.checkpoints import _unique_state_dict, model_bytes, shard_limit, write_shards
+    from examples.gpt import GPT, GPTConfig
+
+    folder = cache / "checkpoints" / "gpt2-quant"
+    marker = folder / "done.json"
+    if not marker.is_file():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.preset("gpt2")).eval()
+        nbytes = model_bytes(model)
+        write_shards(_unique_state_dict(model), folder, "safetensors", shard_limit(nbytes))
+        marker.write_text(json.dumps({"model_bytes": nbytes}))
+    return str(folder), int(json.loads(marker.read_text())["model_bytes"])
 
 
 def _minilm_checkpoint(cache: Path) -> tuple[str, int]:
@@ -129,8 +140,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine may be shared)")
     parser.add_argument("--timeout", type=int, default=900, help="per case, seconds")
     parser.add_argument("--note", default="shared machine", help="a line on the conditions, printed in the report")
+    parser.add_argument("--notes", default=str(ROOT / "benchmarks" / "QUANT_NOTES.md"), help="Markdown appended")
+    parser.add_argument("--report-only", action="store_true", help="re-write the report from the cached results")
     args = parser.parse_args(argv)
     cache = Path(args.cache_dir)
+    if args.report_only:
+        saved = json.loads((cache / "quant_results.json").read_text())
+        _write_report(saved["results"], saved["meta"], args)
+        return
     checkpoints = {"gpt2": _gpt_checkpoint(cache), "minilm": _minilm_checkpoint(cache)}
     runs = {"gpt2": {"decode": 20, "prefill": 5}, "minilm": {"decode": 30, "prefill": 10}}
     results: dict[str, dict[str, Any]] = {}
@@ -147,7 +164,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"{name} {label}: {json.dumps(result)[:400]}", flush=True)
     meta = {"threads": args.threads, "note": args.note, "bytes": {k: v[1] for k, v in checkpoints.items()}}
     (cache / "quant_results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    Path(args.out).write_text(render(results, meta))
+    _write_report(results, meta, args)
+
+
+def _write_report(results: dict[str, dict[str, Any]], meta: dict[str, Any], args: argparse.Namespace) -> None:
+    notes = Path(args.notes)
+    text = render(results, meta) + ("\n" + notes.read_text() if notes.is_file() else "")
+    Path(args.out).write_text(text)
     print(f"Wrote {args.out}")
 
 
