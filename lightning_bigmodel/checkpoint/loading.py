@@ -114,11 +114,11 @@ def load_checkpoint_in_model(
     pin = device_map is not None and pin_host(main_device)
     resolved = resolve_checkpoint(checkpoint)
     with CheckpointReader(resolved) as opened:
+        if quantization is not None:  # an already quantized checkpoint fails here, not on its first odd shape
+            _refuse_prequantized(opened)  # the checkpoint's own names and dtypes, before any conversion
         # A transformers model reads the checkpoint through its own conversion rules (renames, merged experts): the
         # keys are then its names. The per-tensor transform (quantization) applies after this, to model tensors.
         reader = converted_source(model, opened, key_prefix)
-        if quantization is not None:  # an already quantized checkpoint fails here, not on its first odd shape
-            _refuse_prequantized(reader)
         plan = _plan(groups, reader, dtype, key_prefix)
         if reader is not opened:  # a checkpoint of another class or revision fails here, before any placement
             reader.check_fit(_missing_parameters(groups, plan), plan.unexpected)
