@@ -12,6 +12,9 @@
 #   3. pipeline   micro-batch pipelining (benchmarks/pipeline_bench.py; one GPU: overhead only) GPU_CHECK_PIPELINE_S=40
 #   4. vs-accelerate  cpu-offloaded decode/prefill of GPT-2 (124M), ours vs accelerate vs plain
 #                 (benchmarks/run.py --quick --sizes gpt2)                                      GPU_CHECK_COMPARE_S=120
+#   5. sanitizer  the stream-heavy CUDA-gated tests again with TORCH_CUDA_SANITIZER=1             GPU_CHECK_CSAN_S=90
+#   6. memory-vs-plan  peak GPU and pinned memory of offloaded forwards vs simulate_memory's plan
+#                 (benchmarks/gpu_memory_vs_plan.py)                                            GPU_CHECK_MEMORY_S=60
 # Exit status: 0 when every pass succeeded, 1 otherwise (the report says which).
 set -u
 
@@ -76,11 +79,16 @@ else
   section "cpu-offloaded decode/prefill vs accelerate" "$(tail -n 15 "$WORK/vs-accelerate.log")"
 fi
 
-# ---- Later passes go here (each: one run_pass line and one section line, within the 8-minute total). ----
-# Issue 14 (engineer "gpufix"): a second pass of the CUDA-gated tests under TORCH_CUDA_SANITIZER=1, and the peak
-# pinned and device memory of the offloaded runs compared with the plan's simulated peaks
-# (lightning_bigmodel.simulate.simulate_memory).
-# ------------------------------------------------------------------------------------------------------------
+# 5. The stream-heavy CUDA-gated tests again under PyTorch's CUDA sanitizer (CSAN): a kernel reading or writing a
+#    tensor another stream uses without an event or record_stream between them fails the test it runs in.
+run_pass sanitizer "${GPU_CHECK_CSAN_S:-90}" env TORCH_CUDA_SANITIZER=1 PYTHONPATH="scripts${PYTHONPATH:+:$PYTHONPATH}" \
+  "$PYTHON" -m pytest -p cuda_tests -q -rfE tests/test_gpu_correctness_integration.py tests/test_dispatch.py \
+  tests/test_pipeline.py
+section "CUDA-gated stream tests under TORCH_CUDA_SANITIZER=1" "$(grep -E '^(FAILED|ERROR)|passed|failed|error|CSAN' "$WORK/sanitizer.log" | tail -n 25)"
+
+# 6. Peak GPU and pinned memory of real offloaded forwards against the plan's simulated figures.
+run_pass memory-vs-plan "${GPU_CHECK_MEMORY_S:-60}" "$PYTHON" -m benchmarks.gpu_memory_vs_plan
+section "Peak GPU and pinned memory against the plan" "$(grep -E '^(gpu_memory_vs_plan|\|)' "$WORK/memory-vs-plan.log")"
 
 GPU="$("$PYTHON" -c 'import torch; print(f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")')"
 TORCH="$("$PYTHON" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')"
