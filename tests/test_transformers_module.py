@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -228,9 +230,9 @@ def test_interrupted_job_resumes_where_it_stopped(llama, tmp_path):
 
 
 # ---------------------------------------------------------------------- the YAML jobs, as a user runs them
-def run_cli(config: str, cwd: Path, *overrides: str) -> str:
+def run_cli(config: str, cwd: Path, *overrides: str, env: Optional[dict] = None) -> str:
     """``lightning-bigmodel predict --config configs/<config>`` in a subprocess from ``cwd``; stdout + stderr."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
     command = [str(Path(sys.executable).parent / "lightning-bigmodel"), "predict", "--config", str(ROOT / "configs" / config)]
     done = subprocess.run([*command, *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
@@ -257,6 +259,22 @@ def test_generate_yaml_job_creates_its_model_and_matches_transformers(architectu
     tokens, texts = reference_generate(tmp_path / "runs" / f"tiny-{architecture}", prompts, 4, max_new_tokens=16)
     assert [(r["index"], r["prompt"]) for r in results] == list(enumerate(prompts))
     assert [r["token_ids"] for r in results] == tokens and [r["completion"] for r in results] == texts
+
+
+def test_generate_yaml_job_with_a_hub_id_is_a_one_line_change(llama, tmp_path):
+    """The README's one-line change: `model_name_or_path` becomes a Hub id, resolved here from a local Hugging Face
+    cache (offline); the config and the module read config, tokenizer and weights from the cached snapshot."""
+    snapshot = tmp_path / "hf-cache" / "models--lbm-test--tiny-llama" / "snapshots" / ("0" * 40)
+    shutil.copytree(llama, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    prompts = ["Once upon a time", "Hub ids work offline from the cache"]
+    output = run_cli("transformers_generate.yaml", tmp_path, "--model.init_args.model_name_or_path", "lbm-test/tiny-llama",
+                     "--model.init_args.prompts", json.dumps(prompts), env={"HF_HUB_CACHE": str(tmp_path / "hf-cache")})  # fmt: skip
+    assert "Created" not in output and not (tmp_path / "runs" / "tiny-llama").exists()  # create_if_missing ignored
+    results = read_predictions(tmp_path / "runs" / "transformers-generate")
+    tokens, _ = reference_generate(llama, prompts, 4, max_new_tokens=16)
+    assert [r["token_ids"] for r in results] == tokens
 
 
 def test_embed_yaml_job_on_the_bundled_minilm_matches_transformers(tmp_path):
