@@ -295,3 +295,14 @@ def test_converted_tensors_on_simulated_gpus(mixtral, tmp_path):
         generated = model.generate(inputs["input_ids"], max_new_tokens=4, do_sample=False, pad_token_id=0).cpu()
     torch.testing.assert_close(actual, expected)  # float32 rounding: attention picks other kernels for a GPU
     assert torch.equal(generated, tokens)
+
+
+def test_planning_sizes_the_fused_experts_as_their_checkpoint_tensors(mixtral):
+    from lightning_bigmodel.planning.sizes import compute_module_sizes
+
+    sizes = compute_module_sizes(meta_model(mixtral))
+    with CheckpointReader(mixtral.folder) as reader:
+        for layer in (0, 1):
+            prefix = f"model.layers.{layer}.block_sparse_moe.experts."
+            expert_bytes = sum(reader.spec(k).nbytes for k in reader.keys() if k.startswith(prefix))
+            assert sizes[f"model.layers.{layer}.mlp.experts"] == expert_bytes > 0
