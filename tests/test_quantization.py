@@ -388,3 +388,32 @@ def test_int8_on_simulated_gpus_with_cpu_and_disk_offload(tmp_path):
         first, second = logits(model, x), logits(model, x)  # the second forward is prefetched
     assert torch.equal(first, expected) and torch.equal(second, expected)
     assert type(model.transformer.h[2].attn.c_attn.weight).__name__ == "Int8Tensor"  # back on the host, still int8
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_hub_model_int8_through_transformers_conversion(tmp_path, name):
+    """The quantizing step runs after transformers' conversion rules (Mixtral's experts are merged while streaming):
+    cpu+disk int8 equals torchao's ``quantize_`` on the model transformers loads itself. Fused 3-D expert weights
+    are not ``nn.Linear``: they stay float, as ``quantize_`` leaves them."""
+    pytest.importorskip("transformers")
+    from tests.hub_zoo import outputs_of, save_hub_model
+    from tests.test_hub_zoo import disk_map
+
+    hub = save_hub_model(name, tmp_path / name)
+    with init_empty_weights():
+        model = hub.cls(hub.config).eval()
+    load_checkpoint_and_dispatch(
+        model, hub.folder, disk_map(model), offload_folder=tmp_path / "off", quantization="int8"
+    )
+    reference = copy.deepcopy(hub.reference)
+    torchao_quantization.quantize_(
+        reference,
+        torchao_quantization.Int8WeightOnlyConfig(),
+        filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and not fqn.endswith("lm_head"),
+    )
+    inputs = hub.inputs()
+    with torch.inference_mode():
+        out, expected = outputs_of(model(**inputs)), outputs_of(reference(**inputs))
+    assert torch.equal(out, expected)
+    assert type(model.model.layers[1].self_attn.q_proj.weight).__name__ == "Int8Tensor"
+    assert is_disk(model.model.layers[1].self_attn.q_proj.weight)
