@@ -129,7 +129,7 @@ def plan(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     from lightning_bigmodel.planning.device_map import infer_device_map
     from lightning_bigmodel.init import init_empty_weights
-    from lightning_bigmodel.planning.budget import get_max_memory
+    from lightning_bigmodel.planning.budget import budget_sources, get_max_memory
     from lightning_bigmodel.planning.sizes import compute_module_sizes
     from lightning_bigmodel.planning.table import format_bytes, render_table
     from lightning_bigmodel.simulate.fit import token_ids
@@ -158,7 +158,7 @@ def plan(argv: Optional[list[str]] = None) -> dict[str, Any]:
     sizes = compute_module_sizes(model, dtype, cfg.quantization, cfg.quantization_skip_modules)
     quantized = f", {cfg.quantization} weights" if cfg.quantization else ""
     print(f"Plan for {type(model).__name__}: {format_bytes(sizes[''])} of weights{quantized}, policy {cfg.policy!r}")
-    print(render_table(device_map, sizes, budget))
+    print(render_table(device_map, sizes, budget, budget_sources(_budget(cfg.max_memory))))
     if shape is not None:
         memory = simulate_memory(model, device_map, token_ids(shape), cfg.max_new_tokens, dtype, cfg.offload_buffers)
         print("\n" + render_peaks(memory, budget, shape, cfg.max_new_tokens))
