@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from safetensors import safe_open
 
 from lightning_bigmodel import ShardedCheckpointIO
 from lightning_bigmodel.pl.io import LazyStateDict
@@ -50,8 +51,14 @@ def test_save_load_remove_roundtrip(tmp_path):
     assert len(list((tmp_path / "c").glob("*.safetensors"))) > 1
     loaded = io.load_checkpoint(tmp_path / "c")
     assert loaded["epoch"] == 1
-    for key in loaded["state_dict"]:
-        torch.testing.assert_close(loaded["state_dict"][key], state[key])
+    on_disk = set()
+    for shard in (tmp_path / "c").glob("*.safetensors"):  # the checkpoint's own key list, read with safetensors
+        with safe_open(str(shard), framework="pt") as handle:
+            on_disk.update(handle.keys())
+    assert set(state) - on_disk == {"lm_head.weight"}  # tied to transformer.wte.weight: saved once
+    assert sorted(loaded["state_dict"]) == sorted(on_disk)  # every saved key: a dropped one fails here
+    for key in on_disk:
+        torch.testing.assert_close(loaded["state_dict"][key], state[key], rtol=0, atol=0)
     io.remove_checkpoint(tmp_path / "c")
     assert not (tmp_path / "c").exists()
 
