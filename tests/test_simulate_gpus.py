@@ -133,6 +133,16 @@ def test_bad_count_is_refused(count):
             pass
 
 
+def test_a_device_map_naming_a_gpu_beyond_the_simulated_count_is_refused():
+    from lightning_bigmodel import dispatch_model
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    with simulated_gpus(2):
+        with pytest.raises(ValueError, match=r"\['1'\] on GPU 3 of 2 visible"):
+            dispatch_model(model, {"0": 0, "1": 3})
+        assert model[1].weight.device.type == "cpu"  # refused before anything moved
+
+
 def test_bad_memory_and_nesting_are_refused():
     with pytest.raises(ValueError, match="`memory_per_gpu`='lots'"):
         with simulated_gpus(2, memory_per_gpu="lots"):

@@ -26,7 +26,6 @@ from contextlib import nullcontext
 from typing import Any, Optional
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
 
 BACKEND = "simgpu"
 
@@ -45,7 +44,7 @@ class _State:
         self.allocated: list[int] = []
         self.peak: list[int] = []
         self.log: list = []  # records of copies, streams and events; see `_runtime.Record`
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entrant: a garbage collection inside may run `_release` in this thread
         self.tracked: set[int] = set()  # id() of the CPU storages charged to a simulated GPU
         self.local = threading.local()  # per thread: current device index, current streams
         self.default_streams: dict = {}
@@ -72,7 +71,8 @@ class _State:
             self.tracked.add(key)
             self.allocated[index] += nbytes
             self.peak[index] = max(self.peak[index], self.allocated[index])
-            weakref.finalize(storage, self._release, index, key, nbytes, self.allocated)
+            allocated = self.allocated
+        weakref.finalize(storage, self._release, index, key, nbytes, allocated)
 
     def _release(self, index: int, key: int, nbytes: int, allocated: list[int]) -> None:
         with self.lock:
@@ -128,10 +128,10 @@ def wrap(raw: torch.Tensor, device: torch.device) -> SimTensor:
 
 def _same_device_check(func, flat: list) -> Optional[torch.device]:
     """The simulated device of the op's tensors; raise like CUDA when they mix devices."""
-    devices = {x.device for x in flat if isinstance(x, SimTensor)}
+    devices = {x.device for x in flat if type(x) is SimTensor}
     if func._schema.name in _CROSS_DEVICE:
         return next(iter(devices), None)
-    others = {x.device for x in flat if type(x) is not SimTensor and isinstance(x, torch.Tensor) and x.dim() > 0}
+    others = {x.device for x in flat if type(x) is not SimTensor and x.dim() > 0}
     mixed = sorted(map(str, devices | (others if devices else set())))
     if len(mixed) > 1:
         raise RuntimeError(
@@ -161,13 +161,35 @@ def _target_device(args: tuple, kwargs: dict) -> tuple[tuple, Optional[torch.dev
     return args, device, torch.device(BACKEND, index)
 
 
+def _map(fn, obj):
+    """``obj`` with ``fn`` applied to every leaf of its (nested) lists, tuples and dicts: the shapes an ATen op's
+    arguments and results take (``torch.utils._pytree`` does the same, several times slower per op)."""
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map(fn, item) for item in obj)
+    if isinstance(obj, dict):
+        return {key: _map(fn, value) for key, value in obj.items()}
+    return fn(obj)
+
+
+def _tensors(obj, out: list) -> list:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _tensors(item, out)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _tensors(item, out)
+    return out
+
+
 def run_op(func, args: tuple, kwargs: dict):
     """Run ``func`` on the CPU tensors behind ``args``; wrap new tensors on the simulated device they belong to."""
     from lightning_bigmodel.simulate import _runtime  # noqa: PLC0415 (it imports this module)
 
-    flat, _ = tree_flatten((args, kwargs))
+    flat = _tensors(kwargs, _tensors(args, []))
     source = _same_device_check(func, flat)
-    wrappers = {id(x.raw): x for x in flat if isinstance(x, SimTensor)}
+    wrappers = {id(x.raw): x for x in flat if type(x) is SimTensor}
     kwargs = dict(kwargs)
     args, destination, target = _target_device(args, kwargs)
     has_target = destination is not None
@@ -177,8 +199,7 @@ def run_op(func, args: tuple, kwargs: dict):
     if func._schema.name == "aten::record_stream":
         return _runtime.log_record_stream(args[0], args[1])
     _runtime.log_copy(func, args, kwargs, source, target or destination)
-    unwrapped_args, unwrapped_kwargs = tree_map(_unwrap, (args, kwargs))
-    out = func(*unwrapped_args, **unwrapped_kwargs)
+    out = func(*_map(_unwrap, args), **_map(_unwrap, kwargs))
 
     def rewrap(value):
         if not isinstance(value, torch.Tensor) or type(value) is SimTensor:
@@ -194,7 +215,7 @@ def run_op(func, args: tuple, kwargs: dict):
     # counter with the base's afterwards): create the wrapper with inference mode off, as a C++ kernel's view would be.
     normal_base = func.is_view and any(not x.is_inference() for x in wrappers.values())
     with torch.inference_mode(False) if normal_base else nullcontext():
-        return tree_map(rewrap, out)
+        return _map(rewrap, out)
 
 
 def _unwrap(value):

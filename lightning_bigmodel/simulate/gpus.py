@@ -45,6 +45,11 @@ class SimulatedGPUs:
     def clear_log(self) -> None:
         STATE.log.clear()
 
+    @staticmethod
+    def mark(label: str) -> None:
+        """Append a ``Record("mark", -1, -1, <thread>, label)`` to the log: a test's own milestone among the records."""
+        _runtime._log("mark", -1, -1, label)
+
     def memory_allocated(self, index: int) -> int:
         """Bytes the tensors on simulated GPU ``index`` hold now."""
         return SimulatedDeviceModule.memory_allocated(index)

@@ -1,0 +1,273 @@
+"""Multi-GPU code paths run on simulated GPUs (real values on the CPU): every configuration is compared with the
+model loaded plainly on the CPU, never with itself.
+
+What a real GPU may legitimately change (kernels, float rounding) is absent here: the simulated GPUs compute with the
+CPU's kernels, except attention, which falls back from the fused CPU kernel to the math kernel (float32 rounding).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from examples.gpt import GPT, GPTConfig
+from lightning_bigmodel import (
+    compute_module_sizes,
+    dispatch_model,
+    infer_device_map,
+    init_empty_weights,
+    load_checkpoint_and_dispatch,
+)
+from lightning_bigmodel.checkpoint.writer import save_sharded_checkpoint
+from lightning_bigmodel.pipeline import pipelined_forward
+from lightning_bigmodel.simulate import simulated_gpus
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="the simulation registers a PrivateUse1 backend, which shadows CUDA for the rest of the process",
+)
+
+POLICIES = ["auto", "balanced", "balanced_low_0", "sequential"]
+GPT_CONFIG = dict(vocab_size=97, block_size=64, n_layer=8, n_head=2, n_embd=32)
+LLAMA_CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)  # fmt: skip
+LLAMA_LAYER = "LlamaDecoderLayer"
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.device == want.device and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # attention: math kernel vs the CPU's fused one
+
+
+@pytest.fixture(scope="module")
+def gpt(tmp_path_factory):
+    """``(plain model, sharded safetensors checkpoint, bytes of one block)``."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**GPT_CONFIG)).eval()
+    folder = save_sharded_checkpoint(model, tmp_path_factory.mktemp("gpt") / "ckpt", max_shard_size="60KB")
+    return model, folder, compute_module_sizes(model)["transformer.h.0"]
+
+
+def empty_gpt() -> GPT:
+    with init_empty_weights():
+        return GPT(GPTConfig(**GPT_CONFIG)).eval()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(**LLAMA_CONFIG)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    folder = save_sharded_checkpoint(model, tmp_path_factory.mktemp("llama") / "ckpt", max_shard_size="40KB")
+    return model, folder, compute_module_sizes(model)["model.layers.0"], config
+
+
+def tight_budget(gpus: int, layer: int) -> dict:
+    """About one layer per GPU and one in RAM, GPU 0 with room to stage offloaded layers: the rest goes to disk."""
+    return {0: int(3.4 * layer), **{index: int(1.2 * layer) for index in range(1, gpus)}, "cpu": int(1.2 * layer)}
+
+
+def prompt(vocab: int, batch: int = 2, length: int = 5) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+# ------------------------------------------------------------------------------------------ every policy, GPT
+@pytest.mark.parametrize("gpus", [2, 4])
+def test_gpt_every_policy_over_gpus_cpu_and_disk_matches_the_plain_model(gpt, tmp_path, gpus):
+    reference, checkpoint, layer = gpt
+    ids = prompt(GPT_CONFIG["vocab_size"])
+    with torch.no_grad():
+        expected = reference(ids)
+    budget = tight_budget(gpus, layer)
+    with simulated_gpus(gpus) as sim:
+        for policy in POLICIES:
+            model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, policy, max_memory=budget,
+                                                 no_split_module_classes=["Block"], offload_folder=tmp_path / policy)  # fmt: skip
+            placed = set(model.hf_device_map.values())
+            assert {"cpu", "disk"} <= placed and len(placed & set(range(gpus))) >= 2, (policy, model.hf_device_map)
+            used = [index for index in range(gpus) if index in placed]
+            assert all(sim.memory_allocated(index) > 0 for index in used)  # the weights really sit on those GPUs
+            with torch.no_grad():
+                close(model(ids), expected)  # returned to the input's device (CPU)
+
+
+def test_gpt_generate_and_outputs_on_the_inputs_device(gpt, tmp_path):
+    reference, checkpoint, layer = gpt
+    ids = prompt(GPT_CONFIG["vocab_size"])
+    with torch.no_grad():
+        expected, expected_tokens = reference(ids), reference.generate(ids, max_new_tokens=2)
+    with simulated_gpus(2) as sim:
+        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, "auto", max_memory=tight_budget(2, layer),
+                                             no_split_module_classes=["Block"], offload_folder=tmp_path)  # fmt: skip
+        assert model.hf_device_map["lm_head"] != model.hf_device_map["transformer.h.0"]  # the model spans devices
+        with torch.no_grad():
+            on_gpu1 = model(ids.to(sim.devices[1]))
+            assert on_gpu1.device == sim.devices[1]  # not left on the GPU of the last module
+            close(on_gpu1.cpu(), expected)
+        assert torch.equal(model.generate(ids, max_new_tokens=2), expected_tokens)
+
+
+def test_balanced_low_0_keeps_gpu_0_lightest(gpt):
+    reference, checkpoint, layer = gpt
+    budget = {index: 6 * layer for index in range(4)}  # the whole model fits on the GPUs
+    ids = prompt(GPT_CONFIG["vocab_size"])
+    with torch.no_grad():
+        expected = reference(ids)
+    with simulated_gpus(4) as sim:
+        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, "balanced_low_0", max_memory=budget,
+                                             no_split_module_classes=["Block"])  # fmt: skip
+        held = [sim.memory_allocated(index) for index in range(4)]
+        assert held[0] < min(held[1:]), held  # bytes really resident on each simulated GPU
+        with torch.no_grad():
+            close(model(ids), expected)
+
+
+# ------------------------------------------------------------------------------ transformers Llama, KV cache
+@pytest.mark.parametrize("gpus", [2, 4])
+def test_llama_generate_with_kv_cache_every_policy(llama, tmp_path, gpus):
+    reference, checkpoint, layer, config = llama
+    ids = prompt(config.vocab_size)
+    mask = torch.ones_like(ids)
+    generate = dict(max_new_tokens=2, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        expected = reference.generate(ids, attention_mask=mask, **generate)
+    budget = tight_budget(gpus, layer)
+    policies = POLICIES if gpus == 2 else ["auto", "balanced_low_0"]  # the other two plan as "auto" does here
+    with simulated_gpus(gpus):
+        for policy in policies:
+            with init_empty_weights():
+                model = type(reference)(config).eval()
+            load_checkpoint_and_dispatch(model, checkpoint, policy, max_memory=budget,
+                                         no_split_module_classes=[LLAMA_LAYER], offload_folder=tmp_path / policy)  # fmt: skip
+            placed = set(model.hf_device_map.values())
+            assert len(placed & set(range(gpus))) >= 2 and "disk" in placed, (policy, model.hf_device_map)
+            with torch.no_grad():
+                got = model.generate(ids, attention_mask=mask, **generate)
+            assert torch.equal(got.sequences, expected.sequences), policy  # greedy tokens, cache built on the GPUs
+            for step, (logits, want) in enumerate(zip(got.logits, expected.logits, strict=True)):
+                assert logits.device == want.device, (policy, step)
+                close(logits, want)
+
+
+# ------------------------------------------------------------------------------------------------- prefetch
+def test_prefetch_brings_offloaded_weights_to_the_execution_gpu_in_order_on_the_side_stream(gpt, tmp_path):
+    reference, checkpoint, _ = gpt
+    offloaded = ["transformer.h.1", "transformer.h.2", "transformer.h.3", "transformer.h.5", "transformer.h.6"]
+    device_map = {"transformer.wte": 0, "transformer.wpe": 0, "transformer.h.0": 0, "transformer.h.1": "cpu",
+                  "transformer.h.2": "disk", "transformer.h.3": "cpu", "transformer.h.4": 1, "transformer.h.5": "disk",
+                  "transformer.h.6": "cpu", "transformer.h.7": 1, "transformer.ln_f": 1, "lm_head": 0}  # fmt: skip
+    ids = prompt(GPT_CONFIG["vocab_size"])
+    with torch.no_grad():
+        expected = reference(ids)
+    with simulated_gpus(2) as sim, torch.no_grad():
+        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, device_map, offload_folder=tmp_path)
+        for name in offloaded:  # milestones: before the dispatch hooks of the module run, and when it computes
+            module = model.get_submodule(name)
+            module.register_forward_pre_hook(lambda *_, n=name: sim.mark(f"enter {n}"), prepend=True)
+            module.register_forward_pre_hook(lambda *_, n=name: sim.mark(f"run {n}"))
+        close(model(ids), expected)  # the first forward learns the execution order
+        sim.clear_log()
+        close(model(ids), expected)
+        log = sim.log
+    marks = {r.detail: i for i, r in enumerate(log) if r.kind == "mark"}
+    order = [name for name in offloaded]  # execution order; the first was prefetched at the end of the last forward
+    for before, name in zip(order, order[1:]):
+        window = log[marks[f"enter {before}"] : marks[f"run {name}"]]
+        copies = [r for r in window if r.kind == "copy" and r.thread.startswith("bigmodel-prefetch")]
+        params = list(model.get_submodule(name).parameters())
+        assert [r.nbytes for r in copies] == [p.numel() * p.element_size() for p in params], name
+        assert all(r.device == 0 and r.stream != 0 and r.detail == "h2d pinned non_blocking" for r in copies), name
+        ready = [r for r in window if r.kind == "record_event" and r.thread == copies[-1].thread][-1]
+        waits = [r for r in window if r.kind == "wait_event" and r.detail == ready.detail]
+        assert waits and waits[0].thread == "MainThread" and waits[0].stream == 0, name  # compute waits for the copy
+        own = log[marks[f"enter {name}"] : marks[f"run {name}"]]
+        assert not [r for r in own if r.kind == "copy" and r.thread == "MainThread" and r.detail.startswith("h2d")]
+    assert [r.detail for r in log if r.kind == "mark"][::2] == [f"enter {name}" for name in order]
+
+
+# -------------------------------------------------------------------------------------- micro-batch pipeline
+def test_micro_batch_pipeline_over_two_gpus_matches_the_unsplit_model(gpt):
+    reference, checkpoint, _ = gpt
+    ids = prompt(GPT_CONFIG["vocab_size"], batch=4)
+    with torch.no_grad():
+        expected = reference(ids)
+    half = {"transformer.wte": 0, "transformer.wpe": 0, **{f"transformer.h.{i}": i // 4 for i in range(8)},
+            "transformer.ln_f": 1, "lm_head": 0}  # fmt: skip
+    with simulated_gpus(2) as sim, torch.no_grad():
+        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, half)
+        sim.clear_log()
+        close(pipelined_forward(model, ids, micro_batches=2), expected)
+        workers = {r.thread for r in sim.log if r.kind == "copy" and r.detail.startswith("d2d")}
+    assert workers == {"micro-batch-0", "micro-batch-1"}  # each micro-batch crossed from GPU 0 to GPU 1 itself
+
+
+# ------------------------------------------------------------------------------------------------- replicas
+@pytest.fixture
+def rank_restored():
+    """A Trainer built with a torchrun environment sets the process's rank-zero rank: put it back."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+
+    ranks = (rank_zero_only.rank, utils_rank_zero_only.rank)
+    yield
+    rank_zero_only.rank, utils_rank_zero_only.rank = ranks
+
+
+def test_each_replica_plans_and_runs_on_its_own_gpu_group(gpt, monkeypatch, tmp_path, rank_restored):
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning_bigmodel import DeviceMapCallback
+    from lightning_bigmodel.pl.replicas import ReplicatedBigModelStrategy
+
+    reference, checkpoint, _ = gpt
+    ids = prompt(GPT_CONFIG["vocab_size"])
+    with torch.no_grad():
+        expected = reference(ids)
+    for key in [k for k in list(os.environ) if k.startswith(("SLURM_", "TORCHELASTIC_"))]:
+        monkeypatch.delenv(key)
+    env = {"WORLD_SIZE": 2, "RANK": 1, "LOCAL_RANK": 1, "LOCAL_WORLD_SIZE": 2, "GROUP_RANK": 0,
+           "TORCHELASTIC_RUN_ID": "simulated", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}  # fmt: skip
+    for key, value in env.items():  # torchrun's environment for the second replica of the node
+        monkeypatch.setenv(key, str(value))
+    with simulated_gpus(4, memory_per_gpu="2GiB") as sim:
+        strategy = ReplicatedBigModelStrategy(devices_per_replica=2)
+        pl.Trainer(accelerator="gpu", devices=4, strategy=strategy, logger=False)  # Lightning sees 4 "CUDA" GPUs
+        assert strategy.owned_gpus() == [2, 3]
+        budget = strategy.replica_budget(None)  # detected: the simulated free memory of GPUs 2 and 3 only
+        assert [key for key in budget if isinstance(key, int)] == [2, 3]
+        assert budget[2] == budget[3] == 2**30  # 2 GiB free, less the 1 GiB headroom
+        callback = DeviceMapCallback(no_split_module_classes=["Block"])
+        strategy._restrict_callback(callback)
+        plan = callback.plan(empty_gpt(), strategy)
+        assert {device for device in plan.values() if isinstance(device, int)} == {2, 3}  # balanced over its group
+        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, plan, offload_folder=tmp_path)
+        assert sim.memory_allocated(0) == sim.memory_allocated(1) == 0 < sim.memory_allocated(2)
+        with torch.no_grad():
+            close(model(ids), expected)
+
+
+# -------------------------------------------------------------------------------------------------- Trainer
+def test_trainer_predict_with_the_gpu_accelerator_on_simulated_gpus(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from gpu_expectations import DeviceSpy
+    from lightning_bigmodel import BigModelInferenceStrategy
+    from lightning_models import GPTModule, reference_outputs, token_loader, write_bare_checkpoint, plain_gpt
+
+    checkpoint = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt())
+    device_map = {"model.transformer.wte": 0, "model.transformer.wpe": 0, "model.transformer.h.0": 0,
+                  "model.transformer.h.1": 1, "model.transformer.h.2": "cpu", "model.transformer.h.3": "disk",
+                  "model.transformer.ln_f": 1, "model.lm_head": 0}  # fmt: skip
+    with simulated_gpus(2) as sim:
+        strategy = BigModelInferenceStrategy(device_map=device_map, offload_folder=tmp_path / "offload")
+        spy = DeviceSpy()
+        trainer = pl.Trainer(accelerator="gpu", devices=2, strategy=strategy, callbacks=[spy], logger=False,
+                             enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        outputs = trainer.predict(GPTModule(), token_loader(), ckpt_path=str(checkpoint))
+        assert strategy.root_device == sim.devices[0]
+        assert spy.devices == [sim.devices[0]] * 2  # predict_step's outputs on the root GPU; Lightning returns them on CPU
+    expected = reference_outputs()
+    assert len(outputs) == len(expected) == 2
+    for got, want in zip(outputs, expected, strict=True):
+        close(got, want)
