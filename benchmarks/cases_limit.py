@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import resource
 import time
 from typing import Any
 
@@ -64,6 +65,22 @@ def _detected(lib: str) -> Any:
     return None
 
 
+def _cpu_resident(model: torch.nn.Module) -> float:
+    """After the forwards: the smallest fraction of pages in memory (``mincore``) over the weights placed on "cpu"."""
+    from lightning_bigmodel.offload.pages import is_file_backed, resident_fraction
+    from lightning_bigmodel.offload.placement import is_disk
+
+    device_map = getattr(model, "hf_device_map", None) or {"": "cpu"}
+    fractions = [1.0]
+    for prefix, device in device_map.items():
+        if device != "cpu":
+            continue
+        for param in (model.get_submodule(prefix) if prefix else model).parameters():
+            if not is_disk(param) and is_file_backed(param):
+                fractions.append(resident_fraction(param))
+    return min(fractions)
+
+
 def run_limit_case(spec: dict[str, Any], result: dict[str, Any]) -> None:
     """Load under the limit, then time forwards; fills ``result`` as it goes (a kill leaves the stage reached)."""
     inputs = limit_inputs(GPTConfig.preset(spec["size"]))
@@ -85,9 +102,12 @@ def run_limit_case(spec: dict[str, Any], result: dict[str, Any]) -> None:
         for shape, iters in (("decode", spec["decode_iters"]), ("prefill", spec["prefill_iters"])):
             x = inputs[shape]
             outputs[shape] = model(x).float()  # warm-up, and the output compared below
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
             timing = time_calls(lambda: model(x), 0, iters, lambda: None, budget_s=120.0, min_iters=iters)
+            result[f"{shape}_major_faults"] = (resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults) / iters
             result[f"{shape}_s"] = timing["median_s"]
             result[f"{shape}_times_s"] = timing["times_s"]
+    result["cpu_weights_resident"] = _cpu_resident(model)
     result["stage"] = "compare"
     if spec.get("write_ref"):
         torch.save(outputs, spec["ref_path"])

@@ -49,6 +49,10 @@ def _row(name: str, result: dict[str, Any], reference: dict[str, Any]) -> str:
         took, floor = result.get(f"{shape}_s"), estimate(result, reference, shape)
         ratio = f"{took / floor:.2f}x" if took and floor else "-"
         cells += [_s(took), _s(floor), ratio]
+    faults = result.get("decode_major_faults")
+    cells.append("-" if faults is None else f"{faults:.0f}")
+    resident = result.get("cpu_weights_resident")
+    cells.append("-" if resident is None or not maps.get("cpu") else f"{resident:.2f}")
     cells.append(f"{result['read_bandwidth'] / 1e9:.2f}" if result.get("read_bandwidth") else "-")
     cells.append(_diff(result))
     return "| " + " | ".join(cells) + " |"
@@ -72,11 +76,14 @@ def render(results: dict[str, Any], command: str, size: str) -> str:
         f"prefill {_s(reference.get('prefill_s'))}, status {reference.get('status')}.",
         "",
         "Estimate = bytes on disk / cold read bandwidth (measured just before the case, page cache of the checkpoint "
-        "dropped) + the resident forward time. Decode: batch 1 x 8 tokens; prefill: batch 1 x 128 tokens; medians.",
+        "dropped) + the resident forward time. Decode: batch 1 x 8 tokens; prefill: batch 1 x 128 tokens; medians. "
+        "Major faults: `ru_majflt` per timed decode. CPU weights resident: the smallest `mincore` fraction over the "
+        "file-backed weights placed on cpu, after the forwards (1.00: none was evicted).",
         "",
         "| case | status | max_memory | peak cgroup memory | load | on cpu | on disk | decode | decode estimate "
-        "| decode / estimate | prefill | prefill estimate | prefill / estimate | cold read GB/s | equal to plain |",
-        "| --- " * 15 + "|",
+        "| decode / estimate | prefill | prefill estimate | prefill / estimate | major faults per decode "
+        "| cpu weights resident after | cold read GB/s | equal to plain |",
+        "| --- " * 17 + "|",
     ]
     for name, result in results.items():
         if isinstance(result, dict) and "limit" in result:
