@@ -75,12 +75,14 @@ def main(argv=None) -> int:
         ("GPU 0 peak", plan[0]["peak"], gpu_peak),
         ("pinned weights", plan.get("cpu", {}).get("weights", 0), locked),
     ]
-    print(f"gpu_memory_vs_plan: {args.preset} float16, batch {args.batch} x {args.seq}, map {sorted(set(device_map.values()), key=str)}")
+    devices = sorted(set(device_map.values()), key=str)
+    print(f"gpu_memory_vs_plan: {args.preset} float16, batch {args.batch} x {args.seq}, map over {devices}")
     print("| what | plan (bytes) | measured (bytes) | measured / plan |")
     print("| --- | --- | --- | --- |")
     over = []
     for what, planned, measured in rows:
-        print(f"| {what} | {planned} | {measured} | {measured / planned:.3f} |" if planned else f"| {what} | 0 | {measured} | - |")
+        ratio = f"{measured / planned:.3f}" if planned else "-"
+        print(f"| {what} | {planned} | {measured} | {ratio} |")
         if measured > planned * (1 + args.tolerance) + SLACK:
             over.append(what)
     print(f"| pinned staging (torch's host allocator, peak) | - | {staging} | - |")

@@ -93,8 +93,9 @@ def test_gpu_trainer_whose_plan_uses_no_gpu_fails_before_loading(tmp_path, four_
 
 # ---------------------------------------------------------------------------------------------- finding 8
 def test_replica_collectives_stay_on_the_gpu_the_group_is_bound_to(monkeypatch, four_fake_gpus):
-    for key, value in {"WORLD_SIZE": 2, "RANK": 1, "LOCAL_RANK": 1, "LOCAL_WORLD_SIZE": 2, "GROUP_RANK": 0,
-                       "TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}.items():  # fmt: skip
+    env = {"WORLD_SIZE": 2, "RANK": 1, "LOCAL_RANK": 1, "LOCAL_WORLD_SIZE": 2, "GROUP_RANK": 0,
+           "TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}  # fmt: skip
+    for key, value in env.items():
         monkeypatch.setenv(key, str(value))
     strategy = ReplicatedBigModelStrategy(devices_per_replica=2)
     pl.Trainer(accelerator="gpu", devices=4, strategy=strategy, logger=False)
@@ -111,15 +112,17 @@ def test_replica_collectives_stay_on_the_gpu_the_group_is_bound_to(monkeypatch, 
     assert strategy.broadcast("x") == "x"
     assert seen["barrier"] == {"device_ids": [2]} and seen["broadcast"] == torch.device("cuda", 2)
     monkeypatch.setattr(replicas, "_sync_ddp_if_available", lambda t, group, reduce_op: seen.update(reduce=t) or t)
-    monkeypatch.setattr(torch.Tensor, "to", lambda self, device, *a, **k: seen.setdefault("moved", []).append(device) or self)
+    moved = seen.setdefault("moved", [])
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device, *a, **k: moved.append(device) or self)
     strategy.reduce(torch.ones(1))
     assert seen["moved"] == [torch.device("cuda", 2), torch.device("cpu")]  # reduced on GPU 2, back where it was
 
 
 # ---------------------------------------------------------------------------------------------- findings 4, 6, 10
 def _prefetched_run(monkeypatch, device_map, calls=3, cls_name="UntiedMLP"):
-    """Dispatch a test model (``UntiedMLP``) over 2 simulated GPUs, run ``calls`` forwards (the first learns the order); return the
-    outputs' match with the plain model, the harness log and the events the prefetch thread waited for on the CPU."""
+    """Dispatch a test model (``UntiedMLP``) over 2 simulated GPUs, run ``calls`` forwards (the first learns the
+    order), check the outputs against the plain model; return the harness log and the events the prefetch thread
+    waited for on the CPU."""
     from lightning_bigmodel import dispatch_model, remove_dispatch
     from lightning_bigmodel.simulate import simulated_gpus
     from lightning_bigmodel.simulate._runtime import SimEvent
@@ -128,7 +131,10 @@ def _prefetched_run(monkeypatch, device_map, calls=3, cls_name="UntiedMLP"):
 
     cls = getattr(models, cls_name)
     synced = []
-    monkeypatch.setattr(SimEvent, "synchronize", lambda self: synced.append((threading.current_thread().name, self.sim_id)))
+    def synchronize(event):
+        synced.append((threading.current_thread().name, event.sim_id))
+
+    monkeypatch.setattr(SimEvent, "synchronize", synchronize)
     x = example_input(cls)
     with torch.inference_mode():
         expected = make_reference(cls)(x)
@@ -202,12 +208,13 @@ def test_pipelined_micro_batches_hand_each_gpu_over_with_an_event_on_reused_stre
         torch.testing.assert_close(out, expected)
         workers = [r for r in log if r.thread.startswith("micro-batch-")]
         for gpu in (0, 1):  # micro-batch 0 releases the GPU with an event; micro-batch 1's stream waits for it
-            handed = [r for r in workers if r.kind == "record_event" and r.device == gpu and r.thread == "micro-batch-0"]
-            waits = [r for r in workers if r.kind == "wait_event" and r.device == gpu and r.thread == "micro-batch-1"]
+            mine = [r for r in workers if r.device == gpu]
+            handed = [r for r in mine if r.kind == "record_event" and r.thread == "micro-batch-0"]
+            waits = [r for r in mine if r.kind == "wait_event" and r.thread == "micro-batch-1"]
             assert handed and {r.detail for r in handed} & {r.detail for r in waits}
             first_wait = log.index(next(r for r in waits if r.detail in {h.detail for h in handed}))
-            later = [r for r in log[:first_wait] if r.thread == "micro-batch-1" and r.device == gpu and r.kind == "copy"]
-            assert later == []  # nothing of micro-batch 1 ran there before the wait
+            early = [r for r in log[:first_wait] if r.thread == "micro-batch-1" and r.device == gpu]
+            assert [r for r in early if r.kind == "copy"] == []  # nothing of micro-batch 1 ran there before the wait
         streams.append({(r.thread, r.device, r.stream) for r in workers if r.kind in ("record_event", "wait_event")})
     assert streams[0] == streams[1] and all(stream != 0 for _, _, stream in streams[0])  # no new streams per call
 

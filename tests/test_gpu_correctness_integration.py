@@ -108,3 +108,196 @@ def test_replica_collectives_stay_on_the_bound_gpu_when_the_plan_moves_the_root(
     reduced = strategy.reduce(torch.ones(2, device="cuda:1"), reduce_op="sum")
     assert reduced.device == torch.device("cuda", 1) and reduced.tolist() == [1.0, 1.0]
     assert_same(outputs, reference_outputs(), atol=gpu_tolerance(torch.float32)["atol"])  # GPU vs CPU kernels
+
+
+# ---------------------------------------------------------------------------------------------- finding 1 (dispatch)
+@needs_cuda
+def test_dispatching_a_model_in_ram_does_not_double_it_and_release_gives_it_back(tmp_path):
+    out = run_and_list_contexts(
+        """
+        import gc, resource, torch
+        from torch import nn
+        from lightning_bigmodel import dispatch_model
+        from lightning_bigmodel.offload import pinned
+        from lightning_bigmodel.pl.loader import release
+
+        def rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096
+
+        model = nn.Sequential(*[nn.Linear(4096, 4096, bias=False) for _ in range(8)]).requires_grad_(False)  # 512 MiB
+        size = 8 * 4096 * 4096 * 4
+        torch.cuda.init()
+        before, peak_before = rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        dispatch_model(model, {"0": 0, **{str(i): "cpu" for i in range(1, 8)}})
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - max(peak_before, before)
+        with torch.inference_mode():
+            model(torch.randn(4, 4096, device="cuda"))
+        locked = pinned.pinned_bytes()
+        release(model)
+        gc.collect()
+        result = {"size": size, "grown": grown, "locked": locked, "after": pinned.pinned_bytes(),
+                  "dropped": before - rss()}
+        """,
+        tmp_path,
+    )
+    r = out["result"]
+    assert r["locked"] >= 7 * r["size"] // 8  # the seven CPU layers, page-locked at their size
+    assert r["grown"] < r["size"] // 4  # with the originals kept during dispatch: about the model's size again
+    assert r["after"] == 0 and r["dropped"] > r["size"] // 2  # unregistered and unmapped, not cached
+
+
+# ---------------------------------------------------------------------------------------------- finding 4
+@needs_two_gpus
+def test_prefetch_creates_no_context_on_gpu_0(tmp_path):
+    out = run_and_list_contexts(
+        """
+        import torch
+        from torch import nn
+        from lightning_bigmodel import dispatch_model
+        model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)]).requires_grad_(False)
+        reference = [model(torch.ones(2, 256))]
+        dispatch_model(model, {"0": 1, "1": "cpu", "2": "cpu", "3": 1})  # computes on GPU 1 only
+        with torch.inference_mode():
+            outs = [model(torch.ones(2, 256, device="cuda:1")) for _ in range(3)]
+        torch.cuda.synchronize(1)
+        result = max(float((o.cpu() - reference[0]).abs().max()) for o in outs)
+        """,
+        tmp_path,
+    )
+    assert out["result"] < 1e-4 and out["contexts"] == [1]
+
+
+# ---------------------------------------------------------------------------------------------- finding 6
+class _Heavy(torch.nn.Module):
+    """A slow block on the GPU (the CPU runs far ahead of it): eight matmuls with one 64 MiB weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4096, 4096) / 64, requires_grad=False)
+
+    def forward(self, x):
+        for _ in range(8):
+            x = torch.tanh(x @ self.weight)
+        return x
+
+
+@needs_cuda
+def test_prefetch_keeps_at_most_two_offloaded_blocks_on_the_gpu():
+    from lightning_bigmodel import dispatch_model, remove_dispatch
+
+    blocks, block_bytes, act_bytes = 16, 4096 * 4096 * 4, 2048 * 4096 * 4
+    model = torch.nn.Sequential(*[_Heavy() for _ in range(blocks)])
+    dispatch_model(model, {"0": 0, **{str(i): "cpu" for i in range(1, blocks)}})
+    x = torch.randn(2048, 4096, device="cuda")
+    with torch.inference_mode():
+        model(x)  # learns the order
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        model(x)
+        torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    remove_dispatch(model)
+    # the block computing, the next one copied in (and the one before while its last kernels drain), activations;
+    # without the bound the side stream copied every block the CPU ran ahead to: up to 15 x 64 MiB
+    assert extra <= 3 * block_bytes + 4 * act_bytes, extra
+
+
+# ---------------------------------------------------------------------------------------------- findings 7, 10
+class _LazyCache(torch.nn.Module):
+    """Builds a cache on its device at the first call and updates a buffer in place on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(512, 512)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+        self.cache = None
+
+    def forward(self, x):
+        if self.cache is None:
+            self.cache = torch.cumsum(torch.ones(512, 512, device=x.device), 0) / 512
+        self.calls += 1
+        return self.linear(x) @ self.cache
+
+
+@needs_two_gpus
+def test_pipeline_hands_gpus_over_in_order_with_reused_streams():
+    from lightning_bigmodel import dispatch_model
+    from lightning_bigmodel.pipeline import MicroBatchPipeline
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_LazyCache(), _LazyCache(), _LazyCache(), _LazyCache()).requires_grad_(False)
+    x = torch.randn(64, 512)
+    with torch.inference_mode():
+        expected = torch.nn.Sequential(*[m for m in model]).forward(x)
+    for m in model:
+        m.cache, m.calls = None, torch.zeros((), dtype=torch.int64)
+    dispatch_model(model, {"0": 0, "1": 0, "2": 1, "3": 1})
+    with torch.inference_mode(), MicroBatchPipeline(model, micro_batches=4) as pipe:
+        first = pipe(x.cuda())
+        streams = dict(pipe._streams)
+        second = pipe(x.cuda())
+        assert pipe._streams == streams and len(streams) == 4 * 2  # one per micro-batch and GPU, kept
+    torch.testing.assert_close(first.cpu(), expected, **gpu_tolerance(torch.float32))
+    torch.testing.assert_close(second.cpu(), expected, **gpu_tolerance(torch.float32))
+    assert [int(m.calls) for m in model] == [8, 8, 8, 8]  # every in-place update counted, none lost
+
+
+@needs_two_gpus
+def test_tied_weight_on_another_gpu_is_not_staged_through_pinned_ram():
+    from lightning_bigmodel import dispatch_model
+    from models import TiedLM, example_input, make_reference
+
+    x = example_input(TiedLM)
+    with torch.inference_mode():
+        expected = make_reference(TiedLM)(x)
+    model = dispatch_model(make_reference(TiedLM), {"wte": 0, "blocks": 0, "ln_f": "cpu", "head": 1})
+    with torch.inference_mode():
+        model(x.cuda())  # learns the order
+        torch.cuda.synchronize()
+        blocks = torch.cuda.host_memory_stats().get("allocations.allocated", 0)
+        outs = [model(x.cuda()) for _ in range(3)]
+        torch.cuda.synchronize()
+    assert torch.cuda.host_memory_stats().get("allocations.allocated", 0) == blocks  # no pinned staging block
+    for out in outs:
+        torch.testing.assert_close(out.cpu(), expected, **gpu_tolerance(torch.float32))
+
+
+@needs_cuda
+def test_loading_narrows_on_the_host_before_the_gpu_copy(tmp_path):
+    from lightning_bigmodel import init_empty_weights, load_checkpoint_in_model, save_sharded_checkpoint
+
+    checkpoint = save_sharded_checkpoint(torch.nn.Linear(8192, 8192, bias=False), tmp_path / "ckpt")  # 256 MiB fp32
+    with init_empty_weights():
+        model = torch.nn.Linear(8192, 8192, bias=False)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    load_checkpoint_in_model(model, checkpoint, {"": 0}, dtype=torch.float16)
+    peak = torch.cuda.max_memory_allocated() - base
+    assert model.weight.dtype == torch.float16 and model.weight.is_cuda
+    assert peak <= 8192 * 8192 * 2 + 2**24  # the fp16 weight only; casting on the GPU held the fp32 copy too
+
+
+# ---------------------------------------------------------------------------------------------- finding 9
+@needs_cuda
+def test_unindexed_main_device_leaves_gpu_buffers_in_place():
+    from lightning_bigmodel import dispatch_model
+    from lightning_bigmodel.offload.hooks import WeightHook
+    from lightning_bigmodel.offload.placement import main_device_of
+    from models import BufferNet, example_input, make_reference
+
+    x = example_input(BufferNet)
+    reference = make_reference(BufferNet)
+    with torch.no_grad():
+        expected = [reference(x) for _ in range(2)]
+    model = dispatch_model(make_reference(BufferNet), {"a": "cpu", "mid": 0, "b": 0}, main_device="cuda")
+    assert main_device_of(model) == torch.device("cuda", 0) and model.a.offset.device == torch.device("cuda", 0)
+    bound = [getattr(hook, "__self__", None) for hook in model.a._forward_pre_hooks.values()]
+    hooks = [hook for hook in bound if isinstance(hook, WeightHook)]
+    assert hooks and all(entry.is_param for hook in hooks for entry in hook.entries)  # buffers are not copied in
+    with torch.no_grad():
+        got = [model(x.cuda()) for _ in range(2)]
+    for out, want in zip(got, expected):
+        torch.testing.assert_close(out.cpu(), want, **gpu_tolerance(torch.float32))
