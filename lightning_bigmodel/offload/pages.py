@@ -37,6 +37,8 @@ _MLOCK_ONFAULT = 1
 _MADV_WILLNEED = 3
 _MADV_PAGEOUT = 21  # Linux 5.4
 _MADV_POPULATE_READ = 22  # Linux 5.14
+_FADV_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)  # POSIX, absent on macOS and Windows
+_FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
 
 _libc: Optional[ctypes.CDLL] = None
 _mapped: dict[int, tuple[int, int]] = {}  # start address of a tracked file map -> (its end, a descriptor of the file)
@@ -106,12 +108,17 @@ def _forget(start: int, fd: int) -> None:
     os.close(fd)
 
 
-def _file_advise(tensor: torch.Tensor, advice: int, inner: bool) -> bool:
+def _file_advise(tensor: torch.Tensor, advice: Optional[int], inner: bool) -> bool:
     """``posix_fadvise`` over the file range behind ``tensor``'s pages, when its map is tracked."""
+    if advice is None:
+        return False
     start, length = page_span(tensor, inner)
     for map_start, (map_end, fd) in list(_mapped.items()):
         if length and map_start <= start < map_end:
-            os.posix_fadvise(fd, start - map_start, min(length, map_end - start), advice)
+            try:
+                os.posix_fadvise(fd, start - map_start, min(length, map_end - start), advice)
+            except OSError:  # advice only: a file system that refuses it changes nothing else
+                return False
             return True
     return False
 
@@ -145,7 +152,7 @@ def populate(tensor: torch.Tensor) -> bool:
     On a tracked map (:func:`track_file`) the exact file range is read first (``POSIX_FADV_WILLNEED``), so the faults
     that map the pages find them cached and start no read-ahead of the kernel's own beyond the tensor.
     """
-    _file_advise(tensor, os.POSIX_FADV_WILLNEED, inner=False)
+    _file_advise(tensor, _FADV_WILLNEED, inner=False)
     return _madvise(tensor, _MADV_POPULATE_READ) or _madvise(tensor, _MADV_WILLNEED)
 
 
@@ -153,7 +160,7 @@ def read_ahead(tensor: torch.Tensor) -> bool:
     """Start reading ``tensor``'s file range into the page cache and return at once (``POSIX_FADV_WILLNEED`` on a
     tracked map, else ``MADV_WILLNEED``); the first touch then maps the cached pages (minor faults) or waits for the
     read in flight. Unlike :func:`populate` it holds no lock of the address space while the disk works."""
-    return _file_advise(tensor, os.POSIX_FADV_WILLNEED, inner=False) or _madvise(tensor, _MADV_WILLNEED)
+    return _file_advise(tensor, _FADV_WILLNEED, inner=False) or _madvise(tensor, _MADV_WILLNEED)
 
 
 def release(tensor: torch.Tensor) -> bool:
@@ -164,7 +171,7 @@ def release(tensor: torch.Tensor) -> bool:
     """
     paged_out = _madvise(tensor, _MADV_PAGEOUT, inner=True)
     # Pages of the range that are cached but not mapped here (read ahead by the kernel) go too, on a tracked map.
-    return _file_advise(tensor, os.POSIX_FADV_DONTNEED, inner=True) or paged_out
+    return _file_advise(tensor, _FADV_DONTNEED, inner=True) or paged_out
 
 
 def resident_fraction(tensor: torch.Tensor) -> float:
