@@ -210,3 +210,18 @@ def test_on_a_cuda_machine_gpus_beyond_the_visible_ones_are_simulated_without_to
     result = simulate_memory(model, {"emb": 0, "blocks": 0, "head": far}, _ids())
     assert result[far]["peak"] == V * D * F32 + B * T * D * F32 + B * T * V * F32
     assert torch.cuda.memory_allocated(0) == allocated
+
+
+def test_gpt_example_with_a_sliced_mask_buffer_runs_over_two_gpus_and_cpu():
+    """Indexing, ``~`` and friends on fake GPU tensors (their Python bindings need a device guard a CPU build lacks)."""
+    from examples.gpt import GPT, GPTConfig
+
+    config = GPTConfig.preset("tiny")
+    with init_empty_weights():
+        model = GPT(config)
+    device_map = {"transformer.wte": 0, "transformer.wpe": 0, "transformer.h.0": 0, "transformer.h.1": "cpu",
+                  "transformer.h.2": 1, "transformer.h.3": 1, "transformer.ln_f": 1, "lm_head": 0}  # fmt: skip
+    result = simulate_memory(model, device_map, _ids(B, T), max_new_tokens=3)
+    logits = B * (T + 3) * config.vocab_size * F32  # the last decode step's logits, on the head's GPU
+    assert result[0]["peak"] >= result[0]["weights"] + logits
+    assert set(result) == {0, 1, "cpu"}

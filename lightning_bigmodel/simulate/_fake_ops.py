@@ -2,10 +2,12 @@
 attention as GPUs run it.
 
 Fake tensors may say ``cuda:k`` on a build without CUDA, and almost every op works on them (the fake kernels run on
-meta). Three Python bindings do not: indexing (``t[i]``, ``t[i] = v``), ``contiguous()`` and ``copy_()`` take a
-device guard of the tensor's device before dispatching, and a CPU-only build has none for CUDA ("PyTorch is not
-linked with support for cuda devices"). :class:`SimulatedFunctions` answers those calls with dispatched ops that need
-no guard and allocate what the real call allocates. It also replaces ``F.scaled_dot_product_attention`` (see
+meta). A few Python bindings do not: indexing (``t[i]``, ``t[i] = v``), ``~t``, ``contiguous()``, ``copy_()``,
+``split()``, ``new_tensor()``... take a device guard of the tensor's device before dispatching, and a CPU-only build has
+none for CUDA ("PyTorch is not linked with support for cuda devices"). :class:`SimulatedFunctions` retries such a call
+on meta stand-ins of the same layout and maps the results back: a result sharing a stand-in's storage becomes the same
+view of the original tensor (``as_strided``), any other result a new tensor on the original's device, so the call
+allocates what the real one does. It also replaces ``F.scaled_dot_product_attention`` (see
 :meth:`SimulatedFunctions._attention`).
 """
 
@@ -16,32 +18,61 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves, tree_map
+
+_NO_GUARD = "is not linked with support for"
+_READS_VALUES = {"__bool__", "__float__", "__index__", "__int__", "item", "nonzero", "tolist"}
 
 
 def _on_accelerator(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.device.type not in ("cpu", "meta")
 
 
-def _same_device(what: str, *tensors: Any) -> None:
-    """Raise as CUDA does when non-scalar tensors of ``tensors`` sit on different devices."""
-    devices = {t.device for t in tensors if isinstance(t, torch.Tensor) and t.dim() > 0}
+def _same_device(what: str, tensors: list) -> None:
+    """Raise as CUDA does when non-scalar accelerator tensors sit on different devices."""
+    devices = {t.device for t in tensors if _on_accelerator(t) and t.dim() > 0}
     if len(devices) > 1:
         shown = " and ".join(sorted(map(str, devices)))
         raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, {shown}! ({what})")
 
 
-def _index_tensors(index: Any) -> list:
-    items = index if isinstance(index, (tuple, list)) else (index,)
-    return [item for item in items if isinstance(item, torch.Tensor)]
+def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
+    """A meta tensor with ``tensor``'s layout over a storage of the same size (offsets and views line up)."""
+    elements = max(tensor.untyped_storage().nbytes() // tensor.element_size(), 1)
+    base = torch.empty(elements, dtype=tensor.dtype, device="meta")
+    return base.as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
 
 
-def _host_index(index: Any) -> Any:
-    """``index`` with its tensors replaced by meta fakes of the same shape and dtype."""
-    if isinstance(index, (tuple, list)):
-        return type(index)(_host_index(item) for item in index)
-    if isinstance(index, torch.Tensor):
-        return torch.empty_strided(index.shape, index.stride(), dtype=index.dtype, device="meta")
-    return index
+def _on_meta(func, args: tuple, kwargs: dict) -> Any:
+    """``func`` run on meta stand-ins of every tensor argument; results mapped back onto the accelerator."""
+    name = getattr(func, "__name__", str(func))
+    if name in _READS_VALUES:
+        raise RuntimeError(f"The forward reads tensor values ({name}), which a memory simulation cannot do.")
+    tensors = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+    _same_device(name, tensors)
+    device = next(t.device for t in tensors if _on_accelerator(t))
+    stand_ins: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def to_meta(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        meta = _meta_like(value)
+        stand_ins.append((value, meta))
+        return meta
+
+    out = func(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
+
+    def back(result: Any) -> Any:
+        if not isinstance(result, torch.Tensor):
+            return result
+        for original, meta in stand_ins:
+            if result is meta:
+                return original
+            if result.untyped_storage() is meta.untyped_storage():
+                return original.as_strided(result.shape, result.stride(), result.storage_offset())
+        return torch.empty_strided(result.shape, result.stride(), dtype=result.dtype, device=device)
+
+    return tree_map(back, out)
 
 
 class SimulatedFunctions(TorchFunctionMode):
@@ -51,29 +82,12 @@ class SimulatedFunctions(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             return self._attention(*args, **kwargs)
-        if args and _on_accelerator(args[0]):
-            if func is torch.Tensor.__getitem__:
-                return self._getitem(*args)
-            if func is torch.Tensor.__setitem__:
-                _same_device("index assignment", args[0], *_index_tensors(args[1]), args[2])
-                return None  # values do not exist: nothing to write
-            if func is torch.Tensor.contiguous:
-                tensor, memory_format = args[0], kwargs.get("memory_format", torch.contiguous_format)
-                return tensor if tensor.is_contiguous(memory_format=memory_format) else tensor.clone(memory_format=memory_format)
-            if func is torch.Tensor.copy_:
-                return args[0]  # in place: no allocation, no values
-        return func(*args, **kwargs)
-
-    @staticmethod
-    def _getitem(tensor: torch.Tensor, index: Any) -> torch.Tensor:
-        """The same indexing on a meta fake of the same layout (meta: not counted) gives the result's layout: a view stays a view of
-        ``tensor`` (``as_strided``), a gather is a new tensor on ``tensor``'s device."""
-        _same_device("indexing", tensor, *_index_tensors(index))
-        host = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
-        result = host[_host_index(index)]
-        if result.untyped_storage() is host.untyped_storage():
-            return tensor.as_strided(result.shape, result.stride(), result.storage_offset())
-        return torch.empty_strided(result.shape, result.stride(), dtype=result.dtype, device=tensor.device)
+        try:
+            return func(*args, **kwargs)
+        except RuntimeError as err:
+            if _NO_GUARD not in str(err):
+                raise
+        return _on_meta(func, args, kwargs)  # the binding took a device guard this build lacks: no dispatch happened
 
     @staticmethod
     def _attention(query, key, value, attn_mask=None, *args, **kwargs) -> torch.Tensor:
@@ -83,5 +97,5 @@ class SimulatedFunctions(TorchFunctionMode):
         ``batch x heads x seq x seq`` scores. Under fake tensors on a CPU-only build torch takes its math fallback,
         which does, in float32: a 70B prefill of 8x2048 would show 8.6 GB per layer that no GPU allocates.
         """
-        _same_device("scaled_dot_product_attention", query, key, value, attn_mask)
+        _same_device("scaled_dot_product_attention", [query, key, value, attn_mask])
         return torch.empty((*query.shape[:-1], value.shape[-1]), dtype=query.dtype, device=query.device)
