@@ -73,13 +73,16 @@ def test_config_parses_with_the_cli(path, monkeypatch):
         assert strategy.class_path.rsplit(".", 1)[-1] in ("BigModelInferenceStrategy", "ReplicatedBigModelStrategy")
 
 
-def test_config_with_a_wrong_option_is_refused(tmp_path, monkeypatch):
+def test_config_with_a_wrong_option_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT))
     bad = tmp_path / "bad.yaml"
     text = (ROOT / "configs" / "plan_gpt2_xl.yaml").read_text()
     bad.write_text(text.replace("policy: balanced_low_0", "policy: fast"))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         _plan_parser().parse_args(["--config", str(bad)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert 'key "policy"' in err and "Got value: fast" in err and "'balanced_low_0'" in err, err  # culprit, choices
 
 
 def test_predict_strategy_defaults_to_bigmodel(monkeypatch):
