@@ -45,6 +45,14 @@ def test_mixing_devices_raises_like_cuda():
         assert torch.equal(a[torch.tensor([0, 2])].cpu(), torch.ones(2))  # CPU index tensors are allowed
 
 
+def test_cuda_only_kernels_are_stood_in_for():
+    with simulated_gpus(1):
+        experts = torch.tensor([0, 1, 1, 3], dtype=torch.int32, device="simgpu:0")
+        counts = torch.histc(experts, bins=4, min=0, max=3)  # integer histc: CUDA has it, the CPU kernel not
+        assert counts.device == experts.device and counts.dtype == torch.int32
+        assert counts.tolist() == [1, 2, 0, 1]
+
+
 def test_literal_cuda_devices_map_onto_the_simulation():
     with simulated_gpus(2) as gpus:
         assert torch.zeros(2, device="cuda:1").device == gpus.devices[1]

@@ -271,3 +271,34 @@ def test_trainer_predict_with_the_gpu_accelerator_on_simulated_gpus(tmp_path):
     assert len(outputs) == len(expected) == 2
     for got, want in zip(outputs, expected, strict=True):
         close(got, want)
+
+
+# -------------------------------------------------------------------------------------------------- Mixtral
+def test_mixtral_generate_over_simulated_gpus_cpu_and_disk(tmp_path):
+    """Mixtral in the Hub layout (experts converted while loading), routed on simulated GPUs, against transformers'
+    own ``from_pretrained`` on the CPU."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(**{**LLAMA_CONFIG, "num_hidden_layers": 4, "num_local_experts": 4,
+                                           "num_experts_per_tok": 2, "pad_token_id": 0})  # fmt: skip
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "hub", max_shard_size="20KB")
+    reference = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hub").eval()
+    ids = prompt(config.vocab_size)
+    generate = dict(max_new_tokens=2, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                    pad_token_id=0, attention_mask=torch.ones_like(ids))  # fmt: skip
+    with torch.no_grad():
+        expected = reference.generate(ids, **generate)
+    with simulated_gpus(2):
+        with init_empty_weights():
+            model = transformers.MixtralForCausalLM(reference.config).eval()
+        layer = compute_module_sizes(model)["model.layers.0"]
+        budget = {0: int(2.4 * layer), 1: int(1.2 * layer), "cpu": int(1.2 * layer)}  # the experts make layers big
+        load_checkpoint_and_dispatch(model, tmp_path / "hub", "auto", max_memory=budget,
+                                     no_split_module_classes=model._no_split_modules, offload_folder=tmp_path / "off")  # fmt: skip
+        placed = set(model.hf_device_map.values())
+        assert {0, 1, "cpu", "disk"} <= placed, model.hf_device_map
+        with torch.no_grad():
+            got = model.generate(ids, **generate)
+    assert torch.equal(got.sequences, expected.sequences)
+    for logits, want in zip(got.logits, expected.logits, strict=True):
+        close(logits, want)

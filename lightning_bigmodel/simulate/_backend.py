@@ -196,6 +196,10 @@ def run_op(func, args: tuple, kwargs: dict):
     out_device = target if has_target else source
     if func._schema.name == "aten::_fused_sdp_choice":
         return 0  # the math kernel: fused attention kernels are CUDA-only ops without a CPU kernel
+    if func._schema.name == "aten::histc" and not args[0].is_floating_point():
+        # CUDA counts integer inputs, the CPU kernel floats only (MoE routers count tokens per expert this way)
+        counts = func(args[0].raw.double(), *args[1:], **kwargs).to(args[0].dtype)
+        return wrap(counts, out_device)
     if func._schema.name == "aten::record_stream":
         return _runtime.log_record_stream(args[0], args[1])
     _runtime.log_copy(func, args, kwargs, source, target or destination)
