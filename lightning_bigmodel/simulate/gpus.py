@@ -7,6 +7,11 @@ like CUDA, when an op mixes devices; ``torch.cuda`` queries, the literal ``"cuda
 events are stood in for (see ``_standins`` and ``_runtime``). Outputs are therefore the plain model's, and the
 device flow (where each tensor goes, which stream copies it) is the one a machine with four GPUs would run.
 
+The backend stays registered for the rest of the process (PyTorch allows one PrivateUse1 backend per process and no
+unregistering); outside the ``with`` block it reports itself unavailable, and the library then ignores it. PyTorch's
+own accelerator choice (``torch.accelerator`` without ``check_available``, the pinned-memory allocator) may keep
+preferring it over CUDA, so on a machine with CUDA run simulations in a process of their own.
+
 What is not simulated: speed and asynchrony (every op is synchronous CPU work; streams and events are recorded, not
 waited on), CUDA-only kernels (fused attention falls back to the math kernel), and the literal-``"cuda"`` stand-in
 in threads the code under test starts itself (the library re-enters the caller's torch-function modes in its own
@@ -15,6 +20,7 @@ worker threads; other threads must use devices taken from tensors).
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Union
 
@@ -101,6 +107,12 @@ def simulated_gpus(count: int, memory_per_gpu: Union[int, str] = "80GiB") -> Ite
     capacity = _check_arguments(count, memory_per_gpu)
     if STATE.active:
         raise RuntimeError("`simulated_gpus` is already active in this process; leave it before entering it again.")
+    if torch._C._get_privateuse1_backend_name() != BACKEND and torch.cuda.is_available():
+        warnings.warn(
+            "`simulated_gpus` registers a PyTorch backend that may shadow CUDA in this process from now on (pinned "
+            "memory, `torch.accelerator`). Run simulations in a process that does not use CUDA.",
+            stacklevel=3,
+        )
     _backend.ensure_registered(SimulatedDeviceModule())
     saved = [(owner, name, owner.__dict__.get(name, _MISSING)) for owner, name, _ in STAND_INS]
     STATE.reset(count, capacity)
@@ -113,9 +125,9 @@ def simulated_gpus(count: int, memory_per_gpu: Union[int, str] = "80GiB") -> Ite
             yield SimulatedGPUs(count, capacity)
     finally:
         for owner, name, original in saved:
-            if original is _MISSING:
-                owner.__dict__.get(name) is not None and delattr(owner, name)
-            else:
+            if original is not _MISSING:
                 setattr(owner, name, original)
+            elif name in owner.__dict__:
+                delattr(owner, name)
         STATE.active = False
         _runtime.clear_pinned()
