@@ -47,3 +47,11 @@ def test_input_shape_given_twice_differently_is_refused(tmp_path):
 def test_bad_input_shape_fails_when_the_strategy_is_made():
     with pytest.raises(ValueError, match=r"`input_shape='3by7'` does not parse"):
         BigModelInferenceStrategy(input_shape="3by7")
+
+
+def test_max_new_tokens_without_input_shape_is_refused(tmp_path):
+    strategy = BigModelInferenceStrategy(max_new_tokens=8)
+    with pytest.raises(ValueError, match=r"`max_new_tokens=8` needs `input_shape`"):
+        bigmodel_trainer(strategy).predict(
+            GPTModule(), token_loader(), ckpt_path=str(write_bare_checkpoint(tmp_path / "c", plain_gpt()))
+        )

@@ -233,6 +233,8 @@ class DeviceMapCallback(Callback):
             # limit smaller than the largest layer fails here, before anything is loaded
             check_layer_fits(*largest_layer(pl_module, self.no_split_module_classes, self.dtype, **quantized))
         self.memory = None
+        if self.max_new_tokens and self.input_shape is None:
+            raise ValueError(f"`max_new_tokens={self.max_new_tokens}` needs `input_shape` (e.g. '4x2048') to plan for.")
         if isinstance(self.requested_map, Mapping):
             device_map = {key: normalize_device(value) for key, value in self.requested_map.items()}
             check_device_map(pl_module, device_map)
