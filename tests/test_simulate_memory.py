@@ -225,3 +225,17 @@ def test_gpt_example_with_a_sliced_mask_buffer_runs_over_two_gpus_and_cpu():
     logits = B * (T + 3) * config.vocab_size * F32  # the last decode step's logits, on the head's GPU
     assert result[0]["peak"] >= result[0]["weights"] + logits
     assert set(result) == {0, 1, "cpu"}
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the simulation registers a PrivateUse1 backend, which shadows CUDA for the rest of the process"
+)
+def test_same_peaks_inside_simulated_gpus():
+    from lightning_bigmodel.simulate import simulated_gpus
+
+    model = _meta_lm()
+    device_map = {"emb": 0, "blocks": 0, "head": 1}
+    outside = simulate_memory(model, device_map, _ids())
+    with simulated_gpus(2):
+        inside = simulate_memory(model, device_map, _ids())
+    assert inside == outside and outside[1]["peak"] == V * D * F32 + B * T * D * F32 + B * T * V * F32
