@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lightning_bigmodel.offload.pages import read_ahead, release
+from lightning_bigmodel.offload.subclass import plain_parts
 from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS, detect_cpu_memory
 
 
@@ -70,7 +71,7 @@ class ReadAhead:
 
     def attach(self, name: str, module: nn.Module, tensors: Sequence[torch.Tensor]) -> list:
         """Hook ``module`` (called ``name``), whose forward uses the disk views ``tensors``; return the hook handles."""
-        self._tensors[name] = list(tensors)
+        self._tensors[name] = [part for tensor in tensors for part in plain_parts(tensor)]  # quantized: inner views
         return [
             module.register_forward_pre_hook(lambda *_: self.before(name)),
             module.register_forward_hook(lambda *_: self.after(name), always_call=True),
