@@ -149,3 +149,16 @@ def test_main_job_minilm_embeddings_match_transformers(tmp_path):
     expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1)
     assert result["embeddings"].shape == (32, 384)
     torch.testing.assert_close(result["embeddings"], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_predict_replicas_cpu_config_runs_two_processes(tmp_path):
+    """`configs/replicas_cpu.yaml` as its comment says to run it: Lightning starts the second replica itself."""
+    output = run_cli(["predict", "--config", str(ROOT / "configs" / "replicas_cpu.yaml")], cwd=tmp_path)
+    torch.manual_seed(0)  # the seeded random checkpoint the config's model writes into runs/gpt-tiny
+    reference = GPT(GPTConfig.preset("tiny")).eval()
+    expected = reference.generate(random_prompts(reference.config.vocab_size, 8, 8), max_new_tokens=10)
+    shares = [torch.load(tmp_path / "runs" / f"gpt_tokens-rank{rank}.pt") for rank in range(2)]
+    # each replica predicted every other prompt (Lightning's predict sampler), together each prompt exactly once
+    assert torch.equal(shares[0], expected[0::2]) and torch.equal(shares[1], expected[1::2])
+    assert output.count("Wrote 4 sequences x 18 tokens") == 2 and "disk" in output  # half of each replica on disk
