@@ -23,7 +23,7 @@ from lightning_bigmodel.checkpoint.loading import load_checkpoint_in_model
 from lightning_bigmodel.checkpoint.reader import CheckpointReader
 from lightning_bigmodel.checkpoint.writer import save_sharded_checkpoint
 from lightning_bigmodel.offload import disk
-from lightning_bigmodel.offload.placement import is_disk
+from lightning_bigmodel.offload.placement import DISPATCH_STATE, is_disk
 from lightning_bigmodel.offload.subclass import stored_nbytes
 from lightning_bigmodel.planning.device_map import infer_device_map, tensor_devices
 from lightning_bigmodel.planning.sizes import compute_module_sizes
@@ -114,6 +114,9 @@ def test_int8_dispatch_equals_torchao_and_stays_close_to_fp32(tmp_path, ckpt, wh
     weight = model.transformer.h[1].mlp.c_fc.weight
     assert type(weight).__name__ == "Int8Tensor" and weight.qdata.dtype == torch.int8
     assert is_disk(weight) == (where != "cpu")  # disk weights stay quantized: views of the offload files
+    if where != "cpu":  # the disk read-ahead works on their int8 inner views
+        read_ahead = model.__dict__[DISPATCH_STATE].prefetcher
+        assert any(t.dtype == torch.int8 for ts in read_ahead._tensors.values() for t in ts)
     assert model.lm_head.weight.dtype == torch.float32 and model.lm_head.weight is model.transformer.wte.weight
     assert type(model.transformer.h[0].ln_1.weight) is nn.Parameter
     plain_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())
