@@ -132,3 +132,13 @@ def test_plain_report_without_tqdm(tmp_path, monkeypatch, capsys):
     percents = [int(line.split(":")[1].split("%")[0]) for line in lines]
     assert percents == sorted(set(percents)) and percents[-1] == 100
     assert all(p % 10 == 0 for p in percents) and len(percents) <= 10
+
+
+def test_sharded_io_progress_with_the_real_tqdm(tmp_path, capsys):
+    """The bar as a user sees it: the real tqdm (its keyword arguments accepted), ending at the checkpoint's bytes."""
+    from tqdm import tqdm
+
+    _predict(tmp_path, ShardedCheckpointIO(progress=True))
+    total = tqdm.format_sizeof(sum(checkpoint_bytes(tmp_path / "ckpt").values()), divisor=1024)
+    err = capsys.readouterr().err
+    assert f"Loading checkpoint: 100%|██████████| {total}/{total} [" in err, err[-2000:]
