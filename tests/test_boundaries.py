@@ -204,3 +204,25 @@ def test_device_map_is_validated_once_along_load_checkpoint_and_dispatch(tmp_pat
         with lbm.init_empty_weights():
             other = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
         lbm.load_checkpoint_and_dispatch(other, tmp_path / "ckpt", device_map={"0": "cpu"})
+
+
+@pytest.mark.parametrize(
+    "strategy_arg",
+    ["--trainer.strategy=bigmodel", "--trainer.strategy.class_path=lightning_bigmodel.BigModelInferenceStrategy"],
+    ids=["registered-name", "class-path"],
+)
+def test_plain_lightning_cli_takes_the_registered_name_or_the_class_path(strategy_arg):
+    """A user's own LightningCLI script (not our command) that imports the plugin, then Lightning's CLI."""
+    out = _run(
+        f"""
+        import sys
+        import lightning_bigmodel  # noqa: F401  (the plugin first; Lightning is imported after it)
+        from lightning.pytorch.cli import LightningCLI
+        from lightning.pytorch.demos.boring_classes import BoringModel
+        sys.argv = ["predict.py", "{strategy_arg}", "--trainer.accelerator=cpu",
+                    "--trainer.logger=false"]
+        cli = LightningCLI(BoringModel, run=False)
+        print(type(cli.trainer.strategy).__name__)
+        """
+    )
+    assert out.split()[-1] == "BigModelInferenceStrategy"
