@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -220,20 +222,42 @@ def test_lightning_trainer_checkpoint(tmp_path):
         assert_same(dict(reader.iter_tensors()), model.state_dict())
 
 
-def test_hub_id_from_snapshot_download(tmp_path, monkeypatch, tiny_state_dict):
-    folder = tmp_path / "snap"
-    folder.mkdir()
-    save_file(tiny_state_dict, str(folder / "model.safetensors"))
+def _fake_hub(monkeypatch, repo: Path, snapshots: Path) -> list:
+    """``snapshot_download`` over a local "repo" folder: like the real one, it fetches only the files matching
+    ``allow_patterns`` into a fresh snapshot folder (so a pattern set that matches no weights yields none)."""
     calls = []
 
     def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
-        calls.append((repo_id, allow_patterns))
-        return str(folder)
+        calls.append((repo_id, list(allow_patterns)))
+        snapshot = snapshots / str(len(calls))
+        snapshot.mkdir(parents=True)
+        for file in repo.iterdir():
+            if any(fnmatch.fnmatch(file.name, pattern) for pattern in allow_patterns):
+                shutil.copy(file, snapshot / file.name)
+        return str(snapshot)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
-    resolved = resolve_checkpoint("some-org/tiny-model")
-    assert resolved.files == (folder / "model.safetensors",)
-    assert calls[0][0] == "some-org/tiny-model" and "*.safetensors" in calls[0][1]
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_hub_id_from_snapshot_download(tmp_path, monkeypatch, tiny_state_dict, kind):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "config.json").write_text("{}")
+    (repo / "README.md").write_text("not a weight")
+    if kind == "safetensors":
+        save_file(tiny_state_dict, str(repo / "model.safetensors"))
+    else:  # a repo with pickled shards only: the safetensors patterns fetch config.json alone, then the .bin ones
+        save_sharded_checkpoint(tiny_state_dict, repo, max_shard_size=200, safe_serialization=False)
+    calls = _fake_hub(monkeypatch, repo, tmp_path / "snapshots")
+    with CheckpointReader("some-org/tiny-model") as reader:
+        assert_same(dict(reader.iter_tensors()), tiny_state_dict)
+        files = {path.name for path in reader.checkpoint.files}
+    assert [repo_id for repo_id, _ in calls] == ["some-org/tiny-model"] * (1 if kind == "safetensors" else 2)
+    assert "*.safetensors" in calls[0][1] and (kind == "safetensors" or "*.bin" in calls[1][1])
+    assert files == ({"model.safetensors"} if kind == "safetensors" else {p.name for p in repo.glob("*.bin")})
+    assert kind == "safetensors" or len(files) > 1
 
 
 def test_hub_id_from_local_cache_offline(tmp_path, monkeypatch, tiny_state_dict):
