@@ -101,10 +101,6 @@ def load_checkpoint_in_model(
             "`model` is dispatched: its hooks hold the weights placed before. Call `remove_dispatch(model)` before "
             "loading a checkpoint into it, then dispatch it again (or build a fresh model)."
         )
-    if quantization is not None or quantization_skip_modules:  # a bad name fails before anything is opened
-        from lightning_bigmodel.integrations.quantization.spec import resolve_quantization
-
-        resolve_quantization(quantization, quantization_skip_modules)
     groups = tensor_groups(model)
     main_device = torch.device("cpu")
     if device_map is not None:
@@ -112,18 +108,23 @@ def load_checkpoint_in_model(
         main_device = execution_device(device_map)
     assign_targets(groups, device_map, main_device, offload_buffers)
     pin = device_map is not None and pin_host(main_device)
+    # Quantization is checked before the checkpoint is opened: the name, torchao, a kernel on every execution device.
+    quantizer = _quantizer(model, groups, main_device, dtype, quantization, quantization_skip_modules)
     resolved = resolve_checkpoint(checkpoint)
+    if quantizer is not None:
+        _refuse_prequantized(resolved.root, ())  # a `quantization_config` in its config.json
     with CheckpointReader(resolved) as opened:
-        if quantization is not None:  # an already quantized checkpoint fails here, not on its first odd shape
-            _refuse_prequantized(opened)  # the checkpoint's own names and dtypes, before any conversion
+        if quantizer is not None:  # an already quantized checkpoint fails here, not on its first odd shape
+            _refuse_prequantized(resolved.root, opened)  # the checkpoint's own names and dtypes (headers only)
         # A transformers model reads the checkpoint through its own conversion rules (renames, merged experts): the
         # keys are then its names. The per-tensor transform (quantization) applies after this, to model tensors.
         reader = converted_source(model, opened, key_prefix)
         plan = _plan(groups, reader, dtype, key_prefix)
         if reader is not opened:  # a checkpoint of another class or revision fails here, before any placement
             reader.check_fit(_missing_parameters(groups, plan), plan.unexpected)
-        if quantization is not None:
-            _add_quantization(plan, model, groups, reader, main_device, quantization, quantization_skip_modules)
+        if quantizer is not None:
+            plan.transform = quantizer
+            plan.transformed = {i for i in plan.sources if quantizer.selects(groups[i].name)}
         if strict and (plan.missing or plan.unexpected):
             raise RuntimeError(_strict_message(plan, key_prefix))
         writes = _needs_writes(groups, plan, reader)
@@ -292,23 +293,22 @@ def _load_group(group: TensorGroup, key: str, reader: CheckpointReader, dtype: t
     install(group, tensor)
 
 
-def _refuse_prequantized(reader: CheckpointReader) -> None:
+def _refuse_prequantized(root: Path, reader) -> None:
     from lightning_bigmodel.integrations.quantization.prequantized import check_not_prequantized
 
-    keys = [(key, reader.spec(key).dtype) for key in reader.keys()]
-    check_not_prequantized(reader.checkpoint.root, keys, str(reader.checkpoint.root))
+    keys = [(key, reader.spec(key).dtype) for key in reader.keys()] if reader else []
+    check_not_prequantized(root, keys, str(root))
 
 
-def _add_quantization(plan: _Plan, model, groups, reader, main_device, quantization, skip_modules) -> None:
-    """Check the quantization request (before any weight is read) and hook its quantizer into ``plan``."""
+def _quantizer(model: nn.Module, groups: list[TensorGroup], main_device, dtype, quantization, skip_modules):
+    """The quantizing transform for this load (``None`` when none is asked), checked against the model's devices."""
+    if quantization is None and not skip_modules:
+        return None
     from lightning_bigmodel.integrations.quantization.quantizer import build_quantizer
 
-    loaded = {groups[i].name: i for i in plan.sources}
-    devices = {name: compute_device(groups[i], main_device) for name, i in loaded.items()}
-    dtypes = {name: plan.dtypes[i] for name, i in loaded.items()}
-    plan.transform = build_quantizer(model, quantization, skip_modules, devices, dtypes)
-    if plan.transform is not None:
-        plan.transformed = {i for name, i in loaded.items() if plan.transform.selects(name)}
+    devices = {g.name: compute_device(g, main_device) for g in groups}
+    dtypes = {g.name: _target_dtype(g.tensor.dtype, g.tensor.dtype, dtype) for g in groups}  # float weights: cast
+    return build_quantizer(model, quantization, skip_modules, devices, dtypes)
 
 
 def _place_unloaded(model: nn.Module, groups: list[TensorGroup], plan: _Plan, pin: bool) -> None:
