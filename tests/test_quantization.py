@@ -224,12 +224,25 @@ def no_weight_read(monkeypatch):
         monkeypatch.setattr(CheckpointReader, method, refuse)
 
 
+def _refuse_opening(monkeypatch) -> None:
+    def refuse(self, checkpoint, *args, **kwargs):
+        raise AssertionError(f"checkpoint {checkpoint!r} was opened before the bad input was refused")
+
+    monkeypatch.setattr(CheckpointReader, "__init__", refuse)
+
+
+@pytest.fixture
+def not_opened(monkeypatch):
+    """Fail the test if the checkpoint is even opened (a ``.bin`` shard is unpickled when opened)."""
+    _refuse_opening(monkeypatch)
+
+
 def _assert_untouched(model: nn.Module) -> None:
     assert all(p.is_meta for p in model.parameters())
 
 
 @pytest.mark.parametrize("bad", ["int3", "nf4", "fp8"])
-def test_unknown_quantization_is_refused_before_reading(ckpt, no_weight_read, bad):
+def test_unknown_quantization_is_refused_before_reading(ckpt, not_opened, bad):
     model = empty_gpt()
     with pytest.raises(ValueError, match=rf"`quantization`='{bad}' is not supported.*'int8', 'int4'"):
         load_checkpoint_and_dispatch(model, ckpt, MAPS["cpu"], quantization=bad)
@@ -238,7 +251,7 @@ def test_unknown_quantization_is_refused_before_reading(ckpt, no_weight_read, ba
         BigModelInferenceStrategy(quantization=bad)
 
 
-def test_int4_without_a_kernel_on_the_cpu_is_refused_before_reading(ckpt, no_weight_read):
+def test_int4_without_a_kernel_on_the_cpu_is_refused_before_reading(ckpt, not_opened):
     model = empty_gpt()
     with pytest.raises(ValueError, match=r"'int4'.*no torchao kernel for execution device\(s\) \['cpu'\].*'int8'"):
         load_checkpoint_and_dispatch(model, ckpt, MAPS["cpu+disk"], quantization="int4")
@@ -246,7 +259,7 @@ def test_int4_without_a_kernel_on_the_cpu_is_refused_before_reading(ckpt, no_wei
 
 
 @pytest.mark.parametrize("how", ["config", "gptq", "int8_scales"])
-def test_already_quantized_checkpoint_is_refused_before_reading(tmp_path, how, no_weight_read):
+def test_already_quantized_checkpoint_is_refused_before_reading(tmp_path, how, no_weight_read, monkeypatch):
     from safetensors.torch import save_file
 
     state = {k: v for k, v in plain_gpt().state_dict().items() if k != "lm_head.weight"}
@@ -263,13 +276,15 @@ def test_already_quantized_checkpoint_is_refused_before_reading(tmp_path, how, n
         state["transformer.h.0.mlp.c_fc.weight"] = state["transformer.h.0.mlp.c_fc.weight"].to(torch.int8)
         state["transformer.h.0.mlp.c_fc.weight_scale"] = torch.ones(128, 1)
     save_file(state, str(folder / "model.safetensors"))
+    if how == "config":  # refused from config.json alone, before the checkpoint is opened
+        _refuse_opening(monkeypatch)
     model = empty_gpt()
     with pytest.raises(ValueError, match=r"already quantized.*unquantized"):
         load_checkpoint_and_dispatch(model, folder, MAPS["cpu"], quantization="int8")
     _assert_untouched(model)
 
 
-def test_missing_torchao_names_the_extra(ckpt, monkeypatch, no_weight_read):
+def test_missing_torchao_names_the_extra(ckpt, monkeypatch, not_opened):
     from lightning_bigmodel.integrations.quantization import torchao as integration
 
     monkeypatch.setattr(integration, "torchao_version", lambda: None)
