@@ -227,15 +227,34 @@ def test_no_device_map_loads_on_cpu(tmp_path):
     assert_same_outputs(model, make_reference(TiedLM), TiedLM)
 
 
-def test_offload_folder_lock_serialises_writers(tmp_path):
+def test_offload_folder_lock_serialises_writers(tmp_path, monkeypatch):
+    """A second writer tries the folder's lock while the first holds it: it must find it taken (no sleep decides the
+    order: the second thread probes the lock without blocking first, and tells the main thread it did)."""
+    import fcntl
     import threading
-    import time
+    import types
 
+    from lightning_bigmodel.offload import disk
     from lightning_bigmodel.offload.disk import OffloadFolder
 
-    events = []
+    events, probed = [], threading.Event()
+    second_thread = {}
+
+    def flock(fd, operation):
+        if threading.get_ident() == second_thread.get("id") and operation == fcntl.LOCK_EX:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                events.append("second finds the lock taken")
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            probed.set()
+        fcntl.flock(fd, operation)
+
+    monkeypatch.setattr(disk, "fcntl", types.SimpleNamespace(**{**vars(fcntl), "flock": flock}))
 
     def second_writer():
+        second_thread["id"] = threading.get_ident()
         with OffloadFolder(tmp_path, source=[{"path": "x", "size": 1, "mtime_ns": 1}]) as store:
             events.append("second enters")
             assert store.has("t", [3], torch.float32)  # sees what the first one committed: reuses it
@@ -243,8 +262,9 @@ def test_offload_folder_lock_serialises_writers(tmp_path):
     with OffloadFolder(tmp_path, source=[{"path": "x", "size": 1, "mtime_ns": 1}]) as store:
         thread = threading.Thread(target=second_writer)
         thread.start()
-        time.sleep(0.2)
+        assert probed.wait(timeout=30), "the second writer never asked for the lock"
         events.append("first writes")
         store.write("t", torch.arange(3.0))
-    thread.join(timeout=10)
-    assert events == ["first writes", "second enters"]
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert events == ["second finds the lock taken", "first writes", "second enters"]
