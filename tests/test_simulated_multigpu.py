@@ -302,3 +302,28 @@ def test_mixtral_generate_over_simulated_gpus_cpu_and_disk(tmp_path):
     assert torch.equal(got.sequences, expected.sequences)
     for logits, want in zip(got.logits, expected.logits, strict=True):
         close(logits, want)
+
+
+# ----------------------------------------------------------------------------- fake-tensor peaks, cross-checked
+@pytest.mark.parametrize("offloaded", [None, "disk"])
+def test_fake_tensor_peaks_match_the_peaks_measured_on_simulated_gpus(gpt, tmp_path, offloaded):
+    """``simulate_memory`` (fake tensors, no compute) predicts the weights and peak of each GPU that the real-value
+    simulation measures on the same forward (its storages counted as they are born and die)."""
+    from lightning_bigmodel.simulate import simulate_memory
+
+    _, checkpoint, _ = gpt
+    middle = offloaded or 1
+    device_map = {"transformer.wte": 0, "transformer.wpe": 0, "transformer.ln_f": 1, "lm_head": 0,
+                  **{f"transformer.h.{i}": 0 if i < 2 else (middle if i < 5 else 1) for i in range(8)}}  # fmt: skip
+    ids = prompt(GPT_CONFIG["vocab_size"], batch=4, length=32)
+    predicted = simulate_memory(empty_gpt(), device_map, ids)
+    with simulated_gpus(2) as sim, torch.no_grad():
+        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, device_map, offload_folder=tmp_path)
+        model(ids)  # learns the prefetch order
+        resident = [sim.memory_allocated(index) for index in range(2)]
+        sim.reset_peak_memory_stats()
+        model(ids.to(sim.devices[0]))  # inputs start on the main GPU, as simulate_memory assumes
+        peaks = [sim.max_memory_allocated(index) for index in range(2)]
+    for index in range(2):
+        assert predicted[index]["weights"] == resident[index]
+        assert peaks[index] == pytest.approx(predicted[index]["peak"], rel=0.01), (index, peaks, predicted)
