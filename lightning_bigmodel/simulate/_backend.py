@@ -11,6 +11,9 @@ Why PrivateUse1 and not a subclass reporting ``cuda:k``: on a CPU build the Pyth
 before any dispatch (indexing such a tensor fails with "not linked with support for cuda devices"); a registered
 backend brings its own (no-op) device guard, so indexing, ``nn.Module.to`` and the like work.
 
+CUDA-only kernels the CPU lacks are stood in for where model code reaches them: the fused attention kernels (the
+backend reports the math kernel as its choice) and ``histc`` of integers (MoE routers count tokens per expert so).
+
 Memory: each simulated GPU counts the bytes of the CPU storages it holds (released when the storage dies) and raises
 ``torch.OutOfMemoryError`` past its capacity, as the CUDA caching allocator would.
 
