@@ -66,9 +66,11 @@ def test_cpu_only_dispatch_attaches_no_hooks(tmp_path):
     checkpoint = save_sharded_checkpoint(make_reference(UntiedMLP), tmp_path / "ckpt")
     model = load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, {"": "cpu"})
     assert all_hooks(model) == 0
-    # disk weights on a CPU execution device are used in place: one cheap guard hook on the root only
+    # disk weights on a CPU execution device are used in place: a guard on the root, and the read-ahead's pre and
+    # post hooks on each module holding disk weights (no weight moves)
     model = load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, MAPS[UntiedMLP]["mixed"])
-    assert all_hooks(model) == 2 and len(model._forward_pre_hooks) == 1
+    streamed = [m for m in model.modules() if any(is_disk(p) for p in m._parameters.values() if p is not None)]
+    assert streamed and all_hooks(model) == 2 + 2 * len(streamed) and len(model._forward_pre_hooks) == 1
     torch.testing.assert_close(outputs(model, UntiedMLP)[0], outputs(make_reference(UntiedMLP), UntiedMLP)[0])
 
 
