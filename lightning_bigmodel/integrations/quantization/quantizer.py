@@ -1,6 +1,6 @@
 """Check a quantization request against the model and the devices, then build the quantizer.
 
-Called by loading before any weight is read (after :mod:`.prequantized` has checked the checkpoint): the name,
+Called by loading before the checkpoint is opened (:mod:`.prequantized` checks the checkpoint next): the name,
 whether torchao is installed, and whether the method has a kernel on every execution device of a quantized weight.
 """
 
@@ -29,8 +29,8 @@ def build_quantizer(
         model: the model being loaded (only names, types and shapes are read).
         quantization: ``"int8"``, ``"int4"``, a spec, or ``None``.
         skip_modules: module names whose ``nn.Linear`` weights stay unquantized (``None``: ``["lm_head"]``).
-        devices: execution device of every model tensor name that the checkpoint holds.
-        dtypes: dtype each of those tensors is loaded in.
+        devices: execution device of every model tensor (by its first name).
+        dtypes: dtype each tensor is loaded in.
 
     Raises:
         ValueError: an unknown name, or no kernel on an execution device.
