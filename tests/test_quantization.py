@@ -408,7 +408,7 @@ def test_int8_on_simulated_gpus_with_cpu_and_disk_offload(tmp_path):
     assert type(model.transformer.h[2].attn.c_attn.weight).__name__ == "Int8Tensor"  # back on the host, still int8
 
 
-@pytest.mark.parametrize("name", ["llama", "mixtral"])
+@pytest.mark.parametrize("name", ["llama", "mixtral", "bert"])
 def test_hub_model_int8_through_transformers_conversion(tmp_path, name):
     """The quantizing step runs after transformers' conversion rules (Mixtral's experts are merged while streaming):
     cpu+disk int8 equals torchao's ``quantize_`` on the model transformers loads itself. Fused 3-D expert weights
@@ -433,5 +433,5 @@ def test_hub_model_int8_through_transformers_conversion(tmp_path, name):
     with torch.inference_mode():
         out, expected = outputs_of(model(**inputs)), outputs_of(reference(**inputs))
     assert torch.equal(out, expected)
-    assert type(model.model.layers[1].self_attn.q_proj.weight).__name__ == "Int8Tensor"
-    assert is_disk(model.model.layers[1].self_attn.q_proj.weight)
+    quantized = [p for p in model.parameters() if type(p).__name__ == "Int8Tensor"]
+    assert quantized and any(is_disk(p) for p in quantized) and not all(is_disk(p) for p in quantized)
