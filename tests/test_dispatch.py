@@ -135,7 +135,10 @@ def test_loading_into_a_dispatched_model_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="remove_dispatch"):
         load_checkpoint_in_model(model, checkpoint, MAPS[UntiedMLP]["mixed"])
     remove_dispatch(model)
-    load_checkpoint_in_model(model, checkpoint, MAPS[UntiedMLP]["mixed"])
+    other = save_sharded_checkpoint(make_reference(UntiedMLP, seed=3), tmp_path / "other")  # other weights: a reload
+    load_checkpoint_in_model(model, other, MAPS[UntiedMLP]["mixed"])  # that did nothing would keep the first ones
+    reference = make_reference(UntiedMLP, seed=3)
+    torch.testing.assert_close(outputs(model, UntiedMLP)[0], outputs(reference, UntiedMLP)[0], rtol=0, atol=0)
 
 
 def test_hooks_of_containers_go_to_their_children():

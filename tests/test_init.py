@@ -34,10 +34,14 @@ def test_parameters_on_meta_buffers_real():
     assert all(p.is_meta for p in model.parameters())
     assert all(not b.is_meta for b in model.buffers())
     reference = GPT(GPTConfig.preset("tiny"))
-    for (name, param), (ref_name, ref) in zip(model.named_parameters(), reference.named_parameters()):
+    params, ref_params = list(model.named_parameters()), list(reference.named_parameters())
+    assert len(params) == len(ref_params) > 0
+    for (name, param), (ref_name, ref) in zip(params, ref_params, strict=True):
         assert name == ref_name and param.shape == ref.shape and param.dtype == ref.dtype
         assert type(param) is nn.Parameter and param.requires_grad
-    for (name, buffer), (_, ref) in zip(model.named_buffers(), reference.named_buffers()):
+    buffers, ref_buffers = list(model.named_buffers()), list(reference.named_buffers())
+    assert [name for name, _ in buffers] == [name for name, _ in ref_buffers] and buffers
+    for (name, buffer), (_, ref) in zip(buffers, ref_buffers, strict=True):
         assert torch.equal(buffer, ref), name
 
 

@@ -141,8 +141,11 @@ def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
     load_checkpoint_in_model(empty_model(), checkpoint, {"": "disk"}, offload_folder=folder)
     (folder / ".out.weight.safetensors.999999.tmp").write_bytes(b"half a tensor")
     (folder / "notes.txt").write_text("the user's own file")  # not ours: kept
-    load_checkpoint_in_model(empty_model(), checkpoint, {"": "disk"}, offload_folder=folder)
+    model = empty_model()
+    load_checkpoint_in_model(model, checkpoint, {"": "disk"}, offload_folder=folder)
     assert tmp_files(folder) == [] and (folder / "notes.txt").exists()
+    assert_consistent(folder, checkpoint)
+    torch.testing.assert_close(output_of(model), reference_output(), rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- processes
