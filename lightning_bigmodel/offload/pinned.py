@@ -137,12 +137,15 @@ def close_shared_slabs() -> None:
         _filling.clear()
 
 
-def give_back_host_memory() -> None:
+def give_back_host_memory(device: Optional[torch.device] = None) -> None:
     """After a release: stop filling the shared slabs (each is unmapped with its last tensor) and return the pinned
-    blocks torch's caching host allocator keeps (disk-read staging of the prefetcher) to the OS. Never initialises
+    blocks torch's caching host allocator keeps (disk-read staging of the prefetcher) to the OS, from the context of
+    GPU ``device`` (the released model's execution device; no context is created on another GPU). Never initialises
     CUDA."""
     close_shared_slabs()
     empty = getattr(torch._C, "_host_emptyCache", None)  # CUDA builds (`torch.accelerator.empty_host_cache` asks
-    if empty is not None and torch.cuda.is_available() and torch.cuda.is_initialized():  # whichever is current)
-        torch.cuda.synchronize()  # cached blocks still read by a copy are not given back before it ends
-        empty()
+    if device is None or device.type != "cuda" or empty is None:  # whichever accelerator is current)
+        return
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        with torch.cuda.device(device):
+            empty()  # only blocks no copy uses any more are freed

@@ -63,6 +63,7 @@ def release(model: nn.Module) -> None:
     :func:`~lightning_bigmodel.offload.pinned.give_back_host_memory`). Loading a checkpoint again makes the model
     usable.
     """
+    main = main_device_of(model)
     for _, module in dispatched_modules(model):
         remove_dispatch(module)
     replaced: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id -> (old, meta); `old` keeps the id unique
@@ -81,7 +82,7 @@ def release(model: nn.Module) -> None:
             if buffer is not None and buffer.device.type == "cpu" and is_pinned(buffer):
                 module._buffers[name] = unpinned.setdefault(id(buffer), buffer.to("cpu", copy=True))
     replaced.clear()
-    give_back_host_memory()
+    give_back_host_memory(main)
 
 
 def dispatched_plan(model: nn.Module) -> dict[str, Union[int, str]]:
