@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_bigmodel.pl import _chunks
 from lightning_bigmodel.pl.writers import (
@@ -232,4 +232,53 @@ def test_buffered_batches_are_flushed_on_exception(tmp_path):
     assert [n for n in names(tmp_path) if n.startswith("chunk-")] == ["chunk-000000000-000000003-r0.safetensors"]
     job = predict(ResumablePredictionWriter(tmp_path, chunk_size=2), dataset)
     assert job.seen == list(range(4, N))
+    torch.testing.assert_close(read_predictions(tmp_path), expected(dataset))
+
+
+# ---------------------------------------------------------------------------------------------- error paths
+def _trainer(writer) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, callbacks=[writer], logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+
+
+class TwoLoaderJob(Job):
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        return super().predict_step(batch, batch_idx)
+
+
+def test_several_dataloaders_are_refused_before_any_batch(tmp_path):
+    job, dataset = TwoLoaderJob(), Indexed()
+    loaders = [DataLoader(dataset, batch_size=4), DataLoader(dataset, batch_size=4)]
+    with pytest.raises(ValueError, match=r"exactly one `torch.utils.data.DataLoader`.*\['DataLoader', 'DataLoader'\]"):
+        _trainer(ResumablePredictionWriter(tmp_path)).predict(job, loaders, return_predictions=False)
+    assert job.seen == [] and not list(tmp_path.glob("chunk-*"))
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        dataset = Indexed()
+        return (dataset[i] for i in range(len(dataset)))
+
+
+def test_data_without_indices_is_refused(tmp_path):
+    job = Job()
+    with pytest.raises(ValueError, match=r"needs a map-style dataset \(with `__len__`\), got Stream"):
+        _trainer(ResumablePredictionWriter(tmp_path)).predict(job, DataLoader(Stream(), batch_size=4),
+                                                              return_predictions=False)  # fmt: skip
+    assert job.seen == [] and not list(tmp_path.glob("chunk-*"))
+    writer = ResumablePredictionWriter(tmp_path)  # and a batch that comes without indices all the same
+    with pytest.raises(ValueError, match="no sample indices for predict batch 3.*map-style dataset"):
+        writer.write_on_batch_end(None, job, torch.zeros(4, 3), None, None, 3, 0)
+
+
+def test_chunks_without_a_manifest_are_refused_and_kept(tmp_path):
+    dataset = Indexed()
+    predict(ResumablePredictionWriter(tmp_path, job_id="a"), dataset)
+    (tmp_path / "manifest.json").unlink()  # someone else's chunks, or a folder copied without it
+    chunks = {n: (tmp_path / n).read_bytes() for n in names(tmp_path)}
+    assert len(chunks) == 3  # 10 samples in batches of 4
+    with pytest.raises(PredictionFolderError, match=r"holds 3 chunk files but no manifest\.json.*overwrite=True"):
+        predict(ResumablePredictionWriter(tmp_path, job_id="a"), dataset)
+    assert {n: (tmp_path / n).read_bytes() for n in names(tmp_path)} == chunks  # nothing deleted or added
+    predict(ResumablePredictionWriter(tmp_path, job_id="a", overwrite=True), dataset)
     torch.testing.assert_close(read_predictions(tmp_path), expected(dataset))

@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from torch.utils.data import Sampler, SequentialSampler
+from torch.utils.data import IterableDataset, Sampler, SequentialSampler
 
 from lightning_bigmodel.pl._chunks import (
     _FORMAT,
@@ -200,7 +200,14 @@ class ResumablePredictionWriter(BasePredictionWriter):
                 f"`ResumablePredictionWriter` needs exactly one `torch.utils.data.DataLoader` to predict on, got"
                 f" {[type(dl).__name__ for dl in loaders]}. Run one `trainer.predict` (and `output_dir`) per dataset."
             )
-        num_samples = len(loaders[0].dataset)
+        dataset = loaders[0].dataset
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            raise ValueError(
+                f"`ResumablePredictionWriter` needs a map-style dataset (with `__len__`), got {type(dataset).__name__}:"
+                " Lightning gives no sample indices for an iterable one, so nothing could be resumed. Index the data"
+                " (a `torch.utils.data.Dataset` with `__getitem__` and `__len__`)."
+            )
+        num_samples = len(dataset)
         manifest = _read_manifest(self.output_dir) or {}
         if manifest.get("num_samples") not in (None, num_samples):
             raise PredictionFolderError(
