@@ -173,19 +173,28 @@ def test_prefetch_brings_offloaded_weights_to_the_execution_gpu_in_order_on_the_
         close(model(ids), expected)
         log = sim.log
     marks = {r.detail: i for i, r in enumerate(log) if r.kind == "mark"}
-    order = [name for name in offloaded]  # execution order; the first was prefetched at the end of the last forward
-    for before, name in zip(order, order[1:]):
-        window = log[marks[f"enter {before}"] : marks[f"run {name}"]]
-        copies = [r for r in window if r.kind == "copy" and r.thread.startswith("bigmodel-prefetch")]
+    assert [r.detail for r in log if r.kind == "mark"][::2] == [f"enter {name}" for name in offloaded]
+    jobs, copies, first = [], [], None  # the prefetch thread's jobs in order: side-stream copies, then an event
+    for index, record in enumerate(log):
+        if record.thread.startswith("bigmodel-prefetch") and record.kind == "copy":
+            first = index if not copies else first
+            copies.append(record)
+        elif record.thread.startswith("bigmodel-prefetch") and record.kind == "record_event" and copies:
+            jobs.append((first, record.detail, copies))
+            copies = []
+    waited = {r.detail: i for i, r in enumerate(log) if r.kind == "wait_event" and r.thread == "MainThread"}
+    # Each module's weights: one prefetch job issued once the module before it started, waited for by the compute
+    # stream before the module runs (the first module's job ran at the end of the forward before).
+    for before, name in zip(offloaded, offloaded[1:]):
+        mine = [job for job in jobs if marks[f"enter {name}"] < waited.get(job[1], -1) < marks[f"run {name}"]]
+        assert len(mine) == 1, (name, jobs)
+        first, _, copies = mine[0]
         params = list(model.get_submodule(name).parameters())
         assert [r.nbytes for r in copies] == [p.numel() * p.element_size() for p in params], name
         assert all(r.device == 0 and r.stream != 0 and r.detail == "h2d pinned non_blocking" for r in copies), name
-        ready = [r for r in window if r.kind == "record_event" and r.thread == copies[-1].thread][-1]
-        waits = [r for r in window if r.kind == "wait_event" and r.detail == ready.detail]
-        assert waits and waits[0].thread == "MainThread" and waits[0].stream == 0, name  # compute waits for the copy
+        assert first > marks[f"enter {before}"], name  # issued once the module before started
         own = log[marks[f"enter {name}"] : marks[f"run {name}"]]
         assert not [r for r in own if r.kind == "copy" and r.thread == "MainThread" and r.detail.startswith("h2d")]
-    assert [r.detail for r in log if r.kind == "mark"][::2] == [f"enter {name}" for name in order]
 
 
 # -------------------------------------------------------------------------------------- micro-batch pipeline
