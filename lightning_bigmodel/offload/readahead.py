@@ -31,7 +31,6 @@ from lightning_bigmodel.offload.subclass import plain_parts
 from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS, detect_cpu_memory
 
 
-
 def should_release(disk_bytes: int) -> bool:
     """Whether streamed disk weights should leave the page cache after use: when they take more than half of the
     memory this process can still use (its cgroup's room or the available RAM, see
