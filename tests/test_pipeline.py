@@ -19,6 +19,7 @@ from torch import nn
 from examples.gpt import GPT, GPTConfig
 from lightning_bigmodel import init_empty_weights, load_checkpoint_and_dispatch, remove_dispatch, save_sharded_checkpoint
 from lightning_bigmodel.pipeline import MicroBatchPipeline, pipelined_forward
+from gpu_expectations import gpu_tolerance
 
 GPT_MAP = {
     "transformer.wte": 0,
@@ -467,7 +468,8 @@ def test_cuda_streams_one_gpu_fake_two_devices() -> None:
         expected = model(x)
         model.hf_device_map = {"stages.0": 0, "stages.1": 1}  # "1" is a lock domain, not a GPU here
         for _ in range(3):  # reuse of stream memory across calls
-            torch.testing.assert_close(call_with_timeout(pipelined_forward, model, x, micro_batches=4), expected)
+            got = call_with_timeout(pipelined_forward, model, x, micro_batches=4)
+            torch.testing.assert_close(got, expected, **gpu_tolerance(got.dtype))  # smaller batches, other kernels
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
@@ -482,7 +484,7 @@ def test_cuda_real_dispatch_over_two_gpus(tiny_gpt: GPT) -> None:
     with torch.inference_mode(), MicroBatchPipeline(tiny_gpt, micro_batches=4) as pipe:
         actual = call_with_timeout(pipe, ids.cuda())
     assert actual.device == torch.device("cuda", 0)
-    torch.testing.assert_close(actual.cpu(), expected)
+    torch.testing.assert_close(actual.cpu(), expected, **gpu_tolerance(actual.dtype))  # GPU vs CPU kernels
 
 
 def test_bad_arguments_are_explained(tiny_gpt: GPT) -> None:
