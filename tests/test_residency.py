@@ -213,3 +213,22 @@ def test_planner_reserves_the_stream_window_on_cpu():
     placed = sum(sizes.get(name, 0) for name, device in device_map.items() if device == "cpu")
     assert "disk" in device_map.values() and placed > 0
     assert placed + (1 + READ_AHEAD_LAYERS) * sizes["transformer.h.0"] <= budget  # a block is the largest layer
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: disk weights staged into pinned memory")
+def test_gpu_prefetch_releases_staged_disk_pages_when_memory_is_short(checkpoint):
+    reference, path = checkpoint
+    device_map = {"transformer.wte": 0, "transformer.wpe": 0, "transformer.h": "disk", "transformer.ln_f": 0, "lm_head": 0}
+    with init_empty_weights():
+        model = GPT(CONFIG)
+    model = load_checkpoint_and_dispatch(model, path, device_map=device_map).eval()
+    assert model.__dict__["_bigmodel_dispatch"].prefetcher.release_disk  # `should_release` is patched to say so
+    x = torch.randint(0, CONFIG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = reference(x)
+        for _ in range(3):
+            torch.testing.assert_close(model(x.cuda()).cpu(), expected)
+    model.__dict__["_bigmodel_dispatch"].prefetcher.close()
+    disk, _ = _disk_and_cpu(model)
+    nbytes = sum(p.numel() * p.element_size() for p in disk)
+    assert sum(pages.resident_fraction(p) * p.numel() * p.element_size() for p in disk) <= 0.5 * nbytes

@@ -107,12 +107,13 @@ def attach_hooks(
     state = DispatchState(main_device=main)
     units, by_unit = _entries_by_unit(model, groups, normalized, main)
     move_io = len({device for _, device in units.values()}) > 1 or bool(by_unit)
+    disk_bytes = sum(g.tensor.numel() * g.tensor.element_size() for g in groups if is_disk(g.tensor))
     if any(has_streams(units[name][1]) for name in by_unit):
         state.prefetcher = Prefetcher()
+        state.prefetcher.release_disk = bool(disk_bytes) and should_release(disk_bytes)
     elif main.type == "cpu":
         disk_units = _disk_units(model, groups)
         if disk_units:  # disk views used in place: read them ahead of compute, release them after if memory is short
-            disk_bytes = sum(g.tensor.numel() * g.tensor.element_size() for g in groups if is_disk(g.tensor))
             state.prefetcher = ReadAhead(release=should_release(disk_bytes))
             for name, (module, tensors) in disk_units.items():
                 state.handles += state.prefetcher.attach(name, module, tensors)

@@ -35,17 +35,18 @@ from lightning_bigmodel.offload.placement import is_disk
 from lightning_bigmodel.offload.subclass import copy_to, is_pinned, is_wrapped, map_inner, plain_parts
 
 
-def _stage(host: torch.Tensor) -> torch.Tensor:
+def _stage(host: torch.Tensor, release_disk: bool = False) -> torch.Tensor:
     """A pinned copy of a pageable (e.g. memory-mapped) host tensor; reading it faults the pages in. A tensor subclass
-    holding inner tensors (a quantized weight) is staged part by part: copying it whole would dequantize it."""
+    holding inner tensors (a quantized weight) is staged part by part: copying it whole would dequantize it. A disk
+    view is read in one request; with ``release_disk`` its pages leave the page cache once copied."""
     if is_wrapped(host):
-        return map_inner(host, _stage)
+        return map_inner(host, lambda inner: _stage(inner, release_disk))
     on_disk = is_disk(host)
     if on_disk:
         populate(host)  # one large read of the file range instead of page faults
     staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
-    if on_disk:
-        release(host)  # the pinned copy is what the GPU reads: the file pages leave the page cache
+    if on_disk and release_disk:
+        release(host)  # the pinned copy is what the GPU reads
     return staged
 
 
@@ -62,6 +63,7 @@ class Prefetcher:
         self._lock = threading.Lock()  # guards `_pending` and the switch out of recording
         self._streams: dict[torch.device, torch.Stream] = {}
         self._pool: Optional[ThreadPoolExecutor] = None
+        self.release_disk = False  # drop disk pages once staged (set when the disk weights exceed the memory left)
 
     @property
     def recording(self) -> bool:
@@ -154,7 +156,7 @@ class Prefetcher:
                 # Pageable host memory is staged into pinned memory; pinned host memory and another GPU's tensor (a
                 # tied weight resident there) are copied directly: GPU to GPU, not through RAM.
                 pageable = host.device.type == "cpu" and not is_pinned(host)
-                source = _stage(host) if pageable else host
+                source = _stage(host, self.release_disk) if pageable else host
                 copies[index] = copy_to(source, hook.device, non_blocking=True)
             event = accel.new_event(hook.device)
             event.record(stream)
