@@ -203,6 +203,20 @@ def test_logits_match_transformers(positions, llama, tmp_path):
         torch.testing.assert_close(logits[i], expected[-1] if positions == "last" else expected)
 
 
+def test_dtype_builds_and_streams_the_network_in_that_dtype(llama, tmp_path):
+    module = TransformersModule(str(llama), prompts=PROMPTS, task="logits", dtype="bfloat16", batch_size=2)
+    logits, plan = run_predict(module, tmp_path, max_memory=most_of(llama, 0.42))  # bf16: half the file's bytes
+    assert cpu_and_disk(plan), plan
+    assert {param.dtype for param in module.model.parameters()} == {torch.bfloat16}
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama, dtype=torch.bfloat16).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llama)
+    for i, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            expected = model(**tokenizer(prompt, return_tensors="pt")).logits[0, -1].float()
+        torch.testing.assert_close(logits[i], expected)
+
+
 class Interrupt(Callback):
     """Raises after batch ``at`` was written (the writer comes first in the callbacks); counts batches."""
 
@@ -233,7 +247,8 @@ def test_interrupted_job_resumes_where_it_stopped(llama, tmp_path):
 def run_cli(config: str, cwd: Path, *overrides: str, env: Optional[dict] = None) -> str:
     """``lightning-bigmodel predict --config configs/<config>`` in a subprocess from ``cwd``; stdout + stderr."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
-    command = [str(Path(sys.executable).parent / "lightning-bigmodel"), "predict", "--config", str(ROOT / "configs" / config)]
+    command = [str(Path(sys.executable).parent / "lightning-bigmodel"), "predict", "--config"]
+    command.append(str(ROOT / "configs" / config))
     done = subprocess.run([*command, *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done.stdout + done.stderr
@@ -243,8 +258,9 @@ def run_cli(config: str, cwd: Path, *overrides: str, env: Optional[dict] = None)
     ("architecture", "overrides"),
     [
         ("llama", ["--trainer.strategy.init_args.max_memory", '{"cpu": "600KB"}']),
-        ("mixtral", ["--trainer.strategy.init_args.max_memory", '{"cpu": "1600KB"}', "--model.init_args.create_if_missing",
-                     "tiny-random-mixtral", "--model.init_args.model_name_or_path", "./runs/tiny-mixtral"]),
+        ("mixtral", ["--trainer.strategy.init_args.max_memory", '{"cpu": "1600KB"}',
+                     "--model.init_args.create_if_missing", "tiny-random-mixtral",
+                     "--model.init_args.model_name_or_path", "./runs/tiny-mixtral"]),
     ],
 )  # fmt: skip
 def test_generate_yaml_job_creates_its_model_and_matches_transformers(architecture, overrides, tmp_path):
@@ -269,8 +285,10 @@ def test_generate_yaml_job_with_a_hub_id_is_a_one_line_change(llama, tmp_path):
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     prompts = ["Once upon a time", "Hub ids work offline from the cache"]
-    output = run_cli("transformers_generate.yaml", tmp_path, "--model.init_args.model_name_or_path", "lbm-test/tiny-llama",
-                     "--model.init_args.prompts", json.dumps(prompts), env={"HF_HUB_CACHE": str(tmp_path / "hf-cache")})  # fmt: skip
+    output = run_cli("transformers_generate.yaml", tmp_path,
+                     "--model.init_args.model_name_or_path", "lbm-test/tiny-llama",
+                     "--model.init_args.prompts", json.dumps(prompts),
+                     env={"HF_HUB_CACHE": str(tmp_path / "hf-cache")})  # fmt: skip
     assert "Created" not in output and not (tmp_path / "runs" / "tiny-llama").exists()  # create_if_missing ignored
     results = read_predictions(tmp_path / "runs" / "transformers-generate")
     tokens, _ = reference_generate(llama, prompts, 4, max_new_tokens=16)

@@ -37,7 +37,9 @@ def byte_level_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def write_tiny_causal_lm(folder: Path, architecture: str = "llama", seed: int = 0, max_shard_size: str = "200KB") -> None:
+def write_tiny_causal_lm(
+    folder: Path, architecture: str = "llama", seed: int = 0, max_shard_size: str = "200KB"
+) -> None:
     """Save a tiny random ``LlamaForCausalLM`` (or ``MixtralForCausalLM``: 4 experts, 2 per token) and the byte-level
     tokenizer into ``folder``, as ``save_pretrained`` writes Hub checkpoints (sharded; Mixtral with per-expert
     ``block_sparse_moe.experts.N.w1/w2/w3`` tensors, which loading converts to the fused expert weights)."""

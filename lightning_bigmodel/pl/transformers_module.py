@@ -2,12 +2,13 @@
 
 ::
 
-    lightning-bigmodel predict --config configs/llama_generate.yaml
+    lightning-bigmodel predict --config configs/transformers_generate.yaml
 
 The network is built on meta from its config in ``configure_model``; the checkpoint is streamed in by
 :class:`~lightning_bigmodel.pl.strategy.BigModelInferenceStrategy` (whose ``checkpoint`` this module fills in);
-results go to whatever prediction writer the Trainer has (:class:`~lightning_bigmodel.pl.writers.ResumablePredictionWriter`
-makes a killed job resume). transformers is imported only when the module is used.
+results go to whatever prediction writer the Trainer has
+(:class:`~lightning_bigmodel.pl.writers.ResumablePredictionWriter` makes a killed job resume). transformers is
+imported only when the module is used.
 """
 
 from __future__ import annotations
@@ -106,7 +107,9 @@ class TransformersModule(LightningModule):
         if create_if_missing is not None:
             _check_choice("create_if_missing", create_if_missing, tuple(RECIPES))
         if auto_class is not None and not auto_class.startswith("AutoModel"):
-            raise ValueError(f"`auto_class` {auto_class!r} is not a transformers Auto class: pass e.g. 'AutoModelForMaskedLM'.")
+            raise ValueError(
+                f"`auto_class` {auto_class!r} is not a transformers Auto class: pass e.g. 'AutoModelForMaskedLM'."
+            )
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(f"`batch_size` ({batch_size}) and `max_new_tokens` ({max_new_tokens}) must be >= 1.")
         self.save_hyperparameters()
@@ -176,10 +179,12 @@ class TransformersModule(LightningModule):
         name = self.hparams.auto_class
         if name is None:
             own = (getattr(config, "architectures", None) or [None])[0]
-            if self.task != "generate" and own is not None and hasattr(getattr(transformers, own, None), "_from_config"):
+            buildable = own is not None and hasattr(getattr(transformers, own, None), "_from_config")
+            if self.task != "generate" and buildable:
                 return None
             seq2seq = getattr(config, "is_encoder_decoder", False)
-            name = "AutoModel" if self.task == "embed" else "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM"
+            head = "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM"
+            name = "AutoModel" if self.task == "embed" else head
         auto = getattr(transformers, name, None)
         if not name.startswith("Auto") or not hasattr(auto, "from_config"):
             raise ValueError(
@@ -249,7 +254,8 @@ class TransformersModule(LightningModule):
     def on_predict_end(self) -> None:
         for writer in self.trainer.callbacks:
             if isinstance(writer, ResumablePredictionWriter):
+                folder = str(writer.output_dir)
                 rank_zero_info(
                     f"`TransformersModule`: {self.task} over {len(self.prompts)} prompts of {self.source!r}; results "
-                    f"in {str(writer.output_dir)!r} (`lightning_bigmodel.read_predictions({str(writer.output_dir)!r})`)."
+                    f"in {folder!r} (`lightning_bigmodel.read_predictions({folder!r})`)."
                 )
