@@ -33,7 +33,9 @@ def _same_device(what: str, tensors: list) -> None:
     devices = {t.device for t in tensors if _on_accelerator(t) and t.dim() > 0}
     if len(devices) > 1:
         shown = " and ".join(sorted(map(str, devices)))
-        raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, {shown}! ({what})")
+        raise RuntimeError(
+            f"Expected all tensors to be on the same device, but found at least two devices, {shown}! ({what})"
+        )
 
 
 def _meta_like(tensor: torch.Tensor) -> torch.Tensor:

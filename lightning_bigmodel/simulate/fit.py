@@ -77,7 +77,7 @@ def fit_device_map(
     for count in range(1, _MAX_PLANS + 1):
         effective = {device: max(0, budget - reserved.get(device, 0)) for device, budget in budgets.items()}
         device_map = plan(effective)
-        memory = simulate_memory(model, device_map, inputs, max_new_tokens, dtype=dtype, offload_buffers=offload_buffers)
+        memory = simulate_memory(model, device_map, inputs, max_new_tokens, dtype, offload_buffers)
         if sizes is not None:
             memory = _at_planned_sizes(memory, device_map, sizes)
         over = excess(memory, budgets)

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
 from lightning_bigmodel.offload.attach import _entries_by_unit  # the real dispatch's choice of hooks and staged tensors
 from lightning_bigmodel.offload.placement import (
@@ -154,11 +154,12 @@ def _slots_restored(model: nn.Module) -> Iterator[None]:
 
 
 def _place_fakes(groups, dtype: Optional[torch.dtype], live: LiveBytes) -> dict[Label, int]:
-    """Install a fake tensor at each group's target (disk: a CPU fake counted under ``"disk"``); return bytes per device."""
+    """Install a fake tensor at each group's target (disk: a CPU fake counted under ``"disk"``); bytes per device."""
     weights: dict[Label, int] = {}
     for group in groups:
         tensor, target = group.tensor, group.target
-        fake_dtype = dtype if dtype is not None and tensor.is_floating_point() and dtype.itemsize < tensor.element_size() else tensor.dtype
+        smaller = dtype is not None and tensor.is_floating_point() and dtype.itemsize < tensor.element_size()
+        fake_dtype = dtype if smaller else tensor.dtype
         device = torch.device("cpu") if target == DISK else target
         fake = torch.empty(tensor.shape, dtype=fake_dtype, device=device)
         label: Label = DISK if target == DISK else (target.index or 0) if target.type != "cpu" else "cpu"
@@ -187,7 +188,7 @@ def _run(model: nn.Module, inputs: tuple, max_new_tokens: int, live: LiveBytes) 
             _decode_with_cache(model, inputs, max_new_tokens, live)
         else:
             _decode_without_cache(model, inputs, max_new_tokens)
-    except DataDependentOutputException as err:
+    except (DataDependentOutputException, DynamicOutputShapeException) as err:
         raise RuntimeError(
             f"The forward of {type(model).__name__} reads tensor values ({err.func}), which a memory simulation "
             "(fake tensors: shapes only) cannot do. Simulate a module whose forward does not branch on values."
@@ -206,7 +207,8 @@ def _decode_without_cache(model: nn.Module, inputs: tuple, max_new_tokens: int) 
             f"`max_new_tokens={max_new_tokens}` needs a first input of shape (batch, seq, ...) to grow; got shape "
             f"{tuple(ids.shape)}."
         )
-    grown = torch.empty((ids.shape[0], ids.shape[1] + max_new_tokens, *ids.shape[2:]), dtype=ids.dtype, device=ids.device)
+    shape = (ids.shape[0], ids.shape[1] + max_new_tokens, *ids.shape[2:])
+    grown = torch.empty(shape, dtype=ids.dtype, device=ids.device)
     model(*inputs[:first], grown, *inputs[first + 1 :])
 
 
@@ -248,4 +250,7 @@ def _decode_with_cache(model: nn.Module, inputs: tuple, max_new_tokens: int, liv
 def _report(weights: Mapping[Label, int], peak: Mapping[Label, int]) -> dict[Label, dict[str, int]]:
     labels = set(weights) | set(peak)
     ordered = sorted(label for label in labels if isinstance(label, int)) + [l for l in ("cpu", DISK) if l in labels]
-    return {label: {"weights": weights.get(label, 0), "peak": max(peak.get(label, 0), weights.get(label, 0))} for label in ordered}
+    return {
+        label: {"weights": weights.get(label, 0), "peak": max(peak.get(label, 0), weights.get(label, 0))}
+        for label in ordered
+    }

@@ -27,7 +27,8 @@ def render_peaks(
     """One line per device: weights, simulated peak, budget, and ``OVER by X: <fix>`` where the peak exceeds it."""
     shape = "x".join(map(str, input_shape))
     lines = [
-        f"Memory at run time for a batch of {shape} token ids and {max_new_tokens} new tokens (simulated on fake tensors):",
+        f"Memory at run time for a batch of {shape} token ids and {max_new_tokens} new tokens "
+        "(simulated on fake tensors):",
         f"{'device':<7}  {'weights':>10}  {'peak':>10}  {'budget':>10}  fits",
     ]
     for device, usage in memory.items():
