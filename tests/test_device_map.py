@@ -145,21 +145,29 @@ def test_balanced_low_0_with_one_gpu_is_balanced():
     )
 
 
-def test_cpu_only_budget_spills_to_disk_keeping_room_for_the_stream():
+@pytest.mark.parametrize("detected", [False, True], ids=["explicit-budget", "detected-budget"])
+def test_cpu_only_budget_spills_to_disk_keeping_room_for_the_stream(monkeypatch, detected):
+    """An explicit CPU budget is for resident weights (the disk stream comes on top of it); a detected one keeps
+    room for the stream: the block computing and the one read ahead."""
     model = meta_gpt("small", tie_weights=False)
     block = _block_bytes(model)
     head = sum(_nbytes(t) for t in [*model.transformer.wte.parameters(), *model.transformer.wpe.parameters()])
     buffers = sum(_nbytes(b) for b in model.buffers())
     budget = {"cpu": head + 4 * block + buffers}  # room for the embeddings, four blocks and every buffer
-    device_map = infer_device_map(model, budget, ["Block"])
+    if detected:
+        import lightning_bigmodel.planning.device_map as device_map_module
+
+        real = device_map_module.get_max_memory
+        monkeypatch.setattr(device_map_module, "get_max_memory", lambda m=None, **k: dict(budget) if m is None else real(m, **k))
+    device_map = infer_device_map(model, None if detected else budget, ["Block"])
     check_device_map(model, device_map)
     devices = tensor_devices(model, device_map)
-    # (1 + READ_AHEAD_LAYERS) = 2 blocks are kept for the disk stream (the block computing, the one read ahead)
-    assert devices["transformer.h.1.mlp.c_fc.weight"] == "cpu"
-    assert devices["transformer.h.2.mlp.c_fc.weight"] == "disk"
+    last_resident = 1 if detected else 3  # (1 + READ_AHEAD_LAYERS) = 2 blocks kept back for the stream when detected
+    assert devices[f"transformer.h.{last_resident}.mlp.c_fc.weight"] == "cpu"
+    assert devices[f"transformer.h.{last_resident + 1}.mlp.c_fc.weight"] == "disk"
     assert devices["lm_head.weight"] == "disk"
     assert execution_device(device_map) == torch.device("cpu")
-    assert _residency(model, device_map)["cpu"] + 2 * block <= budget["cpu"]
+    assert _residency(model, device_map)["cpu"] + (2 * block if detected else 0) <= budget["cpu"]
 
 
 def test_gpu_reserves_room_for_largest_offloaded_layer():
@@ -359,3 +367,4 @@ def test_clean_device_map_merges_uniform_children():
     expected = {"transformer.wte": 0, "transformer.wpe": 0, "transformer.h": 0, "transformer.ln_f": "cpu", "lm_head": 0}
     assert cleaned == expected and list(cleaned) == list(expected)
     assert tensor_devices(model, cleaned) == tensor_devices(model, raw)
+

@@ -61,8 +61,15 @@ class _Planner:
     """One greedy pass per call of :meth:`fill`; :meth:`plan` repeats it to reserve room on the execution device."""
 
     def __init__(
-        self, model: nn.Module, no_split: Optional[Sequence[str]], dtype, offload_buffers: bool, quantization=None
+        self,
+        model: nn.Module,
+        no_split: Optional[Sequence[str]],
+        dtype,
+        offload_buffers: bool,
+        quantization=None,
+        stream_reserve: bool = False,
     ) -> None:
+        self.stream_reserve = stream_reserve  # CPU execution: keep room for the disk stream (detected budgets only)
         self.modules = dict(model.named_modules(remove_duplicate=False))
         self.sizes = compute_module_sizes(model, dtype, *(quantization or (None, None)))
         self.buffer_sizes = _prefix_sizes(model.named_buffers(), dtype)
@@ -164,14 +171,18 @@ class _Planner:
 
     def _reserve(self, raw: DeviceMap) -> tuple[int, Device]:
         """Bytes the execution device needs beside its own modules: on a GPU the two largest offloaded layers (the
-        prefetcher keeps the layer computing and the next one resident), on the CPU the disk stream (the largest layer
-        plus ``READ_AHEAD_LAYERS`` read ahead); and offloaded buffers."""
+        prefetcher keeps the layer computing and the next one resident); on the CPU, when the budget was detected
+        (``stream_reserve``), the disk stream (the largest layer plus ``READ_AHEAD_LAYERS`` read ahead); and
+        offloaded buffers."""
         gpus = [device for device in raw.values() if isinstance(device, int)]
         exec_device: Device = min(gpus) if gpus else "cpu"
         offloaded = [name for name, device in raw.items() if device == "disk" or (device == "cpu" and self.has_gpu)]
         units = sorted((self.unit(name) for name in offloaded), reverse=True)
         largest = units[0] if units else 0
-        need = sum(units[:2]) if gpus else (1 + READ_AHEAD_LAYERS) * largest
+        if gpus:
+            need = sum(units[:2])
+        else:  # an explicit CPU budget is for resident weights; the disk stream comes on top of it
+            need = (1 + READ_AHEAD_LAYERS) * largest if self.stream_reserve else 0
         if not self.offload_buffers:
             need += sum(self.buffer_sizes.get(name, 0) for name in offloaded)
         return need, exec_device

@@ -107,9 +107,10 @@ def infer_device_map(
     modules holding its partners. With ``offload_buffers=False``, the buffers of modules offloaded to cpu/disk
     are charged to the execution device (the lowest GPU in the map, else cpu). When something is offloaded
     while GPUs are used, room for the largest offloaded layer (a no-split module, or the direct tensors of one
-    module) is reserved there too, by planning again with that reserve; with no GPU, the CPU reserves
-    ``1 + READ_AHEAD_LAYERS`` times the largest disk layer for streaming disk weights (the layer computing and the
-    ones read ahead). Linear in the number of modules and tensors.
+    module) is reserved there too, by planning again with that reserve. With no GPU and a detected budget
+    (``max_memory=None``), the CPU reserves ``1 + READ_AHEAD_LAYERS`` times the largest disk layer
+    for streaming disk weights (the layer computing and the ones read ahead); an explicit CPU budget is for resident
+    weights and the stream comes on top of it. Linear in the number of modules and tensors.
 
     ``quantization`` (``"int8"``/``"int4"``) sizes the weights it will quantize at their quantized bytes (about a
     quarter of float32 for int8, plus scales; see :func:`~lightning_bigmodel.planning.sizes.compute_module_sizes`), so
@@ -133,7 +134,7 @@ def infer_device_map(
     budgets: dict[Device, float] = dict(get_max_memory(max_memory, simulated_activations=input_shape is not None))
     budgets.setdefault("disk", math.inf)  # get_max_memory orders "disk" last; setdefault appends it last
     quantized = (quantization, quantization_skip_modules)
-    planner = _Planner(model, no_split_module_classes, dtype, offload_buffers, quantized)
+    planner = _Planner(model, no_split_module_classes, dtype, offload_buffers, quantized, stream_reserve=max_memory is None)
     if max_memory is None:  # detected budgets: this process runs the model, so its cgroup limit must hold a layer
         check_layer_fits(*planner.largest(""))
     def plan(under: Mapping[Device, float]) -> DeviceMap:
