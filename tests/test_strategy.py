@@ -445,7 +445,7 @@ def test_network_children_get_output_hooks_before_the_dispatch_hooks(tmp_path):
 def test_offload_buffers_reaches_the_plan(tmp_path, bare_ckpt):
     """The strategy plans with its `offload_buffers`: the plain planner's map for each flag (the two differ here, so
     a strategy that drops the flag fails), and predictions equal the plain model's either way."""
-    budget = {"cpu": 190_000}
+    budget = {"cpu": 135_000}  # with the disk stream's reserve (two blocks), the maps of the two flags differ here
     skeleton = GPTModule()
     with init_empty_weights():
         skeleton.configure_model()
