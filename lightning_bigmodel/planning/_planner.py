@@ -112,10 +112,34 @@ class _Planner:
         return max([(direct, name)] + [self.largest(m) for m in members if m in self.modules])
 
     def group(self, name: str, pending: set[str], placed: Mapping[str, Device]) -> list[str]:
-        """``name`` plus the pending items holding the tied partners of tensors under ``name``."""
-        group = [name]
+        """``name`` plus what must land on its device: the other pending direct tensors of its module (one module's
+        direct tensors form one unit, as in :meth:`unit`), and the pending items holding tied partners (closed
+        under both rules)."""
+        group, seen, owners = [name], {name}, set()
+        for item in group:  # grows while iterating: the closure
+            for other in self._siblings(item, pending, owners) + self._partner_items(item, pending, placed):
+                if other not in seen:
+                    seen.add(other)
+                    group.append(other)
+        return group
+
+    def _siblings(self, name: str, pending: set[str], owners: set[str]) -> list[str]:
+        """The pending direct tensors of the module owning tensor ``name`` (``[]`` for a module, or for an owner
+        already in ``owners``, which is updated)."""
+        if name in self.modules:
+            return []
+        cut = name.rfind(".")
+        owner = name[:cut] if cut >= 0 else ""
+        if owner in owners:
+            return []
+        owners.add(owner)
+        return [m for m in self.members(owner) if m not in self.modules and m in pending]
+
+    def _partner_items(self, name: str, pending: set[str], placed: Mapping[str, Device]) -> list[str]:
+        """The finest pending items holding the tied partners of tensors under ``name`` (outside it)."""
+        items: list[str] = []
         if name not in self.tied_prefixes:
-            return group
+            return items
         inside = f"{name}." if name else ""
 
         def under(tensor: str) -> bool:
@@ -130,12 +154,11 @@ class _Planner:
                 for prefix in _prefixes(partner):  # the finest pending item holding `partner`
                     if prefix in placed:
                         break  # cannot happen: partners are always placed together
-                    if prefix in pending and prefix not in group:
-                        group.append(prefix)
-                        break
                     if prefix in pending:
+                        if prefix not in items:
+                            items.append(prefix)
                         break
-        return group
+        return items
 
     def plan(self, budgets: dict[Device, float], balanced: bool, low_0: bool) -> DeviceMap:
         """Fill once; if something was offloaded, fill again with room reserved on the execution device."""
