@@ -3,7 +3,8 @@
 Usage: ``python replica_job.py CHECKPOINT OUT_DIR [--accelerator cpu] [--devices 2] [--devices-per-replica 1]
 [--num-samples 7] [--batch-size 2]``, either plainly
 (Lightning's ``_SubprocessScriptLauncher`` re-runs this script for the other replicas) or under
-``torchrun --nproc_per_node=2``. A tiny GPT is planned over 120 kB of RAM per replica, the rest on disk (on GPUs:
+``torchrun --nproc_per_node=2``. A tiny GPT is planned over 230 kB of RAM per replica (two blocks of it kept for
+the disk stream), the rest on disk (on GPUs:
 60 kB on the replica's first GPU, 60 kB of RAM, the rest on disk).
 Rank 0 saves the returned (gathered) predictions to ``OUT_DIR/predictions.pt``; every rank writes
 ``OUT_DIR/rank-<r>.json`` with its ranks, devices, plan, offload files and the dataset indices it predicted.
@@ -37,7 +38,7 @@ def main() -> None:
 
     strategy = ReplicatedBigModelStrategy(
         devices_per_replica=args.devices_per_replica,
-        max_memory={"cpu": 120_000} if args.accelerator == "cpu" else {0: 60_000, "cpu": 60_000},
+        max_memory={"cpu": 230_000} if args.accelerator == "cpu" else {0: 60_000, "cpu": 60_000},
         no_split_module_classes=["Block"],
         offload_folder=args.out_dir / "offload",
     )
