@@ -51,7 +51,7 @@ def test_dispatch_plain_model_writes_disk_entries(tmp_path, cls):
     assert len(list((tmp_path / "off").glob("*.safetensors"))) > 0
     if cls is TiedLM:
         assert model.head.weight is model.wte.weight
-    for got, want in zip(outputs(model, cls, calls=2), expected):
+    for got, want in zip(outputs(model, cls, calls=2), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert all("forward" not in m.__dict__ for m in model.modules())
 
