@@ -20,6 +20,7 @@ from lightning_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
 from lightning_bigmodel.offload import attach, pages, readahead
 from lightning_bigmodel.offload.placement import is_disk
 from lightning_bigmodel.offload.readahead import ReadAhead
+from lightning_bigmodel.planning import budget as budget_module
 from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS, detect_cpu_memory
 from lightning_bigmodel.planning.device_map import infer_device_map
 from lightning_bigmodel.planning.sizes import compute_module_sizes
@@ -204,15 +205,23 @@ def test_read_ahead_reads_each_block_before_it_runs_and_keeps_the_window_bounded
     assert window and max(window) <= READ_AHEAD_LAYERS + 0.25, others  # at most `depth` units beside the current
 
 
-def test_planner_reserves_the_stream_window_on_cpu():
+def test_planner_reserves_the_stream_window_on_cpu_for_a_detected_budget(monkeypatch):
     with torch.device("meta"):
         model = GPT(CONFIG)
     sizes = compute_module_sizes(model)
-    budget = sizes[""] // 2 + 2 * sizes["transformer.h.0"]
-    device_map = infer_device_map(model, max_memory={"cpu": budget}, no_split_module_classes=["Block"])
-    placed = sum(sizes.get(name, 0) for name, device in device_map.items() if device == "cpu")
-    assert "disk" in device_map.values() and placed > 0
-    assert placed + (1 + READ_AHEAD_LAYERS) * sizes["transformer.h.0"] <= budget  # a block is the largest layer
+    budget, block = sizes[""] // 2 + 2 * sizes["transformer.h.0"], sizes["transformer.h.0"]  # a block is the largest
+
+    def on_cpu(device_map):
+        assert "disk" in device_map.values()
+        return sum(sizes.get(name, 0) for name, device in device_map.items() if device == "cpu")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(budget_module, "_available_cpu_memory", lambda: budget)  # what detection finds
+    detected = on_cpu(infer_device_map(model, no_split_module_classes=["Block"]))
+    assert 0 < detected and detected + (1 + READ_AHEAD_LAYERS) * block <= budget
+    # A given CPU budget is for resident weights: the stream comes on top of it.
+    given = on_cpu(infer_device_map(model, max_memory={"cpu": budget}, no_split_module_classes=["Block"]))
+    assert detected < given <= budget
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: disk weights staged into pinned memory")

@@ -60,6 +60,7 @@ class ReadAhead:
         self._recording = True
         self._recorder: Optional[int] = None
         self._pending: dict[str, Future] = {}
+        self._releases: list[Future] = []
         self._lock = threading.Lock()
         self._pool: Optional[ThreadPoolExecutor] = None
 
@@ -77,9 +78,11 @@ class ReadAhead:
         ]
 
     def before(self, name: str) -> None:
-        """Read ``name``'s successors ahead; wait until ``name``'s own read was issued (else issue it now)."""
+        """Read ``name``'s successors ahead once the modules before it are released (the window stays bounded); wait
+        until ``name``'s own read was issued (else issue it now)."""
         with self._lock:
             future = self._pending.pop(name, None)
+            releases, self._releases = self._releases, []
             if self._recording:
                 if self._recorder is None:
                     self._recorder = threading.get_ident()
@@ -88,6 +91,9 @@ class ReadAhead:
                 ahead = []
             else:
                 ahead = self._successors(name)
+        for done in releases:  # quick (no disk I/O): what earlier modules used leaves memory before more comes in
+            done.result()
+        with self._lock:
             for successor in ahead:
                 if successor not in self._pending:
                     self._pending[successor] = self._submit(self._read, successor)
@@ -104,7 +110,7 @@ class ReadAhead:
             wanted = {id(tensor) for unit in self._pending for tensor in self._tensors[unit]}
             done = [tensor for tensor in self._tensors[name] if id(tensor) not in wanted]
             if done:
-                self._submit(self._release, done)
+                self._releases.append(self._submit(self._release, done))
 
     def _successors(self, name: str) -> list[str]:
         out, current = [], name
@@ -150,6 +156,7 @@ class ReadAhead:
         """Wait for the reads and releases in flight, then stop the background thread."""
         with self._lock:
             self._pending.clear()
+            self._releases.clear()
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)

@@ -255,6 +255,7 @@ class DeviceMapCallback(Callback):
                 dtype=self.dtype,
                 policy=self.requested_map,
                 offload_buffers=self.offload_buffers,
+                stream_reserve=self.max_memory is None,  # a detected budget keeps room for the disk stream
                 **quantized,
             )
         self.device_map = dict(device_map)

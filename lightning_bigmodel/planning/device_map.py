@@ -87,6 +87,7 @@ def infer_device_map(
     quantization_skip_modules: Optional[Sequence[str]] = None,
     input_shape: Optional[Union[str, Sequence[int]]] = None,
     max_new_tokens: int = 0,
+    stream_reserve: Optional[bool] = None,
 ) -> DeviceMap:
     """Plan ``{module_name: gpu_index | "cpu" | "disk"}`` for ``model`` under ``max_memory``.
 
@@ -110,7 +111,8 @@ def infer_device_map(
     module) is reserved there too, by planning again with that reserve. With no GPU and a detected budget
     (``max_memory=None``), the CPU reserves ``1 + READ_AHEAD_LAYERS`` times the largest disk layer
     for streaming disk weights (the layer computing and the ones read ahead); an explicit CPU budget is for resident
-    weights and the stream comes on top of it. Linear in the number of modules and tensors.
+    weights and the stream comes on top of it (``stream_reserve`` overrides that choice: pass ``True`` with a budget
+    that was detected elsewhere, as the Lightning callback does). Linear in the number of modules and tensors.
 
     ``quantization`` (``"int8"``/``"int4"``) sizes the weights it will quantize at their quantized bytes (about a
     quarter of float32 for int8, plus scales; see :func:`~lightning_bigmodel.planning.sizes.compute_module_sizes`), so
@@ -134,7 +136,8 @@ def infer_device_map(
     budgets: dict[Device, float] = dict(get_max_memory(max_memory, simulated_activations=input_shape is not None))
     budgets.setdefault("disk", math.inf)  # get_max_memory orders "disk" last; setdefault appends it last
     quantized = (quantization, quantization_skip_modules)
-    planner = _Planner(model, no_split_module_classes, dtype, offload_buffers, quantized, stream_reserve=max_memory is None)
+    reserve = max_memory is None if stream_reserve is None else stream_reserve
+    planner = _Planner(model, no_split_module_classes, dtype, offload_buffers, quantized, stream_reserve=reserve)
     if max_memory is None:  # detected budgets: this process runs the model, so its cgroup limit must hold a layer
         check_layer_fits(*planner.largest(""))
     def plan(under: Mapping[Device, float]) -> DeviceMap:
