@@ -92,7 +92,12 @@ def test_plan_whole_model_on_one_gpu():
     assert infer_device_map(model, {"cpu": 10**9}) == {"": "cpu"}
 
 
-@pytest.mark.parametrize("fractions", BUDGETS)
+# At 0.3 of the model per GPU, no GPU holds the embedding beside the reserve for two offloaded blocks: the plan that
+# still uses the GPUs is out of module order (tests/test_planner_regressions.py); in order, it used no GPU at all.
+IN_ORDER_BUDGETS = [fractions for fractions in BUDGETS if fractions != {0: 0.3, 1: 0.3, 2: 0.3, "cpu": 0.5}]
+
+
+@pytest.mark.parametrize("fractions", IN_ORDER_BUDGETS)
 def test_sequential_is_in_module_order(fractions):
     model = meta_gpt("small", tie_weights=False)  # a tie pulls lm_head forward, next to the embedding
     total = _model_bytes(model)

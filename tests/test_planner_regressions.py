@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from models import meta_gpt
 from lightning_bigmodel import dispatch_model
 from lightning_bigmodel.init import init_empty_weights
 from lightning_bigmodel.planning.device_map import infer_device_map, tensor_devices
+from lightning_bigmodel.planning.sizes import compute_module_sizes
 from lightning_bigmodel.simulate import simulated_gpus
 
 KB = 1000
@@ -74,3 +76,87 @@ def test_balanced_low_0_without_no_split_classes_runs_like_the_plain_model():
     ids = torch.randint(0, 256, (2, 5))
     expected, got = _plain_and_dispatched(LM, {}, device_map, ids)
     torch.testing.assert_close(got, expected)
+
+
+def _resident(model: nn.Module, device_map, exec_device) -> dict:
+    """Bytes resident on each device (each shared tensor once); buffers of offloaded modules on ``exec_device``."""
+    devices = tensor_devices(model, device_map)
+    buffers = {id(buffer) for buffer in model.buffers()}
+    resident, seen = {}, set()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        device = devices[name]
+        if id(tensor) in buffers and device in ("cpu", "disk"):
+            device = exec_device
+        resident[device] = resident.get(device, 0) + tensor.numel() * tensor.element_size()
+    return resident
+
+
+# An embedding and a head of 512 KB each, blocks of 66 KB: GPU 0 cannot hold the embedding beside the reserve for the
+# two largest offloaded layers (the head and a block), and neither can GPU 1 once it is the execution device. The
+# in-order plan moved on from GPU 0, then from GPU 1, and ended as {"": "cpu"}.
+WIDE_ENDS = dict(width=128, vocab=1000, layers=8)
+WIDE_ENDS_BUDGET = {0: 750 * KB, 1: 837 * KB, "cpu": 10_000 * KB}
+
+
+@pytest.mark.parametrize("no_split", [None, ["Linear"]])
+@pytest.mark.parametrize("policy", ["sequential", "balanced"])
+def test_the_gpus_are_used_when_the_first_module_does_not_fit_beside_the_reserve(policy, no_split):
+    with init_empty_weights():
+        model = LM(**WIDE_ENDS)
+    device_map = infer_device_map(model, WIDE_ENDS_BUDGET, no_split, policy=policy)
+    gpus = sorted(device for device in device_map.values() if isinstance(device, int))
+    assert gpus, device_map
+    resident = _resident(model, device_map, gpus[0])
+    assert all(nbytes <= WIDE_ENDS_BUDGET[device] for device, nbytes in resident.items()), (resident, device_map)
+    # by hand: every module here is a leaf with its own tensors, so the layers are the modules
+    sizes = {owner: sum(t.numel() * 4 for t in model.get_submodule(owner).parameters()) for owner in ("emb", "head")}
+    layer_devices = {owner: devices.pop() for owner, devices in _module_devices(model, device_map).items()}
+    offloaded = sorted(
+        (sizes.get(owner, (128 * 128 + 128) * 4) for owner, device in layer_devices.items() if device == "cpu"),
+        reverse=True,
+    )
+    assert resident[gpus[0]] + sum(offloaded[:2]) <= WIDE_ENDS_BUDGET[gpus[0]], (resident, offloaded, device_map)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the simulation shadows CUDA for the rest of the process")
+def test_the_plan_that_keeps_the_gpus_runs_like_the_plain_model():
+    with init_empty_weights():
+        device_map = infer_device_map(LM(**WIDE_ENDS), WIDE_ENDS_BUDGET, policy="sequential")
+    assert {0, 1, "cpu"} <= set(device_map.values()), device_map
+    ids = torch.randint(0, 1000, (2, 5))
+    expected, got = _plain_and_dispatched(LM, WIDE_ENDS, device_map, ids)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("policy", ["sequential", "balanced", "balanced_low_0"])
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_a_gpu_0_holding_only_the_reserve_still_executes(policy, tie_weights):
+    """8-layer GPT, GPU 0 at 2.2 blocks, GPU 1 and the CPU at 1.3 blocks each: once GPU 0 keeps two blocks for the
+    offloaded ones, the embedding no longer fits there, and GPU 1 cannot keep two blocks; the old plan used no GPU."""
+    model = meta_gpt("small", n_layer=8, tie_weights=tie_weights)
+    block = compute_module_sizes(model)["transformer.h.0"]
+    budget = {0: int(2.2 * block), 1: int(1.3 * block), "cpu": int(1.3 * block)}
+    device_map = infer_device_map(model, budget, ["Block"], policy=policy)
+    gpus = sorted(device for device in device_map.values() if isinstance(device, int))
+    assert gpus and gpus[0] == 0, device_map
+    resident = _resident(model, device_map, 0)
+    assert all(nbytes <= budget.get(device, float("inf")) for device, nbytes in resident.items()), resident
+    on_disk = [key for key, device in device_map.items() if device == "disk"]
+    assert any(key.startswith("transformer.h") for key in on_disk), device_map  # two offloaded blocks at least
+    assert resident[0] + 2 * block <= budget[0], (resident, device_map)
+
+
+def test_three_gpus_at_0_3_of_the_model_are_used():
+    """Each GPU holds 2.2 blocks: the in-order plan put everything on CPU and disk (an old module-order test passed
+    on that plan)."""
+    model = meta_gpt("small", tie_weights=False)
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    budget = {0: int(0.3 * total), 1: int(0.3 * total), 2: int(0.3 * total), "cpu": int(0.5 * total)}
+    device_map = infer_device_map(model, budget, ["Block"], policy="sequential")
+    resident = _resident(model, device_map, 0)
+    assert {0, 1, 2} <= set(resident), device_map
+    assert all(nbytes <= budget.get(device, float("inf")) for device, nbytes in resident.items()), resident
+    assert resident[0] + 2 * compute_module_sizes(model)["transformer.h.0"] <= budget[0], (resident, device_map)

@@ -161,8 +161,16 @@ class _Planner:
         return items
 
     def plan(self, budgets: dict[Device, float], balanced: bool, low_0: bool) -> DeviceMap:
-        """Fill once; if something was offloaded, fill again with room reserved on the execution device."""
+        """Fill once; if something was offloaded, fill again with room reserved on the execution device. When that
+        leaves every GPU empty, the best plan of :meth:`plan_pinned` (if any) instead."""
         self.has_gpu = any(isinstance(device, int) and budget > 0 for device, budget in budgets.items())
+        raw = self.plan_in_order(budgets, balanced, low_0)
+        if self.has_gpu and not any(isinstance(device, int) for device in raw.values()):
+            return self.plan_pinned(budgets, balanced, low_0) or raw
+        return raw
+
+    def plan_in_order(self, budgets: dict[Device, float], balanced: bool, low_0: bool) -> DeviceMap:
+        """Greedy passes in module order, raising the reserve on the execution device until the plan keeps it."""
         reserves: dict[Device, int] = {}  # kept where set: a reserve that empties its device moves the execution
         low_0_extra, gpu_0_fill = 0, -1.0  # balanced_low_0: GPU 0 takes more when the others spilled past the GPUs
         for _ in range(_MAX_PASSES):
@@ -184,6 +192,38 @@ class _Planner:
             stacklevel=3,
         )
         return raw
+
+    def plan_pinned(self, budgets: dict[Device, float], balanced: bool, low_0: bool) -> Optional[DeviceMap]:
+        """For each GPU ``g`` as the execution device (the GPUs before it left out): passes that stay on ``g`` and send
+        what does not fit beside its reserve to the later devices (the map is then not in module order), raising the
+        reserve as :meth:`plan_in_order` does. The valid plan with the most bytes on GPUs, or ``None``.
+
+        The in-order walk abandons every GPU when none holds its first modules beside the reserve for the offloaded
+        ones (e.g. an embedding as large as the room left): moving on empties the GPU, which moves the execution
+        device, whose reserve empties it in turn."""
+        best, best_bytes = None, 0
+        for gpu in [device for device, budget in budgets.items() if isinstance(device, int) and budget > 0]:
+            reserve = 0
+            for _ in range(_MAX_PASSES):
+                effective = {
+                    device: max(0, budget - (reserve if device == gpu else 0))
+                    for device, budget in budgets.items()
+                    if not (isinstance(device, int) and device < gpu)
+                }
+                raw = _Pass(self, effective, balanced, low_0, pinned=gpu).run()
+                held = {device: 0 for device in raw.values()}
+                for name, device in raw.items():
+                    held[device] += self.sizes.get(name, 0)
+                need, _ = self._reserve(raw)
+                if not held.get(gpu):
+                    break  # nothing fits on `gpu` beside its reserve
+                if need <= reserve:
+                    gpu_bytes = sum(size for device, size in held.items() if isinstance(device, int))
+                    if gpu_bytes > best_bytes:
+                        best, best_bytes = raw, gpu_bytes
+                    break
+                reserve = need
+        return best
 
     def cost(self, name: str, device: Device) -> int:
         """Bytes ``name`` takes on ``device``: buffers of offloaded modules stay on the execution device."""
@@ -215,10 +255,17 @@ class _Pass:
     """One greedy walk over the module tree, filling the devices in order."""
 
     def __init__(
-        self, planner: _Planner, budgets: dict[Device, float], balanced: bool, low_0: bool, low_0_extra: int = 0
+        self,
+        planner: _Planner,
+        budgets: dict[Device, float],
+        balanced: bool,
+        low_0: bool,
+        low_0_extra: int = 0,
+        pinned: Optional[Device] = None,
     ) -> None:
         self.planner, self.budgets, self.balanced, self.low_0 = planner, budgets, balanced, low_0
         self.low_0_extra = low_0_extra
+        self.pinned = pinned  # a device the walk never leaves: what does not fit there goes to a later device
         gpus = [device for device in budgets if isinstance(device, int) and budgets[device] > 0]
         others = [device for device in budgets if device not in gpus]
         # balanced_low_0: GPU 0 holds only what GPUs 1.. cannot (its target is that overflow), and the others share
@@ -252,6 +299,9 @@ class _Pass:
                 self.place(group, device)
             elif candidates:
                 self.split(max(candidates, key=lambda member: planner.sizes.get(member, 0)))
+            elif device == self.pinned:
+                if not self.skip_ahead(group, stay=True):
+                    self.advance(name)  # fits nowhere: raises
             elif not (self.balanced and need > self.budgets[device] and self.skip_ahead(group)):
                 self.advance(name)
         return self.raw
@@ -282,14 +332,16 @@ class _Pass:
         else:
             self.expanded.add(name)  # a tied partner: its children take its place when it reaches the front
 
-    def skip_ahead(self, group: list[str]) -> bool:
+    def skip_ahead(self, group: list[str], stay: bool = False) -> bool:
         """Place an atom too big for the whole current device on the first later device with room, if any, and go on
-        from there (what follows never goes back to an earlier device: the map stays sequential)."""
+        from there (what follows never goes back to an earlier device: the map stays sequential); with ``stay``, go
+        on from the current device."""
         for position, device in enumerate(self.devices[self.index + 1 :], start=self.index + 1):
             need = sum(self.planner.cost(member, device) for member in group)
             if self.fills[device] + need <= self.budgets[device]:
                 self.place(group, device)
-                self.index, self.target = position, self.target_of(device)
+                if not stay:
+                    self.index, self.target = position, self.target_of(device)
                 return True
         return False
 
@@ -310,6 +362,8 @@ class _Pass:
     def target_of(self, device: Device) -> float:
         """Bytes to put on ``device``: its budget, or for balanced GPUs an even share of what is left."""
         budgets, spread = self.budgets, self.spread
+        if device == self.pinned:
+            return budgets[device]
         if self.low_0 and isinstance(device, int) and device not in spread:
             overflow = self.planner.sizes[""] - self.placed - sum(budgets[gpu] for gpu in spread)
             return min(budgets[device], max(0, overflow) + self.low_0_extra)
