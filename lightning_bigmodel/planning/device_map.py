@@ -108,9 +108,12 @@ def infer_device_map(
     modules holding its partners. With ``offload_buffers=False``, the buffers of modules offloaded to cpu/disk
     are charged to the execution device (the lowest GPU in the map, else cpu). When something is offloaded
     while GPUs are used, room for the largest offloaded layer (a no-split module, or the direct tensors of one
-    module) is reserved there too, by planning again with that reserve. With no GPU and a detected budget
-    (``max_memory=None``), the CPU reserves ``1 + READ_AHEAD_LAYERS`` times the largest disk layer
-    for streaming disk weights (the layer computing and the ones read ahead); an explicit CPU budget is for resident
+    module) is reserved there too, by planning again with that reserve. A module's own tensors (its parameters and
+    buffers, not its children's) always share one device. When no GPU can hold its first modules beside that reserve
+    (the in-order walk would leave every GPU empty), each GPU in turn is tried as the execution device, with what does
+    not fit there sent to the later devices; the plan keeping the most bytes on GPUs wins, out of module order.
+    With no GPU and a detected budget (``max_memory=None``), the CPU reserves ``1 + READ_AHEAD_LAYERS`` times the
+    largest disk layer for streaming disk weights (the layer computing and the ones read ahead); an explicit CPU budget is for resident
     weights and the stream comes on top of it (``stream_reserve`` overrides that choice: pass ``True`` with a budget
     that was detected elsewhere, as the Lightning callback does). Linear in the number of modules and tensors.
 
