@@ -160,3 +160,34 @@ def test_three_gpus_at_0_3_of_the_model_are_used():
     assert {0, 1, 2} <= set(resident), device_map
     assert all(nbytes <= budget.get(device, float("inf")) for device, nbytes in resident.items()), resident
     assert resident[0] + 2 * compute_module_sizes(model)["transformer.h.0"] <= budget[0], (resident, device_map)
+
+
+LLAMA_CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)  # fmt: skip
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the simulation shadows CUDA for the rest of the process")
+@pytest.mark.parametrize(
+    "device_map",
+    [
+        {"": 0, "model.layers.1": 1},  # model.norm, layers 2.. and lm_head get GPU 1's output, covered only by ""
+        {"": 1, "model.layers.0": 0, "model.layers.2.mlp": "cpu"},
+        {"model": 0, "model.layers.1": 1, "lm_head": 1},
+    ],
+)
+def test_a_hand_written_map_with_nested_keys_runs_like_the_plain_model(device_map):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(**LLAMA_CONFIG)
+    torch.manual_seed(0)
+    plain = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = plain(ids).logits
+    with simulated_gpus(2):
+        model = transformers.LlamaForCausalLM(config).eval()
+        model.load_state_dict(plain.state_dict())
+        dispatch_model(model, device_map)
+        with torch.no_grad():
+            got = model(ids).logits
+    assert got.device == ids.device
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # attention: math kernel vs the fused one

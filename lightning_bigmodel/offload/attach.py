@@ -3,6 +3,10 @@
 Hooks go on the modules the device map names, except that a module without its own ``forward`` (``ModuleList``,
 ``ModuleDict``: never called) hands its hooks down to its children, recursively. A map entry whose tensors all live on
 its execution device gets no weight hook; inputs are moved only when the model spans devices.
+
+A key nested in a key of another execution device (``{"": 0, "model.layers.1": 1}``) computes elsewhere than the
+modules around it, which the outer key covers without hooks of their own (``model.norm``, the other layers), and than
+its parent's own forward (a residual sum): its outputs go back to the outer key's device.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 from torch import nn
 
 from lightning_bigmodel._accelerator import has_streams
-from lightning_bigmodel.offload.hooks import HostEntry, InputHook, RootHook, WeightHook
+from lightning_bigmodel.offload.hooks import HostEntry, InputHook, OutputHook, RootHook, WeightHook
 from lightning_bigmodel.offload.placement import TensorGroup, execution_target, is_disk, owner_key
 from lightning_bigmodel.offload.prefetch import Prefetcher
 from lightning_bigmodel.offload.readahead import ReadAhead, should_release
@@ -50,6 +54,18 @@ def _callable_units(model: nn.Module, key: str) -> dict[str, nn.Module]:
     for child_name, _ in module.named_children():
         units.update(_callable_units(model, f"{name}.{child_name}" if name else child_name))
     return units
+
+
+def _return_devices(model: nn.Module, normalized: Mapping[str, object], main: torch.device) -> dict[str, torch.device]:
+    """Hook unit -> the device its outputs go back to, for the units of keys nested in a key computing elsewhere."""
+    out: dict[str, torch.device] = {}
+    for key, device in normalized.items():
+        outer = owner_key(key.rpartition(".")[0], normalized) if key else None
+        if outer is None or execution_target(normalized[outer], main) == execution_target(device, main):
+            continue
+        for name in _callable_units(model, key):
+            out[name] = execution_target(normalized[outer], main)
+    return out
 
 
 def _entries_by_unit(
@@ -135,4 +151,7 @@ def attach_hooks(
             state.handles.append(module.register_forward_hook(hook.post, with_kwargs=True, always_call=True))
         elif move_io:
             state.handles.append(module.register_forward_pre_hook(InputHook(device).pre, with_kwargs=True))
+    for name, device in _return_devices(model, normalized, main).items():
+        post = OutputHook(device).post  # after the unit's own hooks: registered last
+        state.handles.append(units[name][0].register_forward_hook(post, with_kwargs=True))
     return state

@@ -139,6 +139,16 @@ class InputHook:
         return move_to(args, self.device), move_to(kwargs, self.device)
 
 
+class OutputHook:
+    """Forward hook moving a module's tensor outputs to ``device`` (a key nested in a key of another device)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return move_to(output, self.device)
+
+
 class RootHook:
     """Hooks of the dispatched root: refuse training through offloaded weights, mark forward boundaries for the
     prefetcher, and return outputs to the device of the first input tensor (when the model spans devices).
