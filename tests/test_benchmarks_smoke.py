@@ -80,6 +80,20 @@ def test_quick_run_writes_a_report(tmp_path):
     results = json.loads((tmp_path / "cache" / "results.json").read_text())["results"]
     for case_id, entry in results.items():
         assert entry["result"]["ok"] or entry["result"].get("error"), case_id  # every failure says why
+    # Every case of this library (the core API and the Trainer) succeeds and matches plain PyTorch's outputs.
+    ours = {cid: entry for cid, entry in results.items() if entry["spec"].get("lib") in ("ours", "trainer")}
+    for case_id, entry in ours.items():  # loads, Trainer runs, empty init and planning
+        result = entry["result"]
+        assert result["ok"], f"{case_id} failed at {result.get('stage')}: {result.get('error')}"
+    assert {"empty_init/ours", "plan/ours"} <= set(ours)
+    loads = {cid: entry for cid, entry in ours.items() if entry["spec"]["kind"] in ("load", "trainer")}
+    cpu_cases = {("ours", fmt, m) for fmt in ("safetensors", "bin") for m in ("resident", "disk")}
+    cpu_cases |= {("trainer", "safetensors", m) for m in ("resident", "disk")}
+    assert cpu_cases <= {(e["spec"]["lib"], e["spec"]["fmt"], e["spec"]["map"]) for e in loads.values()}
+    for case_id, entry in loads.items():
+        diffs = entry["result"].get("max_abs_diff") or {}
+        shapes = {"decode", "prefill"} if entry["spec"]["fmt"] == "safetensors" else {"decode"}
+        assert set(diffs) >= shapes and max(diffs.values()) < 1e-5, (case_id, diffs)  # compared, and equal
     plain = results["tiny/plain/safetensors/resident"]["result"]
     assert plain["ok"], plain.get("error")
     assert plain["decode_s"] > 0 and plain["load_s"] > 0
