@@ -171,6 +171,8 @@ def test_read_ahead_reads_each_block_before_it_runs_and_keeps_the_window_bounded
     events: list[tuple[str, str]] = []
     submit, before = streamer._submit, streamer.before
     streamer._submit = lambda fn, name: (events.append((fn.__name__, name)), submit(fn, name))[1]
+    release = streamer._release
+    streamer._release = lambda tensors: (events.append(("_release", "")), release(tensors))[1]
     streamer.before = lambda name: (events.append(("before", name)), before(name))[1]
     others: list[tuple[str, float]] = []
 

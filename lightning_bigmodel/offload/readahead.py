@@ -63,6 +63,7 @@ class ReadAhead:
         self._releases: list[Future] = []
         self._lock = threading.Lock()
         self._pool: Optional[ThreadPoolExecutor] = None
+        self._release_pool: Optional[ThreadPoolExecutor] = None
 
     @property
     def recording(self) -> bool:
@@ -110,7 +111,9 @@ class ReadAhead:
             wanted = {id(tensor) for unit in self._pending for tensor in self._tensors[unit]}
             done = [tensor for tensor in self._tensors[name] if id(tensor) not in wanted]
             if done:
-                self._releases.append(self._submit(self._release, done))
+                if self._release_pool is None:  # its own thread: a release never waits behind a read being issued
+                    self._release_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmodel-release")
+                self._releases.append(self._release_pool.submit(self._release, done))
 
     def _successors(self, name: str) -> list[str]:
         out, current = [], name
@@ -157,6 +160,8 @@ class ReadAhead:
         with self._lock:
             self._pending.clear()
             self._releases.clear()
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+            pools = (self._pool, self._release_pool)
+            self._pool = self._release_pool = None
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=True)
