@@ -204,7 +204,9 @@ def test_read_ahead_reads_each_block_before_it_runs_and_keeps_the_window_bounded
             assert ("_read", name) in events[previous:call], (name, events[previous:call])
     assert [kind for kind, _ in events].count("_release") >= 3 * len(blocks)
     window = [share for name, share in others[len(units) :] if name in blocks]
-    assert window and max(window) <= READ_AHEAD_LAYERS + 0.25, others  # at most `depth` units beside the current
+    # At most `depth` units beside the current one, plus what is never released: pages shared with neighbours and
+    # tensors smaller than a page (biases, norms). Without releases this would be every unit (about 13 here).
+    assert window and max(window) <= READ_AHEAD_LAYERS + 0.5, others
 
 
 def test_planner_reserves_the_stream_window_on_cpu_for_a_detected_budget(monkeypatch):
