@@ -73,7 +73,6 @@ def test_plan_prints_the_table_without_weights(tmp_path):
     # GPT-2-XL has 1.56B parameters and no checkpoint exists anywhere: only a plan without weights can run.
     assert "transformer.h." in output and "budget" in output and "disk" in output
     assert re.search(r"^cpu .* max_memory$", output, re.MULTILINE)  # where the budget came from
-    assert re.search(r"^cpu .* max_memory$", output, re.MULTILINE)  # where the budget came from
     # By hand, fp16: a block has 12 * 1600**2 + 13 * 1600 weights, a 2-byte `scale` and a 1024 x 1024 bool mask.
     block = (12 * 1600**2 + 13 * 1600) * 2 + 2 + 1024**2
     nbytes = {"transformer.wte": 50257 * 1600 * 2, "transformer.wpe": 1024 * 1600 * 2, "transformer.ln_f": 2 * 1600 * 2,

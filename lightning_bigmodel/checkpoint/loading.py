@@ -18,6 +18,7 @@ from lightning_bigmodel.checkpoint.transform import TensorTransform, compute_dev
 from lightning_bigmodel.integrations.transformers import converted_source
 from lightning_bigmodel.planning.device_map import execution_device
 from lightning_bigmodel.offload.disk import OffloadFolder, source_identity
+from lightning_bigmodel.offload.pages import keep_resident
 from lightning_bigmodel.offload.pinned import pinned_empty
 from lightning_bigmodel.offload.placement import (
     DISK,
@@ -285,9 +286,10 @@ def _load_group(group: TensorGroup, key: str, reader: CheckpointReader, dtype: t
     elif pin:
         tensor = pinned_empty(spec.shape, dtype, pin).copy_(_cpu_source(reader, key))  # at its size, no rounding
     elif _in_place(spec, dtype):
-        # CPU execution: a safetensors tensor needing no cast stays a copy-on-write view of the file. Loading touches
-        # no page and holds no second copy; the first forward faults the weights in from the page cache.
-        tensor = reader.mmap_view(key)
+        # CPU execution: a safetensors tensor needing no cast stays a copy-on-write view of the file (no second copy,
+        # loading touches no page), its pages locked as the first forward faults them in: the kernel never evicts what
+        # the CPU budget keeps in RAM (an anonymous copy where locking is refused).
+        tensor = keep_resident(reader.mmap_view(key))
     else:
         tensor = _owned_cpu(reader, key, dtype)  # one copy at most, cast included
     install(group, tensor)
