@@ -111,6 +111,10 @@ def test_populate_reads_and_release_drops_pages(tmp_path):
     assert pages.populate(view) and pages.resident_fraction(view) == 1.0
     if not pages.release(view):
         pytest.skip("this kernel has no MADV_PAGEOUT (Linux 5.4+)")
+    for _ in range(3):  # page-out is advice: the kernel skips pages it is busy with (seen once in a full run)
+        if pages.resident_fraction(view) < 0.1:
+            break
+        pages.release(view)
     assert pages.resident_fraction(view) < 0.1
 
 
