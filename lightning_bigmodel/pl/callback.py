@@ -40,6 +40,17 @@ PLANNING_DEFAULTS: dict[str, Any] = {
 }
 
 
+def planning_attributes(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Merged planning settings as the attribute values a strategy and a callback keep (lists copied, flags made bool,
+    counts int)."""
+    return {
+        **settings,
+        "no_split_module_classes": list(settings["no_split_module_classes"] or []),
+        "offload_buffers": bool(settings["offload_buffers"]),
+        "max_new_tokens": int(settings["max_new_tokens"] or 0),
+    }
+
+
 def _canonical(name: str, value: Any) -> Any:
     """A comparable form of a planning setting: normalised devices and sizes, dtypes parsed, lists as sorted tuples."""
     if name == "device_map" and isinstance(value, Mapping):
@@ -179,13 +190,9 @@ class DeviceMapCallback(Callback):
         self._reconciled_with: Optional[int] = None  # id() of the strategy whose settings were merged in
 
     def _apply_settings(self, settings: Mapping[str, Any]) -> None:
-        self.requested_map = settings["device_map"]
-        self.max_memory = settings["max_memory"]
-        self.no_split_module_classes = list(settings["no_split_module_classes"] or [])
-        self.dtype = settings["dtype"]
-        self.offload_buffers = bool(settings["offload_buffers"])
-        self.input_shape = settings["input_shape"]
-        self.max_new_tokens = int(settings["max_new_tokens"] or 0)
+        values = planning_attributes(settings)
+        self.requested_map = values.pop("device_map")  # `device_map` is the plan, once made
+        vars(self).update(values)
 
     def reconcile(self, owner: object, strategy_settings: Mapping[str, Any]) -> dict[str, Any]:
         """Merge the planning settings given to the strategy with those given to this callback; return the result.

@@ -26,6 +26,7 @@ from torch import Tensor
 import lightning.pytorch as pl
 from lightning_bigmodel.pl.callback import (
     PLANNING_DEFAULTS,
+    planning_attributes,
     DeviceMapCallback,
     _canonical,
     check_trainer_devices,
@@ -246,13 +247,7 @@ class BigModelInferenceStrategy(Strategy):
         return torch.device(devices[0].type, device.index)
 
     def _use_settings(self, settings: Mapping[str, Any]) -> None:
-        self.device_map = settings["device_map"]
-        self.max_memory = settings["max_memory"]
-        self.no_split_module_classes = list(settings["no_split_module_classes"] or [])
-        self.dtype = settings["dtype"]
-        self.offload_buffers = bool(settings["offload_buffers"])
-        self.input_shape = settings["input_shape"]
-        self.max_new_tokens = int(settings["max_new_tokens"] or 0)
+        vars(self).update(planning_attributes(settings))
 
     def _device_map_callback(self, trainer: "pl.Trainer") -> DeviceMapCallback:
         """The user's ``DeviceMapCallback`` (else a new one, added to the Trainer), with the planning settings of
