@@ -272,7 +272,8 @@ def test_trainer_predict_with_the_gpu_accelerator_on_simulated_gpus(tmp_path):
         strategy = BigModelInferenceStrategy(device_map=device_map, offload_folder=tmp_path / "offload")
         spy = DeviceSpy()
         trainer = pl.Trainer(accelerator="gpu", devices=2, strategy=strategy, callbacks=[spy], logger=False,
-                             enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+                             enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=tmp_path)  # fmt: skip
         outputs = trainer.predict(GPTModule(), token_loader(), ckpt_path=str(checkpoint))
         assert strategy.root_device == sim.devices[0]
         assert spy.devices == [sim.devices[0]] * 2  # predict_step's outputs on the root GPU; Lightning returns them on CPU
