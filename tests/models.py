@@ -133,6 +133,23 @@ def meta_gpt(preset: str = "tiny", **overrides) -> nn.Module:
         return GPT(config)
 
 
+class LinearLM(nn.Module):
+    """An embedding, a stack of linear blocks and an untied head (no bias): every activation is ``(B, T, width)`` or
+    ``(B, T, vocab)`` float32, so memory figures can be computed by hand."""
+
+    def __init__(self, width: int = 16, vocab: int = 1000, layers: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
 class PicklePayload:
     """Unpickling this would run ``touch marker``: a loader that honours ``weights_only=True`` never does."""
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from models import meta_gpt
+from models import LinearLM
 from lightning_bigmodel import dispatch_model
 from lightning_bigmodel.init import init_empty_weights
 from lightning_bigmodel.planning.device_map import infer_device_map, tensor_devices
@@ -17,20 +18,11 @@ from lightning_bigmodel.simulate import simulated_gpus
 KB = 1000
 
 
-class LM(nn.Module):
+class LM(LinearLM):
     """An embedding, a stack of linear blocks and an untied head (``width * vocab * 4`` bytes each end)."""
 
     def __init__(self, width: int = 64, vocab: int = 256, layers: int = 64) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, width)
-        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
-        self.head = nn.Linear(width, vocab, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.emb(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
+        super().__init__(width, vocab, layers)
 
 
 def _module_devices(model: nn.Module, device_map) -> dict[str, set]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from models import LinearLM
 from lightning_bigmodel.pl.cli import plan
 from lightning_bigmodel.planning.table import format_bytes
 
@@ -18,20 +19,11 @@ HEAD = V * D * F32  # the LM head's weight (no bias)
 FRONT = V * D * F32 + 4 * (D * D + D) * F32  # embedding and four blocks
 
 
-class LM(nn.Module):
+class LM(LinearLM):
     """Embedding, four linear blocks, an LM head (the class path the CLI builds: ``test_simulate_cli.LM``)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(V, D)
-        self.blocks = nn.ModuleList(nn.Linear(D, D) for _ in range(4))
-        self.head = nn.Linear(D, V, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.emb(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
+        super().__init__(D, V, 4)
 
 
 def _plan(capsys, *extra: str) -> tuple[dict, dict[str, list[str]]]:

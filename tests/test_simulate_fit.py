@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from models import LinearLM
 from lightning_bigmodel.init import init_empty_weights
 from lightning_bigmodel.planning.device_map import POLICIES, infer_device_map
 from lightning_bigmodel.planning.sizes import compute_module_sizes
@@ -18,18 +19,9 @@ NO_SPLIT = ["Linear"]  # whole layers, as with `no_split_module_classes=["LlamaD
 BUDGET = {0: 600 * KB, 1: 600 * KB, "cpu": 10_000 * KB}
 
 
-class LM(nn.Module):
+class LM(LinearLM):
     def __init__(self, width: int = 128, vocab: int = 256, layers: int = 24) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, width)
-        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
-        self.head = nn.Linear(width, vocab, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.emb(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
+        super().__init__(width, vocab, layers)
 
 
 @pytest.fixture(scope="module")

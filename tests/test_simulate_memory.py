@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from models import LinearLM
 from lightning_bigmodel.init import init_empty_weights
 from lightning_bigmodel.simulate import parse_input_shape, simulate_memory
 
@@ -14,20 +15,11 @@ B, T, D, V = 2, 8, 16, 1000  # batch, sequence, width, vocabulary
 F32 = 4
 
 
-class LM(nn.Module):
+class LM(LinearLM):
     """Embedding, four linear blocks, an LM head: every activation is a (B, T, D) or (B, T, V) float32 tensor."""
 
     def __init__(self, width: int = D, vocab: int = V) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, width)
-        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(4))
-        self.head = nn.Linear(width, vocab, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.emb(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
+        super().__init__(width, vocab, 4)
 
 
 def _meta_lm(**kwargs) -> LM:
