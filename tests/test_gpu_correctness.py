@@ -22,6 +22,13 @@ from lightning_bigmodel.pl.replicas import ReplicatedBigModelStrategy
 from lightning_models import GPTModule, plain_gpt, token_loader, write_bare_checkpoint
 
 
+# The simulated GPUs register a PrivateUse1 backend, which shadows CUDA for the rest of the process: under CUDA these
+# tests are skipped (their CUDA twins are in test_gpu_correctness_integration.py).
+shadows_cuda = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the simulated GPUs shadow CUDA for the rest of the process"
+)
+
+
 @pytest.fixture(autouse=True)
 def _restore_ranks():
     ranks = (rank_zero_only.rank, utils_rank_zero_only.rank)
@@ -148,6 +155,7 @@ def _prefetched_run(monkeypatch, device_map, calls=3, cls_name="UntiedMLP"):
     return log, synced
 
 
+@shadows_cuda
 def test_prefetch_thread_never_switches_to_gpu_0(monkeypatch):
     log, _ = _prefetched_run(monkeypatch, {"inp": 1, "blocks": "cpu", "out": "cpu"})  # computes on GPU 1 only
     prefetch = [r for r in log if r.thread.startswith("bigmodel-prefetch")]
@@ -156,6 +164,7 @@ def test_prefetch_thread_never_switches_to_gpu_0(monkeypatch):
     assert not any(r.kind == "set_device" and r.device == 0 for r in log)
 
 
+@shadows_cuda
 def test_prefetch_copies_wait_until_compute_freed_the_module_before(monkeypatch):
     log, synced = _prefetched_run(monkeypatch, {"inp": 1, "blocks": "cpu", "out": "cpu"})
     reached = {r.detail for r in log if r.kind == "record_event" and not r.thread.startswith("bigmodel-prefetch")
@@ -175,6 +184,7 @@ def test_prefetch_copies_wait_until_compute_freed_the_module_before(monkeypatch)
     assert {job["waited"] for job in jobs} == {str(sim_id) for sim_id in waited_on_cpu}  # allocation waits too
 
 
+@shadows_cuda
 def test_tied_weight_on_another_gpu_is_copied_gpu_to_gpu(monkeypatch):
     # `head` computes on GPU 1 with the weight it shares with `wte`, resident on GPU 0; `ln_f` is in RAM
     log, _ = _prefetched_run(monkeypatch, {"wte": 0, "blocks": 0, "ln_f": "cpu", "head": 1}, cls_name="TiedLM")
@@ -184,6 +194,7 @@ def test_tied_weight_on_another_gpu_is_copied_gpu_to_gpu(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- findings 7, 10
+@shadows_cuda
 def test_pipelined_micro_batches_hand_each_gpu_over_with_an_event_on_reused_streams():
     from lightning_bigmodel import dispatch_model, remove_dispatch
     from lightning_bigmodel.pipeline import MicroBatchPipeline
@@ -232,6 +243,7 @@ def test_main_device_is_always_indexed(value, index):
         as_execution_device("disk")
 
 
+@shadows_cuda
 def test_unindexed_main_device_moves_no_resident_buffer(tmp_path):
     from lightning_bigmodel import dispatch_model, remove_dispatch
     from lightning_bigmodel.offload.placement import main_device_of
