@@ -82,7 +82,7 @@ def test_index_path_escaping_folder_is_refused(shard, entry, monkeypatch):
     entry = str(outside) if entry == "ABSOLUTE" else entry
     index = _write_index(shard.parent, {"a": "s1.safetensors", "secret": entry}, hf=False)
     opened = []
-    monkeypatch.setattr(reader_module, "read_header", lambda path: opened.append(path))
+    monkeypatch.setattr(reader_module, "ShardHandle", lambda path, **kw: opened.append(path))  # where shards open
     with pytest.raises(ValueError, match=rf"'secret'.*{json.dumps(entry)[1:-1]}.*outside the checkpoint folder"):
         CheckpointReader(index)
     assert opened == []
@@ -308,9 +308,8 @@ def test_fuzz_index_files(tmp_path, monkeypatch):
     (folder / "link_out.safetensors").symlink_to(outside)
     outcomes = {"loaded": 0, "error": 0}
     opened: list[Path] = []
-    real_read_header, real_load = reader_module.read_header, reader_module.load_pickle_state_dict
-    monkeypatch.setattr(reader_module, "read_header", lambda p: opened.append(Path(p)) or real_read_header(p))
-    monkeypatch.setattr(reader_module, "load_pickle_state_dict", lambda p: opened.append(Path(p)) or real_load(p))
+    real_open = reader_module.ShardHandle  # every shard is opened there, once
+    monkeypatch.setattr(reader_module, "ShardHandle", lambda p, **kw: opened.append(Path(p)) or real_open(p, **kw))
     index = folder / "index.json"
     for i in range(300):
         if i % 10 == 0:

@@ -1,10 +1,15 @@
 """Per-tensor readers: safetensors through their header and memory-mapped views, pickles through
-``torch.load(mmap=True, weights_only=True)``."""
+``torch.load(mmap=True, weights_only=True)``.
+
+Every shard is opened once, when the checkpoint is scanned (:class:`~lightning_bigmodel.checkpoint.shard.ShardHandle`),
+and every tensor is read from that descriptor: a shard replaced or deleted during the load is still the planned file;
+one truncated or extended in place raises :class:`CheckpointError` naming it before a byte is read from it.
+"""
 
 from __future__ import annotations
 
+import errno
 import math
-import mmap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +17,12 @@ from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 
-from lightning_bigmodel.checkpoint.errors import CheckpointError
+from lightning_bigmodel.checkpoint.errors import CheckpointError, CheckpointNotFoundError
 from lightning_bigmodel.checkpoint.resolve import ResolvedCheckpoint, is_safetensors, resolve_checkpoint
 from lightning_bigmodel.checkpoint.safetensors_view import SafetensorsHeader, open_mmap, read_header, view
+from lightning_bigmodel.checkpoint.shard import ShardHandle, ensure_descriptors
+
+DESCRIPTORS_PER_SHARD = 2  # its handle, plus what torch.load opens (a pickle) or the read-ahead tracks (a map)
 
 
 @dataclass(frozen=True)
@@ -33,17 +41,22 @@ class TensorSpec:
         return self.numel * self.dtype.itemsize
 
 
-def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def load_pickle_state_dict(path: Path, handle: Optional[ShardHandle] = None) -> dict[str, torch.Tensor]:
     """The tensors of a pickled checkpoint, memory-mapped, loaded with ``weights_only=True`` only (never runs code).
 
-    A Lightning checkpoint (``.ckpt``, or any dict with a nested ``"state_dict"``) gives its ``"state_dict"``.
+    A Lightning checkpoint (``.ckpt``, or any dict with a nested ``"state_dict"``) gives its ``"state_dict"``. With
+    ``handle`` (the shard opened once), the file read is the handle's, through its ``/proc/self/fd`` path: a shard
+    replaced since it was opened is not read.
     """
+    source = path if handle is None else handle.proc_path
+    if handle is not None:
+        handle.check()
     try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        obj = torch.load(source, map_location="cpu", mmap=True, weights_only=True)
     except RuntimeError as err:
         if "mmap" not in str(err):
             raise _unloadable(path, err) from err
-        obj = _load_unmapped(path)  # legacy (non-zip) torch.save format cannot be memory-mapped
+        obj = _load_unmapped(path, source)  # legacy (non-zip) torch.save format cannot be memory-mapped
     except Exception as err:  # noqa: BLE001 - torch.load raises many types; each means "not a safe weights file"
         raise _unloadable(path, err) from err
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
@@ -55,9 +68,9 @@ def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def _load_unmapped(path: Path) -> Any:
+def _load_unmapped(path: Path, source: Union[str, Path]) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
         raise _unloadable(path, err) from err
 
@@ -73,6 +86,11 @@ def _reason(err: BaseException) -> str:
 
 
 def _unloadable(path: Path, err: BaseException) -> CheckpointError:
+    if isinstance(err, OSError) and err.errno == errno.EMFILE:
+        return CheckpointError(
+            f"Cannot open checkpoint {str(path)!r}: the process ran out of file descriptors ({err}). Raise the limit "
+            "(`ulimit -n`) or use fewer, larger shards."
+        )
     return CheckpointError(
         f"Cannot load checkpoint {str(path)!r} with `torch.load(weights_only=True)` ({_reason(err)}). It is corrupt, truncated, or holds objects other than tensors; checkpoints are never "
         "unpickled with arbitrary code. If you trust its source, re-save its state dict with safetensors."
@@ -85,22 +103,39 @@ class CheckpointReader:
     Opening validates the whole checkpoint before any weight is read: every safetensors header is parsed strictly,
     every pickle shard is mapped (``weights_only=True``), an index must agree with its shards, no key may appear in two
     shards and no shard may be empty. Each failure raises a ``CheckpointError`` (a ``ValueError``) naming the culprit.
+
+    Each shard is opened once, then (:attr:`handles`); every read comes from that descriptor, after a check that the
+    file kept its size. Closing drops the handles: a descriptor closes with the last reference to its handle.
     """
 
     def __init__(self, checkpoint: Union[str, Path, ResolvedCheckpoint]) -> None:
         self.checkpoint = resolve_checkpoint(checkpoint)
         self._headers: dict[Path, SafetensorsHeader] = {}
-        self._maps: dict[Path, mmap.mmap] = {}
+        self.handles: dict[Path, ShardHandle] = {}  # every shard, opened once when scanned
+        self._maps: dict[Path, Any] = {}
         self._pickle: Optional[tuple[Path, dict[str, torch.Tensor]]] = None
         self._specs: dict[str, TensorSpec] = {}
         self._scan()
 
     # ------------------------------------------------------------------ opening and validation
+    def _open(self, file: Path) -> ShardHandle:
+        try:
+            handle = ShardHandle(file, safetensors=False)
+        except FileNotFoundError as err:
+            raise CheckpointNotFoundError(
+                f"Checkpoint shard {str(file)!r} disappeared before it could be opened ({err}). Restore it."
+            ) from err
+        except OSError as err:
+            raise CheckpointError(f"Cannot open checkpoint shard {str(file)!r} ({err}).") from err
+        self.handles[file] = handle
+        return handle
+
     def _file_specs(self, file: Path) -> dict[str, TensorSpec]:
-        if file.stat().st_size == 0:
+        handle = self._open(file)
+        if handle.size == 0:
             raise CheckpointError(f"Checkpoint shard {str(file)!r} is empty (0 bytes). Re-download or re-save it.")
         if is_safetensors(file):
-            header = self._headers[file] = read_header(file)
+            header = self._headers[file] = read_header(file, handle)
             specs = {k: TensorSpec(torch.Size(e.shape), e.dtype, file, True) for k, e in header.entries.items()}
         else:
             tensors = self._pickle_dict(file)
@@ -110,8 +145,12 @@ class CheckpointReader:
         return specs
 
     def _scan(self) -> None:
+        files = self.checkpoint.files
+        ensure_descriptors(
+            DESCRIPTORS_PER_SHARD * len(files), f"Checkpoint {str(self.checkpoint.root)!r} ({len(files)} shards)"
+        )
         found: dict[str, TensorSpec] = {}
-        for file in self.checkpoint.files:
+        for file in files:
             for key, spec in self._file_specs(file).items():
                 if key in found:
                     raise CheckpointError(
@@ -138,13 +177,23 @@ class CheckpointReader:
     def _pickle_dict(self, file: Path) -> dict[str, torch.Tensor]:
         if self._pickle is None or self._pickle[0] != file:
             self._pickle = None  # drop the previous shard's mapping before opening the next
-            self._pickle = (file, load_pickle_state_dict(file))
+            self._pickle = (file, load_pickle_state_dict(file, self.handles[file]))
         return self._pickle[1]
 
     # ------------------------------------------------------------------ queries
     @property
     def files(self) -> tuple[Path, ...]:
         return self.checkpoint.files
+
+    def identity(self) -> list[dict[str, Any]]:
+        """What identifies the files being read (as opened): path, size, inode, device, ctime, mtime, header digest."""
+        return [self.handles[file].identity() for file in self.checkpoint.files]
+
+    def handle(self, key: str) -> ShardHandle:
+        """The open handle of the shard holding ``key``, checked unchanged in size."""
+        handle = self.handles[self.spec(key).file]
+        handle.check()
+        return handle
 
     @property
     def metadata(self) -> Optional[dict[str, Any]]:
@@ -175,7 +224,11 @@ class CheckpointReader:
 
     # ------------------------------------------------------------------ reading
     def read(self, key: str, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
-        """A fresh tensor that owns its memory (safe to keep after ``close``)."""
+        """A fresh tensor that owns its memory (safe to keep after ``close``). Safetensors are read with ``pread``
+        from the shard's descriptor (no memory map: a shard truncated meanwhile raises, never ``SIGBUS``)."""
+        spec = self.spec(key)
+        if spec.is_safetensors:
+            return self.handle(key).read(self._headers[spec.file].entries[key]).to(device)
         return self.borrow(key).to(device=device, copy=True)
 
     def borrow(self, key: str) -> torch.Tensor:
@@ -184,7 +237,10 @@ class CheckpointReader:
         Valid only while this reader is open and never to be written: use it to copy or convert from.
         """
         spec = self.spec(key)
-        return self.mmap_view(key) if spec.is_safetensors else self._pickle_dict(spec.file)[key]
+        if spec.is_safetensors:
+            return self.mmap_view(key)
+        self.handle(key)  # the shard kept its size
+        return self._pickle_dict(spec.file)[key]
 
     def mmap_view(self, key: str) -> torch.Tensor:
         """Zero-copy CPU tensor backed by the safetensors file itself (page cache). Safetensors only.
@@ -197,9 +253,10 @@ class CheckpointReader:
                 f"Tensor {key!r} is in pickle shard {str(spec.file)!r}; only safetensors can be memory-mapped views. "
                 "Use `read()` (or save the checkpoint as safetensors)."
             )
+        handle = self.handle(key)
         mapping = self._maps.get(spec.file)
         if mapping is None:
-            mapping = self._maps[spec.file] = open_mmap(spec.file)
+            mapping = self._maps[spec.file] = open_mmap(spec.file, handle)
         return view(mapping, self._headers[spec.file].entries[key])
 
     def iter_tensors(
@@ -214,9 +271,10 @@ class CheckpointReader:
             yield key, self.read(key, device)
 
     def close(self) -> None:
-        """Forget the memory maps and the mapped pickle shard. Views already handed out stay valid."""
-        self._maps.clear()  # not mmap.close(): live views still reference the maps, which close with the last view
+        """Forget the memory maps, the mapped pickle shard and the handles. Views already handed out stay valid."""
+        self._maps.clear()  # not unmapped here: live views still reference the maps, which go with the last view
         self._pickle = None
+        self.handles.clear()  # a handle still referenced elsewhere (a tracked map, a stream) keeps its descriptor
 
     def __enter__(self) -> "CheckpointReader":
         return self

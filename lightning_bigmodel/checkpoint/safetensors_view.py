@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,22 +91,20 @@ def _check_no_overlap(path: Path, entries: dict[str, TensorEntry]) -> None:
             previous_end, previous = entry.end, name
 
 
-def read_header(path: Path) -> SafetensorsHeader:
-    """Parse and validate the header of ``path`` without reading any tensor data.
+def parse_header(path: Path, prefix: bytes, size: int) -> tuple[SafetensorsHeader, bytes]:
+    """Parse and validate a header from ``prefix`` (the file's first bytes: the 8-byte length and the JSON, or what the
+    file holds of them) of a ``size``-byte file; return it with the exact header bytes.
 
     Raises:
         CheckpointError: the file is empty, truncated or its header is malformed (named in the message).
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        f.seek(0)
-        if size < 8:
-            raise _corrupt(path, f"it has {size} bytes, fewer than the 8-byte header length")
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > min(size - 8, MAX_HEADER_BYTES):
-            raise _corrupt(path, f"its header claims {length} bytes but the file has {size} bytes")
-        raw = f.read(length)
+    if size < 8:
+        raise _corrupt(path, f"it has {size} bytes, fewer than the 8-byte header length")
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > min(size - 8, MAX_HEADER_BYTES) or len(prefix) < 8 + length:
+        raise _corrupt(path, f"its header claims {length} bytes but the file has {size} bytes")
+    raw = prefix[8 : 8 + length]
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as err:
@@ -122,18 +119,43 @@ def read_header(path: Path) -> SafetensorsHeader:
     data_start = 8 + length
     entries = {name: _entry(path, name, info, size - data_start, data_start) for name, info in header.items()}
     _check_no_overlap(path, entries)
-    return SafetensorsHeader(path=path, entries=entries, metadata=metadata, data_start=data_start)
+    return SafetensorsHeader(path=path, entries=entries, metadata=metadata, data_start=data_start), prefix[:data_start]
 
 
-def open_mmap(path: Path) -> mmap.mmap:
-    """A private copy-on-write map of the whole file: writes to views never reach the file (or other processes)."""
-    with open(path, "rb") as f:  # mmap keeps its own duplicate of the descriptor
-        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        track_file(mapping, f.fileno())  # read-ahead and release of disk weights advise exactly their file range
-        return mapping
+def read_header(path: Path, handle=None) -> SafetensorsHeader:
+    """Parse and validate the header of ``path`` (read from ``handle``, a
+    :class:`~lightning_bigmodel.checkpoint.shard.ShardHandle`, when given) without reading any tensor data."""
+    from lightning_bigmodel.checkpoint.shard import ShardHandle
+
+    if handle is None:
+        handle = ShardHandle(path, safetensors=False)
+        try:
+            return handle.parse_header().header
+        finally:
+            handle.close()
+    return handle.parse_header().header if handle.header is None else handle.header
 
 
-def view(mapping: mmap.mmap, entry: TensorEntry) -> torch.Tensor:
+def open_mmap(path: Path, handle=None):
+    """A private copy-on-write map of the whole file: writes to views never reach the file (or other processes).
+
+    Made from ``handle`` (a :class:`~lightning_bigmodel.checkpoint.shard.ShardHandle`) when given, so the map is of
+    the file that was opened and checked, whatever the path names now; the map itself holds no descriptor.
+    """
+    from lightning_bigmodel.checkpoint.shard import ShardHandle
+
+    own = handle is None
+    handle = ShardHandle(path, safetensors=False) if own else handle
+    try:
+        mapping = handle.map()
+        track_file(mapping, handle.fd)  # read-ahead and release of disk weights advise exactly their file range
+    finally:
+        if own:
+            handle.close()
+    return mapping
+
+
+def view(mapping, entry: TensorEntry) -> torch.Tensor:
     """Zero-copy CPU tensor over ``mapping`` for ``entry``.
 
     ``torch.frombuffer`` holds a reference to ``mapping``, so the map stays open as long as any view lives, whatever
