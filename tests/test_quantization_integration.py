@@ -5,6 +5,7 @@ plainly loaded model on the same GPU."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -15,8 +16,18 @@ from lightning_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
 from lightning_bigmodel.checkpoint.writer import save_sharded_checkpoint
 from lightning_bigmodel.offload.placement import is_disk
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-torchao_quantization = pytest.importorskip("torchao.quantization")
+# Without torchao each test is collected and skipped with its reason (a module-level import skip would hide them from
+# the count of CUDA tests that scripts/gpu_check.sh prints).
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("torchao") is None, reason='needs torchao (pip install "lightning-bigmodel[quantization]")'
+    ),
+]
+
+
+def torchao_quantization():
+    return pytest.importorskip("torchao.quantization")
 
 GPU_CPU_DISK = {
     "transformer.wte": 0, "transformer.wpe": 0, "transformer.h.0": 0, "transformer.h.1": 0,
@@ -36,7 +47,8 @@ def _load(tmp_path, dtype, quantization):
     with init_empty_weights():
         model = GPT(GPTConfig.preset("small")).eval()
     load_checkpoint_and_dispatch(
-        model, tmp_path / "ckpt", GPU_CPU_DISK, dtype=dtype, offload_folder=tmp_path / "off", quantization=quantization
+        model, tmp_path / "ckpt", device_map=GPU_CPU_DISK, dtype=dtype, offload_folder=tmp_path / "off",
+        quantization=quantization,
     )
     x = torch.randint(0, plain.config.vocab_size, (2, 16), device="cuda")
     return model, plain.to(dtype), x
@@ -50,7 +62,8 @@ def _run_twice(model, x):
 def test_int8_gpu_with_cpu_and_disk_offload(tmp_path):
     model, plain, x = _load(tmp_path, torch.float32, "int8")
     reference = copy.deepcopy(plain).cuda()
-    torchao_quantization.quantize_(reference, torchao_quantization.Int8WeightOnlyConfig(), filter_fn=_blocks)
+    quantization = torchao_quantization()
+    quantization.quantize_(reference, quantization.Int8WeightOnlyConfig(), filter_fn=_blocks)
     first, second = _run_twice(model, x)
     with torch.inference_mode():
         expected = reference(x)
@@ -65,8 +78,8 @@ def test_int4_gpu_with_cpu_and_disk_offload(tmp_path):
         pytest.skip("torchao's int4 kernel needs compute capability 8.0+")
     model, plain, x = _load(tmp_path, torch.bfloat16, "int4")
     reference = copy.deepcopy(plain).cuda()
-    config = torchao_quantization.Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
-    torchao_quantization.quantize_(reference, config, filter_fn=_blocks)
+    config = torchao_quantization().Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+    torchao_quantization().quantize_(reference, config, filter_fn=_blocks)
     first, second = _run_twice(model, x)
     with torch.inference_mode():
         expected = reference(x)
