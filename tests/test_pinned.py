@@ -108,3 +108,95 @@ def test_dispatching_a_model_in_ram_pins_it_without_holding_it_twice_and_release
         release(model)
     gc.collect()
     assert pinned.pinned_bytes() == before and registrar["live"] == {}  # unregistered and unmapped
+
+
+# A stand-in for cudaHostRegister/Unregister that counts the live ranges (the `registrar` fixture, for a subprocess).
+_COUNTING_REGISTRAR = """
+import lightning_bigmodel.offload.pinned as pinned
+live = {}
+pinned.uses_registered_memory = lambda device: True
+pinned._register = lambda address, nbytes, device: live.__setitem__(address, nbytes)
+pinned._unregister = lambda address, device: live.pop(address)
+"""
+
+_RELEASE_WITHOUT_FORWARD = _COUNTING_REGISTRAR + """
+import torch
+from torch import nn
+from lightning_bigmodel import dispatch_model
+from lightning_bigmodel.pl.loader import release
+from lightning_bigmodel.simulate import simulated_gpus
+
+with simulated_gpus(1), torch.no_grad():
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(5)])
+    dispatch_model(model, {"0": "cpu", "1": "cpu", "2": "cpu", "3": "cpu", "4": 0})
+    assert pinned.pinned_bytes() == pinned.SLAB and len(live) == 1  # the four RAM layers share one slab
+    release(model)  # no forward: the shared slab's last reference is the one `close_shared_slabs` drops
+    assert pinned.pinned_bytes() == 0 and live == {}, (pinned.pinned_bytes(), live)
+print("released")
+"""
+
+
+def test_releasing_the_last_tensor_of_a_shared_slab_does_not_deadlock():
+    """The slab's destructor runs where its last reference goes: it used to take the module lock that
+    `close_shared_slabs` held while dropping that reference, and `release` hung for ever. Run in a process of its own
+    (a hang fails at the timeout instead of hanging the suite; the simulated GPUs need a CUDA-free process)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _RELEASE_WITHOUT_FORWARD], capture_output=True, text=True, timeout=120, env=env
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("`release` of a model whose RAM weights share one pinned slab hung (deadlock on the slab lock)")
+    assert done.returncode == 0 and done.stdout.strip() == "released", done.stderr[-3000:]
+
+
+def test_no_slab_is_freed_while_the_lock_is_held(registrar, monkeypatch):
+    """Filling a new slab drops the full one, and closing drops the current ones: outside the lock."""
+    held_at_free = []
+    real_del = pinned._Slab.__del__
+
+    def spy(self):
+        held_at_free.append(pinned._lock.locked())
+        if not held_at_free[-1]:  # under the lock the real destructor would hang this test (it took the lock)
+            real_del(self)
+
+    monkeypatch.setattr(pinned._Slab, "__del__", spy)
+    piece = pinned.OWN_SLAB - pinned.ALIGN  # shared, and eight of them fill a slab but for 4096 bytes
+    pieces = [pinned.pinned_empty((piece,), torch.uint8, GPU) for _ in range(pinned.SLAB // pinned.OWN_SLAB)]
+    assert len(registrar["register"]) == 1
+    del pieces  # the first slab is now referenced by the module's "slab being filled" only
+    last = pinned.pinned_empty((8192,), torch.uint8, GPU)  # does not fit: a new slab replaces the full one
+    assert held_at_free == [False], "the full slab was freed while the lock was held"
+    assert len(registrar["register"]) == 2 and len(registrar["live"]) == 1
+    pinned.close_shared_slabs()
+    del last
+    assert held_at_free == [False, False] and registrar["live"] == {}
+
+
+def test_release_unlocks_pinned_ram_without_the_garbage_collector(registrar):
+    """The weight hooks and the prefetcher refer to each other; `release` must not leave it to a garbage collection
+    to free their host tensors (page-locked RAM that the OS cannot reclaim)."""
+    from lightning_bigmodel import dispatch_model
+    from lightning_bigmodel.pl.loader import release
+    from lightning_bigmodel.simulate import simulated_gpus
+
+    if torch.cuda.is_available():
+        pytest.skip("the simulated GPUs need a CUDA-free process (the subprocess twin above runs there)")
+    before = pinned.pinned_bytes()
+    gc.collect()
+    gc.disable()
+    try:
+        with simulated_gpus(1), torch.no_grad():
+            model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(5)])
+            dispatch_model(model, {"0": "cpu", "1": "cpu", "2": "cpu", "3": "cpu", "4": 0})
+            for _ in range(2):  # the second forward prefetches: the prefetcher knows every weight hook
+                model(torch.randn(2, 16))
+            assert pinned.pinned_bytes() - before == pinned.SLAB
+            release(model)
+            assert pinned.pinned_bytes() == before and registrar["live"] == {}
+    finally:
+        gc.enable()

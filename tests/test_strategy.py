@@ -249,6 +249,7 @@ def test_explicit_key_prefix_and_ambiguous_prefix(tmp_path, bare_ckpt):
 
 
 def test_signature_validates_with_jsonargparse():
+    pytest.importorskip("jsonargparse")
     from jsonargparse import ArgumentError, ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)

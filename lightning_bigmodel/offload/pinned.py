@@ -27,8 +27,11 @@ OWN_SLAB = 2**22  # 4 MiB: tensors this large get a mapping of their own
 SLAB = 2**25  # 32 MiB: shared by smaller tensors
 _HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context, not only the current one
 
+# `_lock` guards `_filling` only, and nothing is ever freed while it is held: a slab's destructor may run wherever
+# its last view dies (also inside a garbage collection that starts while the lock is held), so it takes no lock;
+# code holding the lock swaps references out and drops them after releasing it.
 _lock = threading.Lock()
-_live = {"bytes": 0, "slabs": 0}
+_registered: dict[int, int] = {}  # id(slab) -> bytes, for each page-locked slab alive (dict set/pop: atomic)
 _filling: dict[int, tuple[torch.Tensor, int]] = {}  # GPU index -> (shared slab being filled, next free offset)
 
 
@@ -43,7 +46,7 @@ def pinned_footprint(nbytes: int) -> int:
 
 def pinned_bytes() -> int:
     """Bytes page-locked by this module and not given back yet."""
-    return _live["bytes"]
+    return sum(list(_registered.values()))
 
 
 def _register(address: int, nbytes: int, device: int) -> None:
@@ -71,18 +74,14 @@ class _Slab(mmap.mmap):
         self.device, self.address = device, view.data_ptr()
         _register(self.address, len(self), device)
         self.registered = True
-        with _lock:
-            _live["bytes"] += len(self)
-            _live["slabs"] += 1
+        _registered[id(self)] = len(self)
         return view
 
-    def __del__(self) -> None:
+    def __del__(self) -> None:  # takes no lock: it may run under `_lock` (see there)
         if not self.registered:
             return
         self.registered = False
-        with _lock:
-            _live["bytes"] -= len(self)
-            _live["slabs"] -= 1
+        _registered.pop(id(self), None)
         try:
             _unregister(self.address, self.device)
         except Exception:  # noqa: BLE001 - interpreter shutdown or a dead context: the pages go with the process
@@ -102,9 +101,12 @@ def _carve(nbytes: int, device: int) -> torch.Tensor:
         if slab is not None and offset + nbytes <= slab.numel():
             _filling[device] = (slab, _round_up(offset + nbytes, ALIGN))
             return slab[offset : offset + nbytes]
+    del slab  # outside the lock: it may be the last reference to a full slab
     slab = _new_slab(SLAB, device)
     with _lock:
+        full = _filling.get(device)
         _filling[device] = (slab, _round_up(nbytes, ALIGN))
+    del full  # the slab it replaced is freed here, after the lock, with its last tensor
     return slab[:nbytes]
 
 
@@ -134,7 +136,9 @@ def pinned_copy(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 def close_shared_slabs() -> None:
     """Stop filling the current shared slabs: each is then freed with the last tensor in it (call after a release)."""
     with _lock:
+        filling = dict(_filling)
         _filling.clear()
+    filling.clear()  # after the lock: the last reference to a slab runs its destructor here
 
 
 def give_back_host_memory(device: Optional[torch.device] = None) -> None:

@@ -163,12 +163,18 @@ class Prefetcher:
         return copies, event
 
     def close(self) -> None:
-        """Drop any pending copies and stop the background thread."""
+        """Drop any pending copies, stop the background thread, and forget the hooks: each weight hook refers to this
+        prefetcher, so keeping them would form a reference cycle that holds their host tensors (page-locked RAM)
+        until a garbage collection, not until the release."""
         with self._lock:
-            if self._pending is not None:
-                self._pending[1].cancel()
-                self._pending = None
+            pending, self._pending = self._pending, None
+            self._recording = False
+            order, self._order = self._order, []
+            successors, self._next = self._next, {}
+        if pending is not None:
+            pending[1].cancel()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._streams.clear()
+        del pending, order, successors  # the copies and hooks are freed here, with no lock held
