@@ -1,6 +1,7 @@
 """ResumablePredictionWriter and read_predictions: chunk files, atomic writes, resume, exactly-once reading."""
 
 import json
+import os
 import warnings
 
 import lightning.pytorch as pl
@@ -39,10 +40,10 @@ class Job(pl.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Linear(FEATURES, 3)
-        self.output, self.fail_at_batch, self.seen = output, fail_at_batch, []
+        self.output, self._fail_at_batch, self.seen = output, fail_at_batch, []  # the crash is no job argument
 
     def predict_step(self, batch, batch_idx):
-        if batch_idx == self.fail_at_batch:
+        if batch_idx == self._fail_at_batch:
             raise RuntimeError("simulated crash")
         idx, x = batch
         self.seen += idx.tolist()
@@ -86,7 +87,10 @@ def test_chunk_names_and_round_trip(tmp_path):
         "chunk-000000008-000000009-r0.safetensors",
         "manifest.json",
     ]
-    assert json.loads((tmp_path / "manifest.json").read_text()) == {"format": 1, "job_id": "j", "num_samples": N}
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert {k: manifest[k] for k in ("format", "job_id", "num_samples")} == {"format": 2, "job_id": "j", "num_samples": N}
+    assert manifest["fingerprint"]["module"] == {"class": f"{__name__}.Job", "output": "tensor"}
+    assert manifest["fingerprint"]["data"]["num_samples"] == N
     torch.testing.assert_close(read_predictions(tmp_path), expected(dataset))
 
 
@@ -162,7 +166,7 @@ def test_other_job_is_refused_and_left_untouched(tmp_path):
     dataset = Indexed()
     predict(ResumablePredictionWriter(tmp_path, job_id="a"), dataset)
     before = {n: (tmp_path / n).read_bytes() for n in names(tmp_path)}
-    with pytest.raises(PredictionFolderError, match=r"belongs to job 'a'.*not 'b'.*overwrite=True") as err:
+    with pytest.raises(PredictionFolderError, match=r"belongs to job 'a'.*not 'b'.*`overwrite: true`") as err:
         predict(ResumablePredictionWriter(tmp_path, job_id="b"), dataset)
     assert str(tmp_path) in str(err.value)
     with pytest.raises(PredictionFolderError, match=f"written for {N} samples, but the dataset has {N + 2}"):
@@ -277,8 +281,98 @@ def test_chunks_without_a_manifest_are_refused_and_kept(tmp_path):
     (tmp_path / "manifest.json").unlink()  # someone else's chunks, or a folder copied without it
     chunks = {n: (tmp_path / n).read_bytes() for n in names(tmp_path)}
     assert len(chunks) == 3  # 10 samples in batches of 4
-    with pytest.raises(PredictionFolderError, match=r"holds 3 chunk files but no manifest\.json.*overwrite=True"):
+    with pytest.raises(PredictionFolderError, match=r"holds 3 chunk files but no manifest\.json.*`overwrite: true`"):
         predict(ResumablePredictionWriter(tmp_path, job_id="a"), dataset)
     assert {n: (tmp_path / n).read_bytes() for n in names(tmp_path)} == chunks  # nothing deleted or added
     predict(ResumablePredictionWriter(tmp_path, job_id="a", overwrite=True), dataset)
     torch.testing.assert_close(read_predictions(tmp_path), expected(dataset))
+
+
+# ---------------------------------------------------------------------- a job is what decides its outputs
+class Scaled(Job):
+    """A job with hyperparameters: ``scale`` changes the outputs, ``batch_size`` does not."""
+
+    def __init__(self, scale: float = 1.0, batch_size: int = 4) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def predict_step(self, batch, batch_idx):
+        return super().predict_step(batch, batch_idx) * self.hparams.scale
+
+
+def rank_zero_lines(caplog):
+    return [r.getMessage() for r in caplog.records if "ResumablePredictionWriter" in r.getMessage()]
+
+
+def test_rerun_with_other_arguments_is_refused_naming_them(tmp_path):
+    dataset = Indexed()
+    predict(ResumablePredictionWriter(tmp_path, job_id="j"), dataset, Scaled(1.0))
+    before = {n: (tmp_path / n).read_bytes() for n in names(tmp_path)}
+    with pytest.raises(PredictionFolderError) as err:
+        predict(ResumablePredictionWriter(tmp_path, job_id="j"), dataset, Scaled(2.0))
+    message = str(err.value)
+    assert "another job: the module's arguments (scale: 1.0 -> 2.0) changed" in message
+    assert "`overwrite: true`" in message and "another `output_dir`" in message and "\n" not in message
+    assert {n: (tmp_path / n).read_bytes() for n in names(tmp_path)} == before  # refused before any write
+
+    predict(ResumablePredictionWriter(tmp_path, job_id="j"), dataset, Scaled(1.0, batch_size=3))  # same outputs
+    predict(ResumablePredictionWriter(tmp_path, job_id="j", overwrite=True), dataset, Scaled(2.0))
+    torch.testing.assert_close(read_predictions(tmp_path), expected(dataset) * 2)
+
+
+def test_rerun_on_other_data_of_the_same_length_is_refused(tmp_path):
+    dataset, other = Indexed(), Indexed()
+    other.x = other.x.flip(0)
+    with pytest.raises(RuntimeError, match="simulated crash"):  # half done, then the data changes
+        predict(ResumablePredictionWriter(tmp_path), dataset, Job(fail_at_batch=1))
+    with pytest.raises(PredictionFolderError, match=r"another job: the data \(samples: 'all samples, sha256 \w+' ->"):
+        predict(ResumablePredictionWriter(tmp_path), other)
+    with pytest.raises(PredictionFolderError, match=r"another job: the data"):  # without the sampler too
+        predict(ResumablePredictionWriter(tmp_path), other, use_sampler=False)
+    job = predict(ResumablePredictionWriter(tmp_path), dataset)
+    assert job.seen == list(range(4, N))
+    torch.testing.assert_close(read_predictions(tmp_path), expected(dataset))
+
+
+def test_matching_rerun_says_what_is_done_and_what_is_left(tmp_path, caplog):
+    dataset = Indexed()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        predict(ResumablePredictionWriter(tmp_path), dataset, Job(fail_at_batch=2))
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        predict(ResumablePredictionWriter(tmp_path), dataset)
+    assert rank_zero_lines(caplog) == [
+        f"`ResumablePredictionWriter`: {str(tmp_path)!r}: 8 of {N} samples already done; predicting the remaining 2."
+    ]
+    caplog.clear()
+    with caplog.at_level("INFO"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        job = predict(ResumablePredictionWriter(tmp_path), dataset)
+    assert job.seen == []
+    assert rank_zero_lines(caplog) == [
+        f"`ResumablePredictionWriter`: {str(tmp_path)!r}: all {N} samples already done; nothing to predict."
+    ]
+    assert not [w for w in caught if "across ranks is zero" in str(w.message)]  # in place of Lightning's warning
+    with warnings.catch_warnings(record=True) as caught:  # the filter is gone after the run
+        warnings.simplefilter("default")
+        warnings.warn("Total length of `DataLoader` across ranks is zero. Please make sure this was your intention.")
+    assert len(caught) == 1
+
+
+def test_checkpoint_identity_sees_a_replaced_file_of_the_same_size_and_time(tmp_path):
+    from lightning_bigmodel.pl._fingerprint import checkpoint_part, describe_change
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    save_file({"w": torch.ones(4)}, folder / "model.safetensors")
+    first = checkpoint_part(folder)
+    stat = (folder / "model.safetensors").stat()
+    save_file({"w": torch.zeros(4)}, tmp_path / "new.safetensors")  # same size; moved in with the old times
+    (tmp_path / "new.safetensors").replace(folder / "model.safetensors")
+    os.utime(folder / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = checkpoint_part(folder)
+    assert first["path"] == second["path"] == str(folder.resolve())
+    assert describe_change({"checkpoint": first}, {"checkpoint": second}) == (
+        f"the checkpoint (same path {str(folder.resolve())!r}, but its files' sizes, inodes or times differ)"
+    )
+    assert checkpoint_part("org/not-local") == {"path": "org/not-local", "files": None}

@@ -24,7 +24,7 @@ from safetensors.torch import save as st_save
 from lightning_bigmodel._atomic import atomic_write
 
 MANIFEST_NAME = "manifest.json"
-_FORMAT = 1
+_FORMAT = 2  # 2: with the job's fingerprint (what decides its outputs)
 _CHUNK_RE = re.compile(r"^chunk-(\d{9})-(\d{9})-r(\d+)\.(safetensors|pt)$")
 _TMP_RE = re.compile(r"^\.(chunk-.*|manifest\.json)\.\d+\.tmp$")
 
@@ -130,6 +130,6 @@ def _read_manifest(folder: Path) -> Optional[dict]:
         ) from err
 
 
-def _write_manifest(folder: Path, job_id: str, num_samples: Optional[int]) -> None:
-    doc = {"format": _FORMAT, "job_id": job_id, "num_samples": num_samples}
+def _write_manifest(folder: Path, job_id: str, num_samples: Optional[int], fingerprint: Optional[dict] = None) -> None:
+    doc = {"format": _FORMAT, "job_id": job_id, "num_samples": num_samples, "fingerprint": fingerprint or {}}
     _atomic_write(folder / MANIFEST_NAME, json.dumps(doc, indent=1).encode())

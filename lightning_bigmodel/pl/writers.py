@@ -17,13 +17,15 @@ still given, so in the end every input has exactly one prediction.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import IterableDataset, Sampler, SequentialSampler
 
 from lightning_bigmodel.pl._chunks import (
@@ -42,6 +44,9 @@ from lightning_bigmodel.pl._chunks import (
     _to_cpu,
     _write_manifest,
 )
+from lightning_bigmodel.pl._fingerprint import checkpoint_part, data_part, describe_change, module_part, precision_part
+
+_EMPTY_LOADER = r"Total length of `\w+` across ranks is zero"  # Lightning's warning when every sample is done
 
 
 def _short(values: Sequence[int], limit: int = 10) -> str:
@@ -74,15 +79,18 @@ class ResumableSampler(Sampler[int]):
 
     def __init__(self, writer: ResumablePredictionWriter, data_source: Any, sampler: Optional[Any] = None) -> None:
         self.writer = writer
+        self.data_source = data_source
         self.num_samples_total = len(data_source)
         self.base = sampler if sampler is not None else SequentialSampler(range(self.num_samples_total))
         self._cache: Optional[tuple[int, list[int]]] = None
         writer._num_samples_hint = self.num_samples_total
 
     def _todo(self) -> list[int]:
-        done, generation = self.writer.done_indices(), self.writer._generation
-        if self._cache is None or self._cache[0] != generation:
+        if self._cache is None or self._cache[0] != self.writer._generation:
+            self.writer._check_job(self.data_source)  # the model is loaded and the data known: the whole fingerprint
+            done, generation = self.writer.done_indices(), self.writer._generation
             todo = [int(i) for i in self.base if int(i) not in done]
+            self.writer._report_progress(self.num_samples_total, len(todo))
             short = self.writer._world_size - len(todo)
             if todo and short > 0:  # every rank needs a batch: pad with done indices, the writer drops them
                 todo += sorted(done)[:short]
@@ -107,8 +115,13 @@ class ResumablePredictionWriter(BasePredictionWriter):
         predictions = read_predictions("preds/")
 
     ``predict_step`` must return, per batch, a tensor or a ``{str: tensor}`` dict with one row per
-    sample, or a list with one picklable item per sample. Batch size and number of processes may
-    change between runs; the job fingerprint is ``job_id`` plus the dataset length. Under DDP let
+    sample, or a list with one picklable item per sample.
+
+    A job is what decides its outputs: ``manifest.json`` records ``job_id`` and a fingerprint of the module's
+    hyperparameters (or plain attributes), the checkpoint's identity (path, and each file's size, inode and mtime),
+    the precision, dtype and quantization, and the data (its length and a hash of its samples). A rerun whose
+    fingerprint differs stops before any prediction, naming what changed; a matching rerun logs how many samples are
+    done and predicts the rest. Batch size and number of processes may change between runs. Under DDP let
     Lightning distribute the samples (its predict sampler never repeats one); a user
     ``DistributedSampler`` pads ranks with repeated samples, which ``read_predictions`` reports as duplicates.
 
@@ -117,10 +130,16 @@ class ResumablePredictionWriter(BasePredictionWriter):
         job_id: Name of the job; a folder holding another job is refused.
         chunk_size: Number of batches buffered into one chunk file (lost on a crash, recomputed on rerun).
         overwrite: Delete the chunks of a different job found in ``output_dir`` instead of raising.
+        ignore_hparams: Hyperparameters that do not change the outputs, left out of the fingerprint.
     """
 
     def __init__(
-        self, output_dir: Union[str, Path], job_id: str = "default", chunk_size: int = 1, overwrite: bool = False
+        self,
+        output_dir: Union[str, Path],
+        job_id: str = "default",
+        chunk_size: int = 1,
+        overwrite: bool = False,
+        ignore_hparams: Sequence[str] = ("batch_size", "num_workers", "pin_memory"),
     ) -> None:
         super().__init__(write_interval="batch")
         if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -129,7 +148,12 @@ class ResumablePredictionWriter(BasePredictionWriter):
         self.job_id = str(job_id)
         self.chunk_size = chunk_size
         self.overwrite = overwrite
+        self.ignore_hparams = tuple(ignore_hparams)
         self._rank, self._world_size, self._generation = 0, 1, 0
+        self._trainer: Any = None
+        self._fingerprint: dict[str, Any] = {}
+        self._checked_generation = -1
+        self._quiet_filter: Any = None
         self._done: Optional[frozenset[int]] = None
         self._buffer: list[tuple[torch.Tensor, Any]] = []
         self._num_samples_hint: Optional[int] = None
@@ -156,11 +180,20 @@ class ResumablePredictionWriter(BasePredictionWriter):
             chunks = _chunk_files(self.output_dir)
             return f"holds {len(chunks)} chunk files but no {MANIFEST_NAME}" if chunks else None
         n_old, n_new = manifest.get("num_samples"), self._num_samples_hint
-        if manifest.get("format") != _FORMAT or manifest.get("job_id") != self.job_id:
-            return f"belongs to job {manifest.get('job_id')!r} (format {manifest.get('format')}), not {self.job_id!r}"
+        if manifest.get("job_id") != self.job_id:
+            return f"belongs to job {manifest.get('job_id')!r}, not {self.job_id!r}"
+        if manifest.get("format") != _FORMAT:
+            return f"was written by an older version of this writer (format {manifest.get('format')}, no job fingerprint)"
         if n_old is not None and n_new is not None and n_old != n_new:
             return f"was written for {n_old} samples, but the dataset has {n_new}"
-        return None
+        change = describe_change(manifest.get("fingerprint") or {}, self._fingerprint)
+        return f"holds the predictions of another job: {change} changed" if change else None
+
+    def _refuse(self, conflict: str) -> PredictionFolderError:
+        return PredictionFolderError(
+            f"`output_dir` {str(self.output_dir)!r} {conflict}. Set `overwrite: true` on the writer (`overwrite=True` in"
+            " Python) to delete them and start this job, or give this job another `output_dir` (and `job_id`)."
+        )
 
     def _clear(self) -> None:
         for path in _chunk_files(self.output_dir):
@@ -171,26 +204,90 @@ class ResumablePredictionWriter(BasePredictionWriter):
         super().setup(trainer, pl_module, stage)
         if stage != "predict":
             return
-        self._rank, self._world_size = trainer.global_rank, trainer.world_size
+        self._rank, self._world_size, self._trainer = trainer.global_rank, trainer.world_size, trainer
         self._buffer = []
+        # What is known before the model is built: the module's arguments, precision and a strategy `checkpoint`.
+        # The `ckpt_path` and the data are checked once the dataloader asks (`_check_job`), before any batch runs.
+        self._fingerprint = {
+            "module": module_part(pl_module, self.ignore_hparams),
+            "precision": precision_part(trainer),
+            "checkpoint": checkpoint_part(getattr(trainer.strategy, "checkpoint", None)),
+        }
         conflict = self._conflict()  # every rank decides alike: nothing changes before the barrier
         if conflict and not self.overwrite:
-            raise PredictionFolderError(
-                f"`output_dir` {str(self.output_dir)!r} {conflict}. Use a new `output_dir`, or pass"
-                " `overwrite=True` to delete its predictions and start this job."
-            )
+            raise self._refuse(conflict)
         trainer.strategy.barrier("ResumablePredictionWriter.check")
         if self._rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            for path in self.output_dir.iterdir():
-                if _TMP_RE.match(path.name):  # left by a crash mid-write: never a complete file
-                    path.unlink(missing_ok=True)
-            if conflict:
-                self._clear()
-            if _read_manifest(self.output_dir) is None:
-                _write_manifest(self.output_dir, self.job_id, self._num_samples_hint)
+            self._writing(self._prepare_folder, conflict)
         trainer.strategy.barrier("ResumablePredictionWriter.prepare")
         self._done, self._generation = self._scan(), self._generation + 1
+
+    def _prepare_folder(self, conflict: Optional[str]) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for path in self.output_dir.iterdir():
+            if _TMP_RE.match(path.name):  # left by a crash mid-write: never a complete file
+                path.unlink(missing_ok=True)
+        if conflict:
+            self._clear()
+        if _read_manifest(self.output_dir) is None:
+            _write_manifest(self.output_dir, self.job_id, self._num_samples_hint, self._fingerprint)
+
+    def _check_job(self, dataset: Any) -> None:
+        """Compare the whole fingerprint (checkpoint as loaded, data) with the manifest once per run; record it."""
+        if self._checked_generation == self._generation or self._trainer is None:
+            return
+        self._checked_generation = self._generation
+        strategy = self._trainer.strategy
+        source = self._trainer.ckpt_path or getattr(strategy, "checkpoint", None)
+        self._fingerprint.update(checkpoint=checkpoint_part(source), data=data_part(dataset))
+        self._num_samples_hint = len(dataset)
+        conflict = self._conflict()
+        if conflict and not self.overwrite:
+            raise self._refuse(conflict)
+        if self._rank == 0:
+            manifest = _read_manifest(self.output_dir) or {}
+            if conflict or manifest.get("fingerprint") != self._fingerprint:
+                self._writing(self._record, conflict)
+        strategy.barrier("ResumablePredictionWriter.record")
+        if conflict:
+            self._done = self._scan()
+
+    def _record(self, conflict: Optional[str]) -> None:
+        if conflict:
+            self._clear()
+        _write_manifest(self.output_dir, self.job_id, self._num_samples_hint, self._fingerprint)
+
+    def _report_progress(self, total: int, remaining: int) -> None:
+        """Say what a rerun does; with nothing left, in place of Lightning's empty-dataloader warning."""
+        done = total - remaining
+        if done == 0:
+            return
+        where = f"`ResumablePredictionWriter`: {str(self.output_dir)!r}"
+        if remaining:
+            rank_zero_info(f"{where}: {done} of {total} samples already done; predicting the remaining {remaining}.")
+            return
+        rank_zero_info(f"{where}: all {total} samples already done; nothing to predict.")
+        if self._quiet_filter is None:
+            warnings.filterwarnings("ignore", message=_EMPTY_LOADER)
+            self._quiet_filter = warnings.filters[0]
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._quiet_filter is not None:
+            with contextlib.suppress(ValueError):
+                warnings.filters.remove(self._quiet_filter)
+            self._quiet_filter = None
+
+    def _writing(self, action: Callable[..., Any], *args: Any) -> Any:
+        """Run ``action``; a full disk (or any write error) names the folder and says that a rerun resumes."""
+        try:
+            return action(*args)
+        except OSError as err:
+            cause = err.strerror or str(err)
+            raise PredictionFolderError(
+                f"Cannot write predictions into `output_dir` {str(self.output_dir)!r}: {cause} (errno {err.errno})."
+                " Every chunk already there is complete and no temporary file is left: free space (or make the folder"
+                " writable) and run the same job again, it resumes where it stopped."
+            ) from err
 
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
         loaders = trainer.predict_dataloaders
@@ -207,15 +304,7 @@ class ResumablePredictionWriter(BasePredictionWriter):
                 " Lightning gives no sample indices for an iterable one, so nothing could be resumed. Index the data"
                 " (a `torch.utils.data.Dataset` with `__getitem__` and `__len__`)."
             )
-        num_samples = len(dataset)
-        manifest = _read_manifest(self.output_dir) or {}
-        if manifest.get("num_samples") not in (None, num_samples):
-            raise PredictionFolderError(
-                f"`output_dir` {str(self.output_dir)!r} was written for {manifest['num_samples']} samples, but the"
-                f" predict dataset has {num_samples}. Use a new `output_dir` or delete this one."
-            )
-        if self._rank == 0 and manifest.get("num_samples") is None:
-            _write_manifest(self.output_dir, self.job_id, num_samples)
+        self._check_job(dataset)  # without our sampler, the first time the whole fingerprint is known
         if self._done and not _uses_resumable_sampler(loaders[0]):
             warnings.warn(
                 f"{len(self._done)} samples are already in {str(self.output_dir)!r}; they will be recomputed and"
@@ -265,8 +354,8 @@ class ResumablePredictionWriter(BasePredictionWriter):
         ext, data = _encode_chunk(indices, pred)
         name = f"chunk-{int(indices.min()):09d}-{int(indices.max()):09d}-r{self._rank}.{ext}"
         path = self.output_dir / name
-        _atomic_write(path, data)
-        self._buffer = []
+        self._buffer = []  # on a failed write too: a rerun recomputes these samples, nothing half-written is kept
+        self._writing(_atomic_write, path, data)
         return path
 
     def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
