@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     with init_empty_weights():
         skeleton = GPT(config).to(torch.float16)
     total = compute_module_sizes(skeleton)[""]
-    device_map = infer_device_map(skeleton, {0: total // 2, "cpu": 4 * total}, ["Block"])
+    device_map = infer_device_map(skeleton, {0: total // 2, "cpu": 4 * total}, no_split_module_classes=["Block"])
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
     plan = simulate_memory(skeleton, device_map, (ids,))
     with tempfile.TemporaryDirectory() as folder:
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         pinned_before = pinned.pinned_bytes()
         with init_empty_weights():
             model = GPT(config).to(torch.float16).eval()
-        load_checkpoint_and_dispatch(model, checkpoint, device_map)
+        load_checkpoint_and_dispatch(model, checkpoint, device_map=device_map)
         with torch.inference_mode():
             for _ in range(3):  # the first learns the prefetch order
                 model(ids.cuda())

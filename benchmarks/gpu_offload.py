@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
     config = GPTConfig.preset(args.preset)
     base = GPT(config).eval().requires_grad_(False).to(getattr(torch, args.dtype))
     total = compute_module_sizes(base)[""]
-    device_map = infer_device_map(base, {0: total // 2, "cpu": 4 * total}, ["Block"])
+    device_map = infer_device_map(base, {0: total // 2, "cpu": 4 * total}, no_split_module_classes=["Block"])
     sizes = compute_module_sizes(base)
     if not any(isinstance(device, int) for device in device_map.values()) or "cpu" not in device_map.values():
         raise RuntimeError(f"the plan {device_map} does not split {args.preset} between GPU 0 and pinned RAM; use a larger preset")

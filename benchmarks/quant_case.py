@@ -115,8 +115,8 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
             model = build()
         start = time.perf_counter()
         load_checkpoint_and_dispatch(
-            model, spec["checkpoint"], "auto", max_memory={"cpu": spec["budget"]}, no_split_module_classes=no_split,
-            offload_folder=folder, quantization=spec["quantization"],
+            model, spec["checkpoint"], device_map="auto", max_memory={"cpu": spec["budget"]},
+            no_split_module_classes=no_split, offload_folder=folder, quantization=spec["quantization"],
         )  # fmt: skip
         result[label] = time.perf_counter() - start
     result["placed"] = _placed(model)

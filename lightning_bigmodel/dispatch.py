@@ -10,6 +10,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from lightning_bigmodel._keywords import keyword_only
 from lightning_bigmodel.checkpoint.loading import load_checkpoint_in_model
 from lightning_bigmodel.checkpoint.resolve import is_safetensors, resolve_checkpoint
 from lightning_bigmodel.integrations.quantization.spec import Quantization, quantized_weights, resolve_quantization
@@ -40,9 +41,15 @@ from lightning_bigmodel.offload.placement import (
 __all__ = ["dispatch_model", "is_dispatched", "load_checkpoint_and_dispatch", "remove_dispatch"]
 
 
+@keyword_only(
+    (("main_device", "main_device"), ("state_dict", None), ("offload_dir", "offload_folder"), ("offload_index", None),
+     ("offload_buffers", "offload_buffers"), ("skip_keys", None), ("preload_module_classes", None),
+     ("force_hooks", None))
+)  # fmt: skip
 def dispatch_model(
     model: nn.Module,
     device_map: Mapping[str, Union[int, str]],
+    *,
     main_device: Optional[Union[str, torch.device]] = None,
     offload_folder: Optional[Union[str, Path]] = None,
     offload_buffers: bool = False,
@@ -97,9 +104,16 @@ def remove_dispatch(model: nn.Module) -> nn.Module:
     return model
 
 
+@keyword_only(
+    (("device_map", "device_map"), ("max_memory", "max_memory"), ("no_split_module_classes", "no_split_module_classes"),
+     ("offload_folder", "offload_folder"), ("offload_buffers", "offload_buffers"), ("dtype", "dtype"),
+     ("offload_state_dict", None), ("skip_keys", None), ("preload_module_classes", None), ("force_hooks", None),
+     ("strict", "strict"))
+)  # fmt: skip
 def load_checkpoint_and_dispatch(
     model: nn.Module,
     checkpoint: Union[str, Path],
+    *,
     device_map: Union[str, Mapping[str, Union[int, str]], None] = "auto",
     max_memory: Optional[Mapping[Union[int, str], Union[int, str]]] = None,
     no_split_module_classes: Optional[Sequence[str]] = None,
@@ -146,7 +160,7 @@ def load_checkpoint_and_dispatch(
             _refuse_spill_without_folder(device_map, checkpoint, policy, max_memory, quantized)
     with restored_on_error(model):
         load_checkpoint_in_model(
-            model, checkpoint, device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
+            model, checkpoint, device_map=device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
             offload_buffers=offload_buffers, key_prefix=key_prefix, quantization=quantization,
             quantization_skip_modules=quantization_skip_modules,
         )  # fmt: skip

@@ -64,7 +64,7 @@ def main() -> None:
 
     with init_empty_weights():
         model = UntiedMLP().eval()
-    load_checkpoint_in_model(model, args.checkpoint, {"": "disk"}, offload_folder=args.folder)
+    load_checkpoint_in_model(model, args.checkpoint, device_map={"": "disk"}, offload_folder=args.folder)
     with torch.inference_mode():
         output = model(example_input(UntiedMLP))
     torch.save({"output": output, "written": counts["committed"]}, args.output)

@@ -102,7 +102,7 @@ def test_sequential_is_in_module_order(fractions):
     model = meta_gpt("small", tie_weights=False)  # a tie pulls lm_head forward, next to the embedding
     total = _model_bytes(model)
     budget = {device: int(total * fraction) for device, fraction in fractions.items()}
-    device_map = infer_device_map(model, budget, ["Block"], policy="sequential")
+    device_map = infer_device_map(model, budget, no_split_module_classes=["Block"], policy="sequential")
     ranks = [ORDER.get(device, device) for device in device_map.values()]
     assert ranks == sorted(ranks)
 
@@ -111,9 +111,9 @@ def test_sequential_fills_gpu_0_first_balanced_spreads():
     model = meta_gpt("small", tie_weights=False)
     total = _model_bytes(model)
     budget = {0: total, 1: total, 2: total, "cpu": total}
-    assert infer_device_map(model, budget, ["Block"], policy="sequential") == {"": 0}
+    assert infer_device_map(model, budget, no_split_module_classes=["Block"], policy="sequential") == {"": 0}
     for policy in ("balanced", "auto"):
-        resident = _residency(model, infer_device_map(model, budget, ["Block"], policy=policy))
+        resident = _residency(model, infer_device_map(model, budget, no_split_module_classes=["Block"], policy=policy))
         assert set(resident) == {0, 1, 2}
         assert max(resident.values()) - min(resident.values()) <= 2 * _block_bytes(model)
 
@@ -123,7 +123,9 @@ def test_balanced_low_0_is_lightest_on_gpu_0(fractions):
     model = meta_gpt("small")
     total = _model_bytes(model)
     budget = {device: int(total * fraction) for device, fraction in fractions.items()}
-    resident = _residency(model, infer_device_map(model, budget, ["Block"], policy="balanced_low_0"))
+    resident = _residency(model, infer_device_map(
+        model, budget, no_split_module_classes=["Block"], policy="balanced_low_0"
+    ))
     others = [resident.get(gpu, 0) for gpu in budget if gpu != 0]
     assert resident.get(0, 0) <= min(others)
     assert "cpu" not in resident and "disk" not in resident
@@ -134,7 +136,7 @@ def test_balanced_low_0_map_stays_sequential(fractions):
     model = meta_gpt("small", tie_weights=False)
     total = _model_bytes(model)
     budget = {device: int(total * fraction) for device, fraction in fractions.items()}
-    device_map = infer_device_map(model, budget, ["Block"], policy="balanced_low_0")
+    device_map = infer_device_map(model, budget, no_split_module_classes=["Block"], policy="balanced_low_0")
     ranks = [ORDER.get(device, device) for device in device_map.values()]
     assert ranks == sorted(ranks)
     resident = _residency(model, device_map)
@@ -145,8 +147,10 @@ def test_balanced_low_0_map_stays_sequential(fractions):
 def test_balanced_low_0_with_one_gpu_is_balanced():
     model = meta_gpt("small")
     budget = {0: _model_bytes(model) // 2, "cpu": 10**9}
-    assert infer_device_map(model, budget, ["Block"], policy="balanced_low_0") == infer_device_map(
-        model, budget, ["Block"], policy="balanced"
+    assert infer_device_map(
+        model, budget, no_split_module_classes=["Block"], policy="balanced_low_0"
+    ) == infer_device_map(
+        model, budget, no_split_module_classes=["Block"], policy="balanced"
     )
 
 
@@ -164,7 +168,7 @@ def test_cpu_only_budget_spills_to_disk_keeping_room_for_the_stream(monkeypatch,
 
         real = device_map_module.get_max_memory
         monkeypatch.setattr(device_map_module, "get_max_memory", lambda m=None, **k: dict(budget) if m is None else real(m, **k))
-    device_map = infer_device_map(model, None if detected else budget, ["Block"])
+    device_map = infer_device_map(model, None if detected else budget, no_split_module_classes=["Block"])
     check_device_map(model, device_map)
     devices = tensor_devices(model, device_map)
     last_resident = 1 if detected else 3  # (1 + READ_AHEAD_LAYERS) = 2 blocks kept back for the stream when detected
@@ -179,7 +183,7 @@ def test_gpu_reserves_room_for_largest_offloaded_layer():
     model = meta_gpt("small", tie_weights=False)
     block = _block_bytes(model)
     budget = {0: 3 * block, "cpu": 10**9}
-    device_map = infer_device_map(model, budget, ["Block"])
+    device_map = infer_device_map(model, budget, no_split_module_classes=["Block"])
     resident = _residency(model, device_map)
     assert "cpu" in resident
     largest_offloaded = max(_nbytes(model.lm_head.weight), block)
@@ -202,8 +206,8 @@ def test_offloaded_buffers_count_on_execution_device():
     with torch.device("meta"):
         model = nn.Sequential(*[BufferBlock() for _ in range(8)])
     budget = {0: 30_000, "cpu": 10**6}
-    kept = infer_device_map(model, budget, ["BufferBlock"], offload_buffers=False)
-    moved = infer_device_map(model, budget, ["BufferBlock"], offload_buffers=True)
+    kept = infer_device_map(model, budget, no_split_module_classes=["BufferBlock"], offload_buffers=False)
+    moved = infer_device_map(model, budget, no_split_module_classes=["BufferBlock"], offload_buffers=True)
     # By hand: kept on GPU 0, the buffers of the offloaded blocks alone take up to 8 x 4,000 > 30,000 bytes, so no
     # block fits there. Moved with their blocks, GPU 0 holds k blocks of 5,088 bytes plus room for the offloaded
     # layer(s) in flight (one or two of 5,088): three or four blocks.
@@ -218,9 +222,11 @@ def test_dtype_shrinks_the_plan():
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
     half = sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in tensors)
     budget = {0: half, "cpu": 10**9}
-    assert infer_device_map(model, budget, ["Block"]) != {"": 0}
-    assert infer_device_map(model, budget, ["Block"], dtype=torch.float16) == {"": 0}
-    assert infer_device_map(model, {0: half - 1, "cpu": 10**9}, ["Block"], dtype=torch.float16) != {"": 0}
+    assert infer_device_map(model, budget, no_split_module_classes=["Block"]) != {"": 0}
+    assert infer_device_map(model, budget, no_split_module_classes=["Block"], dtype=torch.float16) == {"": 0}
+    assert infer_device_map(
+        model, {0: half - 1, "cpu": 10**9}, no_split_module_classes=["Block"], dtype=torch.float16
+    ) != {"": 0}
 
 
 class Mixed(nn.Module):

@@ -65,11 +65,11 @@ def test_dispatch_needs_folder_for_in_memory_disk_weights():
 
 def test_cpu_only_dispatch_attaches_no_hooks(tmp_path):
     checkpoint = save_sharded_checkpoint(make_reference(UntiedMLP), tmp_path / "ckpt")
-    model = load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, {"": "cpu"})
+    model = load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, device_map={"": "cpu"})
     assert all_hooks(model) == 0
     # disk weights on a CPU execution device are used in place: a guard on the root, and the read-ahead's pre and
     # post hooks on each module holding disk weights (no weight moves)
-    model = load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, MAPS[UntiedMLP]["mixed"])
+    model = load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, device_map=MAPS[UntiedMLP]["mixed"])
     streamed = [m for m in model.modules() if any(is_disk(p) for p in m._parameters.values() if p is not None)]
     assert streamed and all_hooks(model) == 2 + 2 * len(streamed) and len(model._forward_pre_hooks) == 1
     torch.testing.assert_close(outputs(model, UntiedMLP)[0], outputs(make_reference(UntiedMLP), UntiedMLP)[0])
@@ -77,7 +77,7 @@ def test_cpu_only_dispatch_attaches_no_hooks(tmp_path):
 
 def test_dispatched_model_refuses_moves_until_removed(tmp_path):
     checkpoint = save_sharded_checkpoint(make_reference(TiedLM), tmp_path / "ckpt")
-    model = load_checkpoint_and_dispatch(empty_model(TiedLM), checkpoint, MAPS[TiedLM]["mixed"])
+    model = load_checkpoint_and_dispatch(empty_model(TiedLM), checkpoint, device_map=MAPS[TiedLM]["mixed"])
     for move in (lambda m: m.to("cpu"), lambda m: m.cpu(), lambda m: m.half(), lambda m: m.to(torch.float64)):
         with pytest.raises(RuntimeError, match="remove_dispatch"):
             move(model)
@@ -93,7 +93,7 @@ def test_dispatched_model_refuses_moves_until_removed(tmp_path):
 
 def test_training_through_offloaded_weights_is_refused(tmp_path):
     checkpoint = save_sharded_checkpoint(make_reference(UntiedMLP), tmp_path / "ckpt")
-    model = load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, MAPS[UntiedMLP]["mixed"])
+    model = load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, device_map=MAPS[UntiedMLP]["mixed"])
     model(example_input(UntiedMLP))  # grad mode, but nothing requires grad: fine
     model.requires_grad_(True)
     with pytest.raises(RuntimeError, match="offloaded weight"):
@@ -108,7 +108,7 @@ def test_dispatch_refuses_meta_parameters(tmp_path):
     checkpoint = save_sharded_checkpoint(state, tmp_path / "ckpt")
     model = empty_model(UntiedMLP)
     with pytest.raises(RuntimeError, match="out.weight"):
-        load_checkpoint_and_dispatch(model, checkpoint, {"": "cpu"})
+        load_checkpoint_and_dispatch(model, checkpoint, device_map={"": "cpu"})
 
 
 def test_unknown_gpu_or_policy_is_refused(tmp_path):
@@ -117,13 +117,13 @@ def test_unknown_gpu_or_policy_is_refused(tmp_path):
     with pytest.raises(ValueError, match="GPU"):
         dispatch_model(make_reference(UntiedMLP), {"": missing_gpu})
     with pytest.raises(ValueError, match="policy"):
-        load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, "fastest")
+        load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, device_map="fastest")
 
 
 def test_policy_plans_and_loads(tmp_path):
     checkpoint = save_sharded_checkpoint(make_reference(UntiedMLP), tmp_path / "ckpt")
     model = load_checkpoint_and_dispatch(
-        empty_model(UntiedMLP), checkpoint, "sequential", max_memory={"cpu": 6000, "disk": "1GB"},
+        empty_model(UntiedMLP), checkpoint, device_map="sequential", max_memory={"cpu": 6000, "disk": "1GB"},
         no_split_module_classes=["Block"], offload_folder=tmp_path / "off",
     )  # fmt: skip
     assert "disk" in model.hf_device_map.values()
@@ -132,12 +132,14 @@ def test_policy_plans_and_loads(tmp_path):
 
 def test_loading_into_a_dispatched_model_is_refused(tmp_path):
     checkpoint = save_sharded_checkpoint(make_reference(UntiedMLP), tmp_path / "ckpt")
-    model = load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, MAPS[UntiedMLP]["mixed"])
+    model = load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, device_map=MAPS[UntiedMLP]["mixed"])
     with pytest.raises(RuntimeError, match="remove_dispatch"):
-        load_checkpoint_in_model(model, checkpoint, MAPS[UntiedMLP]["mixed"])
+        load_checkpoint_in_model(model, checkpoint, device_map=MAPS[UntiedMLP]["mixed"])
     remove_dispatch(model)
     other = save_sharded_checkpoint(make_reference(UntiedMLP, seed=3), tmp_path / "other")  # other weights: a reload
-    load_checkpoint_in_model(model, other, MAPS[UntiedMLP]["mixed"])  # that did nothing would keep the first ones
+    load_checkpoint_in_model(
+        model, other, device_map=MAPS[UntiedMLP]["mixed"]
+    )  # that did nothing would keep the first ones
     reference = make_reference(UntiedMLP, seed=3)
     torch.testing.assert_close(outputs(model, UntiedMLP)[0], outputs(reference, UntiedMLP)[0], rtol=0, atol=0)
 
@@ -229,7 +231,9 @@ def test_gpu_with_cpu_and_disk_offload(tmp_path, cls, offload_buffers):
     device_map = dict(MAPS[cls]["mixed"])
     first = next(iter(device_map))
     device_map[first] = 0
-    model = load_checkpoint_and_dispatch(empty_model(cls), checkpoint, device_map, offload_buffers=offload_buffers)
+    model = load_checkpoint_and_dispatch(
+        empty_model(cls), checkpoint, device_map=device_map, offload_buffers=offload_buffers
+    )
     reference = make_reference(cls)
     with torch.inference_mode():
         for _ in range(4):  # first call learns the order, the next ones prefetch
@@ -246,7 +250,7 @@ def test_gpu_with_cpu_and_disk_offload(tmp_path, cls, offload_buffers):
 def test_gpu_pinned_host_weights(tmp_path):
     checkpoint = save_sharded_checkpoint(make_reference(UntiedMLP), tmp_path / "ckpt")
     model = empty_model(UntiedMLP)
-    load_checkpoint_in_model(model, checkpoint, {"inp": 0, "blocks": "cpu", "out": "disk"})
+    load_checkpoint_in_model(model, checkpoint, device_map={"inp": 0, "blocks": "cpu", "out": "disk"})
     assert model.inp.weight.is_cuda and model.blocks[0].fc.weight.is_pinned() and is_disk(model.out.weight)
 
 

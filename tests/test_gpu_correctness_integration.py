@@ -274,7 +274,7 @@ def test_loading_narrows_on_the_host_before_the_gpu_copy(tmp_path):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    load_checkpoint_in_model(model, checkpoint, {"": 0}, dtype=torch.float16)
+    load_checkpoint_in_model(model, checkpoint, device_map={"": 0}, dtype=torch.float16)
     peak = torch.cuda.max_memory_allocated() - base
     assert model.weight.dtype == torch.float16 and model.weight.is_cuda
     assert peak <= 8192 * 8192 * 2 + 2**24  # the fp16 weight only; casting on the GPU held the fp32 copy too

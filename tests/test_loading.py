@@ -48,7 +48,9 @@ def test_outputs_match_plain_load(tmp_path, cls, fmt, layout):
     checkpoint = write_checkpoint(reference, tmp_path / "ckpt", fmt)
     offload = tmp_path / "offload"
     model = empty_model(cls)
-    missing, unexpected = load_checkpoint_in_model(model, checkpoint, MAPS[cls][layout], offload_folder=offload)
+    missing, unexpected = load_checkpoint_in_model(
+        model, checkpoint, device_map=MAPS[cls][layout], offload_folder=offload
+    )
     assert (missing, unexpected) == ([], [])
     assert all(p.device.type == "cpu" and not p.requires_grad for p in model.parameters())
     if cls is TiedLM:
@@ -66,7 +68,7 @@ def test_disk_views_are_backed_by_the_checkpoint_file(tmp_path):
     reference = make_reference(UntiedMLP)
     checkpoint = write_checkpoint(reference, tmp_path / "ckpt", "safetensors")
     model = empty_model(UntiedMLP)
-    load_checkpoint_in_model(model, checkpoint, {"": "disk"})
+    load_checkpoint_in_model(model, checkpoint, device_map={"": "disk"})
     assert torch.equal(model.out.bias, reference.out.bias)
     # overwrite the tensor's bytes in the file: a memory-mapped view sees the change (a copy would not)
     with safe_open(checkpoint, "pt") as f:
@@ -87,7 +89,9 @@ def test_ties_across_cpu_and_disk(tmp_path):
     model = empty_model(TiedLM)
     with safe_open(checkpoint, "pt") as f:
         assert len([k for k in f.keys() if k in ("wte.weight", "head.weight")]) == 1  # saved under one name
-    load_checkpoint_in_model(model, checkpoint, {"wte": "disk", "blocks": "cpu", "ln_f": "cpu", "head": "cpu"})
+    load_checkpoint_in_model(
+        model, checkpoint, device_map={"wte": "disk", "blocks": "cpu", "ln_f": "cpu", "head": "cpu"}
+    )
     assert model.head.weight is model.wte.weight
     assert not is_disk(model.wte.weight)  # the faster of its aliases' places
     assert_same_outputs(model, make_reference(TiedLM), TiedLM)
@@ -97,7 +101,7 @@ def test_bin_disk_entries_written_once_then_reused(tmp_path):
     reference = make_reference(UntiedMLP)
     checkpoint = write_checkpoint(reference, tmp_path / "ckpt", "bin")
     offload = tmp_path / "offload"
-    load_checkpoint_in_model(empty_model(UntiedMLP), checkpoint, {"": "disk"}, offload_folder=offload)
+    load_checkpoint_in_model(empty_model(UntiedMLP), checkpoint, device_map={"": "disk"}, offload_folder=offload)
     manifest = json.loads((offload / MANIFEST).read_text())
     assert set(manifest["tensors"]) == set(reference.state_dict())
     assert manifest["source"][0]["path"] == str(checkpoint.resolve())
@@ -105,7 +109,7 @@ def test_bin_disk_entries_written_once_then_reused(tmp_path):
     assert len(stamps) == len(reference.state_dict())
 
     model = empty_model(UntiedMLP)
-    load_checkpoint_in_model(model, checkpoint, {"": "disk"}, offload_folder=offload)
+    load_checkpoint_in_model(model, checkpoint, device_map={"": "disk"}, offload_folder=offload)
     assert {p.name: p.stat().st_mtime_ns for p in offload.glob("*.safetensors")} == stamps  # reused
     assert all(is_disk(p) and p.data_ptr() % 64 == 0 for p in model.parameters())  # aligned like an allocation
     with safe_open(offload / "out.weight.safetensors", "pt") as f:  # plain safetensors files
@@ -117,7 +121,7 @@ def test_bin_disk_entries_written_once_then_reused(tmp_path):
     torch.save(changed.state_dict(), checkpoint)
     os.utime(checkpoint, ns=(1, 1))
     model = empty_model(UntiedMLP)
-    load_checkpoint_in_model(model, checkpoint, {"": "disk"}, offload_folder=offload)
+    load_checkpoint_in_model(model, checkpoint, device_map={"": "disk"}, offload_folder=offload)
     assert_same_outputs(model, make_reference(UntiedMLP, seed=5), UntiedMLP)
 
 
@@ -125,10 +129,10 @@ def test_partial_offload_folder_is_completed(tmp_path):
     reference = make_reference(UntiedMLP)
     checkpoint = write_checkpoint(reference, tmp_path / "ckpt", "bin")
     offload = tmp_path / "offload"
-    load_checkpoint_in_model(empty_model(UntiedMLP), checkpoint, {"": "disk"}, offload_folder=offload)
+    load_checkpoint_in_model(empty_model(UntiedMLP), checkpoint, device_map={"": "disk"}, offload_folder=offload)
     (offload / "out.weight.safetensors").unlink()  # lost file: rebuilt, the rest reused
     model = empty_model(UntiedMLP)
-    load_checkpoint_in_model(model, checkpoint, {"": "disk"}, offload_folder=offload)
+    load_checkpoint_in_model(model, checkpoint, device_map={"": "disk"}, offload_folder=offload)
     assert (offload / "out.weight.safetensors").exists()
     assert_same_outputs(model, make_reference(UntiedMLP), UntiedMLP)
 
@@ -138,7 +142,7 @@ def test_disk_needing_writes_without_folder_fails_before_placing(tmp_path):
     model = empty_model(UntiedMLP)
     with pytest.raises(ValueError, match="offload_folder=") as info:
         device_map = {"blocks.1": "disk", "inp": "cpu", "blocks.0": "cpu", "blocks.2": "cpu", "out": "cpu"}
-        load_checkpoint_in_model(model, checkpoint, device_map)
+        load_checkpoint_in_model(model, checkpoint, device_map=device_map)
     assert "blocks.1" in str(info.value)
     assert all(p.is_meta for p in model.parameters())
 
@@ -147,9 +151,11 @@ def test_dtype_conversion_on_disk_needs_folder(tmp_path):
     reference = make_reference(UntiedMLP)
     checkpoint = write_checkpoint(reference, tmp_path / "ckpt", "safetensors")
     with pytest.raises(ValueError, match="offload_folder="):
-        load_checkpoint_in_model(empty_model(UntiedMLP), checkpoint, {"": "disk"}, dtype=torch.float64)
+        load_checkpoint_in_model(empty_model(UntiedMLP), checkpoint, device_map={"": "disk"}, dtype=torch.float64)
     model = empty_model(UntiedMLP)
-    load_checkpoint_in_model(model, checkpoint, {"": "disk"}, dtype=torch.float64, offload_folder=tmp_path / "off")
+    load_checkpoint_in_model(
+        model, checkpoint, device_map={"": "disk"}, dtype=torch.float64, offload_folder=tmp_path / "off"
+    )
     assert all(p.dtype == torch.float64 and is_disk(p) for p in model.parameters())
     with torch.inference_mode():
         expected = reference.double()(example_input(UntiedMLP).double())
@@ -164,10 +170,10 @@ def test_strict_missing_and_unexpected(tmp_path):
     folder = save_sharded_checkpoint(state, tmp_path / "ckpt")
     model = empty_model(UntiedMLP)
     with pytest.raises(RuntimeError, match="Missing key\\(s\\) in state_dict:.*out.bias") as info:
-        load_checkpoint_in_model(model, folder, {"": "cpu"}, strict=True)
+        load_checkpoint_in_model(model, folder, device_map={"": "cpu"}, strict=True)
     assert "Unexpected key(s)" in str(info.value) and "extra.weight" in str(info.value)
     assert all(p.is_meta for p in model.parameters())  # nothing placed
-    missing, unexpected = load_checkpoint_in_model(model, folder, {"": "cpu"})
+    missing, unexpected = load_checkpoint_in_model(model, folder, device_map={"": "cpu"})
     assert (missing, unexpected) == (["out.bias"], ["extra.weight"])
     assert model.out.bias.is_meta and not model.out.weight.is_meta
 
@@ -183,7 +189,7 @@ def test_key_prefix(tmp_path):
     with init_empty_weights():
         wrapper = Wrapper()
     missing, unexpected = load_checkpoint_in_model(
-        wrapper, checkpoint, {"model.blocks": "disk", "model": "cpu"}, key_prefix="model."
+        wrapper, checkpoint, device_map={"model.blocks": "disk", "model": "cpu"}, key_prefix="model."
     )
     assert (missing, unexpected) == ([], [])
     assert_same_outputs(wrapper.model.eval(), make_reference(UntiedMLP), UntiedMLP)
@@ -195,14 +201,14 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path):
     checkpoint = save_sharded_checkpoint(state, tmp_path / "ckpt")
     model = empty_model(UntiedMLP)
     with pytest.raises(ValueError, match=r"out\.weight.*\[5, 16\].*\[4, 16\]"):
-        load_checkpoint_in_model(model, checkpoint, {"": "cpu"})
+        load_checkpoint_in_model(model, checkpoint, device_map={"": "cpu"})
     assert all(p.is_meta for p in model.parameters())
 
 
 def test_uncovered_map_fails(tmp_path):
     checkpoint = write_checkpoint(make_reference(UntiedMLP), tmp_path / "ckpt", "safetensors")
     with pytest.raises(ValueError, match="out"):
-        load_checkpoint_in_model(empty_model(UntiedMLP), checkpoint, {"inp": "cpu", "blocks": "cpu"})
+        load_checkpoint_in_model(empty_model(UntiedMLP), checkpoint, device_map={"inp": "cpu", "blocks": "cpu"})
 
 
 def test_buffers_non_persistent_kept_and_meta_materialized(tmp_path):
@@ -212,7 +218,7 @@ def test_buffers_non_persistent_kept_and_meta_materialized(tmp_path):
         with init_empty_weights(include_buffers=include_buffers):
             model = BufferNet().eval()
         assert model.a.table.is_meta == include_buffers
-        load_checkpoint_in_model(model, checkpoint, MAPS[BufferNet]["mixed"])
+        load_checkpoint_in_model(model, checkpoint, device_map=MAPS[BufferNet]["mixed"])
         assert torch.equal(model.a.table, reference.a.table) and torch.equal(model.b.offset, reference.b.offset)
         assert not any(b.is_meta for b in model.buffers())
         assert_same_outputs(model, make_reference(BufferNet), BufferNet)

@@ -45,7 +45,7 @@ def test_minilm_half_on_disk_matches_from_pretrained(tmp_path):
     model.eval()
     device_map = {"embeddings": "cpu", "pooler": "cpu"}
     device_map.update({f"encoder.layer.{i}": "disk" if i >= 3 else "cpu" for i in range(config.num_hidden_layers)})
-    load_checkpoint_and_dispatch(model, sharded, device_map, offload_folder=tmp_path / "offload")
+    load_checkpoint_and_dispatch(model, sharded, device_map=device_map, offload_folder=tmp_path / "offload")
     assert not (tmp_path / "offload").exists()  # safetensors disk entries are referenced in place
     assert all(is_disk(p) for p in model.encoder.layer[4].parameters())
     assert not any(is_disk(p) for p in model.encoder.layer[0].parameters())

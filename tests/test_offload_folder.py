@@ -97,11 +97,11 @@ def launch(checkpoint: Path, folder: Path, output: Path, *args: str) -> subproce
 
 def test_rerun_reuses_a_complete_folder_without_rewriting(tmp_path):
     checkpoint, folder = write_bin(tmp_path / "ckpt"), tmp_path / "off"
-    load_checkpoint_in_model(empty_model(), checkpoint, {"": "disk"}, offload_folder=folder)
+    load_checkpoint_in_model(empty_model(), checkpoint, device_map={"": "disk"}, offload_folder=folder)
     assert_consistent(folder, checkpoint)
     before = {**stamps(folder), MANIFEST: (folder / MANIFEST).stat().st_mtime_ns}
     model = empty_model()
-    load_checkpoint_in_model(model, checkpoint, {"": "disk"}, offload_folder=folder)
+    load_checkpoint_in_model(model, checkpoint, device_map={"": "disk"}, offload_folder=folder)
     assert {**stamps(folder), MANIFEST: (folder / MANIFEST).stat().st_mtime_ns} == before  # nothing rewritten
     assert all(is_disk(p) for p in model.parameters())
     torch.testing.assert_close(output_of(model), reference_output(), rtol=0, atol=0)
@@ -110,9 +110,9 @@ def test_rerun_reuses_a_complete_folder_without_rewriting(tmp_path):
 def test_folder_of_another_checkpoint_is_rebuilt(tmp_path):
     first, second = write_bin(tmp_path / "a", seed=0), write_bin(tmp_path / "b", seed=3)
     folder = tmp_path / "off"
-    load_checkpoint_in_model(empty_model(), first, {"": "disk"}, offload_folder=folder)
+    load_checkpoint_in_model(empty_model(), first, device_map={"": "disk"}, offload_folder=folder)
     model = empty_model()
-    load_checkpoint_in_model(model, second, {"": "disk"}, offload_folder=folder)
+    load_checkpoint_in_model(model, second, device_map={"": "disk"}, offload_folder=folder)
     assert_consistent(folder, second, seed=3)  # every file now holds the second checkpoint's tensor
     torch.testing.assert_close(output_of(model), reference_output(seed=3), rtol=0, atol=0)
 
@@ -120,7 +120,7 @@ def test_folder_of_another_checkpoint_is_rebuilt(tmp_path):
 @pytest.mark.parametrize("damage", ["truncated_file", "corrupt_manifest", "manifest_wrong_shape"])
 def test_damaged_folder_is_repaired(tmp_path, damage):
     checkpoint, folder = write_bin(tmp_path / "ckpt"), tmp_path / "off"
-    load_checkpoint_in_model(empty_model(), checkpoint, {"": "disk"}, offload_folder=folder)
+    load_checkpoint_in_model(empty_model(), checkpoint, device_map={"": "disk"}, offload_folder=folder)
     if damage == "truncated_file":
         data = (folder / "out.weight.safetensors").read_bytes()
         (folder / "out.weight.safetensors").write_bytes(data[: len(data) // 2])
@@ -131,18 +131,18 @@ def test_damaged_folder_is_repaired(tmp_path, damage):
         manifest["tensors"]["out.weight"]["shape"] = [1, 2]
         (folder / MANIFEST).write_text(json.dumps(manifest))
     model = empty_model()
-    load_checkpoint_in_model(model, checkpoint, {"": "disk"}, offload_folder=folder)
+    load_checkpoint_in_model(model, checkpoint, device_map={"": "disk"}, offload_folder=folder)
     assert_consistent(folder, checkpoint)
     torch.testing.assert_close(output_of(model), reference_output(), rtol=0, atol=0)
 
 
 def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
     checkpoint, folder = write_bin(tmp_path / "ckpt"), tmp_path / "off"
-    load_checkpoint_in_model(empty_model(), checkpoint, {"": "disk"}, offload_folder=folder)
+    load_checkpoint_in_model(empty_model(), checkpoint, device_map={"": "disk"}, offload_folder=folder)
     (folder / ".out.weight.safetensors.999999.tmp").write_bytes(b"half a tensor")
     (folder / "notes.txt").write_text("the user's own file")  # not ours: kept
     model = empty_model()
-    load_checkpoint_in_model(model, checkpoint, {"": "disk"}, offload_folder=folder)
+    load_checkpoint_in_model(model, checkpoint, device_map={"": "disk"}, offload_folder=folder)
     assert tmp_files(folder) == [] and (folder / "notes.txt").exists()
     assert_consistent(folder, checkpoint)
     torch.testing.assert_close(output_of(model), reference_output(), rtol=0, atol=0)
@@ -162,7 +162,7 @@ def test_killed_mid_write_then_rerun_repairs_the_folder(tmp_path):
     assert not (folder / MANIFEST).exists()  # ...and no manifest claims anything
 
     model = empty_model()  # the rerun, in this process
-    load_checkpoint_in_model(model, checkpoint, {"": "disk"}, offload_folder=folder)
+    load_checkpoint_in_model(model, checkpoint, device_map={"": "disk"}, offload_folder=folder)
     assert_consistent(folder, checkpoint)
     assert len(stamps(folder)) == N_TENSORS
     torch.testing.assert_close(output_of(model), reference_output(), rtol=0, atol=0)
@@ -225,7 +225,7 @@ def test_unwritable_folder_fails_before_placing(tmp_path, monkeypatch, how, entr
     model = empty_model()
     try:
         with pytest.raises(OffloadFolderError, match=r"`offload_folder` '.*off' is not writable") as info:
-            entry(model, checkpoint, {"": "disk"}, offload_folder=folder)
+            entry(model, checkpoint, device_map={"": "disk"}, offload_folder=folder)
     finally:
         if how == "chmod":
             folder.chmod(0o700)
@@ -238,7 +238,7 @@ def test_unwritable_folder_fails_before_placing(tmp_path, monkeypatch, how, entr
 
 def test_complete_folder_that_became_read_only_is_still_reused(tmp_path, monkeypatch):
     checkpoint, folder = write_bin(tmp_path / "ckpt"), tmp_path / "off"
-    load_checkpoint_in_model(empty_model(), checkpoint, {"": "disk"}, offload_folder=folder)
+    load_checkpoint_in_model(empty_model(), checkpoint, device_map={"": "disk"}, offload_folder=folder)
     real_open = open
 
     def read_only_open(file, mode="r", *args, **kwargs):
@@ -247,13 +247,13 @@ def test_complete_folder_that_became_read_only_is_still_reused(tmp_path, monkeyp
         return real_open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(disk, "open", read_only_open, raising=False)
-    model = load_checkpoint_and_dispatch(empty_model(), checkpoint, {"": "disk"}, offload_folder=folder)
+    model = load_checkpoint_and_dispatch(empty_model(), checkpoint, device_map={"": "disk"}, offload_folder=folder)
     torch.testing.assert_close(output_of(model), reference_output(), rtol=0, atol=0)
     (folder / "out.weight.safetensors").unlink()  # now one file must be written: the folder's error, model untouched
     before = {**stamps(folder), MANIFEST: (folder / MANIFEST).stat().st_mtime_ns}
     model = empty_model()
     with pytest.raises(OffloadFolderError, match=r"'.*off' is not writable while creating the test file"):
-        load_checkpoint_and_dispatch(model, checkpoint, {"": "disk"}, offload_folder=folder)
+        load_checkpoint_and_dispatch(model, checkpoint, device_map={"": "disk"}, offload_folder=folder)
     assert all(p.is_meta for p in model.parameters())
     assert {**stamps(folder), MANIFEST: (folder / MANIFEST).stat().st_mtime_ns} == before and tmp_files(folder) == []
 
@@ -272,7 +272,7 @@ def test_disk_full_mid_write_leaves_a_consistent_folder_and_an_untouched_model(t
     monkeypatch.setattr(disk, "_save_aligned", save_until_full)
     model = empty_model()
     with pytest.raises(OffloadFolderError, match=r"'.*off' ran out of space while writing '.*safetensors'") as info:
-        load_checkpoint_and_dispatch(model, checkpoint, {"": "disk"}, offload_folder=folder)
+        load_checkpoint_and_dispatch(model, checkpoint, device_map={"": "disk"}, offload_folder=folder)
     assert info.value.errno == errno.ENOSPC and "Free space there" in str(info.value)
     assert all(p.is_meta for p in model.parameters()) and not hasattr(model, "hf_device_map")
     kept = assert_consistent(folder, checkpoint, complete=False)
@@ -281,7 +281,7 @@ def test_disk_full_mid_write_leaves_a_consistent_folder_and_an_untouched_model(t
 
     monkeypatch.setattr(disk, "_save_aligned", real_save)  # space freed: the rerun completes and reuses the two
     model = empty_model()
-    load_checkpoint_and_dispatch(model, checkpoint, {"": "disk"}, offload_folder=folder)
+    load_checkpoint_and_dispatch(model, checkpoint, device_map={"": "disk"}, offload_folder=folder)
     assert_consistent(folder, checkpoint)
     assert {name: stamps(folder)[name] for name in before} == before
     torch.testing.assert_close(output_of(model), reference_output(), rtol=0, atol=0)
@@ -298,7 +298,7 @@ def test_disk_full_while_saving_the_manifest_leaves_no_unlisted_file(tmp_path, m
 
     monkeypatch.setattr(disk, "_write_atomic", write)
     with pytest.raises(OffloadFolderError, match=rf"ran out of space while writing '{MANIFEST}'"):
-        load_checkpoint_in_model(empty_model(), checkpoint, {"": "disk"}, offload_folder=folder)
+        load_checkpoint_in_model(empty_model(), checkpoint, device_map={"": "disk"}, offload_folder=folder)
     assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # this session's files removed with it
 
 
@@ -354,7 +354,7 @@ def test_disk_full_mid_write_through_the_loader_leaves_the_model_untouched(tmp_p
     monkeypatch.setattr(disk, "_save_aligned", save_until_full)
     model = empty_model()
     with pytest.raises(OffloadFolderError, match="ran out of space"):
-        load_checkpoint_in_model(model, checkpoint, {"": "disk"}, offload_folder=folder)
+        load_checkpoint_in_model(model, checkpoint, device_map={"": "disk"}, offload_folder=folder)
     assert all(p.is_meta for p in model.parameters())
     assert_consistent(folder, checkpoint, complete=False)
 
@@ -366,5 +366,5 @@ def test_too_little_room_fails_before_the_first_write(tmp_path, monkeypatch):
     monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 10, 10))
     model = empty_model()
     with pytest.raises(OffloadFolderError, match="ran out of space while checking room"):
-        load_checkpoint_in_model(model, checkpoint, {"": "disk"}, offload_folder=folder)
+        load_checkpoint_in_model(model, checkpoint, device_map={"": "disk"}, offload_folder=folder)
     assert writes == [] and all(p.is_meta for p in model.parameters())

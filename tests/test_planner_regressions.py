@@ -98,7 +98,7 @@ WIDE_ENDS_BUDGET = {0: 750 * KB, 1: 837 * KB, "cpu": 10_000 * KB}
 def test_the_gpus_are_used_when_the_first_module_does_not_fit_beside_the_reserve(policy, no_split):
     with init_empty_weights():
         model = LM(**WIDE_ENDS)
-    device_map = infer_device_map(model, WIDE_ENDS_BUDGET, no_split, policy=policy)
+    device_map = infer_device_map(model, WIDE_ENDS_BUDGET, no_split_module_classes=no_split, policy=policy)
     gpus = sorted(device for device in device_map.values() if isinstance(device, int))
     assert gpus, device_map
     resident = _resident(model, device_map, gpus[0])
@@ -131,7 +131,7 @@ def test_a_gpu_0_holding_only_the_reserve_still_executes(policy, tie_weights):
     model = meta_gpt("small", n_layer=8, tie_weights=tie_weights)
     block = compute_module_sizes(model)["transformer.h.0"]
     budget = {0: int(2.2 * block), 1: int(1.3 * block), "cpu": int(1.3 * block)}
-    device_map = infer_device_map(model, budget, ["Block"], policy=policy)
+    device_map = infer_device_map(model, budget, no_split_module_classes=["Block"], policy=policy)
     gpus = sorted(device for device in device_map.values() if isinstance(device, int))
     assert gpus and gpus[0] == 0, device_map
     resident = _resident(model, device_map, 0)
@@ -147,7 +147,7 @@ def test_three_gpus_at_0_3_of_the_model_are_used():
     model = meta_gpt("small", tie_weights=False)
     total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     budget = {0: int(0.3 * total), 1: int(0.3 * total), 2: int(0.3 * total), "cpu": int(0.5 * total)}
-    device_map = infer_device_map(model, budget, ["Block"], policy="sequential")
+    device_map = infer_device_map(model, budget, no_split_module_classes=["Block"], policy="sequential")
     resident = _resident(model, device_map, 0)
     assert {0, 1, 2} <= set(resident), device_map
     assert all(nbytes <= budget.get(device, float("inf")) for device, nbytes in resident.items()), resident

@@ -46,7 +46,9 @@ def test_progress_reports_every_key_once_with_its_bytes(tmp_path, cls, device_ma
     with init_empty_weights():
         model = cls()
     calls = []
-    load_checkpoint_in_model(model, folder, device_map, progress=lambda key, nbytes: calls.append((key, nbytes)))
+    load_checkpoint_in_model(
+        model, folder, device_map=device_map, progress=lambda key, nbytes: calls.append((key, nbytes))
+    )
     assert Counter(key for key, _ in calls) == Counter(expected.keys())  # every key exactly once
     assert dict(calls) == expected
     assert sum(nbytes for _, nbytes in calls) == sum(expected.values())

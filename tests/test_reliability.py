@@ -97,7 +97,9 @@ def test_broken_checkpoint_fails_before_placing(tmp_path, how):
     offload = tmp_path / "off"
     model = empty_model()
     with pytest.raises(CheckpointError, match=culprit):  # dtype=float64 would write every tensor to the folder
-        load_checkpoint_and_dispatch(model, checkpoint, {"": "disk"}, offload_folder=offload, dtype=torch.float64)
+        load_checkpoint_and_dispatch(
+            model, checkpoint, device_map={"": "disk"}, offload_folder=offload, dtype=torch.float64
+        )
     assert_untouched(model, offload)
 
 
@@ -112,7 +114,7 @@ def test_shape_mismatch(tmp_path, fmt):
     model = empty_model()
     culprit = r"`blocks\.1\.fc\.weight`: checkpoint shape \[3, 16\], model .* \[32, 16\]"
     with pytest.raises(ValueError, match=culprit) as info:
-        load_checkpoint_and_dispatch(model, checkpoint, {"": "disk"}, offload_folder=offload)
+        load_checkpoint_and_dispatch(model, checkpoint, device_map={"": "disk"}, offload_folder=offload)
     assert str(tmp_path / "ckpt") in str(info.value) and "Build the model from the configuration" in str(info.value)
     assert_untouched(model, offload)
 
@@ -129,7 +131,9 @@ def test_dtype_that_cannot_be_cast(tmp_path, key, bad, want):
     checkpoint, offload = write(state, tmp_path / "ckpt", "bin"), tmp_path / "off"
     model = empty_model(BufferNet)
     with pytest.raises(ValueError, match=want):
-        load_checkpoint_and_dispatch(model, checkpoint, {"a": "disk", "mid": "cpu", "b": "cpu"}, offload_folder=offload)
+        load_checkpoint_and_dispatch(
+            model, checkpoint, device_map={"a": "disk", "mid": "cpu", "b": "cpu"}, offload_folder=offload
+        )
     assert_untouched(model, offload)
 
 
@@ -146,7 +150,7 @@ def test_device_map_that_does_not_fit(tmp_path, device_map, culprit):
     checkpoint = write(make_reference(UntiedMLP).state_dict(), tmp_path / "ckpt", "safetensors")
     model = empty_model()
     with pytest.raises(ValueError, match=culprit):
-        load_checkpoint_and_dispatch(model, checkpoint, device_map)
+        load_checkpoint_and_dispatch(model, checkpoint, device_map=device_map)
     assert_untouched(model, tmp_path / "off")
     plain = make_reference(UntiedMLP)
     weights = dict(plain.named_parameters())
@@ -159,7 +163,7 @@ def test_gpu_that_does_not_exist(tmp_path):
     checkpoint = write(make_reference(UntiedMLP).state_dict(), tmp_path / "ckpt", "safetensors")
     model = empty_model()
     with pytest.raises(ValueError, match=rf"\[''\] on GPU {NO_GPU} of {NO_GPU} visible.*CUDA_VISIBLE_DEVICES"):
-        load_checkpoint_and_dispatch(model, checkpoint, {"": NO_GPU})
+        load_checkpoint_and_dispatch(model, checkpoint, device_map={"": NO_GPU})
     assert_untouched(model, tmp_path / "off")
     plain = make_reference(UntiedMLP)
     with pytest.raises(ValueError, match=rf"GPU {NO_GPU} of {NO_GPU} visible"):
@@ -168,7 +172,7 @@ def test_gpu_that_does_not_exist(tmp_path):
     # a plan for a GPU budget this machine cannot honour fails the same way, before loading
     model = empty_model()
     with pytest.raises(ValueError, match=rf"on GPU {NO_GPU} of {NO_GPU} visible"):
-        load_checkpoint_and_dispatch(model, checkpoint, "auto", max_memory={NO_GPU: "1GB", "cpu": "1GB"})
+        load_checkpoint_and_dispatch(model, checkpoint, device_map="auto", max_memory={NO_GPU: "1GB", "cpu": "1GB"})
     assert_untouched(model, tmp_path / "off")
 
 
@@ -178,7 +182,7 @@ def test_gpu_3_of_2_is_refused_before_cuda_is_touched(tmp_path, monkeypatch):
     model = empty_model()
     device_map = {"inp": 0, "blocks": 1, "out": 3}
     with pytest.raises(ValueError, match=r"\['out'\] on GPU 3 of 2 visible. Use GPU indices below 2"):
-        load_checkpoint_and_dispatch(model, checkpoint, device_map)
+        load_checkpoint_and_dispatch(model, checkpoint, device_map=device_map)
     assert_untouched(model, tmp_path / "off")
 
 
@@ -197,7 +201,9 @@ def test_malformed_or_negative_memory(tmp_path, budget, culprit):
     checkpoint = write(make_reference(UntiedMLP).state_dict(), tmp_path / "ckpt", "bin")
     model = empty_model()
     with pytest.raises(ValueError, match=culprit):
-        load_checkpoint_and_dispatch(model, checkpoint, "auto", max_memory=budget, offload_folder=tmp_path / "off")
+        load_checkpoint_and_dispatch(
+            model, checkpoint, device_map="auto", max_memory=budget, offload_folder=tmp_path / "off"
+        )
     assert_untouched(model, tmp_path / "off")
 
 
@@ -206,14 +212,14 @@ def test_budget_too_small_without_offload_folder(tmp_path):
     checkpoint = write(reference.state_dict(), tmp_path / "ckpt", "bin")
     model = empty_model()
     with pytest.raises(ValueError, match=r"`max_memory`=\{'cpu': 2000\} is too small.*weights\.bin.*`offload_folder=`"):
-        load_checkpoint_and_dispatch(model, checkpoint, "auto", max_memory={"cpu": 2000})
+        load_checkpoint_and_dispatch(model, checkpoint, device_map="auto", max_memory={"cpu": 2000})
     assert_untouched(model, tmp_path / "off")
     # the same budget works with a folder, and with a safetensors checkpoint (referenced in place) without one
     model = load_checkpoint_and_dispatch(
-        empty_model(), checkpoint, "auto", max_memory={"cpu": 2000}, offload_folder=tmp_path / "off"
+        empty_model(), checkpoint, device_map="auto", max_memory={"cpu": 2000}, offload_folder=tmp_path / "off"
     )
     safe = write(reference.state_dict(), tmp_path / "safe", "safetensors")
-    model_safe = load_checkpoint_and_dispatch(empty_model(), safe, "auto", max_memory={"cpu": 2000})
+    model_safe = load_checkpoint_and_dispatch(empty_model(), safe, device_map="auto", max_memory={"cpu": 2000})
     with torch.inference_mode():
         want = reference(example_input(UntiedMLP))
         for got in (model, model_safe):
@@ -239,8 +245,8 @@ def test_malicious_pickle_never_runs_through_the_loaders(tmp_path, suffix, legac
     else:
         torch.save(state, path)
     for load in (
-        lambda m: load_checkpoint_in_model(m, path, {"": "disk"}, offload_folder=tmp_path / "off"),
-        lambda m: load_checkpoint_and_dispatch(m, path, "auto", offload_folder=tmp_path / "off"),
+        lambda m: load_checkpoint_in_model(m, path, device_map={"": "disk"}, offload_folder=tmp_path / "off"),
+        lambda m: load_checkpoint_and_dispatch(m, path, device_map="auto", offload_folder=tmp_path / "off"),
     ):
         model = empty_model()
         with pytest.raises(CheckpointError, match=rf"evil\{suffix}.*weights_only=True.*never unpickled"):
@@ -254,7 +260,9 @@ def test_malicious_pickle_never_runs_through_the_loaders(tmp_path, suffix, legac
 
 def test_dispatched_model_refuses_cuda_and_other_moves(tmp_path):
     checkpoint = write(make_reference(UntiedMLP).state_dict(), tmp_path / "ckpt", "safetensors")
-    model = load_checkpoint_and_dispatch(empty_model(), checkpoint, {"inp": "cpu", "blocks": "disk", "out": "cpu"})
+    model = load_checkpoint_and_dispatch(
+        empty_model(), checkpoint, device_map={"inp": "cpu", "blocks": "disk", "out": "cpu"}
+    )
     moves = (lambda m: m.cuda(), lambda m: m.to("cuda:0"), lambda m: m.double(), lambda m: m.to_empty(device="cpu"))
     for move in moves:
         with pytest.raises(RuntimeError, match=r"UntiedMLP is dispatched.*hf_device_map.*remove_dispatch\(model\)"):
@@ -267,7 +275,9 @@ def test_dispatched_model_refuses_cuda_and_other_moves(tmp_path):
 
 def test_requires_grad_on_disk_weights_is_refused_with_the_reason(tmp_path):
     checkpoint = write(make_reference(UntiedMLP).state_dict(), tmp_path / "ckpt", "bin")
-    model = load_checkpoint_and_dispatch(empty_model(), checkpoint, {"": "disk"}, offload_folder=tmp_path / "off")
+    model = load_checkpoint_and_dispatch(
+        empty_model(), checkpoint, device_map={"": "disk"}, offload_folder=tmp_path / "off"
+    )
     model.blocks[0].fc.weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match=r"1 offloaded weight\(s\) require grad.*'blocks.0.fc.weight', shape \(32, 16\).*runs inference only"):
         model(example_input(UntiedMLP))

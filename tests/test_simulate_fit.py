@@ -40,9 +40,11 @@ def _over(memory) -> dict:
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_planned_with_the_input_shape_every_peak_fits(model, policy):
-    weights_only = infer_device_map(model, BUDGET, NO_SPLIT, policy=policy)
+    weights_only = infer_device_map(model, BUDGET, no_split_module_classes=NO_SPLIT, policy=policy)
     assert _over(simulate_memory(model, weights_only, _ids((2, 24)), max_new_tokens=4)), "the check would prove nothing"
-    fitted = infer_device_map(model, BUDGET, NO_SPLIT, policy=policy, input_shape="2x24", max_new_tokens=4)
+    fitted = infer_device_map(
+        model, BUDGET, no_split_module_classes=NO_SPLIT, policy=policy, input_shape="2x24", max_new_tokens=4
+    )
     memory = simulate_memory(model, fitted, _ids((2, 24)), max_new_tokens=4)
     assert not _over(memory), (fitted, memory)
     assert any(isinstance(device, int) for device in fitted.values())
@@ -53,15 +55,17 @@ def test_small_activations_keep_the_gpu_bytes_of_the_weights_only_plan(policy):
     with init_empty_weights():
         model = LM(width=64, layers=64)  # layers of 2.8% of a GPU, as a 70B layer is of 80 GB: staging is small too
     sizes = compute_module_sizes(model)
-    before = bytes_per_device(infer_device_map(model, BUDGET, NO_SPLIT, policy=policy), sizes)
-    after = bytes_per_device(infer_device_map(model, BUDGET, NO_SPLIT, policy=policy, input_shape=(1, 1)), sizes)
+    before = bytes_per_device(infer_device_map(model, BUDGET, no_split_module_classes=NO_SPLIT, policy=policy), sizes)
+    after = bytes_per_device(infer_device_map(
+        model, BUDGET, no_split_module_classes=NO_SPLIT, policy=policy, input_shape=(1, 1)
+    ), sizes)
     gpu_bytes = lambda placed: sum(n for label, n in placed.items() if label not in ("cpu", "disk"))  # noqa: E731
     assert gpu_bytes(after) >= 0.95 * gpu_bytes(before), (before, after)
 
 
 def test_no_plan_fits_names_the_device_and_the_fix(model):
     with pytest.raises(ValueError, match=r"No device map keeps the simulated peak of a batch of \(64, 512\).*cpu by"):
-        infer_device_map(model, BUDGET, NO_SPLIT, input_shape="64x512")
+        infer_device_map(model, BUDGET, no_split_module_classes=NO_SPLIT, input_shape="64x512")
 
 
 @pytest.mark.parametrize(

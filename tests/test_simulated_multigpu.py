@@ -84,7 +84,7 @@ def test_gpt_every_policy_over_gpus_cpu_and_disk_matches_the_plain_model(gpt, tm
     budget = tight_budget(gpus, layer)
     with simulated_gpus(gpus) as sim:
         for policy in POLICIES:
-            model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, policy, max_memory=budget,
+            model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, device_map=policy, max_memory=budget,
                                                  no_split_module_classes=["Block"], offload_folder=tmp_path / policy)  # fmt: skip
             placed = set(model.hf_device_map.values())
             assert {"cpu", "disk"} <= placed and len(placed & set(range(gpus))) >= 2, (policy, model.hf_device_map)
@@ -100,8 +100,9 @@ def test_gpt_generate_and_outputs_on_the_inputs_device(gpt, tmp_path):
     with torch.no_grad():
         expected, expected_tokens = reference(ids), reference.generate(ids, max_new_tokens=2)
     with simulated_gpus(2) as sim:
-        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, "auto", max_memory=tight_budget(2, layer),
-                                             no_split_module_classes=["Block"], offload_folder=tmp_path)  # fmt: skip
+        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, device_map="auto",
+                                             max_memory=tight_budget(2, layer), no_split_module_classes=["Block"],
+                                             offload_folder=tmp_path)  # fmt: skip
         assert model.hf_device_map["lm_head"] != model.hf_device_map["transformer.h.0"]  # the model spans devices
         with torch.no_grad():
             on_gpu1 = model(ids.to(sim.devices[1]))
@@ -117,7 +118,7 @@ def test_balanced_low_0_keeps_gpu_0_lightest(gpt):
     with torch.no_grad():
         expected = reference(ids)
     with simulated_gpus(4) as sim:
-        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, "balanced_low_0", max_memory=budget,
+        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, device_map="balanced_low_0", max_memory=budget,
                                              no_split_module_classes=["Block"])  # fmt: skip
         held = [sim.memory_allocated(index) for index in range(4)]
         assert held[0] < min(held[1:]), held  # bytes really resident on each simulated GPU
@@ -140,7 +141,7 @@ def test_llama_generate_with_kv_cache_every_policy(llama, tmp_path, gpus):
         for policy in policies:
             with init_empty_weights():
                 model = type(reference)(config).eval()
-            load_checkpoint_and_dispatch(model, checkpoint, policy, max_memory=budget,
+            load_checkpoint_and_dispatch(model, checkpoint, device_map=policy, max_memory=budget,
                                          no_split_module_classes=[LLAMA_LAYER], offload_folder=tmp_path / policy)  # fmt: skip
             placed = set(model.hf_device_map.values())
             assert len(placed & set(range(gpus))) >= 2 and "disk" in placed, (policy, model.hf_device_map)
@@ -163,7 +164,7 @@ def test_prefetch_brings_offloaded_weights_to_the_execution_gpu_in_order_on_the_
     with torch.no_grad():
         expected = reference(ids)
     with simulated_gpus(2) as sim, torch.no_grad():
-        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, device_map, offload_folder=tmp_path)
+        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, device_map=device_map, offload_folder=tmp_path)
         for name in offloaded:  # milestones: before the dispatch hooks of the module run, and when it computes
             module = model.get_submodule(name)
             module.register_forward_pre_hook(lambda *_, n=name: sim.mark(f"enter {n}"), prepend=True)
@@ -206,7 +207,7 @@ def test_micro_batch_pipeline_over_two_gpus_matches_the_unsplit_model(gpt):
     half = {"transformer.wte": 0, "transformer.wpe": 0, **{f"transformer.h.{i}": i // 4 for i in range(8)},
             "transformer.ln_f": 1, "lm_head": 0}  # fmt: skip
     with simulated_gpus(2) as sim, torch.no_grad():
-        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, half)
+        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, device_map=half)
         sim.clear_log()
         close(pipelined_forward(model, ids, micro_batches=2), expected)
         workers = {r.thread for r in sim.log if r.kind == "copy" and r.detail.startswith("d2d")}
@@ -251,7 +252,7 @@ def test_each_replica_plans_and_runs_on_its_own_gpu_group(gpt, monkeypatch, tmp_
         strategy._restrict_callback(callback)
         plan = callback.plan(empty_gpt(), strategy)
         assert {device for device in plan.values() if isinstance(device, int)} == {2, 3}  # balanced over its group
-        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, plan, offload_folder=tmp_path)
+        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, device_map=plan, offload_folder=tmp_path)
         assert sim.memory_allocated(0) == sim.memory_allocated(1) == 0 < sim.memory_allocated(2)
         with torch.no_grad():
             close(model(ids), expected)
@@ -303,7 +304,7 @@ def test_mixtral_generate_over_simulated_gpus_cpu_and_disk(tmp_path):
             model = transformers.MixtralForCausalLM(reference.config).eval()
         layer = compute_module_sizes(model)["model.layers.0"]
         budget = {0: int(2.4 * layer), 1: int(1.2 * layer), "cpu": int(1.2 * layer)}  # the experts make layers big
-        load_checkpoint_and_dispatch(model, tmp_path / "hub", "auto", max_memory=budget,
+        load_checkpoint_and_dispatch(model, tmp_path / "hub", device_map="auto", max_memory=budget,
                                      no_split_module_classes=model._no_split_modules, offload_folder=tmp_path / "off")  # fmt: skip
         placed = set(model.hf_device_map.values())
         assert {0, 1, "cpu", "disk"} <= placed, model.hf_device_map
@@ -328,7 +329,7 @@ def test_fake_tensor_peaks_match_the_peaks_measured_on_simulated_gpus(gpt, tmp_p
     ids = prompt(GPT_CONFIG["vocab_size"], batch=4, length=32)
     predicted = simulate_memory(empty_gpt(), device_map, ids)
     with simulated_gpus(2) as sim, torch.no_grad():
-        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, device_map, offload_folder=tmp_path)
+        model = load_checkpoint_and_dispatch(empty_gpt(), checkpoint, device_map=device_map, offload_folder=tmp_path)
         model(ids)  # learns the prefetch order
         resident = [sim.memory_allocated(index) for index in range(2)]
         sim.reset_peak_memory_stats()

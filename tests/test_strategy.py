@@ -458,7 +458,9 @@ def test_offload_buffers_reaches_the_plan(tmp_path, bare_ckpt):
         )  # fmt: skip
         outputs = bigmodel_trainer(strategy).predict(GPTModule(), token_loader(), ckpt_path=str(bare_ckpt))
         assert_same(outputs, reference_outputs())
-        expected = infer_device_map(skeleton, budget, ["Block"], offload_buffers=offload_buffers)
+        expected = infer_device_map(
+            skeleton, budget, no_split_module_classes=["Block"], offload_buffers=offload_buffers
+        )
         assert strategy.plan == expected
         plans[offload_buffers] = expected
     assert plans[False] != plans[True]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lightning_bigmodel._accelerator import is_gpu
+from lightning_bigmodel._keywords import keyword_only
 from lightning_bigmodel.checkpoint.reader import CheckpointReader, TensorSpec
 from lightning_bigmodel.checkpoint.resolve import resolve_checkpoint
 from lightning_bigmodel.checkpoint.transform import TensorTransform, compute_device, place_transformed
@@ -46,9 +47,15 @@ class _Plan:
     transformed: set[int] = field(default_factory=set)  # group indices it applies to
 
 
+@keyword_only(
+    (("device_map", "device_map"), ("offload_folder", "offload_folder"), ("dtype", "dtype"),
+     ("offload_state_dict", None), ("offload_buffers", "offload_buffers"), ("keep_in_fp32_modules", None),
+     ("offload_8bit_bnb", None), ("strict", "strict"))
+)  # fmt: skip
 def load_checkpoint_in_model(
     model: nn.Module,
     checkpoint: Union[str, Path],
+    *,
     device_map: Optional[Mapping[str, Union[int, str]]] = None,
     dtype: Optional[torch.dtype] = None,
     offload_folder: Optional[Union[str, Path]] = None,
@@ -136,8 +143,10 @@ def load_checkpoint_in_model(
                 "transformers' conversion rules build them from several checkpoint tensors). Pass `offload_folder=` "
                 "(a folder with room for them) so they are written there once."
             )
-        store = OffloadFolder(offload_folder, source_identity(resolved.files)) if writes else nullcontext()
-        with store, restored_on_error(model):  # a failure part way (e.g. a full disk) leaves the model as it was
+        store = OffloadFolder(offload_folder, source_identity(opened.handles.values())) if writes else nullcontext()
+        # The restore wraps the folder: an error the folder raises on exit (its manifest on a full disk, a reused file
+        # failing its checksum) still puts the model back as it was, like any failure part way.
+        with restored_on_error(model), store:
             if writes:
                 _ensure_room(store, groups, plan, reader)
             for index, key in plan.sources.items():

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lightning_bigmodel._atomic import atomic_write
+from lightning_bigmodel._keywords import keyword_only
 
 SAFE_SINGLE, BIN_SINGLE = "model.safetensors", "pytorch_model.bin"
 SAFE_INDEX, BIN_INDEX, PLAIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json", "index.json"
@@ -82,9 +83,11 @@ def _remove_stale(folder: Path, keep: set[str]) -> None:
             path.unlink()
 
 
+@keyword_only((("max_shard_size", "max_shard_size"), ("safe_serialization", "safe_serialization")))
 def save_sharded_checkpoint(
     model_or_state_dict: Union[nn.Module, Mapping[str, torch.Tensor]],
     folder: Union[str, Path],
+    *,
     max_shard_size: Union[int, str] = "5GB",
     safe_serialization: bool = True,
     index_format: Literal["hf", "plain"] = "hf",

@@ -155,7 +155,9 @@ def plan(argv: Optional[list[str]] = None) -> dict[str, Any]:
         input_shape=shape if cfg.fit else None,
         max_new_tokens=cfg.max_new_tokens if cfg.fit and shape else 0,
     )
-    sizes = compute_module_sizes(model, dtype, cfg.quantization, cfg.quantization_skip_modules)
+    sizes = compute_module_sizes(
+        model, dtype, quantization=cfg.quantization, quantization_skip_modules=cfg.quantization_skip_modules
+    )
     quantized = f", {cfg.quantization} weights" if cfg.quantization else ""
     print(f"Plan for {type(model).__name__}: {format_bytes(sizes[''])} of weights{quantized}, policy {cfg.policy!r}")
     print(render_table(device_map, sizes, budget, budget_sources(_budget(cfg.max_memory))))

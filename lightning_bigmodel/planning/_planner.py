@@ -60,7 +60,8 @@ class _Planner:
     ) -> None:
         self.stream_reserve = stream_reserve  # CPU execution: keep room for the disk stream (detected budgets only)
         self.modules = dict(model.named_modules(remove_duplicate=False))
-        self.sizes = compute_module_sizes(model, dtype, *(quantization or (None, None)))
+        method, skip = quantization or (None, None)
+        self.sizes = compute_module_sizes(model, dtype, quantization=method, quantization_skip_modules=skip)
         self.buffer_sizes = _prefix_sizes(model.named_buffers(), dtype)
         self.no_split = set(no_split or ())
         self.offload_buffers = offload_buffers

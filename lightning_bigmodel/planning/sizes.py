@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from lightning_bigmodel._keywords import keyword_only
+
 _UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -79,9 +81,11 @@ def _prefix_sizes(
     return sizes
 
 
+@keyword_only((("special_dtypes", None), ("buffers_only", None)))
 def compute_module_sizes(
     model: nn.Module,
     dtype: Optional[torch.dtype] = None,
+    *,
     quantization: Optional[str] = None,
     quantization_skip_modules: Optional[Sequence[str]] = None,
 ) -> dict[str, int]:
