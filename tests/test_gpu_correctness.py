@@ -213,7 +213,15 @@ def test_pipelined_micro_batches_hand_each_gpu_over_with_an_event_on_reused_stre
                 gpus.clear_log()
                 out = pipe(x)
                 calls.append((out.to("cpu"), gpus.log))
+            gpus.clear_log()
+            on_gpu = pipe(x.to(gpus.devices[0]))  # outputs made on the workers' streams, handed to the caller's
+            handed_over = gpus.log
         remove_dispatch(model)
+    torch.testing.assert_close(on_gpu.to("cpu"), expected)
+    # Each micro-batch's output is marked as used by the caller's stream (GPU 0's default stream), once.
+    recorded = [r for r in handed_over if r.kind == "record_stream"]
+    half = on_gpu.numel() * on_gpu.element_size() // 2
+    assert [(r.thread, r.device, r.stream, r.nbytes) for r in recorded] == [("MainThread", 0, 0, half)] * 2
     streams = []
     for out, log in calls:
         torch.testing.assert_close(out, expected)

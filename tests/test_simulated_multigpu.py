@@ -183,7 +183,9 @@ def test_prefetch_brings_offloaded_weights_to_the_execution_gpu_in_order_on_the_
         elif record.thread.startswith("bigmodel-prefetch") and record.kind == "record_event" and copies:
             jobs.append((first, record.detail, copies))
             copies = []
-    waited = {r.detail: i for i, r in enumerate(log) if r.kind == "wait_event" and r.thread == "MainThread"}
+    # Waited for by the compute stream (GPU 0's default stream, current in the forward's thread), not the side stream.
+    waited = {r.detail: i for i, r in enumerate(log) if r.kind == "wait_event" and r.thread == "MainThread"
+              and (r.device, r.stream) == (0, 0)}  # fmt: skip
     # Each module's weights: one prefetch job issued once the module before it started, waited for by the compute
     # stream before the module runs (the first module's job ran at the end of the forward before).
     for before, name in zip(offloaded, offloaded[1:]):
@@ -196,6 +198,10 @@ def test_prefetch_brings_offloaded_weights_to_the_execution_gpu_in_order_on_the_
         assert first > marks[f"enter {before}"], name  # issued once the module before started
         own = log[marks[f"enter {name}"] : marks[f"run {name}"]]
         assert not [r for r in own if r.kind == "copy" and r.thread == "MainThread" and r.detail.startswith("h2d")]
+        # Each copy is marked as used by the compute stream, so its memory is not reused before compute is done.
+        recorded = [r for r in own if r.kind == "record_stream"]
+        assert all((r.device, r.stream, r.thread) == (0, 0, "MainThread") for r in recorded), name
+        assert [r.nbytes for r in recorded] == [r.nbytes for r in copies], name
 
 
 # -------------------------------------------------------------------------------------- micro-batch pipeline

@@ -37,7 +37,7 @@ class Record:
         thread: the name of the thread that did it.
         detail: for copies ``"h2d"``, ``"d2h"`` or ``"d2d"``, then ``"pinned"``/``"pageable"`` (host to device) and
             ``"non_blocking"`` when so; for events the event id; for ``wait_stream`` the id of the stream waited for.
-        nbytes: for copies, the bytes copied.
+        nbytes: for copies, the bytes copied; for ``record_stream``, the bytes of the tensor.
     """
 
     kind: str
@@ -285,4 +285,5 @@ def log_copy(
 
 
 def log_record_stream(tensor: SimTensor, stream: torch.Stream) -> None:
-    _log("record_stream", tensor.device.index, stream.stream_id)
+    """Record ``tensor.record_stream(stream)``, with the tensor's bytes (which copy or output it was)."""
+    _log("record_stream", tensor.device.index, stream.stream_id, nbytes=tensor.numel() * tensor.element_size())
