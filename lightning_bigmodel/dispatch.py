@@ -54,7 +54,10 @@ def dispatch_model(
     offload_folder: Optional[Union[str, Path]] = None,
     offload_buffers: bool = False,
 ) -> nn.Module:
-    """Place ``model`` as ``device_map`` says and attach the hooks that run it there.
+    """Place ``model`` as ``device_map`` says and attach the hooks that run it there; return it in ``eval()`` mode.
+
+    The library is for inference: the dispatched model is put in ``eval()`` mode (dropout off), as a model loaded with
+    ``from_pretrained`` is. Every argument after ``device_map`` is keyword-only.
 
     Tensors not yet at their place are moved (``"disk"`` ones not already file-backed are written once into
     ``offload_folder`` and replaced by memory-mapped views). Entries on ``"cpu"``/``"disk"`` compute on ``main_device``
@@ -84,7 +87,7 @@ def dispatch_model(
     model.hf_device_map = dict(device_map)
     object.__setattr__(model, DISPATCH_STATE, state)
     object.__setattr__(model, "_apply", partial(_refuse_apply, type(model).__name__))
-    return model
+    return model.eval()  # inference only: dropout off, norms use their running statistics
 
 
 def remove_dispatch(model: nn.Module) -> nn.Module:
@@ -125,7 +128,11 @@ def load_checkpoint_and_dispatch(
     quantization: Optional[Quantization] = None,
     quantization_skip_modules: Optional[Sequence[str]] = None,
 ) -> nn.Module:
-    """Plan (when ``device_map`` is a policy name), stream the checkpoint in, and dispatch; return ``model``.
+    """Plan (when ``device_map`` is a policy name), stream the checkpoint in, and dispatch; return ``model`` in
+    ``eval()`` mode (also with ``device_map=None``). Every argument after ``checkpoint`` is keyword-only.
+
+    Checkpoint tensors that match nothing in the model are logged once (a warning with their count and first names);
+    ``strict=True`` refuses them, and missing ones, before anything is placed.
 
     ``device_map=None`` loads everything on CPU and attaches nothing. ``quantization="int8"`` (or ``"int4"`` on GPUs)
     quantizes ``nn.Linear`` weights while they stream in (torchao, weight-only; the ``lm_head`` and embeddings stay in
@@ -166,7 +173,7 @@ def load_checkpoint_and_dispatch(
         )  # fmt: skip
         if device_map is not None:
             dispatch_model(model, device_map, offload_folder=offload_folder, offload_buffers=offload_buffers)
-    return model
+    return model.eval()
 
 
 def _refuse_spill_without_folder(

@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_bigmodel import (
     dispatch_model,
+    infer_device_map,
     init_empty_weights,
     load_checkpoint_and_dispatch,
     load_checkpoint_in_model,
@@ -333,3 +334,75 @@ def test_main_device_is_kept_on_the_dispatched_model(tmp_path):
     assert main_device_of(wrapper) == torch.device("meta")
     remove_dispatch(model)
     assert main_device_of(model) is None
+
+
+# ---------------------------------------------------------------------- migration from accelerate, inference mode
+
+
+class DropoutNet(nn.Module):
+    """A linear layer behind dropout: in training mode its outputs are random."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(x))
+
+
+@pytest.mark.parametrize("device_map", [{"": "cpu"}, {"drop": "cpu", "fc": "disk"}, None])
+def test_dispatched_model_is_in_eval_mode(tmp_path, device_map):
+    torch.manual_seed(0)
+    reference = DropoutNet().eval()
+    checkpoint = save_sharded_checkpoint(reference, tmp_path / "ckpt")
+    with init_empty_weights():
+        model = DropoutNet()  # training mode, as a freshly built module is
+    assert model.training
+    model = load_checkpoint_and_dispatch(model, checkpoint, device_map=device_map, offload_folder=tmp_path / "off")
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(4, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+def test_dispatch_model_returns_eval_mode():
+    model = make_reference(UntiedMLP).train()
+    assert dispatch_model(model, {"": "cpu"}) is model and not model.training
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda m, ckpt, tmp: dispatch_model(m, {"": "cpu"}, None, None, tmp),  # accelerate: ..., state_dict, offload_dir
+            r"dispatch_model\(\) takes `main_device`, `offload_folder` as keywords: dispatch_model\(model, device_map, "
+            r"main_device=\.\.\., offload_folder=\.\.\.\).*accelerate's `state_dict` has no equivalent",
+        ),
+        (
+            lambda m, ckpt, tmp: load_checkpoint_in_model(m, ckpt, {"": "cpu"}, tmp),
+            r"load_checkpoint_in_model\(\) takes `device_map`, `offload_folder` as keywords: "
+            r"load_checkpoint_in_model\(model, checkpoint, device_map=\.\.\., offload_folder=\.\.\.\)",
+        ),
+        (
+            lambda m, ckpt, tmp: load_checkpoint_and_dispatch(m, ckpt, "auto", {"cpu": 10**9}),
+            r"load_checkpoint_and_dispatch\(\) takes `device_map`, `max_memory` as keywords",
+        ),
+        (
+            lambda m, ckpt, tmp: infer_device_map(m, {"cpu": 10**9}, ["Block"]),
+            r"infer_device_map\(\) takes `no_split_module_classes` as a keyword",
+        ),
+        (
+            lambda m, ckpt, tmp: save_sharded_checkpoint(m, tmp, "1GB"),
+            r"save_sharded_checkpoint\(\) takes `max_shard_size` as a keyword",
+        ),
+    ],
+)
+def test_positional_calls_in_accelerates_order_are_refused_naming_our_keyword(tmp_path, call, message):
+    reference = make_reference(UntiedMLP)
+    checkpoint = save_sharded_checkpoint(reference, tmp_path / "ckpt")
+    model = empty_model(UntiedMLP) if "load_checkpoint" in message else make_reference(UntiedMLP)
+    with pytest.raises(TypeError, match=message):
+        call(model, checkpoint, tmp_path / "other")
+    assert not (tmp_path / "other").exists()  # refused before anything was done
+    assert not hasattr(model, "hf_device_map")

@@ -11,7 +11,12 @@ from models import MAPS, BufferNet, TiedLM, UntiedMLP, example_input, make_refer
 from safetensors import safe_open
 from torch import nn
 
-from lightning_bigmodel import init_empty_weights, load_checkpoint_in_model, save_sharded_checkpoint
+from lightning_bigmodel import (
+    init_empty_weights,
+    load_checkpoint_and_dispatch,
+    load_checkpoint_in_model,
+    save_sharded_checkpoint,
+)
 from lightning_bigmodel.offload.disk import MANIFEST
 from lightning_bigmodel.offload.placement import is_disk
 
@@ -176,6 +181,27 @@ def test_strict_missing_and_unexpected(tmp_path):
     missing, unexpected = load_checkpoint_in_model(model, folder, device_map={"": "cpu"})
     assert (missing, unexpected) == (["out.bias"], ["extra.weight"])
     assert model.out.bias.is_meta and not model.out.weight.is_meta
+
+
+def test_unused_checkpoint_tensors_are_logged_once_with_count_and_first_names(tmp_path, caplog):
+    reference = make_reference(UntiedMLP)
+    state = dict(reference.state_dict())
+    state.update({f"extra.{i}.weight": torch.zeros(2) for i in range(7)})
+    folder = save_sharded_checkpoint(state, tmp_path / "ckpt")
+    model = empty_model(UntiedMLP)
+    with caplog.at_level("WARNING", logger="lightning_bigmodel"):
+        load_checkpoint_and_dispatch(model, folder, device_map={"": "cpu"})
+    (record,) = [r for r in caplog.records if r.name.startswith("lightning_bigmodel")]
+    message = record.getMessage()
+    assert message.startswith("7 tensor(s) of checkpoint") and "strict=True" in message
+    assert "extra.0.weight, extra.1.weight" in message and "... (2 more)" in message, message
+    assert_same_outputs(model, reference, UntiedMLP)  # the used ones loaded as usual
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lightning_bigmodel"):
+        load_checkpoint_and_dispatch(empty_model(UntiedMLP), save_sharded_checkpoint(reference, tmp_path / "exact"))
+    assert not caplog.records  # an exact checkpoint logs nothing
+    with pytest.raises(RuntimeError, match="Unexpected key\\(s\\) in state_dict: \"extra.0.weight\""):
+        load_checkpoint_and_dispatch(empty_model(UntiedMLP), folder, device_map={"": "cpu"}, strict=True)
 
 
 def test_key_prefix(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from contextlib import nullcontext
 from functools import partial
 from dataclasses import dataclass, field
@@ -35,6 +37,8 @@ from lightning_bigmodel.offload.placement import (
     to_host,
     validate_device_map,
 )
+
+_log = logging.getLogger("lightning_bigmodel.checkpoint")
 
 
 @dataclass
@@ -161,6 +165,7 @@ def load_checkpoint_in_model(
                     progress(key, reader.spec(key).nbytes)
             _place_unloaded(model, groups, plan, pin)
         _report_unplaced(reader, plan, progress)
+    _log_unused(model, plan.unexpected, resolved.root, key_prefix)
     return plan.missing, plan.unexpected
 
 
@@ -220,6 +225,24 @@ def _report_unplaced(reader: CheckpointReader, plan: _Plan, progress: Optional[C
     for key in reader.keys():
         if key not in placed:
             progress(key, reader.spec(key).nbytes)
+
+
+def _log_unused(model: nn.Module, unexpected: list[str], root: Path, key_prefix: str) -> None:
+    """Log once (a warning) the checkpoint tensors the model never used, with their count and the first names.
+
+    A transformers model's ``_keys_to_ignore_on_load_unexpected`` (e.g. GPT-2's old ``attn.bias`` masks) are left out,
+    as transformers does."""
+    ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    unused = [key for key in unexpected if not any(p.search(key) for p in ignore)]
+    if not unused:
+        return
+    shown = ", ".join(unused[:5]) + (f", ... ({len(unused) - 5} more)" if len(unused) > 5 else "")
+    prefix = f" with `key_prefix`={key_prefix!r}" if key_prefix else ""
+    _log.warning(
+        "%d tensor(s) of checkpoint %r match no parameter or buffer of the model%s and were not loaded: %s. "
+        "Check that the model matches the checkpoint (or `key_prefix`); pass strict=True to refuse.",
+        len(unused), str(root), prefix, shown,
+    )
 
 
 def _target_dtype(model_dtype: torch.dtype, checkpoint_dtype: torch.dtype, dtype: Optional[torch.dtype]) -> torch.dtype:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_bigmodel._accelerator import gpu_count
+from lightning_bigmodel._keywords import keyword_only
 from lightning_bigmodel.planning._planner import _Planner, _members, _prefixes
 from lightning_bigmodel.planning.budget import check_layer_fits, get_max_memory
 from lightning_bigmodel.planning.devices import _ACCEPTED, Device, DeviceMap, execution_device, normalize_device
@@ -76,9 +77,14 @@ def tensor_devices(model: nn.Module, device_map: Mapping[str, Device]) -> dict[s
     return devices
 
 
+@keyword_only(
+    (("no_split_module_classes", "no_split_module_classes"), ("dtype", "dtype"), ("special_dtypes", None),
+     ("verbose", None), ("clean_result", None), ("offload_buffers", "offload_buffers"), ("fallback_allocation", None))
+)  # fmt: skip
 def infer_device_map(
     model: nn.Module,
     max_memory: Optional[Mapping[Device, Union[int, str]]] = None,
+    *,
     no_split_module_classes: Optional[Sequence[str]] = None,
     dtype: Optional[torch.dtype] = None,
     policy: Policy = "auto",
