@@ -213,6 +213,7 @@ def test_device_map_is_validated_once_along_load_checkpoint_and_dispatch(tmp_pat
 )
 def test_plain_lightning_cli_takes_the_registered_name_or_the_class_path(strategy_arg):
     """A user's own LightningCLI script (not our command) that imports the plugin, then Lightning's CLI."""
+    pytest.importorskip("jsonargparse")  # LightningCLI needs it
     out = _run(
         f"""
         import sys

@@ -15,16 +15,21 @@ import torch
 from examples.gpt import GPT, GPTConfig
 from examples.gpt_generate import random_prompts
 from lightning_bigmodel import save_sharded_checkpoint
-from lightning_bigmodel.pl.cli import main
+
+pytest.importorskip("jsonargparse")  # the CLI is built on it; the GPU machine may lack it
+from lightning_bigmodel.pl.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# The installed command; where the project is not installed (only on PYTHONPATH) `python -m` runs the same `main`.
 CONSOLE_SCRIPT = Path(sys.executable).parent / "lightning-bigmodel"
 
 
 def run_cli(args: list[str], cwd: Path, console_script: bool = False) -> str:
     """Run the CLI from ``cwd`` (``examples.*`` importable through PYTHONPATH); return stdout + stderr."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    command = [str(CONSOLE_SCRIPT)] if console_script else [sys.executable, "-m", "lightning_bigmodel"]
+    command = [sys.executable, "-m", "lightning_bigmodel"]
+    if console_script and CONSOLE_SCRIPT.exists():
+        command = [str(CONSOLE_SCRIPT)]
     done = subprocess.run(command + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
