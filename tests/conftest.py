@@ -11,6 +11,11 @@ from safetensors.torch import save_file
 
 from examples.gpt import GPT, GPTConfig
 from lightning_bigmodel.checkpoint.writer import save_sharded_checkpoint
+from simulated_isolation import (  # noqa: F401 (pytest finds hooks and fixtures by name here)
+    _simulated_gpus_in_a_cuda_free_process,
+    pytest_runtest_logreport,
+    pytest_sessionfinish,
+)
 
 # Every layout `write_checkpoint` can produce; each is something a user may pass as `checkpoint`.
 CHECKPOINT_KINDS = (

@@ -10,10 +10,7 @@ from torch import nn
 
 from lightning_bigmodel.simulate import simulated_gpus
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(),
-    reason="the simulation registers a PrivateUse1 backend, which shadows CUDA for the rest of the process",
-)
+# Under CUDA these tests run in a CUDA-free process of their own (see simulated_isolation.py).
 
 
 def test_tensors_report_simulated_gpus_and_compute_real_values():
@@ -159,3 +156,53 @@ def test_bad_memory_and_nesting_are_refused():
         with pytest.raises(RuntimeError, match="already active"):
             with simulated_gpus(1):
                 pass
+
+
+_CUDA_MACHINE_CONFTEST = """
+import os, sys
+import torch
+sys.path.insert(0, {tests!r})
+if os.environ.get("CUDA_VISIBLE_DEVICES") != "":  # a machine with CUDA, as far as the isolation can tell
+    torch.cuda.is_available = lambda: True
+from simulated_isolation import (
+    _simulated_gpus_in_a_cuda_free_process, pytest_runtest_logreport, pytest_sessionfinish,
+)
+"""
+
+_SIMULATED_TESTS = """
+import os
+from lightning_bigmodel.simulate import _backend, simulated_gpus
+
+def test_simulated_passes():
+    with simulated_gpus(1):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+
+def test_simulated_fails():
+    with simulated_gpus(1):
+        assert False, "planted failure"
+
+def test_plain():
+    assert _backend.STATE.active is False
+"""
+
+
+def test_under_cuda_simulated_tests_run_again_in_a_cuda_free_process(tmp_path):
+    """Where CUDA is visible, entering the simulation skips the test (nothing registered in the CUDA process), and the
+    session reruns those tests with CUDA hidden: their results decide the exit status."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "conftest.py").write_text(_CUDA_MACHINE_CONFTEST.format(tests=str(Path(__file__).parent)))
+    (tmp_path / "test_sim.py").write_text(_SIMULATED_TESTS)
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "PYTEST_XDIST_WORKER")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "test_sim.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    out = done.stdout
+    assert "1 passed, 2 skipped" in out and "CUDA-free process" in out, out[-3000:]  # the CUDA process
+    assert "2 simulated-GPU tests, rerun with CUDA hidden" in out, out[-3000:]
+    assert "1 failed, 1 passed" in out and "planted failure" in out, out[-3000:]  # the rerun
+    assert done.returncode == 1, out[-3000:]
