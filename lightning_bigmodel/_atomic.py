@@ -2,7 +2,8 @@
 
 One helper for every file the library writes (checkpoint shards and indexes, offload-folder tensors and manifest,
 prediction chunks), so a crash at any point leaves either the old file or the complete new one, never a torn one.
-Temporary files are named ``.<name>.<pid>.tmp``; readers ignore (and clean-ups delete) that pattern.
+Temporary files are named ``.<name>.<pid>.tmp``; readers ignore (and clean-ups delete) that pattern. A temporary file
+is created fresh (``O_EXCL | O_NOFOLLOW``), so a symbolic link planted under its name is never written through.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _create_private(tmp: Path) -> None:
+    """Create ``tmp`` as a new regular file, never through a symbolic link planted under its name (a link there is
+    removed, not followed): ``write(tmp)`` then opens our own file, and nothing is created outside the folder."""
+    try:
+        os.unlink(tmp)  # a leftover or a planted link: unlink removes the name itself, never the link's target
+    except FileNotFoundError:
+        pass
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    os.close(os.open(tmp, flags, 0o644))
+
+
 def atomic_write(
     path: Path,
     write: Callable[[Path], None],
@@ -45,6 +57,7 @@ def atomic_write(
     a failure. ``before_commit`` and ``commit`` are seams where tests inject crashes."""
     tmp = tmp_path_for(path)
     try:
+        _create_private(tmp)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -267,7 +267,7 @@ def test_disk_full_mid_write_leaves_a_consistent_folder_and_an_untouched_model(t
         if len(calls) == 3:
             path.write_bytes(b"\0" * 100)  # part of the file made it before the disk filled up
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(tensor, path)
+        return real_save(tensor, path)  # its checksum
 
     monkeypatch.setattr(disk, "_save_aligned", save_until_full)
     model = empty_model()
@@ -324,7 +324,7 @@ def test_in_memory_dispatch_failing_mid_write_restores_the_model(tmp_path, monke
         calls.append(path)
         if len(calls) == 4:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(tensor, path)
+        return real_save(tensor, path)  # its checksum
 
     monkeypatch.setattr(disk, "_save_aligned", save)
     with pytest.raises(OffloadFolderError, match="ran out of space"):
@@ -349,7 +349,7 @@ def test_disk_full_mid_write_through_the_loader_leaves_the_model_untouched(tmp_p
         calls.append(path)
         if len(calls) == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(tensor, path)
+        return real_save(tensor, path)  # its checksum
 
     monkeypatch.setattr(disk, "_save_aligned", save_until_full)
     model = empty_model()

@@ -2,10 +2,22 @@
 
 Only tensors that cannot be referenced in place (a ``.bin`` checkpoint, a dtype conversion, weights of a model built
 in memory) are written here. Each tensor is one file written atomically (temporary file, ``fsync``, ``os.replace``);
-``offload_index.json`` records every tensor's file, shape and dtype, plus the identity of the source checkpoint (path,
-size and modification time of each of its files). A rerun over the same source reuses the entries it finds; a folder
-written for another source is cleared first. An exclusive ``fcntl.flock`` on ``.lock`` serialises processes sharing a
-folder; views handed out stay valid when another process replaces a file later (they map the old inode).
+``offload_index.json`` records every tensor's file, shape, dtype, size, header layout and a blake2b checksum of the
+file's bytes (computed while writing: nothing is read twice), plus the identity of the source checkpoint (path, size,
+inode, device, ctime, mtime and header digest of each of its files, see
+:meth:`~lightning_bigmodel.checkpoint.shard.ShardHandle.identity`). A rerun over the same source reuses the entries
+it finds; a folder written for another source is cleared first. An exclusive ``fcntl.flock`` on ``.lock`` serialises
+processes sharing a folder; views handed out stay valid when another process replaces a file later (they map the old
+inode).
+
+Reuse trusts nothing it has not checked. The manifest's schema is validated (an invalid one is treated like a torn
+one: rebuilt). Each reused file is opened once (``O_NOFOLLOW``) and its header validated against the entry's shape,
+dtype and layout; a file that fails is rewritten. Its checksum is verified in the background while the load goes on
+(blake2b from ``hashlib``: in the standard library and hashing without the GIL; xxhash would be a new dependency);
+the folder's exit waits for it and refuses a mismatch with :class:`OffloadFolderError` naming the files, which are
+then dropped from the manifest (a rerun rewrites them). Nothing in the folder is followed through a symbolic link:
+files, manifest and temporary files are opened ``O_NOFOLLOW`` or created ``O_EXCL``; a link in place of a listed file is
+replaced, and ``.lock`` as a link is refused.
 
 Crash safety: the manifest is removed before the first write of a session and rewritten at its end, so a process
 killed part way leaves no manifest (the next run rebuilds what it needs) and, at worst, a temporary file, which the
@@ -16,11 +28,14 @@ next process to open the folder deletes. A folder that cannot be written or runs
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 import struct
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -28,7 +43,11 @@ import torch
 
 from lightning_bigmodel._atomic import TMP_PATTERN, atomic_write, fsync_dir
 
-from lightning_bigmodel.checkpoint.safetensors_view import DTYPE_CODES, open_mmap, read_header, view
+from lightning_bigmodel.checkpoint.errors import CheckpointError
+from lightning_bigmodel.checkpoint.resolve import is_safetensors
+from lightning_bigmodel.checkpoint.safetensors_view import DTYPE_CODES, open_mmap, view
+from lightning_bigmodel.checkpoint.shard import ShardHandle, ensure_descriptors
+from lightning_bigmodel.offload._manifest import entry_problem, header_problem, layout_of
 
 try:  # POSIX only; elsewhere a folder is not protected against concurrent writers
     import fcntl
@@ -37,7 +56,10 @@ except ImportError:  # pragma: no cover
 
 MANIFEST = "offload_index.json"
 _LOCK = ".lock"
-_VERSION = 1
+_VERSION = 2  # 2: checksums, header layouts, inode/ctime identities
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+DESCRIPTORS_PER_FILE = 2  # a file's handle while loading, plus the read-ahead's track of its map
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _ALIGN = 64  # data offset of every file: views are as aligned as a fresh allocation (same kernels, same results)
 _TMP = TMP_PATTERN  # what `atomic_write` names its temporary files
@@ -53,17 +75,25 @@ def _fault_point(stage: str, path: Path) -> None:
     (renamed into place). Fault-injection tests replace it to kill the process at these points."""
 
 
-def source_identity(files: Sequence[Union[str, Path]]) -> list[dict[str, Any]]:
-    """What identifies a checkpoint's content cheaply: resolved path, size and ``mtime_ns`` of each file."""
+def source_identity(files: Sequence[Union[str, Path, ShardHandle]]) -> list[dict[str, Any]]:
+    """What identifies a checkpoint's content cheaply: per file, its resolved path, size, inode, device, ctime, mtime
+    and a digest of its safetensors header (:meth:`ShardHandle.identity`). A file copied over another with the same size
+    and mtime (``cp -p``) has a new inode or ctime. Pass the open handles of a reader to identify what it reads."""
     out = []
     for file in files:
-        stat = os.stat(file)
-        out.append({"path": str(Path(file).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        if isinstance(file, ShardHandle):
+            out.append(file.identity())
+            continue
+        handle = ShardHandle(file, safetensors=is_safetensors(file))
+        try:
+            out.append(handle.identity())
+        finally:
+            handle.close()
     return out
 
 
-def _save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write ``tensors`` as one safetensors file whose data starts 64-byte aligned.
+def _save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    """Write ``tensors`` as one safetensors file whose data starts 64-byte aligned; return the blake2b of its bytes.
 
     The format allows padding the JSON header with spaces; the safetensors library reads such files as usual. Several
     tensors (the parts of a quantized weight) go widest element first, so each starts at a multiple of its itemsize
@@ -82,12 +112,14 @@ def _save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % _ALIGN)
+    hasher = hashlib.blake2b(digest_size=16)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in order:
-            if datas[name].numel():
-                f.write(memoryview(datas[name].reshape(-1).view(torch.uint8).numpy()))
+        for chunk in [struct.pack("<Q", len(raw)), raw] + [
+            memoryview(datas[name].reshape(-1).view(torch.uint8).numpy()) for name in order if datas[name].numel()
+        ]:
+            f.write(chunk)
+            hasher.update(chunk)  # while writing: the bytes are never read back to be hashed
+    return hasher.hexdigest()
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -104,6 +136,24 @@ def _folder_error(folder: Path, doing: str, err: OSError) -> OffloadFolderError:
         what = "is not writable"
     out = OffloadFolderError(f"`offload_folder` {str(folder)!r} {what} while {doing} ({err}). {fix}")
     out.errno = err.errno
+    return out
+
+
+def _nofollow(path: str, flags: int) -> int:
+    """``opener`` for :func:`open` that never follows a symbolic link at the last component (``ELOOP`` instead)."""
+    return os.open(path, flags | _NOFOLLOW | _CLOEXEC, 0o644)
+
+
+def _link_error(path: Path) -> OffloadFolderError:
+    try:
+        target = f" (to {os.readlink(path)!r})"
+    except OSError:
+        target = ""
+    out = OffloadFolderError(
+        f"{str(path)!r} in the offload folder is a symbolic link{target}. Nothing in an offload folder is followed "
+        "through a link: remove it (the library recreates the file)."
+    )
+    out.errno = errno.ELOOP
     return out
 
 
@@ -124,13 +174,21 @@ class OffloadFolder:
         self._dirty = False
         self._written: list[Path] = []  # files written in this session (removed if the manifest cannot be saved)
         self._unwritable: Optional[OffloadFolderError] = None
+        self._handles: dict[str, ShardHandle] = {}  # tensor name -> its file, opened once (checked, or just written)
+        self._checks: dict[str, Future] = {}  # tensor name -> checksum of a reused file, computed in the background
+        self._checker: Optional[ThreadPoolExecutor] = None
+        self._stop = threading.Event()
+
+    verify_checksums = True  # set to False only to measure what verification costs (benchmarks)
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "OffloadFolder":
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._lock_file = open(self.folder / _LOCK, "a+")
+            self._lock_file = open(self.folder / _LOCK, "a+", opener=_nofollow)
         except OSError as err:
+            if err.errno == errno.ELOOP:  # a planted link: following it would create its target outside the folder
+                raise _link_error(self.folder / _LOCK) from err
             raise _folder_error(self.folder, "creating it and its lock file", err) from err
         try:
             if fcntl is not None:
@@ -140,16 +198,24 @@ class OffloadFolder:
             self.entries = self._read_manifest()
             if self._unwritable is not None and not self.entries:
                 raise self._unwritable  # nothing to reuse: fail before the caller places anything
+            ensure_descriptors(DESCRIPTORS_PER_FILE * len(self.entries), f"Offload folder {str(self.folder)!r}")
         except BaseException:
             self._unlock()
             raise
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        """Wait for the checksums of reused files (a mismatch drops their entries and raises, unless another error is
+        propagating), record the complete files, release the lock."""
+        failing = exc_type is not None
         try:
+            mismatch = self._finish_checks(abort=failing)
             if self._dirty:
-                self._save_manifest(failing=exc_type is not None)
+                self._save_manifest(failing=failing)
+            if mismatch is not None and not failing:
+                raise mismatch
         finally:
+            self._handles.clear()  # maps made from them need no descriptor
             self._unlock()
 
     def _unlock(self) -> None:
@@ -161,9 +227,9 @@ class OffloadFolder:
         self._lock_file = None
 
     def _remove_stale_tmp(self) -> None:
-        """Delete temporary files of writers that died (we hold the lock: no live writer has any)."""
+        """Delete temporary files of writers that died (we hold the lock: no live writer has any), links included."""
         for path in self.folder.iterdir():
-            if _TMP.match(path.name) and path.is_file():
+            if _TMP.match(path.name) and (path.is_symlink() or path.is_file()):
                 try:
                     path.unlink(missing_ok=True)
                 except OSError:  # an unwritable folder: reported by the probe
@@ -174,7 +240,8 @@ class OffloadFolder:
         reusable; a complete folder that cannot be written is still read (the error comes with a write, if any)."""
         probe = self.folder / f".probe.{os.getpid()}.tmp"
         try:
-            with open(probe, "wb") as f:
+            probe.unlink(missing_ok=True)  # a link planted under its name is removed, never written through
+            with open(probe, "wb", opener=_nofollow) as f:
                 f.write(b"0")
         except OSError as err:
             error = _folder_error(self.folder, f"creating the test file {probe.name!r}", err)
@@ -190,6 +257,7 @@ class OffloadFolder:
     def ensure_space(self, nbytes: int, files: int = 1) -> None:
         """Raise :class:`OffloadFolderError` unless the folder's disk has room for ``files`` files holding ``nbytes``
         tensor bytes. Call it before placing anything, so that a full disk fails the load before it starts."""
+        ensure_descriptors(DESCRIPTORS_PER_FILE * files, f"Writing {files} file(s) to offload folder {str(self.folder)!r}")
         needed = nbytes + files * _FILE_SLACK
         free = shutil.disk_usage(self.folder).free
         if free < needed:
@@ -199,15 +267,20 @@ class OffloadFolder:
     def _read_manifest(self) -> dict[str, dict[str, Any]]:
         path = self.folder / MANIFEST
         try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError):
+            with open(path, "rb", opener=_nofollow) as f:
+                manifest = json.loads(f.read())
+        except (OSError, ValueError) as err:
+            if isinstance(err, OSError) and err.errno == errno.ELOOP and self._unwritable is None:
+                path.unlink(missing_ok=True)  # a link in place of the manifest: like a torn one, rebuilt
             return {}
+        tensors = manifest.get("tensors") if isinstance(manifest, dict) else None
         if (
             self.source is None
             or not isinstance(manifest, dict)
             or manifest.get("version") != _VERSION
             or manifest.get("source") != self.source
-            or not isinstance(manifest.get("tensors"), dict)
+            or not isinstance(tensors, dict)
+            or any(entry_problem(name, entry) is not None for name, entry in tensors.items())
         ):
             if self._unwritable is None:  # else it cannot be cleared: the caller gets the probe's error
                 self._clear(manifest.get("tensors") if isinstance(manifest, dict) else None)
@@ -219,8 +292,8 @@ class OffloadFolder:
         (self.folder / MANIFEST).unlink(missing_ok=True)
         for entry in (stale or {}).values():
             name = entry.get("file") if isinstance(entry, dict) else None
-            if isinstance(name, str) and not _UNSAFE.search(name) and not name.startswith("."):
-                (self.folder / name).unlink(missing_ok=True)
+            if isinstance(name, str) and name and not _UNSAFE.search(name) and not name.startswith("."):
+                (self.folder / name).unlink(missing_ok=True)  # unlink removes a link itself, never its target
 
     def _save_manifest(self, failing: bool) -> None:
         """Record the complete files. If even that fails, delete this session's files: the folder then holds no
@@ -249,15 +322,81 @@ class OffloadFolder:
         form: Optional[dict] = None,
     ) -> bool:
         """Whether a reusable file for ``name`` (read from source ``key``) with this shape and dtype is there; ``form``
-        identifies a stored form written by :meth:`write_parts` (e.g. a quantization), ``None`` a plain tensor."""
+        identifies a stored form written by :meth:`write_parts` (e.g. a quantization), ``None`` a plain tensor.
+
+        The file is opened once (never through a link), its size and header checked against the entry, and its
+        checksum verified in the background (the folder's exit waits for it). A file that fails a check is not
+        reusable: the caller writes it again (a link in its place is removed)."""
         entry = self.entries.get(name)
         if entry is None:
             return False
         found = (entry.get("shape"), entry.get("dtype"), entry.get("key"), entry.get("form"))
         if found != (list(shape), str(dtype), key, form):
             return False
-        file = self.folder / entry["file"]
-        return file.is_file() and file.stat().st_size == entry.get("size")
+        if name in self._handles:
+            return True
+        handle = self._open_checked(entry)
+        if handle is None:
+            self.entries.pop(name)
+            if self._unwritable is None:  # else the rewrite fails with the folder's error, the manifest untouched
+                self._begin_changes()
+            return False
+        self._handles[name] = handle
+        if self.verify_checksums:
+            if self._checker is None:
+                self._checker = ThreadPoolExecutor(1, thread_name_prefix="offload-checksum")
+            self._checks[name] = self._checker.submit(handle.digest, self._stop)
+        return True
+
+    def _open_checked(self, entry: dict[str, Any]) -> Optional[ShardHandle]:
+        """The entry's file opened (``O_NOFOLLOW``) with its size and header as recorded, else ``None``."""
+        path = self.folder / entry["file"]
+        try:
+            handle = ShardHandle(path, nofollow=True)
+        except CheckpointError:  # a header that does not parse
+            return None
+        except OSError as err:
+            if err.errno == errno.ELOOP and self._unwritable is None:
+                path.unlink(missing_ok=True)  # a link in place of a listed file: removed (not followed), rewritten
+            if err.errno in (errno.ENOENT, errno.ELOOP, errno.EACCES, errno.EISDIR):
+                return None
+            raise _folder_error(self.folder, f"opening {entry['file']!r}", err) from err
+        if handle.size != entry["size"] or header_problem(entry, handle.header) is not None:
+            handle.close()
+            return None
+        return handle
+
+    def _finish_checks(self, abort: bool) -> Optional[OffloadFolderError]:
+        """Wait for the background checksums; drop the entries (and files) that do not match. Returns the error to
+        raise, naming them, or ``None``. With ``abort`` the checks still running stop early (nothing is judged)."""
+        if abort:
+            self._stop.set()
+        bad = []
+        for name, future in self._checks.items():
+            try:
+                digest = future.result()
+            except (OSError, CheckpointError):  # the file became unreadable: not reusable either
+                digest = None
+            if not abort and name in self.entries and digest != self.entries[name]["blake2b"]:
+                bad.append(self.entries.pop(name)["file"])
+        self._checks.clear()
+        if self._checker is not None:
+            self._checker.shutdown()
+            self._checker = None
+        if not bad:
+            return None
+        self._begin_changes()
+        for file in bad:
+            try:
+                (self.folder / file).unlink(missing_ok=True)
+            except OSError:  # a read-only folder: the entry is gone from the manifest all the same, if it can be saved
+                pass
+        return OffloadFolderError(
+            f"Offload file(s) {bad} in `offload_folder` {str(self.folder)!r} do not match the checksum recorded when "
+            "they were written: they changed on disk since (another process, a bad disk). They were removed from the "
+            "folder and its manifest, and the model was left as before this call: run the load again to rewrite them "
+            "from the checkpoint."
+        )
 
     def write(self, name: str, tensor: torch.Tensor, key: Optional[str] = None) -> torch.Tensor:
         """Write ``tensor`` as ``name`` (from source ``key``, replacing any previous file); return its mapped view."""
@@ -294,27 +433,56 @@ class OffloadFolder:
         if self._unwritable is not None:
             raise self._unwritable
         file_name = _UNSAFE.sub("_", name) + ".safetensors"
+        if file_name.startswith("."):
+            file_name = "_" + file_name[1:]  # never a hidden name (the lock, temporary files)
         path = self.folder / file_name
+        digest = []
         try:
-            if not self._dirty:
-                (self.folder / MANIFEST).unlink(missing_ok=True)  # a crash from here on leaves no stale manifest
-                self._dirty = True
+            self._begin_changes()
             self.entries.pop(name, None)
-            _write_atomic(path, lambda tmp: _save_aligned(tensors, tmp))
+            self._handles.pop(name, None)
+            _write_atomic(path, lambda tmp: digest.append(_save_aligned(tensors, tmp)))
+            handle = ShardHandle(path, nofollow=True)  # the file just renamed into place (we hold the lock)
         except OSError as err:
             raise _folder_error(self.folder, f"writing {file_name!r} (tensor `{name}`)", err) from err
         self._written.append(path)
-        self.entries[name] = {"file": file_name, **entry, "size": path.stat().st_size}
+        self._handles[name] = handle
+        self.entries[name] = {
+            "file": file_name, **entry, "size": handle.size, "blake2b": digest[0], "layout": layout_of(handle.header),
+        }  # fmt: skip
+
+    def _begin_changes(self) -> None:
+        """Remove the manifest before the first change of a session: a crash from here on leaves no stale claim (the
+        exit writes it again). In a folder that cannot be written the change fails later, with its own error."""
+        if not self._dirty:
+            try:
+                (self.folder / MANIFEST).unlink(missing_ok=True)
+            except OSError:
+                if self._unwritable is None:
+                    raise
+            self._dirty = True
+
+    def _handle(self, name: str) -> ShardHandle:
+        handle = self._handles.get(name)
+        if handle is None:  # an entry reused without `has` (callers check first): open and check it now
+            handle = self._open_checked(self.entries[name])
+            if handle is None:
+                raise OffloadFolderError(
+                    f"Offload file {self.entries[name]['file']!r} in {str(self.folder)!r} does not hold what its "
+                    "manifest says. Run the load again: it rewrites the file."
+                )
+            self._handles[name] = handle
+        return handle
 
     def view(self, name: str) -> torch.Tensor:
-        """Zero-copy CPU view of a stored tensor (private copy-on-write map: writes never reach the file)."""
-        path = self.folder / self.entries[name]["file"]
-        return view(open_mmap(path), read_header(path).entries["tensor"])
+        """Zero-copy CPU view of a stored tensor (private copy-on-write map: writes never reach the file), mapped from
+        the file opened and checked by :meth:`has` or :meth:`write`."""
+        handle = self._handle(name)
+        return view(open_mmap(handle.path, handle), handle.header.entries["tensor"])
 
     def view_parts(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Zero-copy views of the parts :meth:`write_parts` stored for ``name``, and its ``meta``."""
-        entry = self.entries[name]
-        path = self.folder / entry["file"]
-        mapping = open_mmap(path)
-        parts = {part: view(mapping, info) for part, info in read_header(path).entries.items()}
-        return parts, entry.get("meta", {})
+        handle = self._handle(name)
+        mapping = open_mmap(handle.path, handle)
+        parts = {part: view(mapping, info) for part, info in handle.header.entries.items()}
+        return parts, self.entries[name].get("meta", {})
