@@ -154,6 +154,73 @@ def test_forward_mixing_devices_raises_like_cuda():
     assert model.a.weight.is_meta
 
 
+def test_mixed_devices_are_reported_in_cudas_words_on_every_torch(monkeypatch):
+    """torch 2.11's fake tensors word it "Unhandled FakeTensor Device Propagation ... found two different devices"."""
+    import lightning_bigmodel.simulate._fake_ops as fake_ops
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    real = FakeTensor._find_common_device
+
+    def worded_as_in_torch_2_11(func, flat_args):
+        try:
+            return real(func, flat_args)
+        except RuntimeError as err:
+            if "same device" not in str(err):
+                raise
+            devices = ", ".join(sorted({str(a.device) for a in flat_args if isinstance(a, torch.Tensor)}))
+            raise RuntimeError(
+                f"Unhandled FakeTensor Device Propagation for {func}, found two different devices {devices}"
+            ) from None
+
+    monkeypatch.setattr(FakeTensor, "_find_common_device", staticmethod(worded_as_in_torch_2_11))
+    with init_empty_weights():
+        model = MixesDevices()
+    with pytest.raises(RuntimeError, match=r"^Expected all tensors to be on the same device, but found at least two "
+                       r"devices, cuda:0 and cuda:1! \(aten.mm.default\)$"):  # fmt: skip
+        simulate_memory(model, {"a": 0, "b": 1}, torch.zeros(2, 4))
+    assert fake_ops._mixed_devices_error(RuntimeError("other")).args == ("other",)
+
+
+def test_guarded_bindings_never_see_a_fake_gpu_tensor(monkeypatch):
+    """On a CUDA build, indexing (and ``~``, ``contiguous``, ``copy_``...) of a fake ``cuda:k`` tensor would take a
+    real device guard: ``cudaSetDevice(k)``, a context on GPU k or "invalid device ordinal". Here (a CPU build) such a
+    call raises instead; with no error recognised as "no device", any such call fails the simulation."""
+    import lightning_bigmodel.simulate._fake_ops as fake_ops
+    from examples.gpt import GPT, GPTConfig
+
+    monkeypatch.setattr(fake_ops, "_NO_DEVICE", ())
+    config = GPTConfig.preset("tiny")
+    with init_empty_weights():
+        model = GPT(config)
+    device_map = {"transformer.wte": 0, "transformer.wpe": 0, "transformer.h.0": 0, "transformer.h.1": "cpu",
+                  "transformer.h.2": 5, "transformer.h.3": 5, "transformer.ln_f": 5, "lm_head": 0}  # fmt: skip
+    result = simulate_memory(model, device_map, _ids(B, T), max_new_tokens=2)
+    assert set(result) == {0, 5, "cpu"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_memory_simulation_creates_no_cuda_context(tmp_path):
+    """Planning has no side effects: a simulation over GPUs this machine has, and beyond, leaves every GPU without a
+    context (asked from the driver, in a fresh process)."""
+    from cuda_contexts import run_and_list_contexts
+
+    body = """
+    import torch
+    from examples.gpt import GPT, GPTConfig
+    from lightning_bigmodel.init import init_empty_weights
+    from lightning_bigmodel.simulate import simulate_memory
+
+    far = torch.cuda.device_count() + 2
+    with init_empty_weights():
+        model = GPT(GPTConfig.preset("tiny"))
+    device_map = {"transformer.wte": 0, "transformer.wpe": 0, "transformer.h.0": 0, "transformer.h.1": "cpu",
+                  "transformer.h.2": far, "transformer.h.3": far, "transformer.ln_f": far, "lm_head": 0}
+    result = sorted(map(str, simulate_memory(model, device_map, torch.zeros(2, 8, dtype=torch.long), max_new_tokens=2)))
+    """
+    out = run_and_list_contexts(body, tmp_path)
+    assert out["contexts"] == [] and len(out["result"]) == 3, out
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

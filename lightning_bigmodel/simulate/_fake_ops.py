@@ -9,6 +9,14 @@ on meta stand-ins of the same layout and maps the results back: a result sharing
 view of the original tensor (``as_strided``), any other result a new tensor on the original's device, so the call
 allocates what the real one does. It also replaces ``F.scaled_dot_product_attention`` (see
 :meth:`SimulatedFunctions._attention`).
+
+On a build with CUDA the same bindings take a real device guard: ``cudaSetDevice(k)``, which creates a context of
+about 0.5 GB on GPU ``k``, or fails with "invalid device ordinal" past the GPUs this machine has. Planning must have no
+side effects on any build, so the bindings known to take a guard (:data:`_GUARDED`) never see a fake accelerator
+tensor: they run on the meta stand-ins directly. Any other call failing for want of a device (the texts of
+:data:`_NO_DEVICE`) is retried the same way. Mixed devices raise CUDA's "Expected all tensors to be on the same device"
+whatever the torch release words it as (torch 2.11: "Unhandled FakeTensor Device Propagation ... found two different
+devices").
 """
 
 from __future__ import annotations
@@ -20,12 +28,39 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-_NO_GUARD = "is not linked with support for"
+# What a binding raises when it cannot take the device guard of a fake tensor's device: no guard in this build, or (a
+# CUDA build) a device this machine lacks, or no usable driver at all.
+_NO_DEVICE = (
+    "is not linked with support for",
+    "invalid device ordinal",
+    "no CUDA-capable device",
+    "Found no NVIDIA driver",
+    "CUDA driver initialization failed",
+)
 _READS_VALUES = {"__bool__", "__float__", "__index__", "__int__", "item", "nonzero", "tolist"}
+# Python bindings that take a device guard of their tensor before dispatching (torch/csrc/autograd's variable methods
+# and indexing): with a fake tensor on a real accelerator that would switch (and create a context on) that device.
+_GUARDED = {
+    torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.__invert__, torch.Tensor.contiguous,
+    torch.Tensor.copy_, torch.Tensor.new_tensor, torch.Tensor.new,
+}  # fmt: skip
+_MIXED = ("Unhandled FakeTensor Device Propagation", "found two different devices")
 
 
 def _on_accelerator(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.device.type not in ("cpu", "meta")
+
+
+def _mixed_devices_error(err: RuntimeError) -> RuntimeError:
+    """``err``, or CUDA's wording of it when it is fake-tensor device propagation refusing two devices (torch 2.11)."""
+    text = str(err)
+    if not all(part in text for part in _MIXED):
+        return err
+    op = text.split(" for ", 1)[-1].split(",", 1)[0]
+    devices = text.rsplit("devices", 1)[-1].strip(" .").replace(",", " and")
+    return RuntimeError(
+        f"Expected all tensors to be on the same device, but found at least two devices, {devices}! ({op})"
+    )
 
 
 def _same_device(what: str, tensors: list) -> None:
@@ -84,12 +119,17 @@ class SimulatedFunctions(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             return self._attention(*args, **kwargs)
+        if func in _GUARDED and any(_on_accelerator(leaf) for leaf in tree_leaves((args, kwargs))):
+            return _on_meta(func, args, kwargs)  # never the real device guard (see the module's docstring)
         try:
             return func(*args, **kwargs)
         except RuntimeError as err:
-            if _NO_GUARD not in str(err):
-                raise
-        return _on_meta(func, args, kwargs)  # the binding took a device guard this build lacks: no dispatch happened
+            if not any(text in str(err) for text in _NO_DEVICE):
+                mixed = _mixed_devices_error(err)
+                if mixed is err:
+                    raise
+                raise mixed from None
+        return _on_meta(func, args, kwargs)  # the binding needed a device guard it could not take: no dispatch happened
 
     @staticmethod
     def _attention(query, key, value, attn_mask=None, *args, **kwargs) -> torch.Tensor:
