@@ -18,6 +18,7 @@ from lightning_bigmodel._keywords import keyword_only
 from lightning_bigmodel.checkpoint.reader import CheckpointReader, TensorSpec
 from lightning_bigmodel.checkpoint.resolve import resolve_checkpoint
 from lightning_bigmodel.checkpoint.transform import TensorTransform, compute_device, place_transformed
+from lightning_bigmodel.integrations.quantization.spec import revert_linear_forms
 from lightning_bigmodel.integrations.transformers import converted_source
 from lightning_bigmodel.planning.device_map import execution_device
 from lightning_bigmodel.offload.disk import OffloadFolder, source_identity
@@ -113,6 +114,7 @@ def load_checkpoint_in_model(
             "`model` is dispatched: its hooks hold the weights placed before. Call `remove_dispatch(model)` before "
             "loading a checkpoint into it, then dispatch it again (or build a fresh model)."
         )
+    revert_linear_forms(model)  # a quantized Conv1D released to meta takes the checkpoint's layout again
     groups = tensor_groups(model)
     main_device = torch.device("cpu")
     if device_map is not None:
@@ -164,6 +166,8 @@ def load_checkpoint_in_model(
                 if progress is not None:
                     progress(key, reader.spec(key).nbytes)
             _place_unloaded(model, groups, plan, pin)
+            if plan.transform is not None and hasattr(plan.transform, "finish"):
+                plan.transform.finish(model)  # e.g. Conv1D modules computing with their quantized weight
         _report_unplaced(reader, plan, progress)
     _log_unused(model, plan.unexpected, resolved.root, key_prefix)
     return plan.missing, plan.unexpected

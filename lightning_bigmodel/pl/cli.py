@@ -96,7 +96,8 @@ def _plan_parser() -> ArgumentParser:
     parser.add_argument("--dtype", type=Optional[DType], default=None, help="Plan for weights cast to this dtype.")
     parser.add_argument("--offload_buffers", type=bool, default=False, help="Count buffers of offloaded modules too.")
     parser.add_argument(
-        "--quantization", type=Optional[Quantization], default=None, help="Plan nn.Linear weights quantized to this."
+        "--quantization", type=Optional[Quantization], default=None,
+        help="Plan nn.Linear (and transformers Conv1D) weights quantized to this.",
     )
     parser.add_argument(
         "--quantization_skip_modules", type=Optional[list[str]], default=None, help='Unquantized modules (["lm_head"]).'
@@ -121,6 +122,15 @@ def _budget(max_memory: Optional[dict]) -> Optional[dict]:
     if max_memory is None:
         return None
     return {int(key) if isinstance(key, str) and key.isdigit() else key: value for key, value in max_memory.items()}
+
+
+def _quantization_line(model, cfg, dtype) -> str:
+    from lightning_bigmodel.integrations.quantization import resolve_quantization
+    from lightning_bigmodel.integrations.quantization.report import quantization_report
+
+    spec = resolve_quantization(cfg.quantization, cfg.quantization_skip_modules)
+    dtypes = {n: dtype for n, p in model.named_parameters() if p.dtype.is_floating_point} if dtype else None
+    return quantization_report(model, spec, dtypes)[0]
 
 
 def plan(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -160,6 +170,8 @@ def plan(argv: Optional[list[str]] = None) -> dict[str, Any]:
     )
     quantized = f", {cfg.quantization} weights" if cfg.quantization else ""
     print(f"Plan for {type(model).__name__}: {format_bytes(sizes[''])} of weights{quantized}, policy {cfg.policy!r}")
+    if cfg.quantization:  # what it quantizes, by module type, and what it leaves in the compute dtype
+        print(_quantization_line(model, cfg, dtype))
     print(render_table(device_map, sizes, budget, budget_sources(_budget(cfg.max_memory))))
     if shape is not None:
         memory = simulate_memory(model, device_map, token_ids(shape), cfg.max_new_tokens, dtype, cfg.offload_buffers)

@@ -6,14 +6,23 @@ whether torchao is installed, and whether the method has a kernel on every execu
 
 from __future__ import annotations
 
+import logging
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from lightning_bigmodel.integrations.quantization.spec import QuantizationSpec, quantized_weights, resolve_quantization
+from lightning_bigmodel.integrations.quantization.report import quantization_report
+from lightning_bigmodel.integrations.quantization.spec import (
+    QuantizationSpec,
+    quantized_weights,
+    resolve_quantization,
+    transposed_weights,
+)
 
 __all__ = ["build_quantizer"]
+
+_log = logging.getLogger("lightning_bigmodel.quantization")
 
 
 def build_quantizer(
@@ -43,4 +52,7 @@ def build_quantizer(
     from lightning_bigmodel.integrations.quantization.torchao import TorchaoQuantizer, check_kernel
 
     check_kernel(spec, [devices[name] for name in weights], [dtypes[name] for name in weights])
-    return TorchaoQuantizer(spec, weights)
+    quantizer = TorchaoQuantizer(spec, weights, transposed_weights(model, weights))
+    line, warn = quantization_report(model, spec, dtypes)
+    _log.log(logging.WARNING if warn else logging.INFO, "%s", line)  # once per load
+    return quantizer

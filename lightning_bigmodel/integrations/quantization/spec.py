@@ -5,7 +5,9 @@ and a bad name fails before anything is imported or read. The quantizing itself 
 :mod:`lightning_bigmodel.integrations.quantization.torchao`.
 
 Which weights: the ``weight`` of every ``nn.Linear`` (as torchao's own ``quantize_`` picks them: not the
-``out_projection`` of ``nn.MultiheadAttention``, which never calls ``F.linear`` on it), except
+``out_projection`` of ``nn.MultiheadAttention``, which never calls ``F.linear`` on it) and of every transformers
+``Conv1D`` (GPT-2 and its family: a linear layer storing its weight transposed, ``(in, out)``; torchao's ``quantize_``
+skips it, which quantized nothing in GPT-2), except
 
 * weights tied to another parameter (a tied LM head shares the embedding, which stays in the compute dtype),
 * modules matched by ``skip_modules`` (default ``["lm_head"]``: the LM head stays in the compute dtype unless asked),
@@ -30,6 +32,8 @@ __all__ = [
     "quantized_nbytes",
     "quantized_weights",
     "resolve_quantization",
+    "revert_linear_forms",
+    "transposed_weights",
 ]
 
 Quantization = Literal["int8", "int4"]
@@ -95,11 +99,26 @@ def _skipped(module_name: str, skip_modules: Sequence[str]) -> bool:
     return any(f".{entry.strip('.')}." in padded for entry in skip_modules if entry.strip("."))
 
 
-def _is_quantizable_linear(module: nn.Module) -> bool:
-    if not isinstance(module, nn.Linear) or isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-        return False
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (or a subclass), recognised by name: transformers is not imported for it."""
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers.") for c in type(module).__mro__)
+
+
+def linear_shape(module: nn.Module) -> Optional[tuple[int, int]]:
+    """``(out_features, in_features)`` of a quantizable linear layer's float weight, else ``None``.
+
+    ``nn.Linear`` stores ``(out, in)``; transformers' ``Conv1D`` stores ``(in, out)`` (one already converted by
+    loading computes with an ``(out, in)`` weight and says so with ``_bigmodel_linear_weight``)."""
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return None
     weight = module._parameters.get("weight")
-    return weight is not None and weight.dim() == 2 and weight.dtype.is_floating_point
+    if weight is None or weight.dim() != 2 or not weight.dtype.is_floating_point:
+        return None
+    if isinstance(module, nn.Linear) or getattr(module, "_bigmodel_linear_weight", False):
+        return tuple(weight.shape)
+    if is_conv1d(module):
+        return weight.shape[1], weight.shape[0]
+    return None
 
 
 def quantized_weights(model: nn.Module, spec: Optional[QuantizationSpec]) -> dict[str, tuple[int, int]]:
@@ -111,16 +130,25 @@ def quantized_weights(model: nn.Module, spec: Optional[QuantizationSpec]) -> dic
         uses[id(param)] = uses.get(id(param), 0) + 1
     out: dict[str, tuple[int, int]] = {}
     for name, module in model.named_modules():
-        if not _is_quantizable_linear(module) or _skipped(name, spec.skip_modules):
+        shape = linear_shape(module)
+        if shape is None or _skipped(name, spec.skip_modules):
             continue
-        weight = module._parameters["weight"]
-        if uses.get(id(weight), 0) > 1:
+        if uses.get(id(module._parameters["weight"]), 0) > 1:
             continue  # tied: quantizing it would quantize its partner (the embedding) too
-        rows, cols = weight.shape
-        if spec.method == "int4" and cols % spec.group_size:
+        if spec.method == "int4" and shape[1] % spec.group_size:
             continue
-        out[f"{name}.weight" if name else "weight"] = (rows, cols)
+        out[f"{name}.weight" if name else "weight"] = shape
     return out
+
+
+def transposed_weights(model: nn.Module, names) -> frozenset[str]:
+    """Those of the weight ``names`` that belong to a transformers ``Conv1D`` still storing them ``(in, out)``."""
+    out = set()
+    for name in names:
+        module = model.get_submodule(name.rpartition(".")[0])
+        if is_conv1d(module) and not getattr(module, "_bigmodel_linear_weight", False):
+            out.add(name)
+    return frozenset(out)
 
 
 def quantized_nbytes(spec: QuantizationSpec, out_features: int, in_features: int) -> int:
@@ -134,3 +162,14 @@ def quantized_nbytes(spec: QuantizationSpec, out_features: int, in_features: int
         return out_features * in_features + out_features * (4 + 1)
     rows, cols = -(-out_features // 8) * 8, -(-in_features // 1024) * 1024
     return rows * cols // 2 + (cols // spec.group_size) * rows * 2 * 2
+
+
+def revert_linear_forms(model: nn.Module) -> None:
+    """Turn back each ``Conv1D`` that loading made compute with an ``(out, in)`` quantized weight, once that weight was
+    released to meta: its class and its ``(in, out)`` meta weight, so that the checkpoint loads into it again."""
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if getattr(type(module), "_bigmodel_linear_weight", False) and weight is not None and weight.is_meta:
+            module.__class__ = type(module).__mro__[1]
+            empty = weight.new_empty((weight.shape[1], weight.shape[0]))
+            module._parameters["weight"] = nn.Parameter(empty, requires_grad=weight.requires_grad)

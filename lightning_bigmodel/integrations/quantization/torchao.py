@@ -105,11 +105,16 @@ class TorchaoQuantizer:
         spec: the quantization.
         weights: ``{weight name: (out_features, in_features)}`` to quantize
             (:func:`~lightning_bigmodel.integrations.quantization.spec.quantized_weights`).
+        transposed: those of ``weights`` stored ``(in, out)`` (transformers' ``Conv1D``): quantized as their transpose,
+            and their module then computes ``F.linear`` with it (:meth:`finish`).
     """
 
-    def __init__(self, spec: QuantizationSpec, weights: dict[str, tuple[int, int]]) -> None:
+    def __init__(
+        self, spec: QuantizationSpec, weights: dict[str, tuple[int, int]], transposed: frozenset = frozenset()
+    ) -> None:
         self.spec = spec
         self.weights = dict(weights)
+        self.transposed = frozenset(transposed)
         quantization = import_torchao()
         if spec.method == "int8":
             self._cls = quantization.Int8Tensor
@@ -136,9 +141,24 @@ class TorchaoQuantizer:
         packing runs on the GPU only.
         """
         with torch.no_grad():
+            if name in self.transposed:  # Conv1D: (in, out) -> the (out, in) layout torchao's linear kernels take
+                tensor = tensor.t().contiguous()
             if self.spec.method == "int8":
                 return self._cls.from_hp(tensor, granularity=self._granularity)
             return self._cls.from_hp(tensor.to(device), [1, self.spec.group_size])
+
+    def finish(self, model: torch.nn.Module) -> None:
+        """After loading: each ``Conv1D`` whose weight is now quantized ``(out, in)`` computes ``F.linear`` with it.
+
+        Its class becomes a subclass (still a ``Conv1D``, same name) whose forward is ``F.linear(x, weight, bias)``:
+        ``Conv1D``'s own ``addmm(bias, x, weight)`` needs the ``(in, out)`` weight, and torchao's ``Int8Tensor`` has
+        no transpose (its kernels are for ``F.linear``).
+        """
+        for name in self.transposed:
+            module = model.get_submodule(name.rpartition(".")[0])
+            converted = getattr(module, "_bigmodel_linear_weight", False)
+            if type(module._parameters["weight"]) is self._cls and not converted:
+                module.__class__ = _linear_form(type(module))
 
     def to_parts(self, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Inner tensors and a JSON description of a quantized tensor, for an offload file."""
@@ -150,3 +170,19 @@ class TorchaoQuantizer:
         """The quantized tensor whose inner tensors are ``parts`` (e.g. memory-mapped views of an offload file)."""
         context = decode_context(meta["context"])
         return self._cls.__tensor_unflatten__(dict(parts), context, torch.Size(meta["shape"]), tuple(meta["stride"]))
+
+
+_LINEAR_FORMS: dict[type, type] = {}
+
+
+def _linear_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def _linear_form(cls: type) -> type:
+    """``cls`` (a ``Conv1D``) computing ``F.linear`` with an ``(out, in)`` weight; one subclass per class."""
+    form = _LINEAR_FORMS.get(cls)
+    if form is None:
+        attrs = {"forward": _linear_forward, "_bigmodel_linear_weight": True, "__module__": cls.__module__}
+        form = _LINEAR_FORMS[cls] = type(cls.__name__, (cls,), attrs)
+    return form
