@@ -67,13 +67,16 @@ def test_dispatch_needs_folder_for_in_memory_disk_weights():
 def test_cpu_only_dispatch_attaches_no_hooks(tmp_path):
     checkpoint = save_sharded_checkpoint(make_reference(UntiedMLP), tmp_path / "ckpt")
     model = load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, device_map={"": "cpu"})
+    # Weights loaded as file views get one root hook that copies them at the first forward, then removes itself.
+    assert all_hooks(model) == 1
+    torch.testing.assert_close(outputs(model, UntiedMLP)[0], outputs(make_reference(UntiedMLP), UntiedMLP)[0])
     assert all_hooks(model) == 0
-    # disk weights on a CPU execution device are used in place: a guard on the root, and the read-ahead's pre and
-    # post hooks on each module holding disk weights (no weight moves)
+    # disk weights on a CPU execution device are streamed: a guard on the root, and the stream's pre and post hooks
+    # on each module holding disk weights (no weight moves)
     model = load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, device_map=MAPS[UntiedMLP]["mixed"])
     streamed = [m for m in model.modules() if any(is_disk(p) for p in m._parameters.values() if p is not None)]
-    assert streamed and all_hooks(model) == 2 + 2 * len(streamed) and len(model._forward_pre_hooks) == 1
     torch.testing.assert_close(outputs(model, UntiedMLP)[0], outputs(make_reference(UntiedMLP), UntiedMLP)[0])
+    assert streamed and all_hooks(model) == 2 + 2 * len(streamed) and len(model._forward_pre_hooks) == 1
 
 
 def test_dispatched_model_refuses_moves_until_removed(tmp_path):
@@ -406,3 +409,14 @@ def test_positional_calls_in_accelerates_order_are_refused_naming_our_keyword(tm
         call(model, checkpoint, tmp_path / "other")
     assert not (tmp_path / "other").exists()  # refused before anything was done
     assert not hasattr(model, "hf_device_map")
+
+
+def test_no_split_classes_that_match_no_module_say_so():
+    model = empty_model(UntiedMLP)
+    with pytest.warns(UserWarning, match=r"`no_split_module_classes` \['Blok'\] match\(es\) no module of UntiedMLP.*'Block'"):
+        infer_device_map(model, {"cpu": 10**9}, no_split_module_classes=["Blok", "Block"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        infer_device_map(model, {"cpu": 10**9}, no_split_module_classes=["Block"])  # all match: silent

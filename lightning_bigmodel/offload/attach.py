@@ -22,6 +22,8 @@ from lightning_bigmodel.offload.hooks import HostEntry, InputHook, OutputHook, R
 from lightning_bigmodel.offload.placement import TensorGroup, execution_target, is_disk, owner_key
 from lightning_bigmodel.offload.prefetch import Prefetcher
 from lightning_bigmodel.offload.readahead import ReadAhead, should_release
+from lightning_bigmodel.offload.stream import CopiesOnFirstUse
+from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS
 
 
 @dataclass
@@ -116,6 +118,16 @@ def _disk_units(model: nn.Module, groups: list[TensorGroup]) -> dict[str, tuple[
     return out
 
 
+def _disk_bytes_per_key(groups: list[TensorGroup], normalized: Mapping[str, object]) -> dict[str, int]:
+    """Bytes of disk weights under each device-map key (what the planner sized the CPU's stream reserve by)."""
+    out: dict[str, int] = {}
+    for group in groups:
+        if group.is_param and is_disk(group.tensor):
+            key = owner_key(group.name, normalized) or ""
+            out[key] = out.get(key, 0) + group.tensor.numel() * group.tensor.element_size()
+    return out or {"": 0}
+
+
 def attach_hooks(
     model: nn.Module, groups: list[TensorGroup], normalized: Mapping[str, object], main: torch.device
 ) -> DispatchState:
@@ -129,10 +141,14 @@ def attach_hooks(
         state.prefetcher.release_disk = bool(disk_bytes) and should_release(disk_bytes)
     elif main.type == "cpu":
         disk_units = _disk_units(model, groups)
-        if disk_units:  # disk views used in place: read them ahead of compute, release them after if memory is short
-            state.prefetcher = ReadAhead(release=should_release(disk_bytes))
+        if disk_units:  # disk weights streamed into reusable buffers behind the compute (never read through the map)
+            stream = (1 + READ_AHEAD_LAYERS) * max(_disk_bytes_per_key(groups, normalized).values())
+            state.prefetcher = ReadAhead(release=should_release(disk_bytes), stream_bytes=stream)
             for name, (module, tensors) in disk_units.items():
                 state.handles += state.prefetcher.attach(name, module, tensors)
+    copies = CopiesOnFirstUse(groups, release=should_release(disk_bytes) if disk_bytes else False)
+    if copies:  # "cpu" weights loaded as file views: copied at the first forward, then independent of the file
+        state.handles.append(copies.attach(model))
     guarded = {
         id(e.host): (groups[index].name, e.host)
         for entries in by_unit.values()

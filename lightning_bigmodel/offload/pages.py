@@ -28,7 +28,7 @@ import mmap
 import os
 import sys
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -41,7 +41,7 @@ _FADV_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)  # POSIX, absent on ma
 _FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
 
 _libc: Optional[ctypes.CDLL] = None
-_mapped: dict[int, tuple[int, int]] = {}  # start address of a tracked file map -> (its end, a descriptor of the file)
+_mapped: dict[int, "Tracked"] = {}  # start address of a tracked file map -> its end, descriptor, path
 _unsupported: set[int] = set()  # madvise advice this libc/kernel lacks: not tried again
 
 
@@ -92,20 +92,55 @@ def _madvise(tensor: torch.Tensor, advice: int, inner: bool = False) -> bool:
     return error == 0
 
 
-def track_file(mapping: mmap.mmap, fileno: int) -> None:
-    """Remember which file ``mapping`` maps from offset 0 (a duplicate of ``fileno``, closed when the map is freed), so
-    :func:`populate` and :func:`release` can also advise the page cache of exactly a view's file range."""
+class Tracked(NamedTuple):
+    """A tracked file map: where it ends, a descriptor of the file it maps from offset 0 (owned here), its path, and
+    the file's ``(size, mtime_ns, ctime_ns)`` when the map was made (see :func:`~lightning_bigmodel.offload.stream.
+    check_unchanged`)."""
+
+    end: int
+    fd: int
+    path: str
+    stamp: tuple[int, int, int]
+
+
+def track_file(mapping, source) -> None:
+    """Remember which file ``mapping`` maps from offset 0, so :func:`populate`, :func:`release` and the streaming
+    engine (:mod:`~lightning_bigmodel.offload.stream`) can reach exactly a view's file range.
+
+    ``source`` is the open file: a descriptor, or an object with ``fd`` and ``path`` (a shard handle). The descriptor
+    is duplicated (one per mapped file, closed when the map is freed): the file stays the one mapped, even when its
+    path is replaced or the handle closed."""
     if not len(mapping):
         return
     start = ctypes.addressof(ctypes.c_char.from_buffer(mapping))  # the temporary export ends with this statement
-    fd = os.dup(fileno)
-    _mapped[start] = (start + len(mapping), fd)
-    weakref.finalize(mapping, _forget, start, fd)
+    fd = os.dup(source.fd if hasattr(source, "fd") else source)
+    stat = os.fstat(fd)
+    path = str(source.path) if hasattr(source, "path") else _fd_path(fd)
+    tracked = Tracked(start + len(mapping), fd, path, (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+    _mapped[start] = tracked
+    weakref.finalize(mapping, _forget, start, tracked)
 
 
-def _forget(start: int, fd: int) -> None:
-    _mapped.pop(start, None)
-    os.close(fd)
+def _fd_path(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"<descriptor {fd}>"
+
+
+def _forget(start: int, tracked: Tracked) -> None:
+    if _mapped.get(start) is tracked:
+        del _mapped[start]
+    os.close(tracked.fd)
+
+
+def file_of(tensor: torch.Tensor) -> Optional[tuple[Tracked, int]]:
+    """``(tracked map, file offset of tensor's first byte)`` for a view of a tracked map, else ``None``."""
+    start = tensor.data_ptr()
+    for map_start, tracked in list(_mapped.items()):
+        if map_start <= start < tracked.end:
+            return tracked, start - map_start
+    return None
 
 
 def _file_advise(tensor: torch.Tensor, advice: Optional[int], inner: bool) -> bool:
@@ -113,7 +148,7 @@ def _file_advise(tensor: torch.Tensor, advice: Optional[int], inner: bool) -> bo
     if advice is None:
         return False
     start, length = page_span(tensor, inner)
-    for map_start, (map_end, fd) in list(_mapped.items()):
+    for map_start, (map_end, fd, _, _) in list(_mapped.items()):
         if length and map_start <= start < map_end:
             try:
                 os.posix_fadvise(fd, start - map_start, min(length, map_end - start), advice)

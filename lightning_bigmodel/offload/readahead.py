@@ -1,34 +1,47 @@
-"""Disk weights streamed ahead of compute on a CPU execution device: read the next layer(s) while one computes.
+"""Disk weights streamed behind the compute on a CPU execution device: while one module computes, the next are read.
 
-On the CPU, ``"disk"`` weights are memory-mapped views used in place. Left alone, the compute thread takes every
-page fault (small reads, no overlap with compute) and the page cache keeps every layer it read, pushing out whatever
-the kernel picks. :class:`ReadAhead` hooks each module holding disk weights:
+:class:`ReadAhead` hooks each module holding ``"disk"`` weights (a *unit*: the finest module, a ``Linear`` rather
+than its block). Their memory-mapped views are never touched: before a unit runs, its weights are read with a few
+large ``preadv`` calls (:class:`~lightning_bigmodel.offload.stream.Layout`) into a reusable buffer, views of the buffer
+are installed in the module's parameters, and after it ran the views of the file are put back and the buffer is free
+for a later unit. A background thread reads the units in execution order (learned on the first forward; the last
+unit is followed by the first, so consecutive forwards stream too) into the free buffers, ahead of the compute: it
+waits on a condition (no busy-wait) when every buffer is full, and the compute thread waits only for a read not done.
 
-- before a module runs, it asks a background thread to start reading the next ``depth`` modules in execution order
-  (:func:`~lightning_bigmodel.offload.pages.read_ahead`: exact file ranges, large requests, no waiting), and
-  starts its own read if nobody did;
-- after it ran, the same thread releases its pages (:func:`~lightning_bigmodel.offload.pages.release`), when the
-  disk weights do not fit the memory left (:func:`should_release`; else the page cache keeps them for the next
-  forward).
+Memory, and what is read per forward:
 
-So at most ``1 + depth`` modules' disk bytes are in memory or in flight at once (the planner reserves that much of the CPU budget,
-see :data:`READ_AHEAD_LAYERS`), and compute overlaps the reads. The execution order is learned on the first forward
-(one thread records it; the last module is followed by the first, so consecutive forwards stream too); the first
-forward reads nothing ahead but still releases.
+- **The stream**: ``stream_bytes`` (what the planner keeps free for it on the CPU: ``1 + READ_AHEAD_LAYERS`` times
+  the largest disk entry of the device map) is cut into buffers of the largest unit's size, at least two.
+- **The resident subset**: when the disk weights do not fit the memory left (``release``, see :func:`should_release`),
+  the memory the process still has once the first forward ran, beyond its CPU budget, the stream and a headroom
+  (:func:`~lightning_bigmodel.planning.budget.detect_cpu_memory`: the cgroup's room or the available RAM, less
+  ``max(256 MiB, 5%)``), holds a stable subset of the units, read once and kept: spread evenly over the execution
+  order, so the disk keeps working while the compute runs through kept units. Only the others are read again, each
+  forward; the page cache is told to drop what was read (the buffers hold it). Under an explicit CPU budget the same
+  holds: the subset takes the memory the budget leaves free in the process's limit. When the disk weights fit the
+  memory left, nothing is kept and the page cache serves repeated reads.
+
+A read that fails, comes back short, or finds its file changed since it was loaded raises the
+:class:`~lightning_bigmodel.checkpoint.errors.CheckpointError` of the engine in the compute thread, naming the file and
+the tensors; nothing touches the map, so a truncated file never raises ``SIGBUS``. A unit whose output is a view of
+its buffer (a module returning its weight) keeps that buffer: it is never reused under the output.
 """
 
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
-from lightning_bigmodel.offload.pages import read_ahead, release
+from lightning_bigmodel.offload.hooks import map_tensors
+from lightning_bigmodel.offload.stream import Layout
 from lightning_bigmodel.offload.subclass import plain_parts
 from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS, detect_cpu_memory
+
+_MAX_BUFFERS = 8  # stream buffers at most: enough to smooth reads of uneven units, whatever the reserve
 
 
 def should_release(disk_bytes: int) -> bool:
@@ -38,130 +51,291 @@ def should_release(disk_bytes: int) -> bool:
     return disk_bytes > detect_cpu_memory().free // 2
 
 
+@dataclass
+class _Unit:
+    module: nn.Module
+    params: list[tuple[str, torch.Tensor]]  # (attribute, the disk parameter the module holds between forwards)
+    layout: Layout
+
+
 class ReadAhead:
-    """Read-ahead and release of the disk weights of a dispatched model computing on the CPU.
+    """Streams the disk weights of a dispatched model computing on the CPU (see the module docstring).
 
     Has the interface of :class:`~lightning_bigmodel.offload.prefetch.Prefetcher` that the root hook and the
     strategy use (:attr:`recording`, :meth:`end_forward`, :meth:`finish_recording`, :meth:`close`).
 
     Args:
-        depth: how many modules to read ahead of the one computing.
-        release: drop each module's pages after its forward. Worth it when the disk weights do not fit the memory
-            left (a cgroup limit, a full machine: see :func:`should_release`); when they do, the page cache keeps
-            them (the kernel may still reclaim them) and later forwards read nothing from disk.
+        depth: units read ahead when ``stream_bytes`` is not given (``1 + depth`` buffers of the largest unit).
+        release: drop what was read from the page cache, and keep a resident subset (see :func:`should_release`).
+        stream_bytes: memory for the stream's buffers.
+        keep: hold a resident subset in the memory left (default: ``release``).
     """
 
-    def __init__(self, depth: int = READ_AHEAD_LAYERS, release: bool = True) -> None:
+    def __init__(
+        self,
+        depth: int = READ_AHEAD_LAYERS,
+        release: bool = True,
+        stream_bytes: Optional[int] = None,
+        keep: Optional[bool] = None,
+    ) -> None:
         self.depth = depth
         self.release = release
-        self._tensors: dict[str, list[torch.Tensor]] = {}
+        self.keep = release if keep is None else keep
+        self.stream_bytes = stream_bytes
+        self._units: dict[str, _Unit] = {}
+        self._tensors: dict[str, list[torch.Tensor]] = {}  # unit -> the plain disk views it uses
         self._order: list[str] = []
-        self._next: dict[str, str] = {}
+        self._position: dict[str, int] = {}
         self._recording = True
         self._recorder: Optional[int] = None
-        self._pending: dict[str, Future] = {}
-        self._releases: list[Future] = []
-        self._lock = threading.Lock()
-        self._pool: Optional[ThreadPoolExecutor] = None
-        self._release_pool: Optional[ThreadPoolExecutor] = None
+        self._cond = threading.Condition()
+        self._slot_bytes = 0
+        self._slots = 2
+        self._made = 0  # stream buffers allocated (free, ready, in flight or in use)
+        self._free: list[torch.Tensor] = []
+        self._ready: dict[str, tuple[torch.Tensor, bool, Optional[BaseException]]] = {}
+        self._in_use: dict[tuple[str, int], list[tuple[torch.Tensor, bool]]] = {}
+        self._inflight: Optional[str] = None
+        self._cursor = 0
+        self._generation = 0
+        self._kept: set[str] = set()
+        self._resident: dict[str, torch.Tensor] = {}
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+        self.reads = 0  # units read from disk (tests and benchmarks)
+        self.kept_room = 0  # bytes the resident subset could take when it was chosen
 
     @property
     def recording(self) -> bool:
         """Whether the execution order is still being learned."""
         return self._recording
 
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of the units held resident."""
+        return sum(buffer.numel() for buffer in self._resident.values())
+
     def attach(self, name: str, module: nn.Module, tensors: Sequence[torch.Tensor]) -> list:
         """Hook ``module`` (called ``name``), whose forward uses the disk views ``tensors``; return the hook handles."""
-        self._tensors[name] = [part for tensor in tensors for part in plain_parts(tensor)]  # quantized: inner views
+        params = [(attr, p) for attr, p in module._parameters.items() if any(p is t for t in tensors)]
+        parts = [(f"{name}.{attr}", part) for attr, p in params for part in plain_parts(p)]  # quantized: inner views
+        self._tensors[name] = [part for _, part in parts]
+        self._units[name] = _Unit(module, params, Layout(parts))
+        self._slot_bytes = max(self._slot_bytes, self._units[name].layout.nbytes)
         return [
             module.register_forward_pre_hook(lambda *_: self.before(name)),
-            module.register_forward_hook(lambda *_: self.after(name), always_call=True),
+            module.register_forward_hook(lambda _m, _i, output: self.after(name, output), always_call=True),
         ]
 
+    # ------------------------------------------------------------------ the compute thread
     def before(self, name: str) -> None:
-        """Read ``name``'s successors ahead once the modules before it are released (the window stays bounded); wait
-        until ``name``'s own read was issued (else issue it now)."""
-        with self._lock:
-            future = self._pending.pop(name, None)
-            releases, self._releases = self._releases, []
-            if self._recording:
-                if self._recorder is None:
-                    self._recorder = threading.get_ident()
-                if self._recorder == threading.get_ident():
-                    self._order.append(name)
-                ahead = []
+        """Install ``name``'s weights: kept, read ahead (waiting for the read if it is in flight), or read now."""
+        unit, me = self._units[name], threading.get_ident()
+        with self._cond:
+            if self._recording and self._recorder in (None, me):
+                self._recorder = me
+                self._order.append(name)
+            buffer, pooled, error = self._resident.get(name), False, None
+            if buffer is None and not self._recording and name in self._position:
+                buffer, pooled, error = self._await(name)
+            if buffer is None:  # the first forward, or out of order: read it here
+                buffer, pooled = self._take_slot(name)
+                read_here = True
             else:
-                ahead = self._successors(name)
-        for done in releases:  # quick (no disk I/O): what earlier modules used leaves memory before more comes in
-            done.result()
-        with self._lock:
-            for successor in ahead:
-                if successor not in self._pending:
-                    self._pending[successor] = self._submit(self._read, successor)
-        if future is not None:
-            future.result()
-        else:  # not read ahead (the first forward, or out of order): large requests now rather than page faults
-            self._read(name)
+                read_here = False
+            self._in_use.setdefault((name, me), []).append((buffer, pooled))
+        try:
+            if error is not None:
+                raise error
+            if read_here:
+                unit.layout.read_into(buffer, self.release)
+                self.reads += 1
+        except BaseException:
+            self._give_back(name, me, None)
+            raise
+        for attr, param in unit.params:
+            unit.module._parameters[attr] = nn.Parameter(unit.layout.rebuild(buffer, param), requires_grad=False)
 
-    def after(self, name: str) -> None:
-        """Release ``name``'s pages once its forward is done, except those of modules being read (tied weights)."""
-        with self._lock:
-            if not self.release or name in self._pending:
+    def after(self, name: str, output: Any = None) -> None:
+        """Put the file views back and free the buffer (kept when ``output`` is a view of it)."""
+        unit = self._units[name]
+        for attr, param in unit.params:
+            unit.module._parameters[attr] = param
+        self._give_back(name, threading.get_ident(), output)
+
+    def _give_back(self, name: str, me: int, output: Any) -> None:
+        with self._cond:
+            stack = self._in_use.get((name, me))
+            if not stack:
                 return
-            wanted = {id(tensor) for unit in self._pending for tensor in self._tensors[unit]}
-            done = [tensor for tensor in self._tensors[name] if id(tensor) not in wanted]
-            if done:
-                if self._release_pool is None:  # its own thread: a release never waits behind a read being issued
-                    self._release_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmodel-release")
-                self._releases.append(self._release_pool.submit(self._release, done))
+            buffer, pooled = stack.pop()
+            if not stack:
+                del self._in_use[(name, me)]
+            if pooled:
+                if _escapes(output, buffer):
+                    self._made -= 1  # the output keeps it: a new buffer replaces it
+                else:
+                    self._free.append(buffer)
+            self._cond.notify_all()
 
-    def _successors(self, name: str) -> list[str]:
-        out, current = [], name
-        for _ in range(self.depth):
-            current = self._next.get(current)
-            if current is None or current == name or current in out:
-                break
-            out.append(current)
-        return out
+    def _take_slot(self, name: str) -> tuple[torch.Tensor, bool]:
+        """A free stream buffer (allocated up to the stream's count), else a buffer of ``name``'s own."""
+        if self._free:
+            return self._free.pop(), True
+        if self._made < self._slots:
+            self._made += 1
+            return torch.empty(self._slot_bytes, dtype=torch.uint8), True
+        return torch.empty(self._units[name].layout.nbytes, dtype=torch.uint8), False
 
-    def _submit(self, fn, arg) -> Future:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmodel-readahead")
-        return self._pool.submit(fn, arg)
+    def _await(self, name: str) -> tuple[Optional[torch.Tensor], bool, Optional[BaseException]]:
+        """(Under the lock.) ``name``'s read, waiting while the reader works on it; on a unit out of order, restart
+        the stream after ``name`` and return nothing (the caller reads it)."""
+        self._start()
+        while True:
+            if name in self._ready:
+                return self._ready.pop(name)
+            if name in self._resident:
+                return self._resident[name], False, None
+            coming = self._inflight == name or self._next_unit() == name
+            progress = self._inflight is not None or self._free or self._made < self._slots or name in self._kept
+            if not (coming and progress):
+                self._restart_after(name)
+                return None, False, None
+            self._cond.wait()
 
-    def _read(self, name: str) -> None:
-        for tensor in self._tensors[name]:
-            read_ahead(tensor)
+    def _restart_after(self, name: str) -> None:
+        self._generation += 1  # a read in flight is dropped when it lands
+        for buffer, pooled, _ in self._ready.values():
+            if pooled:
+                self._free.append(buffer)
+        self._ready.clear()
+        self._cursor = (self._position[name] + 1) % len(self._order)
+        self._cond.notify_all()
 
-    @staticmethod
-    def _release(tensors: list[torch.Tensor]) -> None:
-        for tensor in tensors:
-            release(tensor)
+    # ------------------------------------------------------------------ the reader thread
+    def _next_unit(self) -> Optional[str]:
+        """(Under the lock.) The next unit the reader will read, skipping resident ones; ``None`` if all are."""
+        for step in range(len(self._order)):
+            name = self._order[(self._cursor + step) % len(self._order)]
+            if name not in self._resident:
+                self._cursor = (self._cursor + step) % len(self._order)
+                return name
+        return None
 
+    def _next_task(self) -> Optional[tuple[str, torch.Tensor, bool, int]]:
+        if self._closed or self._recording:
+            return None
+        name = self._next_unit()
+        if name is None or name in self._ready or any(unit == name for unit, _ in self._in_use):
+            return None
+        if name in self._kept:
+            buffer, pooled = torch.empty(self._units[name].layout.nbytes, dtype=torch.uint8), False
+        elif self._free or self._made < self._slots:
+            buffer, pooled = self._take_slot(name)
+        else:
+            return None
+        self._cursor = (self._cursor + 1) % len(self._order)
+        self._inflight = name
+        return name, buffer, pooled, self._generation
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                task = self._next_task()
+                while task is None and not self._closed:
+                    self._cond.wait()
+                    task = self._next_task()
+                if self._closed:
+                    return
+            name, buffer, pooled, generation = task
+            error = None
+            try:
+                self._units[name].layout.read_into(buffer, self.release)
+                self.reads += 1
+            except BaseException as err:  # noqa: BLE001 - raised in the compute thread, which waits for this read
+                error = err
+            with self._cond:
+                self._inflight = None
+                if generation != self._generation:
+                    if pooled:
+                        self._free.append(buffer)
+                elif name in self._kept and error is None:
+                    self._resident[name] = buffer
+                else:
+                    self._ready[name] = (buffer, pooled, error)
+                self._cond.notify_all()
+
+    def _start(self) -> None:
+        if self._thread is None and not self._closed:
+            self._thread = threading.Thread(target=self._run, name="bigmodel-stream", daemon=True)
+            self._thread.start()
+
+    # ------------------------------------------------------------------ order and the resident subset
     def end_forward(self) -> None:
         """Called after the root forward: the recording thread's first call fixes the order."""
         if self._recording and self._recorder == threading.get_ident():
             self.finish_recording()
 
     def finish_recording(self) -> None:
-        """Fix the order recorded so far (the last module is followed by the first); a no-op once fixed or empty."""
-        with self._lock:
+        """Fix the order recorded so far (each unit once, at its first call), choose the resident subset and start
+        reading ahead; a no-op once fixed or before any unit ran."""
+        with self._cond:
             if not self._recording or not self._order:
                 return
-            order = self._order
-            for current, successor in zip(order, order[1:] + order[:1]):
-                if current != successor:
-                    self._next.setdefault(current, successor)
+            self._order = list(dict.fromkeys(self._order))
+            self._position = {name: index for index, name in enumerate(self._order)}
+            ahead = 1 + self.depth if self.stream_bytes is None else self.stream_bytes // max(1, self._slot_bytes)
+            self._slots = max(2, min(len(self._order), _MAX_BUFFERS, ahead))
+            if self.keep:
+                self._kept = self._choose_kept()
+            self._cursor = 0
             self._recording = False
-            self._order = []
+            self._start()
+            self._cond.notify_all()
+
+    def _choose_kept(self) -> set[str]:
+        """Units to hold resident: as many bytes as the memory left allows, spread evenly over the order."""
+        cpu = detect_cpu_memory()
+        room = self.kept_room = max(0, cpu.free - cpu.headroom - (self._slots - self._made) * self._slot_bytes)
+        sizes = {name: self._units[name].layout.nbytes for name in self._order}
+        total = sum(sizes.values())
+        if room <= 0 or not total:
+            return set()
+        share, credit, kept = min(1.0, room / total), 0.0, set()
+        for name in self._order:
+            credit += share * sizes[name]
+            if sizes[name] and credit >= sizes[name]:
+                kept.add(name)
+                credit -= sizes[name]
+        return kept
 
     def close(self) -> None:
-        """Wait for the reads and releases in flight, then stop the background thread."""
-        with self._lock:
-            self._pending.clear()
-            self._releases.clear()
-            pools = (self._pool, self._release_pool)
-            self._pool = self._release_pool = None
-        for pool in pools:
-            if pool is not None:
-                pool.shutdown(wait=True)
+        """Stop the reader (after the read in flight) and drop the buffers."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._cond:
+            self._ready.clear()
+            self._free.clear()
+            self._resident.clear()
+
+
+def _escapes(output: Any, buffer: torch.Tensor) -> bool:
+    """Whether a tensor of ``output`` shares ``buffer``'s memory (a module returned a view of its weight)."""
+    if output is None:
+        return False
+    target, found = buffer.untyped_storage().data_ptr(), []
+
+    def check(tensor: torch.Tensor) -> torch.Tensor:
+        try:
+            if tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() == target:
+                found.append(tensor)
+        except (RuntimeError, NotImplementedError):  # a tensor without storage (a subclass): not a view of ours
+            pass
+        return tensor
+
+    map_tensors(output, check)
+    return bool(found)

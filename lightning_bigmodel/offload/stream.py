@@ -1,0 +1,268 @@
+"""The streaming engine's reads: the bytes of file-backed weights, with a few large ``preadv`` calls, into buffers.
+
+A ``"disk"`` weight (and, until its first use, a ``"cpu"`` one loaded in place) is a memory-mapped view of a
+safetensors file: the checkpoint itself, or an offload file. Touching the view moves a page, or the kernel's read-ahead
+window, per fault, on the compute thread; and a file truncated under the job kills the process with ``SIGBUS``. Here
+the view is never touched. :class:`Layout` finds the file range behind each view (the map it belongs to, see
+:func:`~lightning_bigmodel.offload.pages.file_of`), merges the ranges that are adjacent in the file, and reads them
+with ``os.preadv`` straight into a buffer: one call per contiguous run (a layer's weights are usually one run), through
+the descriptor the map was made from, so the file read is the one that was planned even if its path now names another.
+
+Faults are errors, never crashes: a read that comes back short (the file was truncated) or fails, and a file whose
+size, mtime or ctime changed since it was mapped (checked with one ``fstat`` after each run is read: rewritten in
+place), raise :class:`~lightning_bigmodel.checkpoint.errors.CheckpointError` naming the file and the tensors. A file
+replaced by ``rename`` (a new inode) or deleted is not a change: the open descriptor still reads the planned file.
+
+Buffers are plain ``uint8`` tensors, each view at a 64-byte aligned offset: anonymous memory for a CPU execution
+device, page-locked memory for a GPU (its copies to the GPU are then asynchronous). Why ``preadv`` and not
+``O_DIRECT`` or ``io_uring``: buffered reads of whole runs reach the disk's sequential bandwidth (measured against
+page faults and ``madvise(WILLNEED)`` in ``benchmarks.limit_run``), need no alignment of offsets or lengths, and keep
+the page cache's help where memory is plentiful; no maintained ``io_uring`` binding ships for this Python.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from lightning_bigmodel.checkpoint.errors import CheckpointError
+from lightning_bigmodel.offload.pages import Tracked, file_of, is_file_backed
+from lightning_bigmodel.offload.subclass import is_wrapped, map_inner, plain_parts
+
+ALIGN = 64  # offset of every view inside a buffer: as aligned as a fresh allocation (same kernels, same results)
+_IOV_MAX = 1024  # the kernel's limit on buffers per preadv call
+_FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    name: str  # the tensor's name, for messages
+    pos: int  # byte offset in the buffer
+    nbytes: int
+    offset: int  # byte offset in the file
+
+
+@dataclass
+class _Run:
+    """Pieces that follow each other in one file: read with one ``preadv``."""
+
+    tracked: Tracked
+    pieces: list[_Piece] = field(default_factory=list)
+
+    @property
+    def offset(self) -> int:
+        return self.pieces[0].offset
+
+    @property
+    def end(self) -> int:
+        return self.pieces[-1].offset + self.pieces[-1].nbytes
+
+
+def check_unchanged(tracked: Tracked, names: Sequence[str] = ()) -> None:
+    """Raise :class:`CheckpointError` when the file behind ``tracked`` changed since it was mapped: its size, mtime,
+    or ctime (a ctime change alone is ignored once the file has no name left: that is the rename or delete of a path,
+    which leaves the open file as it was)."""
+    stat = os.fstat(tracked.fd)
+    size, mtime, ctime = tracked.stamp
+    changed = []
+    if stat.st_size != size:
+        changed.append(f"{size} bytes when loaded, {stat.st_size} now")
+    if stat.st_mtime_ns != mtime:
+        changed.append("its modification time changed")
+    elif stat.st_ctime_ns != ctime and stat.st_nlink > 0:
+        changed.append("its status-change time changed")
+    if changed:
+        raise CheckpointError(
+            f"Checkpoint file {tracked.path!r} changed while the model uses it ({'; '.join(changed)})"
+            + (f", reading {_names(names)}" if names else "")
+            + ". It was rewritten or truncated in place. Load the model again once the file is final; to update "
+            "weights under running jobs, write a new file and rename it over the old one (jobs keep the old file)."
+        )
+
+
+def _names(names: Sequence[str]) -> str:
+    shown = ", ".join(f"`{name}`" for name in names[:4])
+    return f"tensor {shown}" if len(names) == 1 else f"tensors {shown}" + (" ..." if len(names) > 4 else "")
+
+
+class Layout:
+    """Where the file-backed tensors of one unit (a module's disk weights) are in their files and in a buffer.
+
+    Args:
+        parts: ``(name, tensor)`` pairs; tensors that are no contiguous view of a tracked file map (and empty ones)
+            are left out: :meth:`view_of` returns ``None`` for them and they are used as they are.
+    """
+
+    def __init__(self, parts: Sequence[tuple[str, torch.Tensor]]) -> None:
+        self.places: dict[int, tuple[int, int]] = {}  # data_ptr -> (position in the buffer, bytes)
+        pieces: list[tuple[Tracked, _Piece]] = []
+        position = 0
+        for name, tensor in parts:
+            nbytes = tensor.numel() * tensor.element_size()
+            if not nbytes or tensor.data_ptr() in self.places or not tensor.is_contiguous():
+                continue
+            found = file_of(tensor) if is_file_backed(tensor) else None
+            if found is None:
+                continue
+            tracked, offset = found
+            position = -(-position // ALIGN) * ALIGN
+            pieces.append((tracked, _Piece(name, position, nbytes, offset)))
+            self.places[tensor.data_ptr()] = (position, nbytes)
+            position += nbytes
+        self.nbytes = position
+        self.runs: list[_Run] = []
+        for tracked, piece in sorted(pieces, key=lambda item: (item[0].fd, item[1].offset)):
+            run = self.runs[-1] if self.runs else None
+            if run is None or run.tracked is not tracked or run.end != piece.offset:
+                run = _Run(tracked)
+                self.runs.append(run)
+            run.pieces.append(piece)
+
+    @property
+    def names(self) -> list[str]:
+        return [piece.name for run in self.runs for piece in run.pieces]
+
+    def read_into(self, buffer: torch.Tensor, release: bool = False) -> None:
+        """Fill ``buffer`` (a CPU ``uint8`` tensor of at least :attr:`nbytes`) from the files; with ``release``, drop
+        the ranges read from the page cache (the buffer holds them now).
+
+        Raises:
+            CheckpointError: a read failed or came back short, or a file changed since it was mapped.
+        """
+        if not self.runs:
+            return
+        # A memoryview over the tensor's bytes without `numpy()`, which would mark its storage as not resizable (the
+        # sign of a file view, see `is_file_backed`); `buffer` outlives the view (this call).
+        memory = memoryview((ctypes.c_char * buffer.numel()).from_address(buffer.data_ptr())).cast("B")
+        for run in self.runs:
+            _read_run(run, [memory[p.pos : p.pos + p.nbytes] for p in run.pieces])
+            check_unchanged(run.tracked, [piece.name for piece in run.pieces])
+            if release and _FADV_DONTNEED is not None:
+                try:
+                    os.posix_fadvise(run.tracked.fd, run.offset, run.end - run.offset, _FADV_DONTNEED)
+                except OSError:  # advice only
+                    pass
+
+    def view_of(self, buffer: torch.Tensor, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        """The tensor in ``buffer`` holding ``tensor``'s bytes (same dtype and shape), or ``None`` when not laid out."""
+        place = self.places.get(tensor.data_ptr()) if tensor.numel() else None
+        if place is None:
+            return None
+        position, nbytes = place
+        return buffer[position : position + nbytes].view(tensor.dtype).view(tensor.shape)
+
+    def rebuild(self, buffer: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` made of ``buffer``'s bytes: a plain view, or a wrapper subclass (a quantized weight) of views of
+        its inner tensors; parts not laid out are kept as they are."""
+        if is_wrapped(tensor):
+            return map_inner(tensor, lambda part: self.rebuild(buffer, part))
+        found = self.view_of(buffer, tensor)
+        return tensor if found is None else found
+
+
+def _read_run(run: _Run, views: list[memoryview]) -> None:
+    """``preadv`` the run into ``views`` (in file order), continuing after partial reads; raise on a short read."""
+    offset, first = run.offset, 0
+    views = list(views)
+    while first < len(views):
+        try:
+            count = os.preadv(run.tracked.fd, views[first : first + _IOV_MAX], offset)
+        except OSError as err:
+            raise CheckpointError(
+                f"Cannot read checkpoint file {run.tracked.path!r} at offset {offset} "
+                f"({_names(_at(run, offset))}): {err}."
+            ) from err
+        if count == 0:
+            raise CheckpointError(
+                f"Checkpoint file {run.tracked.path!r} ends at {offset} bytes, before the end of "
+                f"{_names(_at(run, offset))} (it had {run.tracked.stamp[0]} bytes when loaded): it was truncated "
+                "while the model uses it. Restore the file and load the model again."
+            )
+        offset += count
+        while count and first < len(views):
+            if count >= len(views[first]):
+                count -= len(views[first])
+                first += 1
+            else:
+                views[first] = views[first][count:]
+                count = 0
+
+
+def _at(run: _Run, offset: int) -> list[str]:
+    """Names of the run's tensors from the one holding ``offset`` on."""
+    return [piece.name for piece in run.pieces if piece.offset + piece.nbytes > offset] or [run.pieces[-1].name]
+
+
+def read_copy(tensor: torch.Tensor, name: str, release: bool = False) -> Optional[torch.Tensor]:
+    """A fresh CPU tensor (its class kept, for a quantized weight) holding the bytes of the file-backed ``tensor``,
+    read with ``preadv`` (the map is never touched); ``None`` when no part of it is a view of a tracked map."""
+    layout = Layout([(name, part) for part in plain_parts(tensor)])
+    if not layout.nbytes:
+        return None
+    buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
+    layout.read_into(buffer, release)
+    return layout.rebuild(buffer, tensor)
+
+
+def read_into(tensor: torch.Tensor, out: torch.Tensor, name: str = "", release: bool = False) -> bool:
+    """Fill ``out`` (a contiguous CPU tensor of ``tensor``'s dtype and shape, e.g. page-locked staging memory) with
+    the bytes of the file-backed view ``tensor``; ``False`` (nothing done) when ``tensor`` is no view of a tracked map.
+    """
+    layout = Layout([(name, tensor)])
+    if not layout.nbytes or not out.is_contiguous():
+        return False
+    layout.read_into(out.reshape(-1).view(torch.uint8), release)
+    return True
+
+
+class CopiesOnFirstUse:
+    """Forward pre-hook of a dispatched root: on the first forward, before any weight is touched, every ``"cpu"``
+    tensor that is still a view of its file (loaded in place, zero-copy) is replaced by a copy read with ``preadv``.
+
+    From then on the weights in use do not depend on the file: a shard truncated, rewritten or deleted later changes
+    nothing (and cannot raise ``SIGBUS``); a file changed between loading and the first forward raises
+    :class:`CheckpointError` naming it. Loading itself stays zero-copy (it reads nothing), and the first forward
+    reads these bytes with a few large reads instead of page faults; a copy takes the memory the view's pages took.
+
+    Args:
+        groups: the model's tensor groups (:class:`~lightning_bigmodel.offload.placement.TensorGroup`) to check.
+        release: drop the ranges read from the page cache (memory is short).
+    """
+
+    def __init__(self, groups: Sequence, release: bool = False) -> None:
+        self.groups = [g for g in groups if g.tensor.device.type == "cpu" and _file_backed(g.tensor)]
+        self.release = release
+        self.handle = None
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def attach(self, model: torch.nn.Module) -> Any:
+        """Register the hook on ``model``; it removes itself once the copies are made. Returns its handle."""
+        self.handle = model.register_forward_pre_hook(self.pre)
+        return self.handle
+
+    def pre(self, module: torch.nn.Module, args: Any) -> None:
+        from lightning_bigmodel.offload.placement import install
+
+        with self._lock:  # a second thread's forward waits: no weight is used while it is being replaced
+            while self.groups:
+                group = self.groups[0]
+                copy = read_copy(group.tensor, group.name, self.release)
+                if copy is not None:
+                    install(group, copy)
+                self.groups.pop(0)
+            if self.handle is not None:
+                self.handle.remove()  # done: later forwards pay nothing
+
+
+def _file_backed(tensor: torch.Tensor) -> bool:
+    from lightning_bigmodel.offload.placement import is_disk
+
+    return not is_disk(tensor) and any(is_file_backed(part) for part in plain_parts(tensor))
