@@ -25,7 +25,7 @@ import torch
 
 from lightning_bigmodel import infer_device_map, init_empty_weights
 from lightning_bigmodel.simulate import simulate_memory
-from lightning_bigmodel.simulate.fit import excess, token_ids
+from lightning_bigmodel.fitting import excess, token_ids
 
 GB = 10**9
 SETUPS = {

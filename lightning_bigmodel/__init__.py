@@ -24,7 +24,7 @@ _EXPORTS = {
     "dispatch_model": "lightning_bigmodel.dispatch",
     "find_tied_parameters": "lightning_bigmodel.planning.sizes",
     "get_max_memory": "lightning_bigmodel.planning.budget",
-    "infer_device_map": "lightning_bigmodel.planning.device_map",
+    "infer_device_map": "lightning_bigmodel.fitting",
     "init_empty_weights": "lightning_bigmodel.init",
     "load_checkpoint_and_dispatch": "lightning_bigmodel.dispatch",
     "load_checkpoint_in_model": "lightning_bigmodel.checkpoint.loading",
@@ -76,7 +76,8 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from lightning_bigmodel.pl.transformers_module import TransformersModule
     from lightning_bigmodel.pl.writers import PredictionFolderError, ResumablePredictionWriter, read_predictions
     from lightning_bigmodel.planning.budget import get_max_memory
-    from lightning_bigmodel.planning.device_map import check_device_map, clean_device_map, infer_device_map
+    from lightning_bigmodel.fitting import infer_device_map
+    from lightning_bigmodel.planning.device_map import check_device_map, clean_device_map
     from lightning_bigmodel.planning.sizes import compute_module_sizes, find_tied_parameters, parse_size
 
 register_when_lightning_is_imported()

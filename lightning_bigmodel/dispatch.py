@@ -14,8 +14,14 @@ from lightning_bigmodel._keywords import keyword_only
 from lightning_bigmodel.checkpoint.loading import load_checkpoint_in_model
 from lightning_bigmodel.checkpoint.resolve import is_safetensors, resolve_checkpoint
 from lightning_bigmodel.integrations.quantization.spec import Quantization, quantized_weights, resolve_quantization
-from lightning_bigmodel.planning.device_map import POLICIES, execution_device, infer_device_map, normalize_device
-from lightning_bigmodel.planning.devices import as_execution_device
+from lightning_bigmodel.planning.device_map import (
+    POLICIES,
+    check_budget_devices_exist,
+    execution_device,
+    infer_device_map,
+    normalize_device,
+)
+from lightning_bigmodel.planning.devices import as_execution_device, prefetch_depth_of
 from lightning_bigmodel.offload.attach import DispatchState, attach_hooks
 from lightning_bigmodel.offload.disk import OffloadFolder
 from lightning_bigmodel.offload.subclass import inner_tensors, is_wrapped, stored_nbytes
@@ -53,11 +59,16 @@ def dispatch_model(
     main_device: Optional[Union[str, torch.device]] = None,
     offload_folder: Optional[Union[str, Path]] = None,
     offload_buffers: bool = False,
+    prefetch: Optional[bool] = None,
 ) -> nn.Module:
     """Place ``model`` as ``device_map`` says and attach the hooks that run it there; return it in ``eval()`` mode.
 
     The library is for inference: the dispatched model is put in ``eval()`` mode (dropout off), as a model loaded with
     ``from_pretrained`` is. Every argument after ``device_map`` is keyword-only.
+
+    ``prefetch`` (GPU execution): ``True`` copies the next offloaded layer in on a side stream while one computes (two
+    offloaded layers on the GPU), ``False`` fetches each when it runs and frees it after (one). ``None`` follows the
+    prefetch depth a planned map records (``infer_device_map``'s ``.prefetch_depth``; 1 means ``False``), else ``True``.
 
     Tensors not yet at their place are moved (``"disk"`` ones not already file-backed are written once into
     ``offload_folder`` and replaced by memory-mapped views). Entries on ``"cpu"``/``"disk"`` compute on ``main_device``
@@ -75,6 +86,7 @@ def dispatch_model(
         RuntimeError: a parameter or buffer is still on meta (load the checkpoint first).
     """
     remove_dispatch(model)
+    depth = prefetch_depth_of(device_map)
     device_map = validate_device_map(model, device_map)
     _refuse_meta(model)
     normalized = {key: normalize_device(value) for key, value in device_map.items()}
@@ -83,7 +95,8 @@ def dispatch_model(
     assign_targets(groups, normalized, main, offload_buffers)
     with restored_on_error(model) as saved:
         _place(groups, pin_host(main), offload_folder, saved)
-        state = attach_hooks(model, groups, normalized, main)
+        prefetch = depth != 1 if prefetch is None else prefetch  # the plan's depth (see PlannedDeviceMap)
+        state = attach_hooks(model, groups, normalized, main, prefetch=prefetch)
     model.hf_device_map = dict(device_map)
     object.__setattr__(model, DISPATCH_STATE, state)
     object.__setattr__(model, "_apply", partial(_refuse_apply, type(model).__name__))
@@ -127,12 +140,16 @@ def load_checkpoint_and_dispatch(
     key_prefix: str = "",
     quantization: Optional[Quantization] = None,
     quantization_skip_modules: Optional[Sequence[str]] = None,
+    prefetch: Union[bool, str] = "auto",
 ) -> nn.Module:
     """Plan (when ``device_map`` is a policy name), stream the checkpoint in, and dispatch; return ``model`` in
     ``eval()`` mode (also with ``device_map=None``). Every argument after ``checkpoint`` is keyword-only.
 
     Checkpoint tensors that match nothing in the model are logged once (a warning with their count and first names);
     ``strict=True`` refuses them, and missing ones, before anything is placed.
+
+    ``prefetch`` (``True``/``False``/``"auto"``) is the prefetch depth of the plan (see ``infer_device_map``); with an
+    explicit map, ``"auto"`` prefetches and ``False`` fetches each offloaded layer when it runs.
 
     ``device_map=None`` loads everything on CPU and attaches nothing. ``quantization="int8"`` (or ``"int4"`` on GPUs)
     quantizes ``nn.Linear`` weights while they stream in (torchao, weight-only; the ``lm_head`` and embeddings stay in
@@ -150,8 +167,10 @@ def load_checkpoint_and_dispatch(
     if policy is not None:
         if policy not in POLICIES:
             raise ValueError(f"`device_map`={policy!r} is not a policy; use one of {POLICIES} or a dict.")
+        check_budget_devices_exist(max_memory)
         device_map = infer_device_map(
             model,
+            prefetch=prefetch,
             max_memory=max_memory,
             no_split_module_classes=no_split_module_classes,
             dtype=dtype,
@@ -172,7 +191,8 @@ def load_checkpoint_and_dispatch(
             quantization_skip_modules=quantization_skip_modules,
         )  # fmt: skip
         if device_map is not None:
-            dispatch_model(model, device_map, offload_folder=offload_folder, offload_buffers=offload_buffers)
+            dispatch_model(model, device_map, offload_folder=offload_folder, offload_buffers=offload_buffers,
+                           prefetch=None if policy is not None or prefetch == "auto" else bool(prefetch))
     return model.eval()
 
 

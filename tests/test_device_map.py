@@ -92,9 +92,11 @@ def test_plan_whole_model_on_one_gpu():
     assert infer_device_map(model, {"cpu": 10**9}) == {"": "cpu"}
 
 
-# At 0.3 of the model per GPU, no GPU holds the embedding beside the reserve for two offloaded blocks: the plan that
-# still uses the GPUs is out of module order (tests/test_planner_regressions.py); in order, it used no GPU at all.
-IN_ORDER_BUDGETS = [fractions for fractions in BUDGETS if fractions != {0: 0.3, 1: 0.3, 2: 0.3, "cpu": 0.5}]
+# At 0.3 of the model per GPU, no GPU holds the embedding beside the reserve for two offloaded blocks, and at 0.2
+# not beside the reserve for one: the plan that still uses the GPUs is out of module order
+# (tests/test_planner_regressions.py); in order, it used no GPU at all (the 0.2 budget passed this test on that bug).
+OUT_OF_ORDER = ({0: 0.3, 1: 0.3, 2: 0.3, "cpu": 0.5}, {0: 0.2, 1: 0.2, 2: 0.2, "cpu": 0.2})
+IN_ORDER_BUDGETS = [fractions for fractions in BUDGETS if fractions not in OUT_OF_ORDER]
 
 
 @pytest.mark.parametrize("fractions", IN_ORDER_BUDGETS)
@@ -247,15 +249,17 @@ def test_split_module_direct_tensors_get_their_own_keys(prefix):
         model = Mixed() if not prefix else nn.ModuleDict({"inner": Mixed()})
     linear = (64 * 64 + 64) * 4
     on_gpu = 64 * 4 + 4 * 8 + linear  # scale, steps, first
-    # the two largest offloaded layers, resident together while prefetching (second.0 with its buffer, and one of
-    # second.2 / second.4), plus that buffer, which stays on the GPU
-    reserve = 2 * linear + 64 * 4 + 64 * 4
+    # the two largest offloaded layers, resident together while prefetching (second.0 and one of second.2 / second.4),
+    # plus second.0's buffer, which stays on the GPU: counted once (the old reserve counted it twice, and this budget
+    # then held no prefetch room)
+    reserve = 2 * linear + 64 * 4
     budget = {0: on_gpu + reserve + 10, "cpu": 10**6}
     device_map = infer_device_map(model, budget, policy="sequential")
     expected = {"scale": 0, "steps": 0, "first": 0, "second": "cpu"}
     assert device_map == {prefix + key: device for key, device in expected.items()}
     check_device_map(model, device_map)
     assert _residency(model, device_map)[0] == on_gpu + 64 * 4  # second.0.running stays on the GPU
+    assert device_map.prefetch_depth == 2 and device_map.reserve == reserve
 
 
 def test_tied_parameters_pull_partners_onto_one_device():

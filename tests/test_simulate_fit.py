@@ -9,7 +9,8 @@ from torch import nn
 
 from models import LinearLM
 from lightning_bigmodel.init import init_empty_weights
-from lightning_bigmodel.planning.device_map import POLICIES, infer_device_map
+from lightning_bigmodel.fitting import infer_device_map
+from lightning_bigmodel.planning.device_map import POLICIES
 from lightning_bigmodel.planning.sizes import compute_module_sizes
 from lightning_bigmodel.planning.table import bytes_per_device
 from lightning_bigmodel.simulate import simulate_memory

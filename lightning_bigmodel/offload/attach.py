@@ -129,14 +129,23 @@ def _disk_bytes_per_key(groups: list[TensorGroup], normalized: Mapping[str, obje
 
 
 def attach_hooks(
-    model: nn.Module, groups: list[TensorGroup], normalized: Mapping[str, object], main: torch.device
+    model: nn.Module,
+    groups: list[TensorGroup],
+    normalized: Mapping[str, object],
+    main: torch.device,
+    prefetch: bool = True,
 ) -> DispatchState:
-    """Attach root, weight and input hooks to ``model`` placed as ``groups`` say; return their handles."""
+    """Attach root, weight and input hooks to ``model`` placed as ``groups`` say; return their handles.
+
+    ``prefetch=False`` (a plan with room for one offloaded layer on the GPU: prefetch depth 1) attaches no prefetcher:
+    each offloaded layer is fetched when its forward starts and freed when it ends, so the GPU never holds two."""
     state = DispatchState(main_device=main)
     units, by_unit = _entries_by_unit(model, groups, normalized, main)
     move_io = len({device for _, device in units.values()}) > 1 or bool(by_unit)
     disk_bytes = sum(g.tensor.numel() * g.tensor.element_size() for g in groups if is_disk(g.tensor))
-    if any(has_streams(units[name][1]) for name in by_unit):
+    if not prefetch and any(has_streams(units[name][1]) for name in by_unit):
+        pass  # the plan's prefetch depth is 1: fetch, compute, free (WeightHook alone)
+    elif any(has_streams(units[name][1]) for name in by_unit):
         state.prefetcher = Prefetcher()
         state.prefetcher.release_disk = bool(disk_bytes) and should_release(disk_bytes)
     elif main.type == "cpu":

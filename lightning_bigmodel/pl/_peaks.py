@@ -57,7 +57,7 @@ def fitted_plan(
 ) -> tuple[DeviceMap, Memory]:
     """``infer_device_map(module, input_shape=..., **planning)`` run on :func:`network_of` ``module`` (keys made
     absolute again), and the plan's simulated memory."""
-    from lightning_bigmodel.planning.device_map import infer_device_map
+    from lightning_bigmodel.fitting import infer_device_map
 
     network, prefix = network_of(module)
     device_map = infer_device_map(network, input_shape=input_shape, max_new_tokens=max_new_tokens, **planning)
@@ -78,7 +78,7 @@ def simulated_memory(
     relative: bool = True,
 ) -> Memory:
     """Simulated weights and peak per device of ``module`` (or its network) placed as ``device_map``."""
-    from lightning_bigmodel.simulate.fit import token_ids
+    from lightning_bigmodel.fitting import token_ids
     from lightning_bigmodel.simulate.memory import simulate_memory
 
     network, prefix = network_of(module) if relative else (module, "")

@@ -137,12 +137,11 @@ def plan(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run ``lightning-bigmodel plan``: build the model on meta, plan it, print the table; return the map."""
     import torch
 
-    from lightning_bigmodel.planning.device_map import infer_device_map
+    from lightning_bigmodel.fitting import infer_device_map, token_ids
     from lightning_bigmodel.init import init_empty_weights
     from lightning_bigmodel.planning.budget import budget_sources, get_max_memory
     from lightning_bigmodel.planning.sizes import compute_module_sizes
     from lightning_bigmodel.planning.table import format_bytes, render_table
-    from lightning_bigmodel.simulate.fit import token_ids
     from lightning_bigmodel.simulate.memory import parse_input_shape, simulate_memory
     from lightning_bigmodel.simulate.report import render_peaks
 

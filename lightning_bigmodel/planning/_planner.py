@@ -64,6 +64,14 @@ class _Planner:
         self.sizes = compute_module_sizes(model, dtype, quantization=method, quantization_skip_modules=skip)
         self.buffer_sizes = _prefix_sizes(model.named_buffers(), dtype)
         self.no_split = set(no_split or ())
+        unmatched = self.no_split - {type(module).__name__ for module in self.modules.values()}
+        if unmatched:  # a typo would silently let those blocks be split across devices
+            classes = sorted({type(module).__name__ for module in self.modules.values() if len(module._modules)})
+            warnings.warn(
+                f"`no_split_module_classes` {sorted(unmatched)} match(es) no module of {type(model).__name__}, so "
+                f"nothing is kept whole for it. Classes with submodules in this model: {classes[:12]}.",
+                stacklevel=4,
+            )
         self.offload_buffers = offload_buffers
         self.partners: dict[str, list[str]] = {}
         for group in find_tied_parameters(model):

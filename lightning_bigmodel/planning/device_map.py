@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from typing import Literal, Mapping, Optional, Sequence, Union
@@ -11,14 +12,28 @@ from torch import nn
 
 from lightning_bigmodel._accelerator import gpu_count
 from lightning_bigmodel._keywords import keyword_only
-from lightning_bigmodel.planning._planner import _Planner, _members, _prefixes
+from lightning_bigmodel.planning._planner import Prefetch, _Planner, _members, _prefixes
+from lightning_bigmodel.planning._report import empty_gpu_lines
 from lightning_bigmodel.planning.budget import check_layer_fits, get_max_memory
-from lightning_bigmodel.planning.devices import _ACCEPTED, Device, DeviceMap, execution_device, normalize_device
+from lightning_bigmodel.planning.devices import (
+    _ACCEPTED,
+    Device,
+    DeviceMap,
+    PlannedDeviceMap,
+    execution_device,
+    normalize_device,
+    prefetch_depth_of,
+)
 
 __all__ = [
     "POLICIES",
+    "PREFETCH_CHOICES",
     "CheckedDeviceMap",
+    "DeviceMapPlanner",
+    "PlannedDeviceMap",
+    "planning_budgets",
     "Policy",
+    "check_budget_devices_exist",
     "check_device_map",
     "checked_device_map",
     "check_devices_exist",
@@ -32,6 +47,8 @@ __all__ = [
 
 Policy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 POLICIES = ("auto", "balanced", "balanced_low_0", "sequential")
+PREFETCH_CHOICES = (True, False, "auto")
+_log = logging.getLogger("lightning_bigmodel.planning")
 
 
 def _device_of(name: str, normalized: Mapping[str, Device]) -> Optional[Device]:
@@ -91,10 +108,9 @@ def infer_device_map(
     offload_buffers: bool = False,
     quantization: Optional[str] = None,
     quantization_skip_modules: Optional[Sequence[str]] = None,
-    input_shape: Optional[Union[str, Sequence[int]]] = None,
-    max_new_tokens: int = 0,
     stream_reserve: Optional[bool] = None,
-) -> DeviceMap:
+    prefetch: Prefetch = "auto",
+) -> PlannedDeviceMap:
     """Plan ``{module_name: gpu_index | "cpu" | "disk"}`` for ``model`` under ``max_memory``.
 
     Pure: reads names, shapes and dtypes only (works on a meta model) and never touches CUDA when ``max_memory``
@@ -112,55 +128,109 @@ def infer_device_map(
 
     Parameters shared by several modules (tied weights) land on one device: placing a module pulls in the pending
     modules holding its partners. With ``offload_buffers=False``, the buffers of modules offloaded to cpu/disk
-    are charged to the execution device (the lowest GPU in the map, else cpu). When something is offloaded
-    while GPUs are used, room for the largest offloaded layer (a no-split module, or the direct tensors of one
-    module) is reserved there too, by planning again with that reserve. A module's own tensors (its parameters and
-    buffers, not its children's) always share one device. When no GPU can hold its first modules beside that reserve
-    (the in-order walk would leave every GPU empty), each GPU in turn is tried as the execution device, with what does
-    not fit there sent to the later devices; the plan keeping the most bytes on GPUs wins, out of module order.
+    are charged to the execution device (the lowest GPU in the map, else cpu), once. A module's own tensors (its
+    parameters and buffers, not its children's) always share one device.
+
+    Prefetch depth: when something is offloaded while GPUs are used, room for the largest offloaded layers (a no-split
+    module, or the direct tensors of one module, without buffers that stay resident) is reserved on the execution GPU
+    by planning again with that reserve. ``prefetch="auto"`` reserves two layers (compute one, prefetch the next on a
+    side stream) unless that room costs the GPUs a GPU the one-layer plan uses, or more bytes than one offloaded layer;
+    then it reserves one (fetch, compute, free: no look-ahead). ``True`` keeps two and raises when they cost the GPUs
+    their modules; ``False`` keeps one. The depth is recorded on the result (``.prefetch_depth``: 2, 1, or 0 when no
+    offloaded layer computes on a GPU) and :func:`~lightning_bigmodel.dispatch_model` follows it. When no GPU can hold
+    its first modules beside the reserve (the in-order walk would leave every GPU empty), each GPU in turn is tried as
+    the execution device, with what does not fit there sent to the later devices; the plan keeping the most bytes on
+    GPUs wins, out of module order. A budgeted GPU left empty while weights are offloaded is logged (one line: its
+    budget, what did not fit, the fix).
+
     With no GPU and a detected budget (``max_memory=None``), the CPU reserves ``1 + READ_AHEAD_LAYERS`` times the
-    largest disk layer for streaming disk weights (the layer computing and the ones read ahead); an explicit CPU budget is for resident
-    weights and the stream comes on top of it (``stream_reserve`` overrides that choice: pass ``True`` with a budget
-    that was detected elsewhere, as the Lightning callback does). Linear in the number of modules and tensors.
+    largest disk layer for streaming disk weights (the layer computing and the ones read ahead); an explicit CPU budget
+    is for resident weights and the stream comes on top of it (``stream_reserve`` overrides that choice: pass ``True``
+    with a budget that was detected elsewhere, as the Lightning callback does). Linear in the number of modules and
+    tensors.
 
     ``quantization`` (``"int8"``/``"int4"``) sizes the weights it will quantize at their quantized bytes (about a
     quarter of float32 for int8, plus scales; see :func:`~lightning_bigmodel.planning.sizes.compute_module_sizes`), so
     more layers fit on each device; ``quantization_skip_modules`` as for loading.
 
-    ``input_shape`` (a batch of token ids, ``"4x2048"`` or ``(4, 2048)``) and ``max_new_tokens`` make the plan fit at
-    run time: the plan's memory is simulated on fake tensors (activations, KV cache of ``max_new_tokens`` decode steps,
-    staging of offloaded layers; :func:`~lightning_bigmodel.simulate.simulate_memory`), and while a device's peak
-    exceeds its budget, the model is planned again with that excess reserved there. A plan whose peaks already fit is
-    returned as without ``input_shape``. Still pure (fake tensors; no GPU is touched when ``max_memory`` is given).
-    With ``max_memory=None``, the detected GPU budgets then keep back only 1 GiB for the CUDA context instead of 10%
-    of the card for the activations: the simulation reserves what they need.
+    Planning for an input shape (activations, KV cache) is :func:`lightning_bigmodel.infer_device_map` (``input_shape=``),
+    which re-plans with what the memory simulation measures; this function is the pure planner under it.
 
     Raises:
-        ValueError: for an unknown ``policy``, a malformed ``max_memory``, or a budgeted disk that is used up; with
-            ``max_memory=None``, when the process's memory cgroup leaves less room than the largest layer; for an
-            ``input_shape`` that does not parse, or whose simulated peak fits no plan.
+        ValueError: for an unknown ``policy`` or ``prefetch``, a malformed ``max_memory``, a budgeted disk that is used
+            up, ``prefetch=True`` when two offloaded layers do not fit beside the GPU's modules (naming the room needed
+            and the budget); with ``max_memory=None``, when the process's memory cgroup leaves less room than the
+            largest layer.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"`policy={policy!r}` is not a device-map policy; choose one of {list(POLICIES)}.")
-    budgets: dict[Device, float] = dict(get_max_memory(max_memory, simulated_activations=input_shape is not None))
-    budgets.setdefault("disk", math.inf)  # get_max_memory orders "disk" last; setdefault appends it last
-    quantized = (quantization, quantization_skip_modules)
-    reserve = max_memory is None if stream_reserve is None else stream_reserve
-    planner = _Planner(model, no_split_module_classes, dtype, offload_buffers, quantized, stream_reserve=reserve)
+    planner = DeviceMapPlanner(
+        model, no_split_module_classes=no_split_module_classes, dtype=dtype, policy=policy,
+        offload_buffers=offload_buffers, quantization=quantization, quantization_skip_modules=quantization_skip_modules,
+        stream_reserve=max_memory is None if stream_reserve is None else stream_reserve, prefetch=prefetch,
+    )  # fmt: skip
+    budgets = planning_budgets(max_memory)
     if max_memory is None:  # detected budgets: this process runs the model, so its cgroup limit must hold a layer
-        check_layer_fits(*planner.largest(""))
-    def plan(under: Mapping[Device, float]) -> DeviceMap:
-        raw = planner.plan(dict(under), balanced=policy != "sequential", low_0=policy == "balanced_low_0")
-        return clean_device_map(model, raw)
+        check_layer_fits(*planner.largest())
+    device_map = planner(budgets)
+    planner.report_empty_gpus(device_map, budgets)
+    return device_map
 
-    if input_shape is None:
-        if max_new_tokens:
-            raise ValueError(f"`max_new_tokens={max_new_tokens!r}` needs `input_shape` (e.g. '4x2048') to plan for.")
-        return plan(budgets)
-    from lightning_bigmodel.simulate.fit import fit_device_map  # lazy: simulate imports planning, not the reverse
 
-    sizes = planner.sizes if quantization is not None else None
-    return fit_device_map(model, plan, budgets, input_shape, max_new_tokens, dtype, offload_buffers, sizes).device_map
+def planning_budgets(
+    max_memory: Optional[Mapping[Device, Union[int, str]]], simulated_activations: bool = False
+) -> dict[Device, float]:
+    """``get_max_memory(max_memory)`` with an unlimited ``"disk"`` unless budgeted (the planner's budgets)."""
+    budgets: dict[Device, float] = dict(get_max_memory(max_memory, simulated_activations=simulated_activations))
+    budgets.setdefault("disk", math.inf)  # get_max_memory orders "disk" last; setdefault appends it last
+    return budgets
+
+
+class DeviceMapPlanner:
+    """The planner of one model and its settings (as :func:`infer_device_map`): call it with budgets in bytes (see
+    :func:`planning_budgets`) for a :class:`PlannedDeviceMap`; call it again under other budgets to re-plan (the
+    fit-to-peak loop of :func:`lightning_bigmodel.infer_device_map` does).
+
+    Attributes:
+        sizes: bytes per module prefix as planned (quantized weights at their quantized size).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        no_split_module_classes: Optional[Sequence[str]] = None,
+        dtype: Optional[torch.dtype] = None,
+        policy: Policy = "auto",
+        offload_buffers: bool = False,
+        quantization: Optional[str] = None,
+        quantization_skip_modules: Optional[Sequence[str]] = None,
+        stream_reserve: bool = False,
+        prefetch: Prefetch = "auto",
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"`policy={policy!r}` is not a device-map policy; choose one of {list(POLICIES)}.")
+        if prefetch not in PREFETCH_CHOICES or isinstance(prefetch, int) and not isinstance(prefetch, bool):
+            raise ValueError(f"`prefetch={prefetch!r}` is not a prefetch setting; pass True, False or \"auto\".")
+        self.model, self.policy = model, policy
+        quantized = (quantization, quantization_skip_modules)
+        self._planner = _Planner(model, no_split_module_classes, dtype, offload_buffers, quantized,
+                                 stream_reserve=stream_reserve, prefetch=prefetch)  # fmt: skip
+        self.sizes = self._planner.sizes
+
+    def largest(self) -> tuple[int, str]:
+        """``(bytes, name)`` of the largest piece brought in at once (see :func:`largest_layer`)."""
+        return self._planner.largest("")
+
+    def __call__(self, budgets: Mapping[Device, float]) -> PlannedDeviceMap:
+        policy = self.policy
+        raw = self._planner.plan(dict(budgets), balanced=policy != "sequential", low_0=policy == "balanced_low_0")
+        planned = PlannedDeviceMap(clean_device_map(self.model, raw))
+        planned.prefetch_depth, planned.reserve = self._planner.depth, self._planner.need
+        return planned
+
+    def report_empty_gpus(self, device_map: Mapping[str, Device], budgets: Mapping[Device, float]) -> None:
+        """Log one line per budgeted GPU that ``device_map`` leaves empty while it offloads weights."""
+        for line in empty_gpu_lines(self._planner, device_map, budgets, getattr(device_map, "reserve", 0)):
+            _log.warning(line)
 
 
 def largest_layer(
@@ -245,9 +315,27 @@ def check_devices_exist(device_map: Mapping[str, Device]) -> None:
             absent.setdefault(device, []).append(key)
     if absent:
         details = "; ".join(f"{keys!r} on GPU {gpu} of {count} visible" for gpu, keys in sorted(absent.items()))
+        use = f"Use GPU indices below {count}" if count else "This process sees no GPU: use 'cpu' and 'disk' only"
         raise ValueError(
-            f"`device_map` puts {details}. Use GPU indices below {count}, make the GPUs visible "
-            '(CUDA_VISIBLE_DEVICES), or plan with `device_map="auto"`.'
+            f"`device_map` puts {details}. {use}, make the GPUs visible (CUDA_VISIBLE_DEVICES), or plan with "
+            '`device_map="auto"` and a `max_memory` naming only visible GPUs.'
+        )
+
+
+def check_budget_devices_exist(max_memory: Optional[Mapping[Device, Union[int, str]]]) -> None:
+    """Raise ``ValueError`` naming each ``max_memory[k]`` that budgets a GPU this process cannot see, before planning
+    (a plan for it could not be dispatched here). ``None`` (detected budgets) passes."""
+    if max_memory is None:
+        return
+    count = gpu_count()
+    absent = [key for key in get_max_memory(max_memory) if isinstance(key, int) and key >= count]
+    if absent:
+        names = ", ".join(f"`max_memory[{key}]`" for key in absent)
+        seen = f"{count} GPU(s) (indices 0 to {count - 1})" if count else "no GPU"
+        raise ValueError(
+            f"{names} budgets GPU(s) {absent}, but this process sees {seen}. Drop {'it' if len(absent) == 1 else 'them'} "
+            "from `max_memory` (e.g. keep only 'cpu' and 'disk' on a CPU-only machine), or make the GPUs visible "
+            "(CUDA_VISIBLE_DEVICES)."
         )
 
 
@@ -258,7 +346,7 @@ class CheckedDeviceMap(dict):
     type and skip the checks, so a map is validated once per call chain.
     """
 
-    __slots__ = ("_model",)
+    __slots__ = ("_model", "prefetch_depth")  # prefetch_depth: the planned map's, when it came from the planner
 
 
 def checked_device_map(model: nn.Module, device_map: Mapping[str, Device]) -> CheckedDeviceMap:
@@ -275,4 +363,7 @@ def checked_device_map(model: nn.Module, device_map: Mapping[str, Device]) -> Ch
     check_devices_exist(device_map)
     checked = CheckedDeviceMap((key, normalize_device(value)) for key, value in device_map.items())
     checked._model = weakref.ref(model)
+    depth = prefetch_depth_of(device_map)
+    if depth is not None:
+        checked.prefetch_depth = depth
     return checked

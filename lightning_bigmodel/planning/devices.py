@@ -6,7 +6,7 @@ whichever accelerator is available otherwise (``xpu``, the simulated ``simgpu``)
 
 from __future__ import annotations
 
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
 
 import torch
 
@@ -79,3 +79,28 @@ def execution_device(device_map: Mapping[str, Device]) -> torch.device:
     """Where offloaded ("cpu"/"disk") modules compute: the lowest GPU in the map, else CPU."""
     gpus = [device for device in map(normalize_device, device_map.values()) if isinstance(device, int)]
     return gpu(min(gpus)) if gpus else torch.device("cpu")
+
+
+class PlannedDeviceMap(dict):
+    """A device map made by the planner, with the facts of its plan beside the entries.
+
+    Attributes:
+        prefetch_depth: offloaded layers the execution GPU holds at once: ``2`` (compute one, prefetch the next on a
+            side stream), ``1`` (fetch, compute, free: no look-ahead, where room for two would cost the GPUs their
+            modules), ``0`` when no offloaded layer computes on a GPU. :func:`~lightning_bigmodel.dispatch_model`
+            follows it.
+        reserve: bytes kept free on the execution device beside its modules (offloaded layers, offloaded buffers, or
+            the disk stream on a CPU execution device).
+
+    A plain ``dict(...)`` copy drops them; :func:`prefetch_depth_of` reads them from any map (``None`` for a hand-made
+    one).
+    """
+
+    prefetch_depth: int = 0
+    reserve: int = 0
+
+
+def prefetch_depth_of(device_map: Mapping[str, Device]) -> Optional[int]:
+    """The prefetch depth a planned map records (see :class:`PlannedDeviceMap`), ``None`` for a map made by hand."""
+    depth = getattr(device_map, "prefetch_depth", None)
+    return depth if isinstance(depth, int) else None
