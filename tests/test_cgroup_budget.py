@@ -90,11 +90,24 @@ def test_v1_limit_binds(tmp_path, use_root):
     assert cpu.source == "cgroup limit" and cpu.budget == 2 * GiB - 500 * MiB - 256 * MiB
 
 
-def test_tightest_ancestor_binds(tmp_path, use_root):
-    levels = {"/": v2_files("max", 0), "/a": v2_files(str(512 * MiB), 100 * MiB), "/a/b": v2_files(str(4 * GiB), 50 * MiB)}
-    use_root(fake_root(tmp_path, 2, levels))
+@pytest.mark.parametrize(
+    "levels, binding, room",
+    [
+        # the ancestor with the smallest limit also has the least room
+        ({"/a": (512 * MiB, 100 * MiB), "/a/b": (4 * GiB, 50 * MiB)}, "a", 412 * MiB),
+        # a parent with a larger limit but almost full binds, not the child with the smaller limit (2038 MiB free)
+        ({"/a": (4 * GiB, 3994 * MiB), "/a/b": (2 * GiB, 10 * MiB)}, "a", 102 * MiB),
+    ],
+)
+@pytest.mark.parametrize("version", [1, 2])
+def test_tightest_ancestor_binds(tmp_path, use_root, levels, binding, room, version):
+    files = v2_files if version == 2 else lambda limit, used: v1_files(limit, used)
+    tree = {"/": v2_files("max", 0) if version == 2 else v1_files(2**63 - 4096, 0)}
+    tree.update({path: files(str(limit) if version == 2 else limit, used) for path, (limit, used) in levels.items()})
+    use_root(fake_root(tmp_path, version, tree))
     found = cgroup_memory()
-    assert found.path.name == "a" and found.room == 412 * MiB
+    assert found.path.name == binding and found.room == room
+    assert detect_cpu_memory().free == room
 
 
 @pytest.mark.parametrize("version", [1, 2])
