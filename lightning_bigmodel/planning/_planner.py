@@ -8,7 +8,7 @@ tree, filling the devices in order; in :mod:`._walk`) to reserve room for offloa
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from lightning_bigmodel.planning.device_map import Device, DeviceMap
 
 _MAX_PASSES = 6
+Prefetch = Union[bool, str]  # True, False or "auto"
 
 
 def _join(prefix: str, name: str) -> str:
@@ -57,7 +58,10 @@ class _Planner:
         offload_buffers: bool,
         quantization=None,
         stream_reserve: bool = False,
+        prefetch: Prefetch = "auto",
     ) -> None:
+        self.prefetch = prefetch  # True: room for two offloaded layers, False: one, "auto": two where they fit
+        self.depth, self.need = 0, 0  # of the last plan: prefetch depth (0: nothing offloaded to a GPU) and reserve
         self.stream_reserve = stream_reserve  # CPU execution: keep room for the disk stream (detected budgets only)
         self.modules = dict(model.named_modules(remove_duplicate=False))
         method, skip = quantization or (None, None)
@@ -90,14 +94,19 @@ class _Planner:
         module = self.modules.get(name)
         return module is not None and type(module).__name__ not in self.no_split and bool(self.members(name))
 
+    def moved(self, name: str) -> int:
+        """Bytes of ``name`` a hook brings to the execution device: without its buffers when they stay resident there."""
+        return self.sizes.get(name, 0) - (0 if self.offload_buffers else self.buffer_sizes.get(name, 0))
+
     def unit(self, name: str) -> int:
-        """Largest piece of ``name`` brought to the execution device at once: a no-split module or one module's direct tensors."""
+        """Largest piece of ``name`` brought to the execution device at once: a no-split module or one module's direct
+        tensors (see :meth:`moved`)."""
         if name not in self.units:
             if not self.splittable(name):
-                self.units[name] = self.sizes.get(name, 0)
+                self.units[name] = self.moved(name)
             else:
                 members = self.members(name)
-                direct = sum(self.sizes.get(m, 0) for m in members if m not in self.modules)
+                direct = sum(self.moved(m) for m in members if m not in self.modules)
                 self.units[name] = max([direct] + [self.unit(m) for m in members if m in self.modules])
         return self.units[name]
 
@@ -159,15 +168,75 @@ class _Planner:
         return items
 
     def plan(self, budgets: dict[Device, float], balanced: bool, low_0: bool) -> DeviceMap:
-        """Fill once; if something was offloaded, fill again with room reserved on the execution device. When that
-        leaves every GPU empty, the best plan of :meth:`plan_pinned` (if any) instead."""
+        """The plan under ``budgets`` and its prefetch depth (:attr:`depth`): with room for two offloaded layers on the
+        execution GPU (compute one, prefetch the next) unless that costs the GPUs more than one offloaded layer against
+        the plan with room for one (fetch, compute, free), or leaves a GPU empty that the one-slot plan uses. An
+        explicit ``prefetch`` keeps that depth: False one layer; True two, raising when they leave a GPU empty that the
+        one-slot plan uses."""
         self.has_gpu = any(isinstance(device, int) and budget > 0 for device, budget in budgets.items())
-        raw = self.plan_in_order(budgets, balanced, low_0)
-        if self.has_gpu and not any(isinstance(device, int) for device in raw.values()):
-            return self.plan_pinned(budgets, balanced, low_0) or raw
+        self.short: dict[int, tuple[Device, int]] = {}
+        two = self.plan_slots(budgets, balanced, low_0, 2) if self.prefetch is not False or not self.has_gpu else None
+        one = self.plan_slots(budgets, balanced, low_0, 1) if self.has_gpu else two
+        if two is not None and (not self.has_gpu or not self._two_costs_the_gpus(two, one, self.prefetch is True)):
+            raw, slots = two, 2
+        elif self.prefetch is True:
+            raise ValueError(self._two_slots_message(budgets, two))
+        else:
+            raw, slots = one, 1
+        if slots in self.short:
+            exec_device, need = self.short[slots]
+            warnings.warn(
+                f"The device map leaves too little room on the execution device {exec_device!r} for the largest "
+                f"offloaded layer and the offloaded buffers ({need} bytes): running it may go out of memory. Raise "
+                "that device's `max_memory`, or list fewer/smaller classes in `no_split_module_classes`.",
+                stacklevel=4,
+            )
+        self.need = self._reserve(raw, slots)[0]
+        on_gpu = any(isinstance(device, int) for device in raw.values())
+        self.depth = slots if self._offloaded(raw) and on_gpu else 0
         return raw
 
-    def plan_in_order(self, budgets: dict[Device, float], balanced: bool, low_0: bool) -> DeviceMap:
+    def plan_slots(self, budgets: dict[Device, float], balanced: bool, low_0: bool, slots: int) -> DeviceMap:
+        """The in-order plan with room for ``slots`` offloaded layers; when it leaves every GPU empty, the best plan of
+        :meth:`plan_pinned` (if any) instead."""
+        raw = self.plan_in_order(budgets, balanced, low_0, slots)
+        if self.has_gpu and not any(isinstance(device, int) for device in raw.values()):
+            return self.plan_pinned(budgets, balanced, low_0, slots) or raw
+        return raw
+
+    def gpu_bytes(self, raw: DeviceMap) -> dict[Device, int]:
+        held: dict[Device, int] = {}
+        for name, device in raw.items():
+            if isinstance(device, int):
+                held[device] = held.get(device, 0) + self.sizes.get(name, 0)
+        return held
+
+    def _two_costs_the_gpus(self, two: DeviceMap, one: DeviceMap, gpus_only: bool = False) -> bool:
+        """Whether room for a second offloaded layer costs the GPUs a GPU that ``one`` uses (or does not fit at all),
+        or (unless ``gpus_only``) more bytes than the largest offloaded layer of ``two`` (the slot it adds, with its
+        buffers)."""
+        held_two, held_one = self.gpu_bytes(two), self.gpu_bytes(one)
+        if set(held_one) - set(held_two) or 2 in self.short:
+            return True
+        if gpus_only:
+            return False
+        layers = self._offloaded_units(two, whole=True)  # buffers included
+        return sum(held_one.values()) - sum(held_two.values()) > max(layers, default=0)
+
+    def _two_slots_message(self, budgets: Mapping[Device, float], plan: DeviceMap) -> str:
+        need, exec_device = self._reserve(plan, 2)
+        units = sorted(((self.unit(name), name) for name in self._offloaded(plan)), reverse=True)[:2]
+        gpu = exec_device if isinstance(exec_device, int) else min(d for d in budgets if isinstance(d, int))
+        placed = self.gpu_bytes(plan).get(gpu, 0)
+        return (
+            f"`prefetch=True` needs room for two offloaded layers on the execution GPU {gpu}: {need} bytes "
+            f"({', '.join(f'{name!r} {size} B' for size, name in units)}, plus offloaded buffers), beside the "
+            f"{placed} bytes of modules it holds; `max_memory[{gpu}]` is {int(budgets[gpu])} bytes, and keeping that "
+            "room leaves a GPU empty that a plan with room for one layer uses. Raise that budget, or pass "
+            "`prefetch=\"auto\"` (one slot where two do not fit) or `prefetch=False`."
+        )
+
+    def plan_in_order(self, budgets: dict[Device, float], balanced: bool, low_0: bool, slots: int = 2) -> DeviceMap:
         """Greedy passes in module order, raising the reserve on the execution device until the plan keeps it."""
         reserves: dict[Device, int] = {}  # kept where set: a reserve that empties its device moves the execution
         low_0_extra, gpu_0_fill = 0, -1.0  # balanced_low_0: GPU 0 takes more when the others spilled past the GPUs
@@ -179,19 +248,16 @@ class _Planner:
             if spilled and fill > gpu_0_fill:  # stop once a bigger share for GPU 0 no longer changes the plan
                 low_0_extra, gpu_0_fill = low_0_extra + spilled, fill
                 continue
-            need, exec_device = self._reserve(raw)
+            need, exec_device = self._reserve(raw, slots)
             if need <= reserves.get(exec_device, 0):
                 return raw
             reserves[exec_device] = need
-        warnings.warn(
-            f"The device map leaves too little room on the execution device {exec_device!r} for the largest "
-            f"offloaded layer and the offloaded buffers ({need} bytes): running it may go out of memory. Raise "
-            "that device's `max_memory`, or list fewer/smaller classes in `no_split_module_classes`.",
-            stacklevel=3,
-        )
+        self.short[slots] = (exec_device, need)  # the plan does not keep its reserve: warned about if chosen
         return raw
 
-    def plan_pinned(self, budgets: dict[Device, float], balanced: bool, low_0: bool) -> Optional[DeviceMap]:
+    def plan_pinned(
+        self, budgets: dict[Device, float], balanced: bool, low_0: bool, slots: int = 2
+    ) -> Optional[DeviceMap]:
         """For each GPU ``g`` as the execution device (the GPUs before it left out): passes that stay on ``g`` and send
         what does not fit beside its reserve to the later devices (the map is then not in module order), raising the
         reserve as :meth:`plan_in_order` does. The valid plan with the most bytes on GPUs, or ``None``.
@@ -212,7 +278,7 @@ class _Planner:
                 held = {device: 0 for device in raw.values()}
                 for name, device in raw.items():
                     held[device] += self.sizes.get(name, 0)
-                need, _ = self._reserve(raw)
+                need, _ = self._reserve(raw, slots)
                 if not held.get(gpu):
                     break  # nothing fits on `gpu` beside its reserve
                 if need <= reserve:
@@ -230,18 +296,33 @@ class _Planner:
             return self.sizes.get(name, 0) - self.buffer_sizes.get(name, 0)
         return self.sizes.get(name, 0)
 
-    def _reserve(self, raw: DeviceMap) -> tuple[int, Device]:
-        """Bytes the execution device needs beside its own modules: on a GPU the two largest offloaded layers (the
-        prefetcher keeps the layer computing and the next one resident); on the CPU, when the budget was detected
-        (``stream_reserve``), the disk stream (the largest layer plus ``READ_AHEAD_LAYERS`` read ahead); and
-        offloaded buffers."""
+    def _offloaded(self, raw: DeviceMap) -> list[str]:
+        return [name for name, device in raw.items() if device == "disk" or (device == "cpu" and self.has_gpu)]
+
+    def _offloaded_units(self, raw: DeviceMap, whole: bool = False) -> list[int]:
+        """The pieces of the offloaded entries brought in at once (:meth:`unit`; ``whole``: buffers included); keys
+        naming tensors of one module are one piece (its hook brings them in together)."""
+        units, direct = [], {}
+        for name in self._offloaded(raw):
+            if name in self.modules:
+                units.append(self.largest(name)[0] if whole else self.unit(name))
+            else:
+                owner = name.rpartition(".")[0]
+                direct[owner] = direct.get(owner, 0) + (self.sizes.get(name, 0) if whole else self.moved(name))
+        return units + list(direct.values())
+
+    def _reserve(self, raw: DeviceMap, slots: int = 2) -> tuple[int, Device]:
+        """Bytes the execution device needs beside its own modules: on a GPU the ``slots`` largest offloaded layers (two:
+        the prefetcher keeps the layer computing and the next one resident; one: fetch, compute, free); on the CPU, when
+        the budget was detected (``stream_reserve``), the disk stream (the largest layer plus ``READ_AHEAD_LAYERS`` read
+        ahead); and offloaded buffers, once (the layers are counted without them when buffers stay resident)."""
         gpus = [device for device in raw.values() if isinstance(device, int)]
         exec_device: Device = min(gpus) if gpus else "cpu"
-        offloaded = [name for name, device in raw.items() if device == "disk" or (device == "cpu" and self.has_gpu)]
-        units = sorted((self.unit(name) for name in offloaded), reverse=True)
+        offloaded = self._offloaded(raw)
+        units = sorted(self._offloaded_units(raw), reverse=True)
         largest = units[0] if units else 0
         if gpus:
-            need = sum(units[:2])
+            need = sum(units[:slots])
         else:  # an explicit CPU budget is for resident weights; the disk stream comes on top of it
             need = (1 + READ_AHEAD_LAYERS) * largest if self.stream_reserve else 0
         if not self.offload_buffers:
