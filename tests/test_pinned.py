@@ -200,3 +200,64 @@ def test_release_unlocks_pinned_ram_without_the_garbage_collector(registrar):
             assert pinned.pinned_bytes() == before and registrar["live"] == {}
     finally:
         gc.enable()
+
+
+class _RefusingRuntime:
+    """`torch.cuda.cudart()` of a driver that refuses to page-lock (as under a locked-memory or container limit)."""
+
+    class cudaError:  # noqa: N801 (the runtime's name)
+        success = 0
+
+    OUT_OF_MEMORY = 2
+
+    def cudaHostRegister(self, address, nbytes, flags):  # noqa: N802
+        return self.OUT_OF_MEMORY
+
+    def cudaGetErrorString(self, status):  # noqa: N802
+        return "out of memory"
+
+
+def test_a_refused_page_lock_clears_the_cuda_error_and_says_why(monkeypatch):
+    """The runtime keeps a failed call's error as the thread's last error, which the next kernel would raise: it is
+    cleared, and the error raised names the size and the likely causes. Nothing stays registered or counted."""
+    import contextlib
+
+    cleared = []
+    monkeypatch.setattr(pinned, "uses_registered_memory", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: _RefusingRuntime())
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(pinned, "_clear_last_cuda_error", lambda: cleared.append(True))
+    before = pinned.pinned_bytes()
+    nbytes = 3 * pinned.OWN_SLAB
+    with pytest.raises(pinned.PinnedMemoryError, match=rf"page-lock {nbytes} bytes \(0.01 GiB\).*GPU 1.*out of memory.*"
+                       r"`ulimit -l`, now .*container"):  # fmt: skip
+        pinned.pinned_empty((nbytes,), torch.uint8, GPU)
+    assert cleared == [True] and pinned.pinned_bytes() == before
+
+
+def test_clearing_the_last_cuda_error_without_a_cuda_runtime_does_nothing():
+    pinned._clear_last_cuda_error()  # no libcudart mapped in a CPU-only process: returns quietly
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_refused_cuda_host_register_leaves_no_error_for_the_next_kernel(tmp_path):
+    """Registering a range twice is refused (cudaErrorHostMemoryAlreadyRegistered): our error, then kernels still run.
+    In a fresh process: an uncleared error would break whatever CUDA work came next in this one."""
+    from cuda_contexts import run_and_list_contexts
+
+    body = """
+    import torch
+    import lightning_bigmodel.offload.pinned as pinned
+
+    gpu = torch.device("cuda", 0)
+    held = pinned.pinned_empty((pinned.OWN_SLAB,), torch.uint8, gpu)
+    try:
+        pinned._register(held.data_ptr(), pinned.OWN_SLAB, 0)
+    except pinned.PinnedMemoryError as err:
+        refused = str(err)
+    x = torch.ones(1024, device=gpu)
+    result = [refused, (x * 2).sum().item()]  # a kernel launch, then a sync: the old error would surface here
+    """
+    out = run_and_list_contexts(body, tmp_path)
+    refused, total = out["result"]
+    assert "cudaHostRegister failed" in refused and total == 2048.0

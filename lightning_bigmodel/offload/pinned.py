@@ -49,10 +49,51 @@ def pinned_bytes() -> int:
     return sum(list(_registered.values()))
 
 
+class PinnedMemoryError(RuntimeError):
+    """The driver refused to page-lock host memory for offloaded weights."""
+
+
+def _clear_last_cuda_error() -> None:
+    """Reset the CUDA runtime's last error of this thread (``cudaGetLastError``), which a failed call leaves behind:
+    the next kernel launched on the thread would raise it. torch binds no ``cudaGetLastError``, so it is called in the
+    runtime library torch loaded (found among the process's mappings: the same instance, hence the same state)."""
+    import ctypes  # noqa: PLC0415
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart.so" in line or "libamdhip64.so" in line}
+    except OSError:
+        return
+    for path in sorted(paths):
+        library = ctypes.CDLL(path)
+        (library.cudaGetLastError if hasattr(library, "cudaGetLastError") else library.hipGetLastError)()
+
+
+def _locked_memory_limit() -> str:
+    import resource  # noqa: PLC0415
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+
+
 def _register(address: int, nbytes: int, device: int) -> None:
-    """Page-lock ``[address, address + nbytes)`` from the context of GPU ``device`` (no context on another GPU)."""
+    """Page-lock ``[address, address + nbytes)`` from the context of GPU ``device`` (no context on another GPU).
+
+    Raises:
+        PinnedMemoryError: the driver refused; the runtime's error state is cleared first.
+    """
     with torch.cuda.device(device):
-        torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(address, nbytes, _HOST_REGISTER_PORTABLE))
+        status = torch.cuda.cudart().cudaHostRegister(address, nbytes, _HOST_REGISTER_PORTABLE)
+        if status == torch.cuda.cudart().cudaError.success:
+            return
+        _clear_last_cuda_error()
+    name = torch.cuda.cudart().cudaGetErrorString(status)
+    raise PinnedMemoryError(
+        f"Could not page-lock {nbytes} bytes ({nbytes / 2**30:.2f} GiB) of RAM for offloaded weights feeding GPU "
+        f"{device}: cudaHostRegister failed ({name}). Likely causes: the locked-memory limit of this process "
+        f"(`ulimit -l`, now {_locked_memory_limit()}) or the memory limit of its container or cgroup. Raise that limit, "
+        "or give less to 'cpu' in `max_memory` so that more weights go to disk."
+    )
 
 
 def _unregister(address: int, device: int) -> None:
@@ -120,7 +161,7 @@ def pinned_empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) ->
     not page-locked when ``device`` is the CPU).
 
     Raises:
-        torch.cuda.CudaError: the driver refused to page-lock the memory (e.g. too little RAM left).
+        PinnedMemoryError: the driver refused to page-lock the memory (locked-memory limit, too little RAM left).
     """
     nbytes = torch.Size(shape).numel() * dtype.itemsize
     if nbytes == 0 or not uses_registered_memory(device):
