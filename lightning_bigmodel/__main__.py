@@ -1,4 +1,4 @@
-from lightning_bigmodel.pl.cli import main
+from lightning_bigmodel._command import main  # answers --help without importing Lightning
 
 if __name__ == "__main__":
     main()

@@ -114,7 +114,7 @@ def test_plan_from_the_command_line(tmp_path):
 
 @pytest.mark.parametrize("argv", [[], ["train"]])
 def test_no_or_unknown_subcommand_says_what_to_do(argv, capsys):
-    with pytest.raises(SystemExit, match="choose `predict` or `plan`"):
+    with pytest.raises(SystemExit, match="choose `predict`, `plan`"):
         main(argv)
     assert "predict" in capsys.readouterr().err
 

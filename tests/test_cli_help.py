@@ -1,0 +1,113 @@
+"""The command's help and parser errors: top-level help without Lightning, a short `plan --help`, a YAML key typo
+reported first with a close match, configs that import `examples` from any directory, and `demo`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("jsonargparse")  # the CLI is built on it
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = "lightning-bigmodel: error: "
+
+
+def run_module(args, cwd, env=None):
+    """``python -m lightning_bigmodel ARGS`` from ``cwd`` with the repository NOT on PYTHONPATH (as a user runs it)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lightning_bigmodel", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_top_level_help_and_usage_errors_import_neither_lightning_nor_torch():
+    code = (
+        "import sys, contextlib, io\n"
+        "from lightning_bigmodel._command import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    main(['--help'])\n"
+        "try:\n"
+        "    main(['trian'])\n"
+        "except SystemExit as e:\n"
+        "    print(e.code)\n"
+        "heavy = sorted(m for m in ('lightning', 'torch', 'jsonargparse', 'transformers') if m in sys.modules)\n"
+        "print(out.getvalue().count('\\n'), heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "lightning-bigmodel: error: unknown subcommand 'trian'; choose `predict`, `plan`, `demo`."
+    count, heavy = lines[1].split(" ", 1)
+    assert heavy == "[]" and 5 < int(count) < 20  # the three subcommands, nothing imported
+
+
+def test_plan_help_is_short_and_lists_no_module_classes(capsys):
+    from lightning_bigmodel.pl.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) < 150, len(out.splitlines())
+    assert "--max_memory" in out and "--model" in out and "torch.nn.Linear" not in out
+
+
+def test_a_yaml_key_typo_is_reported_first_with_a_close_match(tmp_path, capsys):
+    from lightning_bigmodel.pl.cli import main
+
+    config = tmp_path / "typo.yaml"
+    text = (ROOT / "configs" / "gpt_tiny.yaml").read_text()
+    config.write_text(text.replace("offload_folder: runs/offload", "offload_fodler: runs/offload"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--config", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (
+        PREFIX + "`offload_fodler` is not an option of `lightning_bigmodel.BigModelInferenceStrategy`; did you mean"
+        " `offload_folder`?"
+    )
+    assert len(err) <= 12 and not any(line.startswith("usage:") for line in err), err
+    assert err[-1] == "Options: `lightning-bigmodel predict --help`."
+
+
+def test_a_top_level_key_typo_names_the_key_and_the_close_one(tmp_path, capsys):
+    from lightning_bigmodel.pl.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["predict", "--config", str(ROOT / "configs" / "gpt_tiny.yaml"), "--trainer.acclerator", "cpu"])
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first == PREFIX + "`trainer.acclerator` is not an option; did you mean `trainer.accelerator`?"
+
+
+def test_configs_that_import_examples_work_from_another_directory(tmp_path):
+    done = run_module(["plan", "--config", str(ROOT / "configs" / "plan_gpt2_xl.yaml")], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Plan for GPT" in done.stdout
+
+
+def test_a_config_whose_examples_cannot_be_imported_says_where_to_run_from(tmp_path):
+    (tmp_path / "configs").mkdir()  # a copy outside the repository: nothing holds `examples/`
+    copy = tmp_path / "configs" / "plan.yaml"
+    copy.write_text((ROOT / "configs" / "plan_gpt2_xl.yaml").read_text())
+    done = run_module(["plan", "--config", str(copy)], cwd=tmp_path)
+    assert done.returncode == 2
+    first = done.stderr.splitlines()[0]
+    assert first == (
+        PREFIX + "cannot import `examples.gpt.GPT` (No module named 'examples'): run from the repository root (the"
+        " folder that holds `examples/`), or add its folder to PYTHONPATH."
+    )
+
+
+def test_demo_writes_the_demo_models_once(tmp_path):
+    pytest.importorskip("transformers")
+    done = run_module(["demo", "--dir", str(tmp_path / "runs")], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "runs" / "tiny-llama" / "config.json").is_file()
+    assert (tmp_path / "runs" / "tiny-mixtral" / "model.safetensors.index.json").is_file()
+    assert f"Created 'tiny-random-llama' in {tmp_path / 'runs' / 'tiny-llama'}" in done.stdout
+    again = run_module(["demo", "--dir", str(tmp_path / "runs")], cwd=tmp_path)
+    assert "Kept 'tiny-random-llama'" in again.stdout and "Created 'tiny-random" not in again.stdout
