@@ -169,7 +169,8 @@ def test_cpu_weights_stay_resident_and_disk_weights_stream(checkpoint):
     model = _load(path, {"cpu": compute_module_sizes(reference)[""] // 2 + (1 + READ_AHEAD_LAYERS) * block})
     disk, cpu = _disk_and_cpu(model)
     assert disk and cpu, model.hf_device_map
-    assert all(pages.is_file_backed(p) for p in cpu if p.numel())  # loading read nothing: zero-copy views
+    if _can_lock(sum(p.numel() * p.element_size() for p in cpu)):  # else loading copied them (`keep_resident`)
+        assert all(pages.is_file_backed(p) for p in cpu if p.numel())  # loading read nothing: zero-copy views
     x = torch.randint(0, CONFIG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = reference(x)
