@@ -137,9 +137,11 @@ def _prefetched_run(monkeypatch, device_map, calls=3, cls_name="UntiedMLP"):
     from models import example_input, make_reference
 
     cls = getattr(models, cls_name)
-    synced = []
+    synced, spinning = [], []
     def synchronize(event):
         synced.append((threading.current_thread().name, event.sim_id))
+        if not event.blocking:
+            spinning.append(threading.current_thread().name)
 
     monkeypatch.setattr(SimEvent, "synchronize", synchronize)
     x = example_input(cls)
@@ -152,6 +154,7 @@ def _prefetched_run(monkeypatch, device_map, calls=3, cls_name="UntiedMLP"):
         remove_dispatch(model)
     for out in outputs:
         torch.testing.assert_close(out, expected)
+    assert spinning == []  # every CPU wait for the GPU sleeps: a default event's synchronize spins a core meanwhile
     return log, synced
 
 

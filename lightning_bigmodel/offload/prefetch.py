@@ -50,6 +50,16 @@ def _stage(host: torch.Tensor, release_disk: bool = False) -> torch.Tensor:
     return staged
 
 
+def _blocking_event(device: torch.device) -> torch.Event:
+    """An event whose ``synchronize`` sleeps until the GPU reaches it (``cudaEventBlockingSync``): a default event's
+    spins a CPU core at full load for as long as the wait lasts, here most of every forward."""
+    module = accel.device_module(device)
+    try:
+        return module.Event(blocking=True)
+    except TypeError:  # an accelerator whose events take no such flag
+        return module.Event()
+
+
 class Prefetcher:
     """Learns the order of :class:`~lightning_bigmodel.offload.hooks.WeightHook` calls and copies the next one's
     parameters in ahead of time. GPU execution devices only (any accelerator with streams: ``torch.cuda``-like)."""
@@ -90,7 +100,7 @@ class Prefetcher:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmodel-prefetch")
             # Reached by the compute stream once every module before `hook` is done (their weights are free): the
             # successor's copies are not allocated before, so at most two modules' weights are resident at once.
-            reached = accel.new_event(hook.device)
+            reached = _blocking_event(hook.device)
             reached.record(accel.current_stream(hook.device))
             self._pending = (successor, self._pool.submit(self._copy_in, successor, capture_modes(), reached))
 

@@ -116,8 +116,9 @@ class SimEvent(torch._C.Event):
     def __new__(cls, device: DeviceLike = None, *, enable_timing: bool = False, **_):
         return super().__new__(cls, device=torch.device("cpu"), enable_timing=enable_timing)
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, blocking: bool = False, **kwargs) -> None:
         self.sim_id = next(_next_id)
+        self.blocking = blocking  # `synchronize` sleeps (True) or spins a CPU core (False), as CUDA's flag says
         self.recorded_on: Optional[tuple[int, int]] = None
 
     def record(self, stream: Optional[torch.Stream] = None) -> None:
