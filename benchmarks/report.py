@@ -138,6 +138,19 @@ def micro_table(results: dict) -> list[str]:
     return lines + [""]
 
 
+def reuse_table(results: dict) -> list[str]:
+    """Reloading a reused offload folder with its checksums verified (as shipped) and without."""
+    lines = ["| size | offload folder | reuse, verified | reuse, not verified | verified/not |", "| --- | --- | --- | --- | --- |"]
+    for case_id, entry in results.items():
+        r = entry["result"]
+        if entry["spec"].get("kind") != "reuse" or not r.get("ok"):
+            continue
+        nbytes = r.get("offload_bytes", {}).get("apparent", 0)
+        lines.append(f"| {entry['spec']['size']} | {nbytes / 2**20:.1f} MiB | {fmt(r['reuse_s'], 's')} | "
+                     f"{fmt(r['reuse_unverified_s'], 's')} | **{fmt(ratio(r['reuse_s'], r['reuse_unverified_s']), 'x')}** |")
+    return lines + [""] if len(lines) > 2 else []
+
+
 def failures(results: dict) -> list[str]:
     lines = []
     for case_id, entry in results.items():
@@ -172,6 +185,9 @@ def write_report(path: Path, meta: dict, results: dict, notes: Optional[Path] = 
     for size, info in meta["checkpoints"].items():
         lines += headline(results, size, info)
     lines += ["## Empty init and device-map planning", ""] + micro_table(results)
+    reuse = reuse_table(results)
+    if reuse:
+        lines += ["## Reusing an offload folder (checksums verified in the background)", ""] + reuse
     lines += ["## Every case", ""] + raw_table(results)
     lines += ["## Failures", ""] + failures(results) + [""]
     if notes is not None and notes.is_file():

@@ -92,6 +92,14 @@ def micro_specs(args: argparse.Namespace, libs: list[str]) -> list[dict]:
     return specs
 
 
+def reuse_specs(size: str, info: dict, args: argparse.Namespace) -> list[dict]:
+    """Reloading a reused offload folder (``.bin`` checkpoint, every weight on disk): checksums verified vs not."""
+    case_id = f"{size}/ours/reuse"
+    return [{"kind": "reuse", "id": case_id, "lib": "ours", "size": size, "ckpt": info["folders"]["bin"],
+             "shards": info["shards"]["bin"], "threads": args.threads, "rounds": 1 if args.quick else 3,
+             "offload_dir": str(Path(args.cache_dir) / "offload" / case_id.replace("/", "-"))}]
+
+
 def run_worker(spec: dict, timeout: int) -> dict[str, Any]:
     """Run one case in a fresh interpreter; a crash, kill or timeout becomes ``{"ok": False, "error": ...}``."""
     if spec.get("offload_dir"):
@@ -125,7 +133,8 @@ def summarise(spec: dict, result: dict) -> str:
         return f"FAILED at {result.get('stage')}: {result.get('error', '')[:200]}"
     bits = []
     for key, unit, scale in (("load_s", "s", 1), ("decode_s", "ms", 1e3), ("prefill_s", "ms", 1e3),
-                             ("init_s", "s", 1), ("plan_s", "s", 1)):
+                             ("init_s", "s", 1), ("plan_s", "s", 1), ("reuse_s", "s", 1),
+                             ("reuse_unverified_s", "s", 1)):
         if key in result:
             bits.append(f"{key[:-2]} {result[key] * scale:.3g} {unit}")
     if "peak_anon_growth" in result and spec.get("model_bytes"):
@@ -174,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checkpoints for {size} ...", flush=True)
         infos[size] = build_checkpoints(size, cache)
         specs += load_specs(size, infos[size], args, cuda, ["plain"] + [lib for lib in libs if lib != "plain"])
+        if "ours" in libs:
+            specs += reuse_specs(size, infos[size], args)
     if not args.no_micro:
         specs += micro_specs(args, libs)
     runs: dict[str, list[dict]] = {s["id"]: [] for s in specs}

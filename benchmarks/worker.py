@@ -45,6 +45,10 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
             from benchmarks.cases_micro import run_plan
 
             run_plan(spec, result)
+        elif spec["kind"] == "reuse":
+            from benchmarks.cases_reuse import run_reuse
+
+            run_reuse(spec, result)
         else:
             raise ValueError(f"Unknown case kind {spec['kind']!r}")
         result["ok"] = True

@@ -23,7 +23,7 @@ truncated or extended in place is detected (:meth:`ShardHandle.check`) before an
 - :meth:`~ShardHandle.map` maps the whole file private copy-on-write (for zero-copy views); the mapping holds no
   descriptor of its own (``mmap(2)`` through libc, unlike Python's ``mmap`` which keeps a duplicate), so a mapped
   file costs one descriptor for as long as the handle lives, and none once it is closed;
-- :meth:`~ShardHandle.digest` hashes the whole file (blake2b) through ``pread``; ``proc_path`` names the open file
+- :meth:`~ShardHandle.checksum` is the CRC-32 of the whole file, read with ``pread``; ``proc_path`` names the open file
   for APIs that only take a path (``torch.load(mmap=True)``): ``/proc/self/fd/N`` reopens this inode, not the path.
 
 The descriptor closes with :meth:`~ShardHandle.close` or when the last reference to the handle goes: keep a
@@ -41,6 +41,7 @@ import os
 import struct
 import sys
 import weakref
+import zlib
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -208,10 +209,10 @@ class ShardHandle:
         except OSError as err:
             raise CheckpointError(f"Cannot memory-map checkpoint file {str(self.path)!r} ({err}).") from err
 
-    def digest(self, stop: Optional[Any] = None) -> str:
-        """blake2b (16 bytes, hex) of the whole file, read in chunks with pread. ``stop`` (an event) aborts early
-        (returns ``""``). Hashing and pread release the GIL: this runs beside other work on a thread."""
-        hasher = hashlib.blake2b(digest_size=16)
+    def checksum(self, stop: Optional[Any] = None) -> str:
+        """CRC-32 of the whole file (8 hex digits; :func:`crc32_hex` of its bytes), read in chunks with pread.
+        ``stop`` (an event) aborts early (returns ``""``). Both release the GIL: this runs beside other work."""
+        crc = 0
         chunk = bytearray(min(_CHUNK, max(self.size, 1)))
         offset = 0
         while offset < self.size:
@@ -219,9 +220,9 @@ class ShardHandle:
                 return ""
             part = memoryview(chunk)[: min(len(chunk), self.size - offset)]
             self.pread_into(offset, part)
-            hasher.update(part)
+            crc = zlib.crc32(part, crc)
             offset += len(part)
-        return hasher.hexdigest()
+        return f"{crc:08x}"
 
     def close(self) -> None:
         """Close the descriptor now (maps made from it stay valid)."""

@@ -1,6 +1,6 @@
 """The offload folder's manifest schema and the check of a reused file's header against its entry.
 
-An entry is ``{"file", "shape", "dtype", "key", "size", "blake2b", "layout"}`` (plus ``"form"`` and ``"meta"`` for a
+An entry is ``{"file", "shape", "dtype", "key", "size", "crc32", "layout"}`` (plus ``"form"`` and ``"meta"`` for a
 tensor stored in another form): ``layout`` is ``{part: [dtype code, shape]}`` of the file's safetensors header.
 A manifest with any entry of another shape is invalid as a whole, like a torn one: the folder is rebuilt.
 """
@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # what `OffloadFolder` names its files
-_HEX = re.compile(r"^[0-9a-f]{32}$")
+_HEX = re.compile(r"^[0-9a-f]{8}$")
 
 
 def _is_shape(value: Any) -> bool:
@@ -44,8 +44,8 @@ def entry_problem(name: Any, entry: Any) -> Optional[str]:
         return f"entry {name!r} has source key {entry['key']!r}"
     if type(entry.get("size")) is not int or entry["size"] < 8:
         return f"entry {name!r} has size {entry.get('size')!r}"
-    if not isinstance(entry.get("blake2b"), str) or not _HEX.match(entry["blake2b"]):
-        return f"entry {name!r} has checksum {entry.get('blake2b')!r}"
+    if not isinstance(entry.get("crc32"), str) or not _HEX.match(entry["crc32"]):
+        return f"entry {name!r} has checksum {entry.get('crc32')!r}"
     if ("form" in entry or "meta" in entry) and not isinstance(entry.get("meta", {}), dict):
         return f"entry {name!r} has meta {entry.get('meta')!r}"
     return _layout_problem(entry.get("layout"))
