@@ -185,3 +185,131 @@ def test_a_hand_written_map_with_nested_keys_runs_like_the_plain_model(device_ma
             got = model(ids).logits
     assert got.device == ids.device
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # attention: math kernel vs the fused one
+
+
+# ---------------------------------------------------------------------------------------------- prefetch depth
+def _gpt_budget(fractions, tie_weights=False):
+    model = meta_gpt("small", tie_weights=tie_weights)
+    total = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    return model, {device: int(fraction * total) for device, fraction in fractions.items()}
+
+
+# The budgets of the report (GPT-shaped, six blocks, fractions of the model's bytes) and the GPUs accelerate 1.15's
+# plan uses on each: the old plan used none in the first and third, only GPU 2 in the second.
+REPORTED = [
+    ({0: 0.25, 1: 0.25, 2: 0.25, "cpu": 1.5}, {0, 1, 2}),
+    ({0: 0.30, 1: 0.10, 2: 0.45, "cpu": 0.30}, {0, 2}),
+    ({0: 0.3, 1: 0.3, "cpu": 0.2}, {0, 1}),
+]
+
+
+@pytest.mark.parametrize("policy", ["auto", "balanced", "balanced_low_0", "sequential"])
+@pytest.mark.parametrize("tie_weights", [False, True])
+@pytest.mark.parametrize("fractions, gpus", REPORTED)
+def test_the_reported_budgets_use_the_gpus_accelerate_uses(fractions, gpus, tie_weights, policy):
+    model, budget = _gpt_budget(fractions, tie_weights)
+    device_map = infer_device_map(model, budget, no_split_module_classes=["Block"], policy=policy)
+    assert gpus <= {device for device in device_map.values() if isinstance(device, int)}, device_map
+    block = compute_module_sizes(model)["transformer.h.0"]
+    resident = _resident(model, device_map, 0)
+    assert all(nbytes <= budget.get(device, float("inf")) for device, nbytes in resident.items()), resident
+    assert resident[0] + device_map.prefetch_depth * block <= budget[0], (resident, device_map.prefetch_depth)
+
+
+def test_room_for_two_layers_is_kept_where_it_costs_the_gpus_nothing():
+    model, budget = _gpt_budget({0: 0.5, 1: 0.5, "cpu": 1.0})
+    device_map = infer_device_map(model, budget, no_split_module_classes=["Block"])
+    block = compute_module_sizes(model)["transformer.h.0"]
+    assert "cpu" in device_map.values() and device_map.prefetch_depth == 2, device_map
+    assert _resident(model, device_map, 0)[0] + 2 * block <= budget[0]
+    assert infer_device_map(model, budget, no_split_module_classes=["Block"], prefetch=False).prefetch_depth == 1
+    everything = infer_device_map(model, {0: 10**9}, no_split_module_classes=["Block"])
+    assert everything == {"": 0} and everything.prefetch_depth == 0  # nothing offloaded: nothing to prefetch
+
+
+def test_prefetch_true_that_does_not_fit_names_the_room_needed_and_the_budget():
+    model, budget = _gpt_budget(REPORTED[0][0])
+    block = sum(p.numel() * 4 for p in model.transformer.h[0].parameters())  # its buffers stay on the GPU anyway
+    with pytest.raises(ValueError, match=r"`prefetch=True` needs room for two offloaded layers on the execution GPU") as err:
+        infer_device_map(model, budget, no_split_module_classes=["Block"], prefetch=True)
+    message = str(err.value)
+    assert f"`max_memory[0]` is {budget[0]} bytes" in message and f"layers of {block} and {block} bytes" in message
+    with pytest.raises(ValueError, match=r"`prefetch='yes'` is not a prefetch setting"):
+        infer_device_map(model, budget, prefetch="yes")
+
+
+class BufferBlock(nn.Module):
+    """``Linear(100, 100)`` plus a persistent ``zeros(100, 100)`` buffer: 80,400 bytes, half of them the buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(100, 100)
+        self.register_buffer("table", torch.zeros(100, 100))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + self.table[0]
+
+
+def _buffer_blocks() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(*(BufferBlock() for _ in range(4)))
+    with torch.no_grad():
+        for block in model:
+            block.table.normal_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("policy", ["auto", "sequential"])
+def test_buffers_of_offloaded_layers_are_counted_once(policy):
+    """The reserve counted the two largest offloaded layers with their buffers, then those buffers again as resident:
+    the plan was {"": "cpu"} although a block fits on the GPU beside everything the run needs there."""
+    with torch.device("meta"):
+        model = nn.Sequential(*(BufferBlock() for _ in range(4)))
+    budget = {0: 320_000, "cpu": 10**9}
+    device_map = infer_device_map(model, budget, no_split_module_classes=["BufferBlock"], policy=policy)
+    assert 0 in device_map.values(), device_map
+    resident = _resident(model, device_map, 0)
+    assert resident[0] + device_map.prefetch_depth * 40_400 <= budget[0], (resident, device_map)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the simulation shadows CUDA for the rest of the process")
+@pytest.mark.parametrize("prefetch, depth", [("auto", 2), (False, 1)])
+def test_the_hooks_follow_the_plan_s_prefetch_depth_and_run_like_the_plain_model(prefetch, depth):
+    """Depth 1 attaches no prefetcher (fetch, compute, free: never two offloaded layers on the GPU); depth 2 does."""
+    with torch.device("meta"):
+        device_map = infer_device_map(nn.Sequential(*(BufferBlock() for _ in range(4))), {0: 320_000, "cpu": 10**9},
+                                      no_split_module_classes=["BufferBlock"], prefetch=prefetch)  # fmt: skip
+    assert device_map.prefetch_depth == depth, device_map
+    plain = _buffer_blocks()
+    x = torch.randn(3, 100, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = plain(x)
+    with simulated_gpus(1) as gpus:
+        model = _buffer_blocks()
+        dispatch_model(model, device_map)
+        assert (model._bigmodel_dispatch.prefetcher is not None) == (depth == 2)
+        with torch.no_grad():
+            model(x)  # the first forward learns the order
+            gpus.reset_peak_memory_stats()
+            got = model(x).cpu()  # the second is where a prefetcher runs ahead
+        peak = gpus.max_memory_allocated(0)
+    torch.testing.assert_close(got, expected)
+    resident = _resident(model, device_map, 0)[0]
+    assert peak - resident < (depth + 1) * 40_400, (peak, resident)  # the layers in flight, plus activations
+    if depth == 1:
+        assert peak - resident < 2 * 40_400, (peak, resident)  # never two offloaded layers at once
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the simulation shadows CUDA for the rest of the process")
+@pytest.mark.parametrize("policy", ["auto", "balanced", "balanced_low_0", "sequential"])
+def test_every_policy_on_three_simulated_gpus_uses_each_gpu_and_runs_like_the_plain_model(policy):
+    from examples.gpt import GPT, GPTConfig
+
+    config = GPTConfig.preset("small")
+    config.tie_weights = False
+    model, budget = _gpt_budget(REPORTED[0][0])
+    device_map = infer_device_map(model, budget, no_split_module_classes=["Block"], policy=policy)
+    assert {0, 1, 2} <= set(device_map.values()), device_map
+    ids = torch.randint(0, config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(2))
+    expected, got = _plain_and_dispatched(GPT, {"config": config}, device_map, ids, gpus=3)
+    torch.testing.assert_close(got, expected)

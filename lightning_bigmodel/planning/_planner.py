@@ -180,7 +180,7 @@ class _Planner:
         if two is not None and (not self.has_gpu or not self._two_costs_the_gpus(two, one, self.prefetch is True)):
             raw, slots = two, 2
         elif self.prefetch is True:
-            raise ValueError(self._two_slots_message(budgets, two))
+            raise ValueError(self._two_slots_message(budgets, one))
         else:
             raw, slots = one, 1
         if slots in self.short:
@@ -223,17 +223,19 @@ class _Planner:
         layers = self._offloaded_units(two, whole=True)  # buffers included
         return sum(held_one.values()) - sum(held_two.values()) > max(layers, default=0)
 
-    def _two_slots_message(self, budgets: Mapping[Device, float], plan: DeviceMap) -> str:
-        need, exec_device = self._reserve(plan, 2)
-        units = sorted(((self.unit(name), name) for name in self._offloaded(plan)), reverse=True)[:2]
-        gpu = exec_device if isinstance(exec_device, int) else min(d for d in budgets if isinstance(d, int))
-        placed = self.gpu_bytes(plan).get(gpu, 0)
+    def _two_slots_message(self, budgets: Mapping[Device, float], one: DeviceMap) -> str:
+        """Why two slots do not fit, from the plan with one slot (the one that uses the GPUs)."""
+        held = self.gpu_bytes(one)
+        gpu = min(held) if held else min(d for d, b in budgets.items() if isinstance(d, int) and b > 0)
+        units = sorted(self._offloaded_units(one), reverse=True)[:2]
+        buffers = 0 if self.offload_buffers else sum(self.buffer_sizes.get(n, 0) for n in self._offloaded(one))
+        need = sum(units) + buffers
         return (
-            f"`prefetch=True` needs room for two offloaded layers on the execution GPU {gpu}: {need} bytes "
-            f"({', '.join(f'{name!r} {size} B' for size, name in units)}, plus offloaded buffers), beside the "
-            f"{placed} bytes of modules it holds; `max_memory[{gpu}]` is {int(budgets[gpu])} bytes, and keeping that "
-            "room leaves a GPU empty that a plan with room for one layer uses. Raise that budget, or pass "
-            "`prefetch=\"auto\"` (one slot where two do not fit) or `prefetch=False`."
+            f"`prefetch=True` needs room for two offloaded layers on the execution GPU {gpu}: {need} bytes (layers of "
+            f"{' and '.join(map(str, units))} bytes, offloaded buffers {buffers}), beside the {held.get(gpu, 0)} bytes of "
+            f"modules it holds with room for one; `max_memory[{gpu}]` is {int(budgets[gpu])} bytes, and keeping the "
+            "second layer's room leaves a GPU empty that the one-layer plan uses. Raise that budget, or pass "
+            '`prefetch="auto"` (one layer where two do not fit) or `prefetch=False`.'
         )
 
     def plan_in_order(self, budgets: dict[Device, float], balanced: bool, low_0: bool, slots: int = 2) -> DeviceMap:
