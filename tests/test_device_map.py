@@ -383,3 +383,22 @@ def test_clean_device_map_merges_uniform_children():
     assert cleaned == expected and list(cleaned) == list(expected)
     assert tensor_devices(model, cleaned) == tensor_devices(model, raw)
 
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")
+def test_a_budget_for_an_invisible_gpu_names_max_memory_before_loading(tmp_path):
+    from lightning_bigmodel import load_checkpoint_and_dispatch, save_sharded_checkpoint
+
+    save_sharded_checkpoint(nn.Sequential(nn.Linear(8, 8)), tmp_path / "ckpt")
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError) as err:
+        load_checkpoint_and_dispatch(model, tmp_path / "ckpt", device_map="auto",
+                                     max_memory={0: "1GiB", "cpu": "1GiB"})  # fmt: skip
+    message = str(err.value)
+    assert message.startswith("`max_memory[0]` budgets GPU(s) [0], but this process sees no GPU"), message
+    assert "below 0" not in message and "Drop it from `max_memory`" in message
+    assert all(p.is_meta for p in model.parameters())  # nothing was loaded
+    with pytest.raises(ValueError, match=r"This process sees no GPU: use 'cpu' and 'disk' only") as err:
+        check_devices_exist({"": 0})
+    assert "below 0" not in str(err.value)
