@@ -19,6 +19,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--tolerance", type=float, default=0.10)
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_memory_vs_plan: needs a CUDA GPU.")
@@ -86,6 +88,12 @@ def main(argv=None) -> int:
         if measured > planned * (1 + args.tolerance) + SLACK:
             over.append(what)
     print(f"| pinned staging (torch's host allocator, peak) | - | {staging} | - |")
+    if args.json:
+        figures = {"preset": args.preset, "batch": [args.batch, args.seq], "devices": [str(d) for d in devices],
+                   "rows": [{"what": w, "plan": p, "measured": m} for w, p, m in rows], "staging_peak": staging,
+                   "above_plan": over}  # fmt: skip
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump(figures, out, indent=2)
     if over:
         print(f"gpu_memory_vs_plan: above the plan: {over}")
         return 1
