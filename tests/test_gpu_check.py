@@ -194,3 +194,11 @@ def test_the_big_benchmark_checkpoint_loads_the_same_in_ours_and_accelerate(tmp_
         for load in (load_ours, load_accelerate):
             model = load(config, tmp_path / "ckpt", {"": "cpu"})
             torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_ci_runs_the_readme_test_command_in_parallel():
+    readme = (ROOT / "README.md").read_text()
+    (command,) = [line for line in readme.splitlines() if line.startswith("bash scripts/setup.sh && ") and "pytest" in line]
+    assert "-n auto" in command  # pytest-xdist, from the test extra
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
+    assert '"pytest-xdist' in (ROOT / "pyproject.toml").read_text()
