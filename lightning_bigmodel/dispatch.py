@@ -24,6 +24,7 @@ from lightning_bigmodel.planning.device_map import (
 from lightning_bigmodel.planning.devices import as_execution_device, prefetch_depth_of
 from lightning_bigmodel.offload.attach import DispatchState, attach_hooks
 from lightning_bigmodel.offload.disk import OffloadFolder
+from lightning_bigmodel.offload.guards import guard_copies, keep_requires_grad, requires_grad_of, unguard_copies
 from lightning_bigmodel.offload.subclass import inner_tensors, is_wrapped, stored_nbytes
 from lightning_bigmodel.offload.placement import (
     SavedSlots,
@@ -86,6 +87,7 @@ def dispatch_model(
         RuntimeError: a parameter or buffer is still on meta (load the checkpoint first).
     """
     remove_dispatch(model)
+    grads = requires_grad_of(model)  # put back by remove_dispatch
     depth = prefetch_depth_of(device_map)
     device_map = validate_device_map(model, device_map)
     _refuse_meta(model)
@@ -100,13 +102,16 @@ def dispatch_model(
     model.hf_device_map = dict(device_map)
     object.__setattr__(model, DISPATCH_STATE, state)
     object.__setattr__(model, "_apply", partial(_refuse_apply, type(model).__name__))
+    guard_copies(model, grads)  # deepcopy / torch.save refused, naming remove_dispatch
     return model.eval()  # inference only: dropout off, norms use their running statistics
 
 
 def remove_dispatch(model: nn.Module) -> nn.Module:
     """Remove every hook :func:`dispatch_model` attached, stop its prefetch thread and allow ``.to()`` again.
 
-    The weights stay where they are (memory-mapped ``"disk"`` views included); a no-op on a model never dispatched.
+    The weights stay where they are (memory-mapped ``"disk"`` views included); each parameter gets back the
+    ``requires_grad`` it had before loading/dispatch; copying and pickling work again (a dispatched model refuses
+    them: see :mod:`lightning_bigmodel.offload.guards`). A no-op on a model never dispatched.
     """
     state: Optional[DispatchState] = model.__dict__.pop(DISPATCH_STATE, None)
     if state is None:
@@ -117,6 +122,7 @@ def remove_dispatch(model: nn.Module) -> nn.Module:
         state.prefetcher.close()
     model.__dict__.pop("_apply", None)
     model.__dict__.pop("hf_device_map", None)
+    unguard_copies(model)  # copies allowed again; each parameter's requires_grad as before loading/dispatch
     return model
 
 
@@ -184,6 +190,7 @@ def load_checkpoint_and_dispatch(
         if policy is not None and offload_folder is None:
             quantized = quantized_weights(model, resolve_quantization(quantization, quantization_skip_modules))
             _refuse_spill_without_folder(device_map, checkpoint, policy, max_memory, quantized)
+    grads = requires_grad_of(model)
     with restored_on_error(model):
         load_checkpoint_in_model(
             model, checkpoint, device_map=device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
@@ -193,6 +200,7 @@ def load_checkpoint_and_dispatch(
         if device_map is not None:
             dispatch_model(model, device_map, offload_folder=offload_folder, offload_buffers=offload_buffers,
                            prefetch=None if policy is not None or prefetch == "auto" else bool(prefetch))
+            keep_requires_grad(model, grads)  # what remove_dispatch restores: the values before loading
     return model.eval()
 
 

@@ -420,3 +420,52 @@ def test_no_split_classes_that_match_no_module_say_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         infer_device_map(model, {"cpu": 10**9}, no_split_module_classes=["Block"])  # all match: silent
+
+
+# ---------------------------------------------------------------------- copies, pickling and requires_grad
+
+
+def test_copying_or_saving_a_dispatched_model_is_refused_naming_remove_dispatch(tmp_path):
+    import copy
+    import io
+
+    reference = make_reference(UntiedMLP)
+    checkpoint = save_sharded_checkpoint(reference, tmp_path / "ckpt")
+    model = empty_model(UntiedMLP)
+    model.inp.bias.requires_grad_(False)  # the user's choice, kept through loading, dispatch and removal
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    load_checkpoint_and_dispatch(model, checkpoint, device_map=MAPS[UntiedMLP]["mixed"], offload_folder=tmp_path / "o")
+    assert not any(p.requires_grad for p in model.parameters())  # inference only while dispatched
+    for attempt in (
+        lambda: copy.deepcopy(model),
+        lambda: copy.deepcopy(model.blocks[1]),  # a module of it, with its hooks
+        lambda: copy.copy(model),
+        lambda: torch.save(model, io.BytesIO()),
+    ):
+        with pytest.raises(TypeError, match=r"Cannot copy or pickle a dispatched model.*remove_dispatch\(model\)"):
+            attempt()
+    remove_dispatch(model)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == before
+    copied = copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
+    assert copied.inp.weight is not model.inp.weight
+    for got, want in zip(outputs(copied, UntiedMLP), outputs(reference, UntiedMLP), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the simulated GPUs shadow CUDA for the rest of the process")
+def test_copying_a_model_dispatched_on_simulated_gpus_with_prefetch_is_refused(tmp_path):
+    import copy
+
+    from lightning_bigmodel.simulate import simulated_gpus
+
+    reference = make_reference(UntiedMLP)
+    checkpoint = save_sharded_checkpoint(reference, tmp_path / "ckpt")
+    device_map = {"inp": 0, "blocks.0": "cpu", "blocks.1": "cpu", "blocks.2": 1, "out": 1}
+    with simulated_gpus(2):
+        model = load_checkpoint_and_dispatch(empty_model(UntiedMLP), checkpoint, device_map=device_map)
+        outputs(model, UntiedMLP)  # the prefetcher learns the order (its lock and thread now exist)
+        with pytest.raises(TypeError, match="remove_dispatch"):
+            copy.deepcopy(model)
+        remove_dispatch(model)
+        assert all(p.requires_grad for p in model.parameters())
