@@ -280,3 +280,141 @@ def test_unindexed_main_device_moves_no_resident_buffer(tmp_path):
     # only the CPU weights of `a` come in; with an unindexed "cuda" its GPU-resident buffers were copied GPU to GPU
     # and written back on every forward
     assert not any(r.kind == "copy" and r.detail.startswith("d2d") for r in log)
+
+
+# ------------------------------------------------------------------------------------ twins of CUDA-gated tests
+# Each CUDA-gated correctness test has a twin here on simulated GPUs (real values on the CPU, the same device flow).
+def _empty(cls):
+    from lightning_bigmodel import init_empty_weights
+
+    with init_empty_weights():
+        return cls()
+
+
+@pytest.mark.parametrize("cls_name", ["TiedLM", "UntiedMLP", "BufferNet"])
+@pytest.mark.parametrize("offload_buffers", [False, True])
+def test_simulated_gpu_with_cpu_and_disk_offload(tmp_path, cls_name, offload_buffers):
+    """Twin of test_dispatch.py::test_gpu_with_cpu_and_disk_offload (same maps, 4 calls: the first learns the order,
+    the next ones prefetch)."""
+    import models
+    from lightning_bigmodel import load_checkpoint_and_dispatch, remove_dispatch, save_sharded_checkpoint
+    from lightning_bigmodel.simulate import simulated_gpus
+
+    cls = getattr(models, cls_name)
+    checkpoint = save_sharded_checkpoint(models.make_reference(cls), tmp_path / "ckpt")
+    device_map = dict(models.MAPS[cls]["mixed"])
+    first = next(iter(device_map))
+    device_map[first] = 0
+    reference = models.make_reference(cls)
+    x = models.example_input(cls)
+    with simulated_gpus(1), torch.no_grad():
+        model = load_checkpoint_and_dispatch(
+            _empty(cls), checkpoint, device_map=device_map, offload_buffers=offload_buffers
+        )
+        for _ in range(4):
+            got = model(x)
+            assert got.device.type == "cpu"  # returned to the input's device
+            torch.testing.assert_close(got, reference(x))
+        if cls is models.TiedLM:
+            assert model.head.weight is model.wte.weight
+        assert all(p.device.type == "cpu" for n, p in model.named_parameters() if not n.startswith(first))
+        remove_dispatch(model)
+
+
+def test_simulated_gpu_pinned_host_weights(tmp_path):
+    """Twin of test_dispatch.py::test_gpu_pinned_host_weights."""
+    from lightning_bigmodel import load_checkpoint_in_model, save_sharded_checkpoint
+    from lightning_bigmodel.offload.placement import is_disk
+    from lightning_bigmodel.simulate import simulated_gpus
+    from models import UntiedMLP, make_reference
+
+    checkpoint = save_sharded_checkpoint(make_reference(UntiedMLP), tmp_path / "ckpt")
+    with simulated_gpus(1) as gpus:
+        model = _empty(UntiedMLP)
+        load_checkpoint_in_model(model, checkpoint, device_map={"inp": 0, "blocks": "cpu", "out": "disk"})
+        assert model.inp.weight.device == gpus.devices[0]
+        assert model.blocks[0].fc.weight.is_pinned() and is_disk(model.out.weight)
+
+
+class _Heavy(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(width, width) / width**0.5, requires_grad=False)
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+def test_simulated_prefetch_keeps_at_most_two_offloaded_blocks_on_the_gpu():
+    """Twin of test_gpu_correctness_integration.py::test_prefetch_keeps_at_most_two_offloaded_blocks_on_the_gpu."""
+    from lightning_bigmodel import dispatch_model, remove_dispatch
+    from lightning_bigmodel.simulate import simulated_gpus
+
+    blocks, width, rows = 16, 128, 64
+    block_bytes, act_bytes = width * width * 4, rows * width * 4
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[_Heavy(width) for _ in range(blocks)])
+    x = torch.randn(rows, width)
+    with torch.no_grad():
+        expected = model(x)
+    with simulated_gpus(1) as gpus, torch.no_grad():
+        dispatch_model(model, {"0": 0, **{str(i): "cpu" for i in range(1, blocks)}})
+        x_gpu = x.to(gpus.devices[0])
+        model(x_gpu)  # learns the order
+        base = gpus.memory_allocated(0)
+        gpus.reset_peak_memory_stats()
+        got = model(x_gpu)
+        extra = gpus.max_memory_allocated(0) - base
+        remove_dispatch(model)
+    torch.testing.assert_close(got.to("cpu"), expected)
+    assert extra <= 3 * block_bytes + 4 * act_bytes, extra
+
+
+def test_simulated_loading_narrows_on_the_host_before_the_gpu_copy(tmp_path):
+    """Twin of test_gpu_correctness_integration.py::test_loading_narrows_on_the_host_before_the_gpu_copy."""
+    from lightning_bigmodel import init_empty_weights, load_checkpoint_in_model, save_sharded_checkpoint
+    from lightning_bigmodel.simulate import simulated_gpus
+
+    width = 512
+    source = torch.nn.Linear(width, width, bias=False)
+    checkpoint = save_sharded_checkpoint(source, tmp_path / "ckpt")
+    with init_empty_weights():
+        model = torch.nn.Linear(width, width, bias=False)
+    with simulated_gpus(1) as gpus:
+        base = gpus.memory_allocated(0)
+        gpus.reset_peak_memory_stats()
+        load_checkpoint_in_model(model, checkpoint, device_map={"": 0}, dtype=torch.float16)
+        peak = gpus.max_memory_allocated(0) - base
+        assert model.weight.dtype == torch.float16 and model.weight.device == gpus.devices[0]
+        torch.testing.assert_close(model.weight.to("cpu"), source.weight.detach().half())
+    assert peak == width * width * 2  # the fp16 weight only: casting on the GPU would hold the fp32 copy too
+
+
+# ------------------------------------------------------------------------------------- staging of disk weights
+def test_disk_weights_are_staged_through_one_reused_page_locked_buffer(tmp_path, monkeypatch):
+    """The prefetch thread reads a module's disk weights into one page-locked buffer that every later module and
+    forward reuses: never torch's caching host allocator (a power-of-two block per tensor and per forward, kept after
+    use: 2x a layer's bytes page-locked outside the CPU budget)."""
+    from lightning_bigmodel import dispatch_model, remove_dispatch
+    from lightning_bigmodel.simulate import _runtime, simulated_gpus
+    from models import UntiedMLP, example_input, make_reference
+
+    pinned_by = []
+    real_pin = _runtime.pin
+    monkeypatch.setattr(_runtime, "pin", lambda t: pinned_by.append(threading.current_thread().name) or real_pin(t))
+    x = example_input(UntiedMLP)
+    with torch.no_grad():
+        expected = make_reference(UntiedMLP)(x)
+    device_map = {"inp": 0, "blocks.0": "disk", "blocks.1": "disk", "blocks.2": "disk", "out": "cpu"}
+    counts = []
+    with simulated_gpus(1), torch.no_grad():
+        model = dispatch_model(make_reference(UntiedMLP), device_map, offload_folder=tmp_path / "off")
+        for _ in range(4):  # the first learns the order, the next ones prefetch
+            torch.testing.assert_close(model(x), expected)
+            counts.append(sum(name.startswith("bigmodel-prefetch") for name in pinned_by))
+        assert counts[1] == counts[3] == 1, counts  # the one buffer, pinned once; nothing pinned per forward
+        staging = model._bigmodel_dispatch.prefetcher._staging
+        assert staging.stages >= 6 and staging.allocations == 1  # three disk blocks per forward, one buffer
+        block = sum(p.numel() * p.element_size() for p in make_reference(UntiedMLP).blocks[0].parameters())
+        assert block <= staging.buffer.numel() < block + 64 * 8  # one block's bytes (aligned), not a power of two
+        remove_dispatch(model)

@@ -2,8 +2,9 @@
 
 During the first forward the prefetcher only records the order in which weight hooks start. Afterwards, when the
 hook of module ``i`` starts, the parameters of the module that followed it are copied in by a background thread:
-disk views are read (page faults happen there, not on the compute thread) into pinned staging memory, and every
-host tensor is copied to the GPU with ``non_blocking=True`` on a side stream, followed by an event. When that module
+disk views are read (large reads, no page faults on the compute thread) into a reusable page-locked buffer (see
+:mod:`~lightning_bigmodel.offload.staging`), and every host tensor is copied to the GPU with ``non_blocking=True``
+on a side stream, followed by an event. When that module
 starts, its hook waits for the event on the current stream and calls ``record_stream`` on the copies, so the caching
 allocator does not reuse their memory before the compute stream is done with them. At most one module is in flight,
 on the GPU too: before allocating module ``i + 1``'s copies the background thread waits for an event the compute stream
@@ -30,24 +31,8 @@ import torch
 
 from lightning_bigmodel import _accelerator as accel
 from lightning_bigmodel._modes import capture_modes
-from lightning_bigmodel.offload.pages import populate, release
-from lightning_bigmodel.offload.placement import is_disk
-from lightning_bigmodel.offload.subclass import copy_to, is_pinned, is_wrapped, map_inner, plain_parts
-
-
-def _stage(host: torch.Tensor, release_disk: bool = False) -> torch.Tensor:
-    """A pinned copy of a pageable (e.g. memory-mapped) host tensor; reading it faults the pages in. A tensor subclass
-    holding inner tensors (a quantized weight) is staged part by part: copying it whole would dequantize it. A disk
-    view is read in one request; with ``release_disk`` its pages leave the page cache once copied."""
-    if is_wrapped(host):
-        return map_inner(host, lambda inner: _stage(inner, release_disk))
-    on_disk = is_disk(host)
-    if on_disk:
-        populate(host)  # one large read of the file range instead of page faults
-    staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
-    if on_disk and release_disk:
-        release(host)  # the pinned copy is what the GPU reads
-    return staged
+from lightning_bigmodel.offload.staging import Staging, needs_staging
+from lightning_bigmodel.offload.subclass import copy_to, plain_parts
 
 
 def _blocking_event(device: torch.device) -> torch.Event:
@@ -72,6 +57,7 @@ class Prefetcher:
         self._pending: Optional[tuple[object, Future]] = None
         self._lock = threading.Lock()  # guards `_pending` and the switch out of recording
         self._streams: dict[torch.device, torch.Stream] = {}
+        self._staging = Staging()  # page-locked RAM the disk weights of the module in flight are read into
         self._pool: Optional[ThreadPoolExecutor] = None
         self.release_disk = False  # drop disk pages once staged (set when the disk weights exceed the memory left)
 
@@ -159,17 +145,19 @@ class Prefetcher:
         stream = self._side_stream(hook.device)
         reached.synchronize()  # bounds run-ahead on the GPU: the modules before `hook`'s predecessor freed their copies
         copies = {}
+        pageable = [index for index in hook.prefetchable if needs_staging(hook.entries[index].host)]
         with accel.use_stream(stream):
             stream.wait_event(reached)
+            # Pageable host memory (disk views) is read into the reusable page-locked buffer first; pinned host memory
+            # and another GPU's tensor (a tied weight resident there) are copied directly: GPU to GPU, not through RAM.
+            staged = self._staging.stage(hook, pageable, self.release_disk) if pageable else {}
             for index in hook.prefetchable:
-                host = hook.entries[index].host
-                # Pageable host memory is staged into pinned memory; pinned host memory and another GPU's tensor (a
-                # tied weight resident there) are copied directly: GPU to GPU, not through RAM.
-                pageable = host.device.type == "cpu" and not is_pinned(host)
-                source = _stage(host, self.release_disk) if pageable else host
+                source = staged.get(index, hook.entries[index].host)
                 copies[index] = copy_to(source, hook.device, non_blocking=True)
-            event = accel.new_event(hook.device)
+            event = _blocking_event(hook.device)  # the staging buffer's next user sleeps on it too
             event.record(stream)
+        if pageable:
+            self._staging.copied(event)
         return copies, event
 
     def close(self) -> None:
@@ -187,4 +175,5 @@ class Prefetcher:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._streams.clear()
+        self._staging.close()
         del pending, order, successors  # the copies and hooks are freed here, with no lock held

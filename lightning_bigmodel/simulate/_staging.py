@@ -51,8 +51,8 @@ class SimPrefetcher:
 
 
 def _copy_in(hook: WeightHook) -> dict[int, torch.Tensor]:
-    """The prefetchable tensors of ``hook`` on its device. Disk views are read into pinned RAM first; those staging
-    blocks stay held (by the caching host allocator) until the asynchronous copies are done, so all of them count."""
+    """The prefetchable tensors of ``hook`` on its device. Disk views are read into page-locked RAM first (the
+    prefetcher's staging buffer, sized to the module in flight), so their bytes count in host RAM meanwhile."""
     staged, copies = [], {}
     for index in hook.prefetchable:
         host = hook.entries[index].host
