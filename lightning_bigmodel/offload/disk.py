@@ -11,16 +11,17 @@ processes sharing a folder; views handed out stay valid when another process rep
 inode).
 
 Reuse trusts nothing it has not checked. The manifest's schema is validated (an invalid one is treated like a torn
-one: rebuilt). Each reused file is opened once (``O_NOFOLLOW``) and its header validated against the entry's shape,
-dtype and layout; a file that fails is rewritten. Its checksum is verified in the background while the load goes on
-(two threads; the folder's exit waits for them). Why CRC-32 (``zlib.crc32``) and not blake2b or xxhash: it is in the
-standard library (xxhash would be a new dependency), releases the GIL, and hashed 4.5x faster than ``hashlib.blake2b``
-here (2.2 vs 0.5 GiB/s), which is most of what reusing a folder costs; it catches every accidental change of up to 32
-bits and any other with odds 1 - 2**-32. A cryptographic hash would add no protection: whoever can rewrite a file in
-the folder can rewrite the manifest beside it. The exit and refuses a mismatch with :class:`OffloadFolderError` naming the files, which are
-then dropped from the manifest (a rerun rewrites them). Nothing in the folder is followed through a symbolic link:
-files, manifest and temporary files are opened ``O_NOFOLLOW`` or created ``O_EXCL``; a link in place of a listed file is
-replaced, and ``.lock`` as a link is refused.
+one: rebuilt). Each reused file is opened once (``O_NOFOLLOW``) and its size and header validated against the entry's
+shape, dtype and layout; a file that fails is rewritten. Its checksum is verified in the background while the load goes
+on; the folder's exit waits for it and refuses a mismatch with :class:`OffloadFolderError` naming the files, which are
+then dropped from the folder and its manifest (a rerun rewrites them). Why CRC-32 (``zlib.crc32``) and not blake2b or
+xxhash: it is in the standard library (xxhash would be a new dependency), releases the GIL, and hashed 4.5x faster than
+``hashlib.blake2b`` here (2.2 vs 0.5 GiB/s), which is most of what reusing a folder costs; it catches every accidental
+change of up to 32 bits and any other with odds 1 - 2**-32. A cryptographic hash would add no protection: whoever can
+rewrite a file in the folder can rewrite the manifest beside it.
+
+Nothing in the folder is followed through a symbolic link: files, manifest and lock are opened ``O_NOFOLLOW``,
+temporary files created ``O_EXCL``; a link in place of a listed file is replaced, and ``.lock`` as a link is refused.
 
 Crash safety: the manifest is removed before the first write of a session and rewritten at its end, so a process
 killed part way leaves no manifest (the next run rebuilds what it needs) and, at worst, a temporary file, which the
@@ -35,10 +36,6 @@ import json
 import os
 import re
 import shutil
-import struct
-import threading
-import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -46,11 +43,18 @@ import torch
 
 from lightning_bigmodel._atomic import TMP_PATTERN, atomic_write, fsync_dir
 
-from lightning_bigmodel.checkpoint.errors import CheckpointError
-from lightning_bigmodel.checkpoint.resolve import is_safetensors
-from lightning_bigmodel.checkpoint.safetensors_view import DTYPE_CODES, open_mmap, view
+from lightning_bigmodel.checkpoint.safetensors_view import open_mmap, view
 from lightning_bigmodel.checkpoint.shard import ShardHandle, ensure_descriptors
-from lightning_bigmodel.offload._manifest import entry_problem, header_problem, layout_of
+from lightning_bigmodel.offload._files import (  # noqa: F401 (re-exported: the public names live here)
+    OffloadFolderError,
+    _folder_error,
+    _link_error,
+    _nofollow,
+    _save_aligned,
+    source_identity,
+)
+from lightning_bigmodel.offload._manifest import entry_problem, layout_of
+from lightning_bigmodel.offload._reuse import BackgroundChecksums, open_checked
 
 try:  # POSIX only; elsewhere a folder is not protected against concurrent writers
     import fcntl
@@ -60,18 +64,10 @@ except ImportError:  # pragma: no cover
 MANIFEST = "offload_index.json"
 _LOCK = ".lock"
 _VERSION = 2  # 2: checksums, header layouts, inode/ctime identities
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_CHECK_THREADS = 2  # checksums of reused files computed at once (pread and crc32 release the GIL)
 DESCRIPTORS_PER_FILE = 2  # a file's handle while loading, plus the read-ahead's track of its map
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
-_ALIGN = 64  # data offset of every file: views are as aligned as a fresh allocation (same kernels, same results)
 _TMP = TMP_PATTERN  # what `atomic_write` names its temporary files
 _FILE_SLACK = 4096  # per file, on top of its tensor bytes, when checking free space: header plus a filesystem block
-
-
-class OffloadFolderError(ValueError, OSError):
-    """An offload folder cannot be created, written or filled (``errno`` is the cause's, when there is one)."""
 
 
 def _fault_point(stage: str, path: Path) -> None:
@@ -79,86 +75,9 @@ def _fault_point(stage: str, path: Path) -> None:
     (renamed into place). Fault-injection tests replace it to kill the process at these points."""
 
 
-def source_identity(files: Sequence[Union[str, Path, ShardHandle]]) -> list[dict[str, Any]]:
-    """What identifies a checkpoint's content cheaply: per file, its resolved path, size, inode, device, ctime, mtime
-    and a digest of its safetensors header (:meth:`ShardHandle.identity`). A file copied over another with the same size
-    and mtime (``cp -p``) has a new inode or ctime. Pass the open handles of a reader to identify what it reads."""
-    out = []
-    for file in files:
-        if isinstance(file, ShardHandle):
-            out.append(file.identity())
-            continue
-        handle = ShardHandle(file, safetensors=is_safetensors(file))
-        try:
-            out.append(handle.identity())
-        finally:
-            handle.close()
-    return out
-
-
-def _save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> str:
-    """Write ``tensors`` as one safetensors file whose data starts 64-byte aligned; return the CRC-32 of its bytes.
-
-    The format allows padding the JSON header with spaces; the safetensors library reads such files as usual. Several
-    tensors (the parts of a quantized weight) go widest element first, so each starts at a multiple of its itemsize
-    (the format allows no gaps between them).
-    """
-    datas = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    order = sorted(datas, key=lambda name: -datas[name].element_size())
-    header, offset = {}, 0
-    for name in order:
-        data = datas[name]
-        nbytes = data.numel() * data.element_size()
-        header[name] = {
-            "dtype": DTYPE_CODES[data.dtype], "shape": list(data.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % _ALIGN)
-    crc = 0
-    with open(path, "wb") as f:
-        for chunk in [struct.pack("<Q", len(raw)), raw] + [
-            memoryview(datas[name].reshape(-1).view(torch.uint8).numpy()) for name in order if datas[name].numel()
-        ]:
-            f.write(chunk)
-            crc = zlib.crc32(chunk, crc)  # while writing: the bytes are never read back to be hashed
-    return f"{crc:08x}"
-
-
 def _write_atomic(path: Path, write) -> None:
     atomic_write(path, write, before_commit=lambda tmp: _fault_point("tmp-written", tmp))
     _fault_point("committed", path)
-
-
-def _folder_error(folder: Path, doing: str, err: OSError) -> OffloadFolderError:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "Free space there, or pass an `offload_folder` on a disk with room for the offloaded weights."
-        what = "ran out of space"
-    else:
-        fix = "Pass a writable `offload_folder` (check its permissions and that its parents are folders)."
-        what = "is not writable"
-    out = OffloadFolderError(f"`offload_folder` {str(folder)!r} {what} while {doing} ({err}). {fix}")
-    out.errno = err.errno
-    return out
-
-
-def _nofollow(path: str, flags: int) -> int:
-    """``opener`` for :func:`open` that never follows a symbolic link at the last component (``ELOOP`` instead)."""
-    return os.open(path, flags | _NOFOLLOW | _CLOEXEC, 0o644)
-
-
-def _link_error(path: Path) -> OffloadFolderError:
-    try:
-        target = f" (to {os.readlink(path)!r})"
-    except OSError:
-        target = ""
-    out = OffloadFolderError(
-        f"{str(path)!r} in the offload folder is a symbolic link{target}. Nothing in an offload folder is followed "
-        "through a link: remove it (the library recreates the file)."
-    )
-    out.errno = errno.ELOOP
-    return out
 
 
 class OffloadFolder:
@@ -179,9 +98,7 @@ class OffloadFolder:
         self._written: list[Path] = []  # files written in this session (removed if the manifest cannot be saved)
         self._unwritable: Optional[OffloadFolderError] = None
         self._handles: dict[str, ShardHandle] = {}  # tensor name -> its file, opened once (checked, or just written)
-        self._checks: dict[str, Future] = {}  # tensor name -> checksum of a reused file, computed in the background
-        self._checker: Optional[ThreadPoolExecutor] = None
-        self._stop = threading.Event()
+        self._checks = BackgroundChecksums()  # of the reused files
 
     verify_checksums = True  # set to False only to measure what verification costs (benchmarks)
 
@@ -339,7 +256,7 @@ class OffloadFolder:
             return False
         if name in self._handles:
             return True
-        handle = self._open_checked(entry)
+        handle = open_checked(self.folder, entry, remove_links=self._unwritable is None)
         if handle is None:
             self.entries.pop(name)
             if self._unwritable is None:  # else the rewrite fails with the folder's error, the manifest untouched
@@ -347,46 +264,14 @@ class OffloadFolder:
             return False
         self._handles[name] = handle
         if self.verify_checksums:
-            if self._checker is None:
-                self._checker = ThreadPoolExecutor(_CHECK_THREADS, thread_name_prefix="offload-checksum")
-            self._checks[name] = self._checker.submit(handle.checksum, self._stop)
+            self._checks.start(name, handle)
         return True
-
-    def _open_checked(self, entry: dict[str, Any]) -> Optional[ShardHandle]:
-        """The entry's file opened (``O_NOFOLLOW``) with its size and header as recorded, else ``None``."""
-        path = self.folder / entry["file"]
-        try:
-            handle = ShardHandle(path, nofollow=True)
-        except CheckpointError:  # a header that does not parse
-            return None
-        except OSError as err:
-            if err.errno == errno.ELOOP and self._unwritable is None:
-                path.unlink(missing_ok=True)  # a link in place of a listed file: removed (not followed), rewritten
-            if err.errno in (errno.ENOENT, errno.ELOOP, errno.EACCES, errno.EISDIR):
-                return None
-            raise _folder_error(self.folder, f"opening {entry['file']!r}", err) from err
-        if handle.size != entry["size"] or header_problem(entry, handle.header) is not None:
-            handle.close()
-            return None
-        return handle
 
     def _finish_checks(self, abort: bool) -> Optional[OffloadFolderError]:
         """Wait for the background checksums; drop the entries (and files) that do not match. Returns the error to
         raise, naming them, or ``None``. With ``abort`` the checks still running stop early (nothing is judged)."""
-        if abort:
-            self._stop.set()
-        bad = []
-        for name, future in self._checks.items():
-            try:
-                digest = future.result()
-            except (OSError, CheckpointError):  # the file became unreadable: not reusable either
-                digest = None
-            if not abort and name in self.entries and digest != self.entries[name]["crc32"]:
-                bad.append(self.entries.pop(name)["file"])
-        self._checks.clear()
-        if self._checker is not None:
-            self._checker.shutdown()
-            self._checker = None
+        expected = {name: entry["crc32"] for name, entry in self.entries.items()}
+        bad = [self.entries.pop(name)["file"] for name in self._checks.finish(expected, abort)]
         if not bad:
             return None
         self._begin_changes()
@@ -469,7 +354,7 @@ class OffloadFolder:
     def _handle(self, name: str) -> ShardHandle:
         handle = self._handles.get(name)
         if handle is None:  # an entry reused without `has` (callers check first): open and check it now
-            handle = self._open_checked(self.entries[name])
+            handle = open_checked(self.folder, self.entries[name], remove_links=self._unwritable is None)
             if handle is None:
                 raise OffloadFolderError(
                     f"Offload file {self.entries[name]['file']!r} in {str(self.folder)!r} does not hold what its "
