@@ -418,3 +418,34 @@ def test_disk_weights_are_staged_through_one_reused_page_locked_buffer(tmp_path,
         block = sum(p.numel() * p.element_size() for p in make_reference(UntiedMLP).blocks[0].parameters())
         assert block <= staging.buffer.numel() < block + 64 * 8  # one block's bytes (aligned), not a power of two
         remove_dispatch(model)
+
+
+def test_staged_disk_pages_are_released_when_memory_is_short(tmp_path, monkeypatch):
+    """Twin of test_residency.py::test_gpu_prefetch_releases_staged_disk_pages_when_memory_is_short: with the disk
+    weights larger than the memory left, each staged module's file ranges are read with release, and the pages its
+    views mapped themselves (the first forward fetches without prefetch) are released too (advice: whether the kernel
+    drops them is not checked here)."""
+    import lightning_bigmodel.offload.attach as attach
+    import lightning_bigmodel.offload.staging as staging
+    import lightning_bigmodel.offload.stream as stream
+    from lightning_bigmodel import dispatch_model, remove_dispatch
+    from lightning_bigmodel.simulate import simulated_gpus
+    from models import UntiedMLP, example_input, make_reference
+
+    released, reads = [], []
+    monkeypatch.setattr(attach, "should_release", lambda disk_bytes: True)
+    monkeypatch.setattr(staging, "release_pages", lambda tensor: released.append(tensor.data_ptr()) or True)
+    real_read = stream.Layout.read_into
+    monkeypatch.setattr(stream.Layout, "read_into", lambda self, b, r=False: reads.append(r) or real_read(self, b, r))
+    x = example_input(UntiedMLP)
+    with torch.no_grad():
+        expected = make_reference(UntiedMLP)(x)
+    with simulated_gpus(1), torch.no_grad():
+        model = dispatch_model(make_reference(UntiedMLP), {"inp": 0, "blocks": "disk", "out": "cpu"},
+                               offload_folder=tmp_path / "off")  # fmt: skip
+        for _ in range(3):
+            torch.testing.assert_close(model(x), expected)
+        disk = {p.data_ptr() for p in model.blocks.parameters()}
+        remove_dispatch(model)
+    assert reads and all(reads)  # every staged read drops its file range from the page cache
+    assert disk <= set(released) and set(released) <= disk

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from lightning_bigmodel.offload.pages import release as release_pages
 from lightning_bigmodel.offload.pinned import pinned_empty
 from lightning_bigmodel.offload.stream import ALIGN, Layout
 from lightning_bigmodel.offload.subclass import is_pinned, is_wrapped, map_inner, plain_parts
@@ -57,6 +58,11 @@ class Staging:
             self._copied.synchronize()  # the GPU finished reading the last job's bytes from the buffer
         buffer = self._reserve(layout.nbytes + sum(_aligned(p.numel() * p.element_size()) for p in rest), hook.device)
         layout.read_into(buffer, release)
+        if release:  # pages the views themselves mapped (a fetch without prefetch, e.g. the first forward) go too
+            for host in hosts.values():
+                for part in plain_parts(host):
+                    if part.data_ptr() in laid_out:
+                        release_pages(part)
         position = _aligned(layout.nbytes)
         self.stages += 1
 
