@@ -313,3 +313,42 @@ def test_every_policy_on_three_simulated_gpus_uses_each_gpu_and_runs_like_the_pl
     ids = torch.randint(0, config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(2))
     expected, got = _plain_and_dispatched(GPT, {"config": config}, device_map, ids, gpus=3)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the simulation shadows CUDA for the rest of the process")
+def test_the_trainer_records_the_prefetch_depth_in_the_table_and_json_and_the_hooks_follow_it(tmp_path, caplog):
+    """Two simulated GPUs of 90 kB for the tiny GPT: room for two offloaded blocks would cost GPU 0 its modules, so the
+    plan keeps one; the table and device_map.json say so, and the dispatched model has no prefetcher."""
+    import json
+    import logging
+
+    import lightning.pytorch as pl
+
+    from lightning_bigmodel import BigModelInferenceStrategy, DeviceMapCallback
+    from lightning_models import GPTModule, plain_gpt, reference_outputs, token_loader, write_bare_checkpoint
+
+    checkpoint = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt())
+    budget = {0: 90_000, 1: 90_000, "cpu": 10**6}
+    with simulated_gpus(2):
+        strategy = BigModelInferenceStrategy(max_memory=budget, no_split_module_classes=["Block"])
+        callback = DeviceMapCallback()
+        trainer = pl.Trainer(accelerator="gpu", devices=2, strategy=strategy, callbacks=[callback], logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+        module = GPTModule()
+        with caplog.at_level(logging.INFO):
+            outputs = trainer.predict(module, token_loader(), ckpt_path=str(checkpoint))
+        assert {0, 1, "cpu"} <= set(callback.device_map.values()), callback.device_map
+        assert callback.prefetch_depth == 1 and module.model._bigmodel_dispatch.prefetcher is None
+    assert "prefetch: 1 offloaded layer on cuda:0 at a time" in caplog.text
+    written = json.loads((tmp_path / "device_map.json").read_text())
+    assert written["prefetch_depth"] == 1 and written["reserve_bytes"] == callback.reserve > 0
+    for got, want in zip(outputs, reference_outputs(), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_prefetch_setting_that_is_none_of_the_three_fails_where_it_is_given():
+    from lightning_bigmodel import BigModelInferenceStrategy, DeviceMapCallback
+
+    for make in (BigModelInferenceStrategy, DeviceMapCallback):
+        with pytest.raises(ValueError, match=r"`prefetch='sometimes'` is not a prefetch setting; pass True, False"):
+            make(prefetch="sometimes")

@@ -22,7 +22,8 @@ from lightning_bigmodel.planning.device_map import (
 )
 from lightning_bigmodel.planning.budget import budget_sources, check_layer_fits, get_max_memory
 from lightning_bigmodel.planning.sizes import compute_module_sizes
-from lightning_bigmodel.planning.table import bytes_per_device, device_label, format_bytes, render_table
+from lightning_bigmodel.planning.devices import prefetch_depth_of
+from lightning_bigmodel.planning.table import bytes_per_device, device_label, format_bytes, prefetch_line, render_table
 from lightning_bigmodel.pl._peaks import fitted_plan, simulated_memory
 
 DeviceMapArg = Union[Policy, dict[str, Union[int, str]]]
@@ -37,6 +38,7 @@ PLANNING_DEFAULTS: dict[str, Any] = {
     "offload_buffers": False,
     "input_shape": None,  # a batch of token ids ("4x2048"): plan so that the simulated peak fits
     "max_new_tokens": 0,
+    "prefetch": "auto",  # True: room for two offloaded layers on the GPU, False: one, "auto": two where they fit
 }
 
 
@@ -61,6 +63,8 @@ def _canonical(name: str, value: Any) -> Any:
         return tuple(sorted(value))
     if name == "dtype":
         return parse_dtype(value)
+    if name == "prefetch" and value not in (True, False, "auto"):
+        raise ValueError(f"`prefetch={value!r}` is not a prefetch setting; pass True, False or \"auto\".")
     if name == "input_shape" and value is not None:
         from lightning_bigmodel.simulate.memory import parse_input_shape  # lazy: fake tensors load on use only
 
@@ -148,6 +152,10 @@ class DeviceMapCallback(Callback):
             activations, KV cache and staging of offloaded layers on every device (see ``infer_device_map``), and
             ``device_map.json`` carries the simulated weights and peak per device. Default: the strategy's, else none.
         max_new_tokens: decode steps of ``generate`` to plan for (with ``input_shape``).
+        prefetch: offloaded layers the execution GPU holds at once: ``"auto"`` (default) two (compute one, prefetch the
+            next) where their room does not cost the GPUs their modules, else one (fetch, compute, free); ``True`` two
+            (an error before loading when they do not fit); ``False`` one. The plan's choice is in the table and
+            ``device_map.json`` (``prefetch_depth``), and the dispatched model follows it.
 
     Attributes:
         device_map: the plan (``None`` until planned).
@@ -156,6 +164,9 @@ class DeviceMapCallback(Callback):
         memory: with ``input_shape``, the simulated ``{device: {"weights", "peak"}}`` of the plan, else ``None``.
         budget_sources: where each budget came from (``"cgroup limit"``, ``"available RAM"``, ``"free memory"``,
             ``"max_memory"``), shown in the table.
+        prefetch_depth: offloaded layers the execution GPU holds at once under the plan (2, 1, or 0 when no
+            offloaded layer computes on a GPU; for an explicit map, what ``prefetch`` says, else ``None``).
+        reserve: bytes the plan keeps free on the execution device for offloaded layers and buffers.
     """
 
     def __init__(
@@ -168,6 +179,7 @@ class DeviceMapCallback(Callback):
         save_json: bool = True,
         input_shape: Optional[Union[str, Sequence[int]]] = None,
         max_new_tokens: Optional[int] = None,
+        prefetch: Optional[Union[bool, str]] = None,
     ) -> None:
         given = {
             "input_shape": None if input_shape is None else _canonical("input_shape", input_shape),
@@ -177,6 +189,7 @@ class DeviceMapCallback(Callback):
             "no_split_module_classes": None if no_split_module_classes is None else list(no_split_module_classes),
             "dtype": parse_dtype(dtype),
             "offload_buffers": offload_buffers,
+            "prefetch": None if prefetch is None else _canonical("prefetch", prefetch),
         }
         self.given_settings = {name: value for name, value in given.items() if value is not None}
         self._apply_settings(PLANNING_DEFAULTS | self.given_settings)
@@ -187,6 +200,8 @@ class DeviceMapCallback(Callback):
         self.budget_sources: dict[Union[int, str], str] = {}
         self.json_path: Optional[Path] = None
         self.memory: Optional[dict[Union[int, str], dict[str, int]]] = None
+        self.prefetch_depth: Optional[int] = None
+        self.reserve = 0
         self._reconciled_with: Optional[int] = None  # id() of the strategy whose settings were merged in
 
     def _apply_settings(self, settings: Mapping[str, Any]) -> None:
@@ -242,6 +257,7 @@ class DeviceMapCallback(Callback):
         self.memory = None
         if self.max_new_tokens and self.input_shape is None:
             raise ValueError(f"`max_new_tokens={self.max_new_tokens}` needs `input_shape` (e.g. '4x2048') to plan for.")
+        self.prefetch_depth, self.reserve = ({True: 2, False: 1}.get(self.prefetch), 0)  # an explicit map's
         if isinstance(self.requested_map, Mapping):
             device_map = {key: normalize_device(value) for key, value in self.requested_map.items()}
             check_device_map(pl_module, device_map)
@@ -252,7 +268,7 @@ class DeviceMapCallback(Callback):
             device_map, self.memory = fitted_plan(
                 pl_module, self.input_shape, self.max_new_tokens, max_memory=self.max_memory_bytes,
                 no_split_module_classes=self.no_split_module_classes, dtype=self.dtype, policy=self.requested_map,
-                offload_buffers=self.offload_buffers, **quantized,
+                offload_buffers=self.offload_buffers, prefetch=self.prefetch, **quantized,
             )  # fmt: skip
         else:
             device_map = infer_device_map(
@@ -263,8 +279,11 @@ class DeviceMapCallback(Callback):
                 policy=self.requested_map,
                 offload_buffers=self.offload_buffers,
                 stream_reserve=self.max_memory is None,  # a detected budget keeps room for the disk stream
+                prefetch=self.prefetch,
                 **quantized,
             )
+        if prefetch_depth_of(device_map) is not None:  # a plan: its depth and reserve (the dict below drops them)
+            self.prefetch_depth, self.reserve = device_map.prefetch_depth, device_map.reserve
         self.device_map = dict(device_map)
         return self.device_map
 
@@ -286,7 +305,8 @@ class DeviceMapCallback(Callback):
         """The plan as a table (see :func:`lightning_bigmodel.planning.table.render_table`)."""
         if self.device_map is None:
             raise RuntimeError("`DeviceMapCallback` has not planned yet: `render()` needs `plan()` first.")
-        return render_table(self.device_map, self.module_sizes, self.max_memory_bytes, self.budget_sources)
+        table = render_table(self.device_map, self.module_sizes, self.max_memory_bytes, self.budget_sources)
+        return table + "\n" + prefetch_line(self.prefetch_depth, self.reserve, self.device_map)
 
     def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.device_map is None:
@@ -311,6 +331,8 @@ class DeviceMapCallback(Callback):
             "bytes_per_device": bytes_per_device(self.device_map, self.module_sizes),
             "max_memory": {device_label(key): value for key, value in self.max_memory_bytes.items()},
             "max_memory_source": {device_label(key): value for key, value in self.budget_sources.items()},
+            "prefetch_depth": self.prefetch_depth,  # offloaded layers on the execution GPU at once (see `prefetch`)
+            "reserve_bytes": self.reserve,
         }
         if self.memory is not None:  # the simulated run-time memory of a batch of `input_shape`
             from lightning_bigmodel.simulate.report import peaks_json

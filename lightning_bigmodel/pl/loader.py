@@ -133,6 +133,7 @@ def load_into(
     checkpoint_io: Optional[CheckpointIO] = None,
     quantization: Optional[str] = None,
     quantization_skip_modules: Optional[list[str]] = None,
+    prefetch: Optional[bool] = None,
 ) -> None:
     """Stream ``state_dict`` into ``model`` on the devices of ``device_map``, check nothing is left on meta, dispatch.
 
@@ -171,7 +172,7 @@ def load_into(
         )
     root, root_map = dispatch_root(model, device_map)
     dispatch_model(root, root_map, main_device=main_device, offload_folder=offload_folder,
-                   offload_buffers=offload_buffers)  # fmt: skip
+                   offload_buffers=offload_buffers, prefetch=prefetch)  # fmt: skip
     if root is model:
         hook_network_children(model)
 

@@ -77,6 +77,9 @@ class BigModelInferenceStrategy(Strategy):
         input_shape: the shape of a batch of token ids (``"4x2048"``): plan so that every device's simulated peak
             (activations, KV cache, staging of offloaded layers) fits its budget, and report it in ``device_map.json``.
         max_new_tokens: decode steps of ``generate`` to plan for (with ``input_shape``).
+        prefetch: offloaded layers the execution GPU holds at once: ``"auto"`` (default) two (compute one, prefetch
+            the next) where their room costs the GPUs nothing, else one (fetch, compute, free); ``True`` two, failing
+            before loading when they do not fit; ``False`` one. The plan's choice is in the device-map table.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as for Lightning
             strategies (the Trainer fills them in). ``checkpoint_io`` defaults to ``ShardedCheckpointIO()``.
 
@@ -113,6 +116,7 @@ class BigModelInferenceStrategy(Strategy):
         release_on_teardown: bool = False,
         input_shape: Optional[Union[str, list[int]]] = None,
         max_new_tokens: Optional[int] = None,
+        prefetch: Optional[Union[bool, str]] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -130,6 +134,7 @@ class BigModelInferenceStrategy(Strategy):
             "offload_buffers": offload_buffers,
             "input_shape": None if input_shape is None else _canonical("input_shape", input_shape),
             "max_new_tokens": max_new_tokens,
+            "prefetch": None if prefetch is None else _canonical("prefetch", prefetch),
         }
         self.given_settings = {name: value for name, value in given.items() if value is not None}
         self._use_settings(PLANNING_DEFAULTS | self.given_settings)
@@ -147,6 +152,7 @@ class BigModelInferenceStrategy(Strategy):
         self.loaded_from: Optional[str] = None  # the checkpoint the current model holds
         self._root_device: Optional[torch.device] = None
         self._prefetchers: Optional[list] = None  # of the dispatched model, found after loading (None: look again)
+        self.prefetch_depth: Optional[int] = None  # the plan's (see DeviceMapCallback.prefetch_depth)
 
     # ------------------------------------------------------------------ single-process plumbing
     @property
@@ -228,6 +234,7 @@ class BigModelInferenceStrategy(Strategy):
             if self.dtype is not None:
                 module.to(dtype=self.dtype)  # meta parameters and real floating-point buffers; ints stay
             self.plan = callback.plan(module, self)
+            self.prefetch_depth = callback.prefetch_depth  # the plan's: the dispatched hooks follow it
             budget = callback.max_memory_bytes
             self.loaded_from = None
         check_trainer_devices(self.plan, self, budget)  # before anything is loaded
@@ -297,6 +304,7 @@ class BigModelInferenceStrategy(Strategy):
             checkpoint_io=self.checkpoint_io,
             quantization=self.quantization,
             quantization_skip_modules=self.quantization_skip_modules,
+            prefetch=self._prefetch(),
         )
         self.loaded_from = source
 
@@ -311,7 +319,13 @@ class BigModelInferenceStrategy(Strategy):
             self.load_model_state_dict(loaded, strict=module.strict_loading)
             return
         load_into(module, None, self.plan or {}, main_device=self.root_device, offload_folder=self.offload_folder,
-                  offload_buffers=self.offload_buffers, quantization=self.quantization)  # fmt: skip
+                  offload_buffers=self.offload_buffers, quantization=self.quantization,
+                  prefetch=self._prefetch())  # fmt: skip
+
+    def _prefetch(self) -> Optional[bool]:
+        """Whether the dispatched hooks prefetch: the plan's depth (1: no), else ``None`` (dispatch decides)."""
+        depth = getattr(self, "prefetch_depth", None)
+        return None if depth is None or depth == 0 else depth == 2
 
     def on_predict_start(self) -> None:
         self._ensure_loaded()

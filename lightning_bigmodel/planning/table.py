@@ -101,3 +101,18 @@ def render_table(
         lines.append(line + (f"  {source.get(label, '-')}" if source else ""))
     lines.append(f"{'total':<7}  {format_bytes(sum(totals.values())):>10}")
     return "\n".join(lines)
+
+
+def prefetch_line(depth: Optional[int], reserve: int, device_map: Mapping[str, Device]) -> str:
+    """The plan's prefetch depth as one line under the table: how many offloaded layers the execution GPU holds at once,
+    and the room kept for them."""
+    gpus = [device for device in device_map.values() if isinstance(device, int)]
+    where = device_label(min(gpus)) if gpus else "cpu"
+    kept = f", {format_bytes(reserve)} kept free on {where} for offloaded layers and buffers" if reserve else ""
+    if depth == 2:
+        return f"prefetch: 2 offloaded layers on {where} (one computes while the next is copied in){kept}"
+    if depth == 1:
+        return f"prefetch: 1 offloaded layer on {where} at a time (fetch, compute, free; no look-ahead){kept}"
+    if depth == 0:
+        return f"prefetch: none (no offloaded layer computes on a GPU){kept}"
+    return "prefetch: as the hand-made map's dispatch decides (prefetch='auto': two layers)"
