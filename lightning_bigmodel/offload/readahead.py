@@ -228,6 +228,8 @@ class ReadAhead:
         name = self._next_unit()
         if name is None or name in self._ready or any(unit == name for unit, _ in self._in_use):
             return None
+        if name in self._kept and not self._still_fits(name):
+            self._kept.discard(name)  # memory went elsewhere since the subset was chosen: stream it instead
         if name in self._kept:
             buffer, pooled = torch.empty(self._units[name].layout.nbytes, dtype=torch.uint8), False
         elif self._free or self._made < self._slots:
@@ -308,6 +310,13 @@ class ReadAhead:
                 kept.add(name)
                 credit -= sizes[name]
         return kept
+
+    def _still_fits(self, name: str) -> bool:
+        """Whether keeping ``name`` still leaves the headroom and the stream's unallocated buffers free (checked when
+        its buffer is allocated: the choice was made from the memory of an earlier moment)."""
+        cpu = detect_cpu_memory()
+        pending = (self._slots - self._made) * self._slot_bytes
+        return self._units[name].layout.nbytes + pending <= cpu.free - cpu.headroom
 
     def close(self) -> None:
         """Stop the reader (after the read in flight) and drop the buffers."""
