@@ -301,3 +301,47 @@ def test_unindexed_main_device_leaves_gpu_buffers_in_place():
         got = [model(x.cuda()) for _ in range(2)]
     for out, want in zip(got, expected):
         torch.testing.assert_close(out.cpu(), want, **gpu_tolerance(torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------- review 2, slow paths
+@needs_cuda
+def test_release_gives_the_cached_gpu_memory_back_before_the_next_plan():
+    """Twin: test_pinned.py::test_release_returns_the_gpu_memory_the_allocator_cached_for_the_freed_weights."""
+    from lightning_bigmodel import dispatch_model
+    from lightning_bigmodel.pl.loader import release
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(4)])  # 16 MiB each
+    dispatch_model(model, {"0": 0, "1": "cpu", "2": 0, "3": "cpu"})
+    with torch.inference_mode():
+        for _ in range(3):
+            model(torch.randn(8, 2048, device="cuda"))
+    assert torch.cuda.memory_reserved(0) >= before + 2 * 2048 * 2048 * 4
+    release(model)
+    assert torch.cuda.memory_reserved(0) <= before  # what mem_get_info (the next plan) sees as free again
+
+
+@needs_cuda
+def test_disk_weights_are_staged_in_one_reused_page_locked_buffer(tmp_path):
+    """Twin: test_gpu_correctness.py::test_disk_weights_are_staged_through_one_reused_page_locked_buffer."""
+    from lightning_bigmodel import dispatch_model, remove_dispatch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(5)])
+    x = torch.randn(4, 1024)
+    with torch.inference_mode():
+        expected = model(x)
+    dispatch_model(model, {"0": 0, "1": "disk", "2": "disk", "3": "disk", "4": 0}, offload_folder=tmp_path / "off")
+    pinned_before = pinned.pinned_bytes()
+    with torch.inference_mode():
+        for _ in range(4):
+            got = model(x.cuda())
+            torch.testing.assert_close(got.cpu(), expected, **gpu_tolerance(got.dtype))
+    staging = model.__dict__["_bigmodel_dispatch"].prefetcher._staging
+    layer = 1024 * 1024 * 4 + 1024 * 4
+    assert staging.allocations == 1 and layer <= staging.buffer.numel() < layer + 4096
+    assert pinned.pinned_bytes() - pinned_before == pinned.pinned_footprint(staging.buffer.numel())
+    remove_dispatch(model)
+    gc.collect()

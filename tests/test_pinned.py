@@ -261,3 +261,23 @@ def test_a_refused_cuda_host_register_leaves_no_error_for_the_next_kernel(tmp_pa
     out = run_and_list_contexts(body, tmp_path)
     refused, total = out["result"]
     assert "cudaHostRegister failed" in refused and total == 2048.0
+
+
+def test_release_returns_the_gpu_memory_the_allocator_cached_for_the_freed_weights(registrar, monkeypatch):
+    """A plan made after a release asks the driver what is free: the caching allocator's blocks of the freed weights
+    must go back first (`empty_cache` on the released model's device, from its context)."""
+    from lightning_bigmodel import dispatch_model
+    from lightning_bigmodel.pl.loader import release
+    from lightning_bigmodel.simulate import simulated_gpus
+    from lightning_bigmodel.simulate._standins import SimulatedDeviceModule
+    from lightning_bigmodel.simulate._runtime import current_device_index
+
+    emptied = []
+    monkeypatch.setattr(SimulatedDeviceModule, "empty_cache", staticmethod(lambda: emptied.append(current_device_index())))
+    with simulated_gpus(2), torch.no_grad():
+        model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(3)])
+        dispatch_model(model, {"0": 1, "1": "cpu", "2": 1})
+        model(torch.randn(2, 16))
+        assert emptied == []
+        release(model)
+        assert emptied == [1]  # GPU 1, the execution device: no other GPU's context is touched

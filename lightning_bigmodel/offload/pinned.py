@@ -183,14 +183,19 @@ def close_shared_slabs() -> None:
 
 
 def give_back_host_memory(device: Optional[torch.device] = None) -> None:
-    """After a release: stop filling the shared slabs (each is unmapped with its last tensor) and return the pinned
-    blocks torch's caching host allocator keeps (disk-read staging of the prefetcher) to the OS, from the context of
-    GPU ``device`` (the released model's execution device; no context is created on another GPU). Never initialises
-    CUDA."""
+    """After a release: stop filling the shared slabs (each is unmapped with its last tensor), and from the context of
+    GPU ``device`` (the released model's execution device; no context is created on another GPU) return to the driver
+    the GPU memory the caching allocator keeps for the freed weights (a plan made next asks the driver what is free,
+    and would count it as used) and the pinned blocks torch's caching host allocator keeps. Never initialises the
+    accelerator."""
     close_shared_slabs()
-    empty = getattr(torch._C, "_host_emptyCache", None)  # CUDA builds (`torch.accelerator.empty_host_cache` asks
-    if device is None or device.type != "cuda" or empty is None:  # whichever accelerator is current)
+    if device is None or device.type in ("cpu", "meta"):
         return
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        with torch.cuda.device(device):
-            empty()  # only blocks no copy uses any more are freed
+    module = torch.get_device_module(device.type)
+    if not (module.is_available() and getattr(module, "is_initialized", lambda: False)()):
+        return
+    with module.device(device):
+        module.empty_cache()  # only blocks no tensor uses are returned
+        empty_host = getattr(torch._C, "_host_emptyCache", None)  # CUDA builds (`torch.accelerator.empty_host_cache`
+        if device.type == "cuda" and empty_host is not None:  # asks whichever accelerator is current)
+            empty_host()
