@@ -199,7 +199,8 @@ def shards_of(index: Path) -> list[Path]:
 
 def fault_during_load(index: Path, fault: str, victim: Path, replacement: Path):
     """A ``progress`` callback that, at the first placed tensor, has another process damage ``victim`` (not read
-    yet): truncate it in place, replace it atomically by ``replacement``, or delete it."""
+    yet): truncate it, rewrite it in place with ``replacement``'s bytes keeping size and mtime (``cp -p``), replace
+    it atomically by ``replacement``, or delete it."""
     done = []
 
     def progress(key, nbytes):
@@ -210,6 +211,10 @@ def fault_during_load(index: Path, fault: str, victim: Path, replacement: Path):
             "truncated": f"os.truncate({str(victim)!r}, os.path.getsize({str(victim)!r}) // 2)",
             "replaced": f"os.replace({str(replacement)!r}, {str(victim)!r})",
             "deleted": f"os.unlink({str(victim)!r})",
+            "rewritten": (  # in place, same size, mtime set back: only the ctime tells
+                f"import shutil; st = os.stat({str(victim)!r}); shutil.copyfile({str(replacement)!r}, {str(victim)!r}); "
+                f"os.utime({str(victim)!r}, ns=(st.st_atime_ns, st.st_mtime_ns))"
+            ),
         }[fault]
         in_other_process(f"import os; {action}")
 
@@ -217,7 +222,7 @@ def fault_during_load(index: Path, fault: str, victim: Path, replacement: Path):
 
 
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
-@pytest.mark.parametrize("fault", ["truncated", "replaced", "deleted"])
+@pytest.mark.parametrize("fault", ["truncated", "rewritten", "replaced", "deleted"])
 def test_shard_changed_by_another_process_during_the_load(tmp_path, fault, safe):
     index = write_shards(tmp_path / "ckpt", safe=safe)
     shards = shards_of(index)
@@ -229,7 +234,7 @@ def test_shard_changed_by_another_process_during_the_load(tmp_path, fault, safe)
     replacement.write_bytes(shards_of(other)[1].read_bytes())  # same tensor names and shapes, other values
     model = empty_model()
     progress = fault_during_load(index, fault, victim, replacement)
-    if fault == "truncated":
+    if fault in ("truncated", "rewritten"):
         with pytest.raises(CheckpointError, match=rf"{victim.name}.*(changed while in use|truncated)"):
             load_checkpoint_in_model(model, index, device_map={"": "cpu"}, progress=progress)
         assert_untouched(model)

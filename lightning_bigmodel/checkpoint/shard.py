@@ -157,14 +157,20 @@ class ShardHandle:
         }  # fmt: skip
 
     def check(self) -> None:
-        """Raise :class:`CheckpointError` naming the file when it was truncated or extended since it was opened."""
-        size = os.fstat(self.fd).st_size
-        if size != self.size:
-            raise CheckpointError(
-                f"Checkpoint file {str(self.path)!r} changed while in use: it had {self.size} bytes when opened and "
-                f"has {size} now (truncated or rewritten in place). Nothing was read from the changed file; restore "
-                "it (or replace files atomically, e.g. write then rename) and load again."
-            )
+        """Raise :class:`CheckpointError` naming the file when the open file changed since it was opened: another
+        size or mtime, or another ctime while the file still has a name (``cp -p`` over it in place). A file that was
+        replaced (renamed over) or deleted since is fine: this descriptor still reads the file that was planned."""
+        stat = os.fstat(self.fd)
+        if stat.st_size != self.size:
+            what = f"it had {self.size} bytes when opened and has {stat.st_size} now (truncated or rewritten in place)"
+        elif stat.st_mtime_ns != self.mtime_ns or (stat.st_nlink and stat.st_ctime_ns != self.ctime_ns):
+            what = "it was rewritten in place (its mtime or ctime changed, same size)"
+        else:
+            return
+        raise CheckpointError(
+            f"Checkpoint file {str(self.path)!r} changed while in use: {what}. Nothing more is read from it; restore "
+            "it (or replace files atomically: write a new file, then rename it over the old one) and load again."
+        )
 
     def replaced(self) -> bool:
         """Whether ``path`` now names another file than the one opened (replaced, deleted, or changed metadata)."""
