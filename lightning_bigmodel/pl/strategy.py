@@ -80,6 +80,10 @@ class BigModelInferenceStrategy(Strategy):
         prefetch: offloaded layers the execution GPU holds at once: ``"auto"`` (default) two (compute one, prefetch
             the next) where their room costs the GPUs nothing, else one (fetch, compute, free); ``True`` two, failing
             before loading when they do not fit; ``False`` one. The plan's choice is in the device-map table.
+        verify: check the first ``predict_step`` against a CPU reference computed module by module from the
+            checkpoint (each no-split block streamed in turn, never the whole model in RAM); the first module whose
+            outputs diverge beyond its dtype's tolerance stops the job, naming it and its device. Costs one extra CPU
+            forward of one batch. Not with ``quantization``.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: as for Lightning
             strategies (the Trainer fills them in). ``checkpoint_io`` defaults to ``ShardedCheckpointIO()``.
 
@@ -117,6 +121,7 @@ class BigModelInferenceStrategy(Strategy):
         input_shape: Optional[Union[str, list[int]]] = None,
         max_new_tokens: Optional[int] = None,
         prefetch: Optional[Union[bool, str]] = None,
+        verify: bool = False,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -143,6 +148,13 @@ class BigModelInferenceStrategy(Strategy):
         resolve_quantization(quantization, quantization_skip_modules)  # a bad name fails here, before any work
         self.quantization = quantization
         self.quantization_skip_modules = quantization_skip_modules
+        if verify and quantization is not None:
+            raise ValueError(
+                "`verify=True` compares with the checkpoint's float weights, which quantized outputs differ from by "
+                "design: drop `quantization` to verify the dispatch, or `verify` to quantize."
+            )
+        self.verify = verify
+        self._verified = False  # verify runs on the first predict_step of the strategy's life
         self.key_prefix = key_prefix
         self.strict = strict
         self.release_on_teardown = release_on_teardown
@@ -332,8 +344,15 @@ class BigModelInferenceStrategy(Strategy):
 
     # ------------------------------------------------------------------ steps: independent of the root's forward
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        """The module's ``predict_step``; then predictions left on another GPU go to ``root_device``."""
-        outputs = super().predict_step(*args, **kwargs)
+        """The module's ``predict_step`` (the first one verified with ``verify=True``); then predictions left on
+        another GPU go to ``root_device``."""
+        if self.verify and not self._verified:
+            from lightning_bigmodel.pl._verify_step import verified_step
+
+            self._verified = True
+            outputs = verified_step(self, super().predict_step, args, kwargs)
+        else:
+            outputs = super().predict_step(*args, **kwargs)
         self._end_step()
         return return_outputs(outputs, self.root_device)
 
