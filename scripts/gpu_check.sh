@@ -18,8 +18,10 @@
 #                                                                                                 GPU_CHECK_TESTS_S=140
 #   2. memory-vs-plan peak GPU and pinned memory of offloaded forwards vs the plan (benchmarks/gpu_memory_vs_plan.py)
 #                                                                                                 GPU_CHECK_MEMORY_S=40
-#   3. sanitizer      the stream tests under compute-sanitizer's racecheck (TORCH_CUDA_SANITIZER=1 where
-#                     compute-sanitizer is missing: it checks the importing thread only)            GPU_CHECK_SAN_S=60
+#   3. sanitizer      the stream tests under PyTorch's CUDA sanitizer in every thread (stream-order races of the
+#                     prefetch and pipeline threads, tests/csan_all_threads.py) and compute-sanitizer's racecheck
+#                     (shared-memory races in kernels) where installed; BIGMODEL_PLANT_RACE=1 removes every
+#                     Stream.wait_event and must make this pass fail                                GPU_CHECK_SAN_S=60
 #   4. offload        pinned host-to-device bandwidth, transfer share, prefetch overlap (GPT-2 fp16,
 #                     benchmarks/gpu_offload.py)                                                 GPU_CHECK_OFFLOAD_S=35
 #   5. bigmodel       a 20B-shaped bf16 model that does not fit the GPU budget: decode and prefill with CPU offload,
@@ -160,13 +162,16 @@ fi
 
 # 3. The stream-heavy CUDA-gated tests under a race detector.
 STREAM_TESTS=(tests/test_gpu_correctness_integration.py tests/test_dispatch.py tests/test_pipeline.py)
-SANITIZER=(env TORCH_CUDA_SANITIZER=1)
+# racecheck sees shared-memory hazards inside a kernel only, and TORCH_CUDA_SANITIZER alone the importing thread only:
+# BIGMODEL_CSAN_ALL_THREADS=1 puts the latter in every thread (the prefetch and pipeline copies run in workers). The
+# canary test_the_sanitizer_catches_a_prefetched_copy_read_without_a_wait plants a race and must see it reported.
+SANITIZER=(env TORCH_CUDA_SANITIZER=1 BIGMODEL_CSAN_ALL_THREADS=1)
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  SANITIZER=(compute-sanitizer --tool racecheck --error-exitcode 1 --target-processes all)
+  SANITIZER=(compute-sanitizer --tool racecheck --error-exitcode 1 --target-processes all "${SANITIZER[@]}")
 fi
 if run_pass sanitizer "${GPU_CHECK_SAN_S:-60}" "${SANITIZER[@]}" \
   "$PYTHON" -m pytest -p cuda_tests -p no:cacheprovider -q -rfE "${STREAM_TESTS[@]}"; then
-  [ "${SANITIZER[0]}" = env ] && echo "(no compute-sanitizer: TORCH_CUDA_SANITIZER checks the importing thread only)" \
+  [ "${SANITIZER[0]}" = env ] && echo "(no compute-sanitizer: stream order checked, shared memory in kernels not)" \
     >>"$LOGS/sanitizer.log"
   grep -E '^(FAILED|ERROR)|passed|failed|error|RACECHECK|hazard|CSAN|not found' "$LOGS/sanitizer.log" | tail -n 25 \
     | fenced | section sanitizer

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from examples.gpt import GPT, GPTConfig
 from lightning_bigmodel.checkpoint.writer import save_sharded_checkpoint
+from csan_all_threads import pytest_configure  # noqa: F401 (the sanitizer pass: CUDA's race detector in every thread)
 from simulated_isolation import (  # noqa: F401 (pytest finds hooks and fixtures by name here)
     _simulated_gpus_in_a_cuda_free_process,
     pytest_runtest_logreport,

@@ -345,3 +345,31 @@ def test_disk_weights_are_staged_in_one_reused_page_locked_buffer(tmp_path):
     assert pinned.pinned_bytes() - pinned_before == pinned.pinned_footprint(staging.buffer.numel())
     remove_dispatch(model)
     gc.collect()
+
+
+# ---------------------------------------------------------------------------------------------- review 2, fault 6
+@needs_cuda
+@pytest.mark.skipif(
+    os.environ.get("BIGMODEL_CSAN_ALL_THREADS") != "1",
+    reason="needs CUDA and the CUDA sanitizer in every thread (gpu_check.sh's sanitizer pass; tests/csan_all_threads.py)",
+)
+def test_the_sanitizer_catches_a_prefetched_copy_read_without_a_wait(monkeypatch):
+    """The canary of the sanitizer pass: with the waits removed, the compute stream reads weights the prefetch thread
+    copies on its side stream; the sanitizer must report it, else the pass proves nothing."""
+    from torch.cuda._sanitizer import CUDASanitizerErrors
+
+    from csan_all_threads import active
+    from lightning_bigmodel import dispatch_model, remove_dispatch
+
+    assert active()
+    monkeypatch.setattr(torch.cuda.Stream, "wait_event", lambda self, event: None)  # the planted race
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)])
+    dispatch_model(model, {"0": 0, "1": "cpu", "2": "cpu", "3": "cpu"})
+    x = torch.randn(8, 1024, device="cuda")
+    try:
+        with torch.inference_mode(), pytest.raises(CUDASanitizerErrors):
+            for _ in range(3):  # the first learns the order, the next ones prefetch
+                model(x)
+    finally:
+        remove_dispatch(model)
+        torch.cuda.synchronize()  # the sanitizer forgets the pending accesses

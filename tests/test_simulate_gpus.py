@@ -206,3 +206,31 @@ def test_under_cuda_simulated_tests_run_again_in_a_cuda_free_process(tmp_path):
     assert "2 simulated-GPU tests, rerun with CUDA hidden" in out, out[-3000:]
     assert "1 failed, 1 passed" in out and "planted failure" in out, out[-3000:]  # the rerun
     assert done.returncode == 1, out[-3000:]
+
+
+def test_the_sanitizer_plugin_pushes_its_mode_in_every_new_thread(monkeypatch):
+    """The mechanism of tests/csan_all_threads.py, with a recording dispatch mode standing in for CUDA's sanitizer:
+    worker threads (a thread pool's too, as the prefetcher's) run under the mode; the thread that pushed it is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import csan_all_threads
+
+    seen = []
+
+    class Recording(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append((threading.current_thread().name, func.__name__))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(threading.Thread, "run", threading.Thread.run)  # put back afterwards
+    csan_all_threads.push_in_every_thread(Recording())
+    worker = threading.Thread(target=lambda: torch.ones(2) + 1, name="worker")
+    worker.start()
+    worker.join()
+    with ThreadPoolExecutor(1, thread_name_prefix="pool") as pool:
+        pool.submit(lambda: torch.ones(2) * 2).result()
+    torch.ones(2) - 1  # this thread: not watched
+    threads = {name for name, _ in seen}
+    assert "worker" in threads and any(name.startswith("pool") for name in threads) and "MainThread" not in threads
