@@ -88,3 +88,26 @@ def test_detected_gpu_budgets_keep_only_the_context_when_activations_are_simulat
     simulated = budget.get_max_memory(None, simulated_activations=True)
     assert fixed[0] == fixed[1] == total - total // 10  # 10% kept back for the context and the activations
     assert simulated[0] == simulated[1] == total - 2**30  # the context only: the plan reserves what it simulates
+
+
+def test_the_plan_table_places_what_the_simulation_counts_as_weights():
+    """One number per fact: the table's "placed" (buffers of offloaded modules on the execution device) is the
+    simulation's "weights" on every device; the module sizes alone differed by those buffers."""
+    from models import meta_gpt
+    from lightning_bigmodel.planning.sizes import compute_buffer_sizes
+    from lightning_bigmodel.planning.table import moved_buffers, render_table
+
+    model = meta_gpt("small", tie_weights=False)
+    sizes = compute_module_sizes(model)
+    budget = {0: int(0.35 * sizes[""]), 1: int(0.3 * sizes[""]), "cpu": int(0.2 * sizes[""])}
+    device_map = infer_device_map(model, budget, no_split_module_classes=["Block"], input_shape="2x16")
+    memory = simulate_memory(model, device_map, _ids((2, 16)))
+    placed = bytes_per_device(device_map, sizes)
+    moved = moved_buffers(device_map, compute_buffer_sizes(model))
+    assert moved and any(placed[label] != memory[key]["weights"] for key, label in ((0, "cuda:0"), ("cpu", "cpu")))
+    for device, usage in memory.items():
+        label = f"cuda:{device}" if isinstance(device, int) else device
+        assert placed.get(label, 0) + moved.get(label, 0) == usage["weights"], (label, placed, moved, memory)
+    table = render_table(device_map, sizes, budget, buffer_sizes=compute_buffer_sizes(model))
+    header = next(line for line in table.splitlines() if line.startswith("device") and "placed" in line)
+    assert header.split()[:3] == ["device", "placed", "buffers"], table

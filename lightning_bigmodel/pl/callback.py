@@ -21,7 +21,7 @@ from lightning_bigmodel.planning.device_map import (
     normalize_device,
 )
 from lightning_bigmodel.planning.budget import budget_sources, check_layer_fits, get_max_memory
-from lightning_bigmodel.planning.sizes import compute_module_sizes
+from lightning_bigmodel.planning.sizes import compute_buffer_sizes, compute_module_sizes
 from lightning_bigmodel.planning.devices import prefetch_depth_of
 from lightning_bigmodel.planning.table import bytes_per_device, device_label, format_bytes, prefetch_line, render_table
 from lightning_bigmodel.pl._peaks import fitted_plan, simulated_memory
@@ -196,6 +196,7 @@ class DeviceMapCallback(Callback):
         self.save_json = save_json
         self.device_map: Optional[dict[str, Union[int, str]]] = None
         self.module_sizes: dict[str, int] = {}
+        self.buffer_sizes: Optional[dict[str, int]] = None  # buffers per module prefix (offload_buffers=False)
         self.max_memory_bytes: dict[Union[int, str], int] = {}
         self.budget_sources: dict[Union[int, str], str] = {}
         self.json_path: Optional[Path] = None
@@ -251,6 +252,7 @@ class DeviceMapCallback(Callback):
             "quantization_skip_modules": getattr(strategy, "quantization_skip_modules", None),
         }
         self.module_sizes = compute_module_sizes(pl_module, dtype=self.dtype, **quantized)
+        self.buffer_sizes = None if self.offload_buffers else compute_buffer_sizes(pl_module, dtype=self.dtype)
         if self.max_memory is None and not isinstance(self.requested_map, Mapping):  # detected budgets: a cgroup
             # limit smaller than the largest layer fails here, before anything is loaded
             check_layer_fits(*largest_layer(pl_module, self.no_split_module_classes, self.dtype, **quantized))
@@ -305,7 +307,8 @@ class DeviceMapCallback(Callback):
         """The plan as a table (see :func:`lightning_bigmodel.planning.table.render_table`)."""
         if self.device_map is None:
             raise RuntimeError("`DeviceMapCallback` has not planned yet: `render()` needs `plan()` first.")
-        table = render_table(self.device_map, self.module_sizes, self.max_memory_bytes, self.budget_sources)
+        table = render_table(self.device_map, self.module_sizes, self.max_memory_bytes, self.budget_sources,
+                             self.buffer_sizes)  # fmt: skip
         return table + "\n" + prefetch_line(self.prefetch_depth, self.reserve, self.device_map)
 
     def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

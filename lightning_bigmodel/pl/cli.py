@@ -143,8 +143,8 @@ def plan(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from lightning_bigmodel.fitting import infer_device_map, token_ids
     from lightning_bigmodel.init import init_empty_weights
     from lightning_bigmodel.planning.budget import budget_sources, get_max_memory
-    from lightning_bigmodel.planning.sizes import compute_module_sizes
-    from lightning_bigmodel.planning.table import format_bytes, render_table
+    from lightning_bigmodel.planning.sizes import compute_buffer_sizes, compute_module_sizes
+    from lightning_bigmodel.planning.table import format_bytes, prefetch_line, render_table
     from lightning_bigmodel.simulate.memory import parse_input_shape, simulate_memory
     from lightning_bigmodel.simulate.report import render_peaks
 
@@ -174,7 +174,9 @@ def plan(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print(f"Plan for {type(model).__name__}: {format_bytes(sizes[''])} of weights{quantized}, policy {cfg.policy!r}")
     if cfg.quantization:  # what it quantizes, by module type, and what it leaves in the compute dtype
         print(_quantization_line(model, cfg, dtype))
-    print(render_table(device_map, sizes, budget, budget_sources(_budget(cfg.max_memory))))
+    buffers = None if cfg.offload_buffers else compute_buffer_sizes(model, dtype)  # kept on the execution device
+    print(render_table(device_map, sizes, budget, budget_sources(_budget(cfg.max_memory)), buffers))
+    print(prefetch_line(device_map.prefetch_depth, device_map.reserve, device_map))
     if shape is not None:
         memory = simulate_memory(model, device_map, token_ids(shape), cfg.max_new_tokens, dtype, cfg.offload_buffers)
         print("\n" + render_peaks(memory, budget, shape, cfg.max_new_tokens))

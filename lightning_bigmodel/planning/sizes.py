@@ -131,3 +131,9 @@ def find_tied_parameters(model: nn.Module) -> list[list[str]]:
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
     return [names for names in groups.values() if len(names) > 1]
+
+
+def compute_buffer_sizes(model: nn.Module, dtype: Optional[torch.dtype] = None) -> dict[str, int]:
+    """Bytes of buffers under every module prefix (as :func:`compute_module_sizes`, buffers only): what stays on the
+    execution device of offloaded modules with ``offload_buffers=False``."""
+    return _prefix_sizes(model.named_buffers(), dtype)

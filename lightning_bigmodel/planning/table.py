@@ -71,17 +71,38 @@ def bytes_per_device(device_map: Mapping[str, Device], module_sizes: Mapping[str
     return totals
 
 
+def moved_buffers(device_map: Mapping[str, Device], buffer_sizes: Mapping[str, int]) -> dict[str, int]:
+    """Bytes of buffers that run elsewhere than their map entry says, by :func:`device_label`: with
+    ``offload_buffers=False`` the buffers of offloaded entries (``"disk"``, and ``"cpu"`` when GPUs are used) stay on
+    the execution device (the lowest GPU, else cpu): positive there, negative where the entries are."""
+    gpus = [device for device in device_map.values() if isinstance(device, int)]
+    execution = device_label(min(gpus)) if gpus else "cpu"
+    moved: dict[str, int] = {}
+    for key, device in device_map.items():
+        offloaded = device == "disk" or (device == "cpu" and gpus)
+        nbytes = int(buffer_sizes.get(key, 0))
+        if offloaded and nbytes and device_label(device) != execution:
+            moved[device_label(device)] = moved.get(device_label(device), 0) - nbytes
+            moved[execution] = moved.get(execution, 0) + nbytes
+    return moved
+
+
 def render_table(
     device_map: Mapping[str, Device],
     module_sizes: Mapping[str, int],
     budget: Optional[Mapping[Device, int]] = None,
     sources: Optional[Mapping[Device, str]] = None,
+    buffer_sizes: Optional[Mapping[str, int]] = None,
 ) -> str:
     """The device map as text: one line per module range, then one per device with its bytes and budget used.
 
     ``sources`` says where each budget came from (e.g. ``"cgroup limit"``, ``"available RAM"``, ``"max_memory"``;
     see :func:`~lightning_bigmodel.planning.budget.budget_sources`), shown in a last column when given.
+    ``buffer_sizes`` (buffer bytes per module prefix; pass it unless ``offload_buffers=True``) makes "placed" what each
+    device holds at run time, with the buffers of offloaded modules on the execution device (as the memory simulation
+    counts its weights), and a "buffers" column saying how much of that moved from the modules' own rows.
     """
+    moved = moved_buffers(device_map, buffer_sizes) if buffer_sizes is not None else {}
     budget = {device_label(device): size for device, size in (budget or {}).items()}
     source = {device_label(device): text for device, text in (sources or {}).items()}
     ranges = [
@@ -92,14 +113,24 @@ def render_table(
     lines = [f"{'module':<{width}}  {'device':<7}  {'size':>10}"]
     lines += [f"{name:<{width}}  {label:<7}  {size:>10}" for name, label, size in ranges]
     lines.append("")
-    lines.append(f"{'device':<7}  {'placed':>10}  {'budget':>10}  {'used':>6}" + ("  source" if source else ""))
+    head = f"{'device':<7}  {'placed':>10}" + (f"  {'buffers':>11}" if moved else "")
+    lines.append(head + f"  {'budget':>10}  {'used':>6}" + ("  source" if source else ""))
     totals = bytes_per_device(device_map, module_sizes)
+    for label in moved:
+        totals.setdefault(label, 0)
     for label, placed in totals.items():
+        placed += moved.get(label, 0)
         limit = budget.get(label)
         used = f"{100 * placed / limit:.1f}%" if limit else "-"
-        line = f"{label:<7}  {format_bytes(placed):>10}  {format_bytes(limit):>10}  {used:>6}"
+        shift = moved.get(label, 0)
+        shown = ("+" if shift > 0 else "") + format_bytes(shift) if shift else "-"
+        line = f"{label:<7}  {format_bytes(placed):>10}" + (f"  {shown:>11}" if moved else "")
+        line += f"  {format_bytes(limit):>10}  {used:>6}"
         lines.append(line + (f"  {source.get(label, '-')}" if source else ""))
     lines.append(f"{'total':<7}  {format_bytes(sum(totals.values())):>10}")
+    if moved:
+        lines.append("placed: what each device holds at run time; buffers: buffers of offloaded modules, kept on the "
+                     "execution device (offload_buffers=False)")
     return "\n".join(lines)
 
 
