@@ -321,10 +321,10 @@ class Many(nn.Module):
             x = layer(x)
         return x
 
-N, MODE, FOLDER = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+N, MODE, FOLDER, SAFE = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "safetensors"
 torch.manual_seed(0)
 plain = Many().eval()
-index = save_sharded_checkpoint(plain.state_dict(), FOLDER, max_shard_size=100)  # one shard per tensor
+index = save_sharded_checkpoint(plain.state_dict(), FOLDER, max_shard_size=100, safe_serialization=SAFE)  # 1 per tensor
 files = len(set(json.loads(open(index).read())["weight_map"].values()))
 base = len(os.listdir("/proc/self/fd"))
 soft, hard = base + 40, base + (40 if MODE == "too_few" else 4 * files + 200)
@@ -345,10 +345,10 @@ print(json.dumps({"files": files, "held": held, "same": same, "soft": resource.g
 """
 
 
-def run_fd_job(tmp_path, mode: str) -> dict:
+def run_fd_job(tmp_path, mode: str, fmt: str = "safetensors") -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [sys.executable, "-c", _FD_JOB, "160", mode, str(tmp_path / "ckpt")],
+        [sys.executable, "-c", _FD_JOB, "160", mode, str(tmp_path / "ckpt"), fmt],
         capture_output=True, text=True, env=env, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -362,7 +362,8 @@ def test_descriptors_one_per_file_and_the_soft_limit_raised_when_the_hard_one_al
     assert result["held"] <= result["files"], result  # at most one descriptor per mapped file after the load
 
 
-def test_too_few_descriptors_is_a_clear_error_before_loading(tmp_path):
-    result = run_fd_job(tmp_path, "too_few")
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_too_few_descriptors_is_a_clear_error_before_loading(tmp_path, fmt):
+    result = run_fd_job(tmp_path, "too_few", fmt)
     assert "needs" in result["error"] and "file descriptors" in result["error"] and "limit is" in result["error"]
     assert "ulimit -n" in result["error"] and result["meta"], result

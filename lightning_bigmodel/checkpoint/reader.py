@@ -22,7 +22,11 @@ from lightning_bigmodel.checkpoint.resolve import ResolvedCheckpoint, is_safeten
 from lightning_bigmodel.checkpoint.safetensors_view import SafetensorsHeader, open_mmap, read_header, view
 from lightning_bigmodel.checkpoint.shard import ShardHandle, ensure_descriptors
 
-DESCRIPTORS_PER_SHARD = 2  # its handle, plus what torch.load opens (a pickle) or the read-ahead tracks (a map)
+
+def descriptors_needed(files) -> int:
+    """Descriptors a load of ``files`` holds at once: each shard's handle, plus the read-ahead's track of each mapped
+    safetensors file, plus the one ``torch.load`` opens while it reads a pickle shard."""
+    return sum(2 if is_safetensors(file) else 1 for file in files) + 1
 
 
 @dataclass(frozen=True)
@@ -146,9 +150,7 @@ class CheckpointReader:
 
     def _scan(self) -> None:
         files = self.checkpoint.files
-        ensure_descriptors(
-            DESCRIPTORS_PER_SHARD * len(files), f"Checkpoint {str(self.checkpoint.root)!r} ({len(files)} shards)"
-        )
+        ensure_descriptors(descriptors_needed(files), f"Checkpoint {str(self.checkpoint.root)!r} ({len(files)} shards)")
         found: dict[str, TensorSpec] = {}
         for file in files:
             for key, spec in self._file_specs(file).items():
