@@ -505,3 +505,48 @@ def test_bad_arguments_are_explained(tiny_gpt: GPT) -> None:
 class Mean(nn.Module):
     def forward(self, x):
         return x.mean()
+
+
+def test_simulated_streams_one_gpu_fake_two_devices() -> None:
+    """Twin of test_cuda_streams_one_gpu_fake_two_devices on one simulated GPU: each micro-batch on a stream of its
+    own, every output handed to the caller's stream."""
+    from lightning_bigmodel.simulate import simulated_gpus
+
+    torch.manual_seed(0)
+    model = Chain(n=2, width=256)
+    x = torch.randn(64, 256)
+    with torch.inference_mode():
+        expected = model(x)
+    with simulated_gpus(1) as gpus, torch.no_grad():
+        model.to(gpus.devices[0])
+        model.hf_device_map = {"stages.0": 0, "stages.1": 1}  # "1" is a lock domain, not a GPU here
+        streams = []
+        for _ in range(3):
+            gpus.clear_log()
+            got = call_with_timeout(pipelined_forward, model, x.to(gpus.devices[0]), micro_batches=4)
+            torch.testing.assert_close(got.to("cpu"), expected)
+            log = gpus.log
+            streams.append({(r.thread, r.stream) for r in log if r.thread.startswith("micro-batch-")})
+            handed = [r for r in log if r.kind == "record_stream"]
+            assert [(r.stream, r.nbytes) for r in handed] == [(0, 16 * 256 * 4)] * 4  # the caller's default stream
+            assert not [r for r in handed if r.thread.startswith("micro-batch-")]  # by the caller, once per output
+    for used in streams:  # each micro-batch on a stream of its own, none the default one
+        assert len({thread for thread, _ in used}) == len(used) == 4 and all(stream != 0 for _, stream in used)
+
+
+def test_simulated_real_dispatch_over_two_gpus(tiny_gpt: GPT) -> None:
+    """Twin of test_cuda_real_dispatch_over_two_gpus on two simulated GPUs."""
+    from lightning_bigmodel import dispatch_model
+    from lightning_bigmodel.simulate import simulated_gpus
+
+    ids = gpt_ids(8)
+    with torch.inference_mode():
+        expected = tiny_gpt(ids)
+    tiny_gpt.lm_head.weight = nn.Parameter(tiny_gpt.lm_head.weight.detach().clone())  # untie across GPUs
+    with simulated_gpus(2) as gpus, torch.no_grad():
+        dispatch_model(tiny_gpt, {k: min(v, 1) for k, v in GPT_MAP.items()})
+        with MicroBatchPipeline(tiny_gpt, micro_batches=4) as pipe:
+            actual = call_with_timeout(pipe, ids.to(gpus.devices[0]))
+        assert actual.device == gpus.devices[0]
+        remove_dispatch(tiny_gpt)
+    torch.testing.assert_close(actual.to("cpu"), expected, rtol=1e-5, atol=1e-5)  # attention: the math kernel
