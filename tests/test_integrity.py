@@ -160,6 +160,16 @@ def test_listed_offload_file_replaced_by_a_link_outside_is_not_followed(tmp_path
     assert not target.is_symlink() and outside.read_bytes() == before
 
 
+def test_fifo_in_place_of_a_listed_offload_file_is_replaced_without_blocking(tmp_path):
+    checkpoint, folder = write_bin(tmp_path / "ckpt"), tmp_path / "off"
+    load(checkpoint, folder)
+    target = folder / "out.weight.safetensors"
+    target.unlink()
+    os.mkfifo(target)  # opening it for reading would wait for a writer forever
+    torch.testing.assert_close(output_of(load(checkpoint, folder)), reference_output(), rtol=0, atol=0)
+    assert target.is_file()
+
+
 def test_lock_planted_as_a_link_is_refused_and_creates_nothing_outside(tmp_path):
     checkpoint, folder = write_bin(tmp_path / "ckpt"), tmp_path / "off"
     folder.mkdir()

@@ -43,6 +43,7 @@ import sys
 import weakref
 import zlib
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, Optional, Union
 
 import torch
@@ -55,6 +56,7 @@ except ImportError:  # pragma: no cover - Windows
     resource = None
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _CHUNK = 8 * 2**20  # digest reads
 DESCRIPTOR_SLACK = 64  # descriptors kept free for everything else the process opens while loading
@@ -103,9 +105,13 @@ class ShardHandle:
 
     def __init__(self, path: Union[str, Path], *, safetensors: bool = True, nofollow: bool = False) -> None:
         self.path = Path(path)
-        self.fd = os.open(self.path, os.O_RDONLY | _CLOEXEC | (_NOFOLLOW if nofollow else 0))
+        # O_NONBLOCK: a FIFO planted under a shard's name cannot block the open (regular files ignore the flag).
+        self.fd = os.open(self.path, os.O_RDONLY | _CLOEXEC | _NONBLOCK | (_NOFOLLOW if nofollow else 0))
         self._closer = weakref.finalize(self, os.close, self.fd)
         stat = os.fstat(self.fd)
+        if not S_ISREG(stat.st_mode):
+            self.close()
+            raise OSError(errno.EINVAL, f"{str(self.path)!r} is not a regular file")
         self.size, self.inode, self.device = stat.st_size, stat.st_ino, stat.st_dev
         self.ctime_ns, self.mtime_ns = stat.st_ctime_ns, stat.st_mtime_ns
         self.header_bytes = b""

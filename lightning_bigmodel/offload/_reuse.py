@@ -28,7 +28,7 @@ def open_checked(folder: Path, entry: dict[str, Any], remove_links: bool) -> Opt
     except OSError as err:
         if err.errno == errno.ELOOP and remove_links:
             path.unlink(missing_ok=True)
-        if err.errno in (errno.ENOENT, errno.ELOOP, errno.EACCES, errno.EISDIR):
+        if err.errno in (errno.ENOENT, errno.ELOOP, errno.EACCES, errno.EISDIR, errno.EINVAL):  # EINVAL: no file
             return None
         raise _folder_error(folder, f"opening {entry['file']!r}", err) from err
     if handle.size != entry["size"] or header_problem(entry, handle.header) is not None:
