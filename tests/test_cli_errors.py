@@ -28,7 +28,7 @@ TINY_PLAN = ["plan", "--model", "examples.gpt.GPT", "--model.config.n_layer", "2
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "LIGHTNING_BIGMODEL_DEBUG"}
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "lightning_bigmodel", *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 

@@ -22,7 +22,7 @@ from lightning_bigmodel.integrations.quantization.spec import revert_linear_form
 from lightning_bigmodel.integrations.transformers import converted_source
 from lightning_bigmodel.planning.device_map import execution_device
 from lightning_bigmodel.offload.disk import OffloadFolder, source_identity
-from lightning_bigmodel.offload.pages import keep_resident
+from lightning_bigmodel.offload.pages import is_file_backed, keep_resident
 from lightning_bigmodel.offload.pinned import pinned_empty
 from lightning_bigmodel.offload.placement import (
     DISK,
@@ -326,9 +326,24 @@ def _load_group(group: TensorGroup, key: str, reader: CheckpointReader, dtype: t
         # loading touches no page), its pages locked as the first forward faults them in: the kernel never evicts what
         # the CPU budget keeps in RAM (an anonymous copy where locking is refused).
         tensor = keep_resident(reader.mmap_view(key))
+    elif (pickled := _pickle_in_place(reader, key, spec, dtype)) is not None:
+        tensor = pickled  # a .bin/.pt tensor used as torch.load(mmap=True) mapped it: no anonymous copy
     else:
         tensor = _owned_cpu(reader, key, dtype)  # one copy at most, cast included
     install(group, tensor)
+
+
+def _pickle_in_place(reader: CheckpointReader, key: str, spec: TensorSpec, dtype: torch.dtype):
+    """A pickle-shard tensor needing no cast, to use as it is on the CPU, or ``None``: a view of the shard's memory map
+    (``torch.load(mmap=True)``, copy-on-write, pages locked as they fault in, like a safetensors view), or a tensor
+    the unmapped (legacy format) load made that owns its whole storage. Anything else is copied."""
+    if spec.is_safetensors or spec.dtype != dtype or getattr(reader, "is_fresh", None) is not None:
+        return None
+    source = reader.borrow(key)
+    if is_file_backed(source):
+        return keep_resident(source)
+    whole = source.untyped_storage().nbytes() == source.numel() * source.element_size()
+    return source if whole and source.is_contiguous() else None
 
 
 def _refuse_prequantized(root: Path, reader) -> None:
