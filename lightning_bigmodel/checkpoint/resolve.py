@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -216,21 +215,11 @@ def _looks_like_repo_id(text: str) -> bool:
 
 
 def _resolve_hub(repo_id: str) -> ResolvedCheckpoint:
-    from huggingface_hub import snapshot_download
+    from lightning_bigmodel._hub import hub_snapshot  # one path for every Hub lookup: offline once, one-line errors
 
     last: Optional[CheckpointNotFoundError] = None
     for patterns in _HUB_PATTERNS:
-        try:
-            folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
-        except (OSError, ValueError) as err:  # offline, not cached, not found, gated, invalid id, network down
-            cause = " ".join(str(err).split())  # the Hub's messages span lines: keep ours on one
-            raise CheckpointNotFoundError(
-                f"`checkpoint` {repo_id!r} is neither a local path (no {str(Path(repo_id).absolute())!r} under the "
-                f"working directory {os.getcwd()!r}) nor a Hugging Face Hub repo that could be provided "
-                f"({type(err).__name__}: {cause}). Fix the local path; or, for a Hub repo, check the id and, if the "
-                "Hub is unreachable or HF_HUB_OFFLINE=1, download it while online first (then it is read from the "
-                "cache)."
-            ) from err
+        folder = hub_snapshot(repo_id, patterns, "`checkpoint`")
         try:
             return _resolve_folder(folder)
         except CheckpointNotFoundError as err:  # no weights of this kind in the repo: try the next kind

@@ -5,3 +5,6 @@ Importing it registers ``strategy="bigmodel"`` and ``strategy="bigmodel_replicas
 """
 
 from lightning_bigmodel.pl import replicas, strategy  # noqa: F401  (each registers its strategy name)
+from lightning_bigmodel.pl._quiet import quiet_banners
+
+quiet_banners()  # the noise our imports and Lightning's tips add to a job's output, as the command drops it

@@ -1,6 +1,8 @@
 """Keep a batch job's output about the job: drop advertising and irrelevant import noise from other libraries.
 
-Used by the ``lightning-bigmodel`` command only (a library must not change its users' logging). What is dropped:
+Installed when the Lightning side (``lightning_bigmodel.pl``) is imported, for the Python API as for the
+``lightning-bigmodel`` command. Each filter drops named messages of one named library only: the user's own
+warnings and log records (and every other message of those libraries) pass untouched. What is dropped:
 Lightning's "Tip" lines advertising cloud products (logged at INFO on every run), and, when ``transformers`` imports
 ``torchao`` as a side effect (it does whenever torchao is installed), torchao's warnings about GPU kernels that this
 torch build cannot load and torch's notices about the enums torchao registers; Lightning 2.6's own deprecation
@@ -15,6 +17,7 @@ import warnings
 _DROPPED = {
     "lightning.pytorch.utilities.rank_zero": ("💡 Tip:",),
     "torchao": ("Failed to load ", "Skipping import of cpp extensions"),
+    "torchao.kernel.intmm": ("Detected no triton",),  # a logger's filters do not cover its children
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
 }
 

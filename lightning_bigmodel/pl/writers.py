@@ -175,10 +175,11 @@ class ResumablePredictionWriter(BasePredictionWriter):
         return frozenset(done)
 
     def _conflict(self) -> Optional[str]:
-        manifest = _read_manifest(self.output_dir)
+        manifest, chunks = _read_manifest(self.output_dir), _chunk_files(self.output_dir)
+        if not chunks:  # no prediction to lose (e.g. a run that failed before its first batch): start afresh
+            return None
         if manifest is None:
-            chunks = _chunk_files(self.output_dir)
-            return f"holds {len(chunks)} chunk files but no {MANIFEST_NAME}" if chunks else None
+            return f"holds {len(chunks)} chunk files but no {MANIFEST_NAME}"
         n_old, n_new = manifest.get("num_samples"), self._num_samples_hint
         if manifest.get("job_id") != self.job_id:
             return f"belongs to job {manifest.get('job_id')!r}, not {self.job_id!r}"
@@ -229,7 +230,7 @@ class ResumablePredictionWriter(BasePredictionWriter):
                 path.unlink(missing_ok=True)
         if conflict:
             self._clear()
-        if _read_manifest(self.output_dir) is None:
+        if conflict or not _chunk_files(self.output_dir) or _read_manifest(self.output_dir) is None:
             _write_manifest(self.output_dir, self.job_id, self._num_samples_hint, self._fingerprint)
 
     def _check_job(self, dataset: Any) -> None:
