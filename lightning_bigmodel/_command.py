@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "predict": "run Trainer.predict from a LightningCLI config (strategy defaults to BigModelInferenceStrategy)",
     "plan": "print the device map and memory table for a model and a budget, reading no weight",
     "demo": "write the demo models the example configs use into runs/ (offline, once)",
+    "verify": "run a predict config's first batch and compare every module's outputs with a CPU reference",
 }
 
 

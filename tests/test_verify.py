@@ -3,6 +3,8 @@ simulated GPUs, with a correct dispatch (passes) and faults planted in one hook 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from models import BufferNet, TiedLM, UntiedMLP, example_input, make_reference
@@ -176,3 +178,22 @@ def test_strategy_verify_with_quantization_is_refused_at_once():
 
     with pytest.raises(ValueError, match="`verify=True` compares with the checkpoint's float weights"):
         BigModelInferenceStrategy(verify=True, quantization="int8")
+
+
+# ---------------------------------------------------------------------- `lightning-bigmodel verify --config ...`
+def test_verify_command_checks_the_first_batch_of_a_config_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("jsonargparse")
+    from pathlib import Path
+
+    from examples.gpt import GPT, GPTConfig
+    from lightning_bigmodel.pl.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    torch.manual_seed(123)
+    save_sharded_checkpoint(GPT(GPTConfig.preset("tiny")).eval(), tmp_path / "ckpt", max_shard_size="40KB")
+    monkeypatch.chdir(tmp_path)
+    main(["verify", "--config", str(root / "configs" / "gpt_tiny.yaml"), "--ckpt_path", str(tmp_path / "ckpt"),
+          "--model.init_args.random_checkpoint_dir", "null"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert re.search(r"verify: the \d+ module outputs of the dispatched model match the CPU reference", out), out
+    assert not (tmp_path / "runs" / "gpt_tokens.pt").exists()  # the config's prediction writer was left out

@@ -56,6 +56,7 @@ def verified_step(strategy, step: Callable[..., Any], args: tuple, kwargs: dict)
         module, checkpoint, lambda: step(*args, **kwargs), reference, key_prefix=prefix,
         no_split_module_classes=strategy.no_split_module_classes,
     )  # fmt: skip
+    strategy.verify_report = report
     if not report.ok:
         raise RuntimeError(f"{report} Stopped before writing predictions from this dispatch.")
     rank_zero_info(str(report))

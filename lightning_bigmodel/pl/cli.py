@@ -248,6 +248,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(2) from None
 
 
+def verify(argv: Optional[list[str]] = None) -> Any:
+    """Run ``lightning-bigmodel verify``: the config's job on its first batch, checked against a CPU reference."""
+    from lightning_bigmodel.pl._verify_cli import verify as run
+
+    return run(argv)
+
+
 def demo(argv: Optional[list[str]] = None) -> list[Path]:
     """Run ``lightning-bigmodel demo``: write the demo models the example configs use (kept when already there)."""
     import argparse
@@ -266,7 +273,7 @@ def demo(argv: Optional[list[str]] = None) -> list[Path]:
 
 # subcommand -> name of the function here taking the rest of argv (looked up when run, so it can be patched);
 # describe a new one in `lightning_bigmodel._command.SUBCOMMANDS`
-COMMANDS = {"predict": "predict", "plan": "plan", "demo": "demo"}
+COMMANDS = {"predict": "predict", "plan": "plan", "demo": "demo", "verify": "verify"}
 
 
 def _config_roots(argv: list[str]) -> list[str]:
