@@ -197,3 +197,21 @@ def test_verify_command_checks_the_first_batch_of_a_config_and_writes_nothing(tm
     out = capsys.readouterr().out
     assert re.search(r"verify: the \d+ module outputs of the dispatched model match the CPU reference", out), out
     assert not (tmp_path / "runs" / "gpt_tokens.pt").exists()  # the config's prediction writer was left out
+
+
+def test_verify_from_the_yaml_strategy_settings_of_a_predict_run(tmp_path, monkeypatch):
+    pytest.importorskip("jsonargparse")
+    from pathlib import Path
+
+    from examples.gpt import GPT, GPTConfig
+    from lightning_bigmodel.pl.cli import predict
+
+    root = Path(__file__).resolve().parents[1]
+    torch.manual_seed(123)
+    save_sharded_checkpoint(GPT(GPTConfig.preset("tiny")).eval(), tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    cli = predict(["--config", str(root / "configs" / "gpt_tiny.yaml"), "--ckpt_path", str(tmp_path / "ckpt"),
+                   "--model.init_args.random_checkpoint_dir", "null", "--trainer.strategy.init_args.verify", "true"])
+    report = cli.trainer.strategy.verify_report
+    assert report.ok and report.checked > 0, report
+    assert (tmp_path / "runs" / "gpt_tokens.pt").exists()  # a predict run with verify still writes its predictions
