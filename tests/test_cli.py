@@ -26,7 +26,9 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "lightning-bigmodel"
 
 def run_cli(args: list[str], cwd: Path, console_script: bool = False) -> str:
     """Run the CLI from ``cwd`` (``examples.*`` importable through PYTHONPATH); return stdout + stderr."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    # the repository first, what the environment had after it (the project may be there, not installed)
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "lightning_bigmodel"]
     if console_script and CONSOLE_SCRIPT.exists():
         command = [str(CONSOLE_SCRIPT)]

@@ -120,7 +120,8 @@ def _cli_config(tmp_path: Path, callback_args: dict) -> Path:
 
 def _run_cli(config: Path, cwd: Path) -> subprocess.CompletedProcess:
     pytest.importorskip("jsonargparse")  # the CLI is built on it
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])  # what the environment had, after the repo
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "lightning_bigmodel", "predict", "--config", str(config)]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
