@@ -84,6 +84,8 @@ def _map_fd(fd: int, length: int) -> Any:
 
     Why not :class:`mmap.mmap`: it keeps a duplicate descriptor for each map (two per file with the read-ahead's
     own), which runs a model of many files out of descriptors. Elsewhere than Linux it is used all the same."""
+    if length == 0:
+        return bytearray()
     if _LIBC is None:  # pragma: no cover
         return mmap.mmap(fd, length, access=mmap.ACCESS_COPY)
     address = _LIBC.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
@@ -117,7 +119,11 @@ class ShardHandle:
         self.header_bytes = b""
         self.header = None
         if safetensors:
-            self.parse_header()
+            try:
+                self.parse_header()
+            except BaseException:
+                self.close()  # now, not when the traceback that holds this handle is freed
+                raise
 
     def parse_header(self) -> "ShardHandle":
         """Read and strictly parse the safetensors header (sets ``header`` and ``header_bytes``); returns ``self``."""
