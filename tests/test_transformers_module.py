@@ -242,6 +242,30 @@ def test_interrupted_job_resumes_where_it_stopped(llama, tmp_path):
     assert [r["token_ids"] for r in results] == tokens
 
 
+def test_a_rerun_with_another_model_or_option_is_refused_and_a_matching_one_says_what_is_left(llama, mixtral, tmp_path,
+                                                                                             caplog):
+    """The reported case: the same writer folder, another model and `max_new_tokens` 16 -> 4. It used to exit 0 with
+    Lightning's empty-dataloader warning and leave the old model's results in place."""
+    from lightning_bigmodel import PredictionFolderError
+
+    first, _ = run_predict(TransformersModule(str(llama), prompts=PROMPTS, max_new_tokens=16), tmp_path)
+    with pytest.raises(PredictionFolderError) as info:
+        run_predict(TransformersModule(str(mixtral), prompts=PROMPTS, max_new_tokens=4), tmp_path)
+    message = str(info.value)
+    assert "holds the predictions of another job: the module's arguments (max_new_tokens: 16 -> 4; " in message
+    assert f"model_name_or_path: {str(llama)!r} -> {str(mixtral)!r}" in message and "max_new_tokens: 16 -> 4" in message
+    assert "`overwrite: true`" in message and "another `output_dir`" in message
+    with pytest.raises(PredictionFolderError, match=r"another job: the module's arguments \(prompts: "):
+        run_predict(TransformersModule(str(llama), prompts=PROMPTS[:4], max_new_tokens=16), tmp_path)
+
+    with caplog.at_level("INFO"):  # the same job again: nothing to redo, said in place of Lightning's warning
+        again, _ = run_predict(TransformersModule(str(llama), prompts=PROMPTS, max_new_tokens=16), tmp_path)
+    assert [r["token_ids"] for r in again] == [r["token_ids"] for r in first]
+    said = [r.getMessage() for r in caplog.records]
+    assert f"`ResumablePredictionWriter`: {str(tmp_path / 'preds')!r}: all 5 samples already done; nothing to predict." in said
+    assert not [line for line in said if "across ranks is zero" in line]
+
+
 # ---------------------------------------------------------------------- the YAML jobs, as a user runs them
 def run_cli(config: str, cwd: Path, *overrides: str, env: Optional[dict] = None) -> str:
     """``lightning-bigmodel predict --config configs/<config>`` in a subprocess from ``cwd``; stdout + stderr."""
