@@ -26,8 +26,13 @@ _SUBPROCESS = "LIGHTNING_BIGMODEL_SIMULATED_SUBPROCESS"
 _RERUN: list[str] = []
 
 
+# Asked once, at import: tests patch `torch.cuda.is_available` (some to raise), and the report hook below runs while
+# their patches are in place.
+_CUDA = torch.cuda.is_available()
+
+
 def _must_isolate() -> bool:
-    return os.environ.get(_SUBPROCESS) != "1" and torch.cuda.is_available()
+    return os.environ.get(_SUBPROCESS) != "1" and _CUDA
 
 
 @pytest.fixture(autouse=True)
