@@ -52,7 +52,8 @@ def _message(name: str, positional: list[str], given: int, order, keywords: list
     head = ", ".join(positional)
     if ours:
         call = ", ".join(f"{k}=..." for k in ours)
-        text = f"{name}() takes {_join(ours)} as {'a keyword' if len(ours) == 1 else 'keywords'}: {name}({head}, {call})."
+        noun = "a keyword" if len(ours) == 1 else "keywords"
+        text = f"{name}() takes {_join(ours)} as {noun}: {name}({head}, {call})."
     else:
         text = f"{name}() takes {len(positional)} positional arguments ({head}); pass the others by keyword."
     text += (

@@ -153,7 +153,8 @@ def test_strategy_verify_passes_a_correct_dispatch_and_predicts_as_usual(tmp_pat
         outputs = _predict_with_verify(tmp_path)
     for got, want in zip(outputs, reference_outputs(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert any("module outputs of the dispatched model match the CPU reference" in r.getMessage() for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("module outputs of the dispatched model match the CPU reference" in m for m in messages), messages
 
 
 def test_strategy_verify_stops_on_a_stale_copy_naming_the_block_and_its_device(tmp_path, monkeypatch):
