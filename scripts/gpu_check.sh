@@ -49,7 +49,8 @@ fi
 # The repository (the project, examples, benchmarks) and scripts/ (the cuda_tests plugin) are importable from here.
 export PYTHONPATH="$ROOT:$ROOT/scripts${PYTHONPATH:+:$PYTHONPATH}"
 WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+# benchmarks/gpu_bigmodel.py deletes its scratch checkpoint itself; a pass killed hard would leave it in RAM
+trap 'rm -rf "$WORK" /dev/shm/lbm_gpu_bigmodel_* "${TMPDIR:-/tmp}"/lbm_gpu_bigmodel_*' EXIT
 
 # --- 0. What this machine is, before anything else ---------------------------------------------------------------
 NVSMI=""
@@ -146,9 +147,14 @@ run_pass() {
 section() { cat >"$LOGS/$1.section.md"; report; }
 fenced() { echo '```'; cat; echo '```'; }
 
+# A test that hangs (a deadlock) fails alone instead of eating the pass's cap, where pytest-timeout is installed.
+PER_TEST=()
+"$PYTHON" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout "${GPU_CHECK_TEST_TIMEOUT_S:-60}")
+
 # 1. Every CUDA-gated test; a module that fails to collect loses its tests but not the others'.
 if run_pass tests "${GPU_CHECK_TESTS_S:-140}" env CUDA_TESTS_SUMMARY="$LOGS/tests.json" \
-  "$PYTHON" -m pytest -p cuda_tests -p no:cacheprovider -q -rfEs --continue-on-collection-errors tests/; then
+  "$PYTHON" -m pytest -p cuda_tests -p no:cacheprovider -q -rfEs ${PER_TEST[@]+"${PER_TEST[@]}"} --continue-on-collection-errors \
+  tests/; then
   grep -E '^cuda_tests:' "$LOGS/tests.log" || echo "gpu_check: the tests pass wrote no summary (see $LOGS/tests.log)"
   { grep -E '^cuda_tests:' "$LOGS/tests.log"; grep -E '^(FAILED|ERROR)|(passed|failed|error|deselected).* in [0-9.]+s' \
     "$LOGS/tests.log" | tail -n 30; } | fenced | section tests
@@ -170,7 +176,7 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
   SANITIZER=(compute-sanitizer --tool racecheck --error-exitcode 1 --target-processes all "${SANITIZER[@]}")
 fi
 if run_pass sanitizer "${GPU_CHECK_SAN_S:-60}" "${SANITIZER[@]}" \
-  "$PYTHON" -m pytest -p cuda_tests -p no:cacheprovider -q -rfE "${STREAM_TESTS[@]}"; then
+  "$PYTHON" -m pytest -p cuda_tests -p no:cacheprovider -q -rfE ${PER_TEST[@]+"${PER_TEST[@]}"} "${STREAM_TESTS[@]}"; then
   [ "${SANITIZER[0]}" = env ] && echo "(no compute-sanitizer: stream order checked, shared memory in kernels not)" \
     >>"$LOGS/sanitizer.log"
   grep -E '^(FAILED|ERROR)|passed|failed|error|RACECHECK|hazard|CSAN|not found' "$LOGS/sanitizer.log" | tail -n 25 \
