@@ -161,6 +161,24 @@ def failures(results: dict) -> list[str]:
     return lines or ["- none"]
 
 
+def bin_table(results: dict, checkpoints: dict) -> list[str]:
+    """Anonymous RSS growth while loading the ``.bin`` checkpoint to the CPU, as a multiple of the model's bytes."""
+    rows, found = [], False
+    for size, info in checkpoints.items():
+        cells = []
+        for lib in ("ours", "accelerate"):
+            growth = get(results, f"{size}/{lib}/bin/resident", "peak_anon_growth")
+            found = found or growth is not None
+            cells.append("-" if growth is None else f"{growth / info['model_bytes']:.2f}x")
+        rows.append(f"| {size} | {info['model_bytes'] / 2**20:.0f} MiB | " + " | ".join(cells) + " |")
+    if not found:
+        return []
+    return ["## Loading a `.bin` checkpoint to the CPU", "",
+            "Peak anonymous RSS growth during the load over the model's bytes (ours uses the tensors "
+            "`torch.load(mmap=True, weights_only=True)` maps, in place).", "",
+            "| size | model | ours | accelerate |", "| --- | --- | --- | --- |", *rows, ""]
+
+
 def write_report(path: Path, meta: dict, results: dict, notes: Optional[Path] = None) -> None:
     """Write the Markdown report to ``path``, with ``notes`` (when the file exists) appended."""
     m = meta["machine"]
@@ -185,6 +203,14 @@ def write_report(path: Path, meta: dict, results: dict, notes: Optional[Path] = 
     for size, info in meta["checkpoints"].items():
         lines += headline(results, size, info)
     lines += ["## Empty init and device-map planning", ""] + micro_table(results)
+    lines += bin_table(results, meta["checkpoints"])
+    if meta.get("placement"):
+        lines += ["## Placement vs accelerate", "",
+                  "GPU bytes of our plan and accelerate's on the same meta model and budget (`python -m "
+                  "benchmarks.placement` prints this table alone; the test table is tests/test_placement_vs_accelerate.py). "
+                  "Ours may hold one offloaded layer less (the prefetch slot, depth 2); a plan *over budget* cannot hold "
+                  "one offloaded layer and the offloaded buffers beside its modules on its execution GPU.", ""]
+        lines += meta["placement"]
     reuse = reuse_table(results)
     if reuse:
         lines += ["## Reusing an offload folder (checksums verified in the background)", ""] + reuse

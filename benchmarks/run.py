@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--notes", default=None, help="Markdown appended to the report when the file exists (default: "
                    "benchmarks/NOTES.md, the analysis of the full run; none with --quick)")
     p.add_argument("--report-only", action="store_true", help="re-write --out from <cache-dir>/results.json, no runs")
+    p.add_argument("--only", default=None, help="run only the cases whose id contains this text (e.g. 'bin/resident')")
     return p.parse_args(argv)
 
 
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             specs += reuse_specs(size, infos[size], args)
     if not args.no_micro:
         specs += micro_specs(args, libs)
+    if args.only:
+        specs = [spec for spec in specs if args.only in spec["id"]]
     runs: dict[str, list[dict]] = {s["id"]: [] for s in specs}
     total = len(specs) * args.repeat
     for round_ in range(args.repeat):
@@ -198,11 +201,19 @@ def main(argv: list[str] | None = None) -> int:
     results = {s["id"]: {"spec": s, "result": merge(runs[s["id"]]), "runs": runs[s["id"]]} for s in specs}
     meta = {"command": command, "machine": machine_info(), "checkpoints": infos, "threads": args.threads,
             "repeat": args.repeat, "quick": args.quick, "wall_s": time.time() - started, "cuda": cuda,
-            "loadavg": [load_before[0], os.getloadavg()[0]]}
+            "loadavg": [load_before[0], os.getloadavg()[0]], "placement": placement_lines(args.quick)}
     (cache / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     write_report(Path(args.out), meta, results, Path(args.notes) if args.notes else None)
     print(f"wrote {args.out} and {cache / 'results.json'} in {meta['wall_s']:.0f} s", flush=True)
     return 0
+
+
+def placement_lines(quick: bool = False) -> list[str]:
+    """The placement-vs-accelerate table (pure planning on meta models, in this process: seconds; ``quick``: policy
+    ``auto`` only)."""
+    from benchmarks.placement import all_cells, markdown
+
+    return markdown(all_cells(("auto",) if quick else ("auto", "balanced", "balanced_low_0", "sequential")))
 
 
 def rewrite_report(args: argparse.Namespace) -> int:

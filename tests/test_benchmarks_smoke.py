@@ -75,7 +75,8 @@ def test_quick_run_writes_a_report(tmp_path):
     out = tmp_path / "RESULTS.md"
     assert main(["--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--timeout", "300"]) == 0
     text = out.read_text()
-    for heading in ("## Targets of issue 4", "## Headline ratios", "## Empty init", "## Every case", "## Failures"):
+    for heading in ("## Targets of issue 4", "## Headline ratios", "## Empty init", "## Every case", "## Failures",
+                    "## Loading a `.bin` checkpoint to the CPU", "## Placement vs accelerate"):
         assert heading in text
     results = json.loads((tmp_path / "cache" / "results.json").read_text())["results"]
     for case_id, entry in results.items():
