@@ -358,7 +358,7 @@ print(json.dumps({"files": files, "held": held, "same": same, "soft": resource.g
 def run_fd_job(tmp_path, mode: str, fmt: str = "safetensors") -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [sys.executable, "-c", _FD_JOB, "160", mode, str(tmp_path / "ckpt"), fmt],
+        [sys.executable, "-c", _FD_JOB, "80", mode, str(tmp_path / "ckpt"), fmt],
         capture_output=True, text=True, env=env, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
