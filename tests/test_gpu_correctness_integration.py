@@ -351,7 +351,7 @@ def test_disk_weights_are_staged_in_one_reused_page_locked_buffer(tmp_path):
 @needs_cuda
 @pytest.mark.skipif(
     os.environ.get("BIGMODEL_CSAN_ALL_THREADS") != "1",
-    reason="needs CUDA and the CUDA sanitizer in every thread (gpu_check.sh's sanitizer pass; tests/csan_all_threads.py)",
+    reason="needs CUDA and the CUDA sanitizer in every thread (gpu_check.sh's sanitizer pass, csan_all_threads.py)",
 )
 def test_the_sanitizer_catches_a_prefetched_copy_read_without_a_wait(monkeypatch):
     """The canary of the sanitizer pass: with the waits removed, the compute stream reads weights the prefetch thread

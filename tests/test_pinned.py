@@ -273,7 +273,8 @@ def test_release_returns_the_gpu_memory_the_allocator_cached_for_the_freed_weigh
     from lightning_bigmodel.simulate._runtime import current_device_index
 
     emptied = []
-    monkeypatch.setattr(SimulatedDeviceModule, "empty_cache", staticmethod(lambda: emptied.append(current_device_index())))
+    record = staticmethod(lambda: emptied.append(current_device_index()))
+    monkeypatch.setattr(SimulatedDeviceModule, "empty_cache", record)
     with simulated_gpus(2), torch.no_grad():
         model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(3)])
         dispatch_model(model, {"0": 1, "1": "cpu", "2": 1})

@@ -91,8 +91,8 @@ def _register(address: int, nbytes: int, device: int) -> None:
     raise PinnedMemoryError(
         f"Could not page-lock {nbytes} bytes ({nbytes / 2**30:.2f} GiB) of RAM for offloaded weights feeding GPU "
         f"{device}: cudaHostRegister failed ({name}). Likely causes: the locked-memory limit of this process "
-        f"(`ulimit -l`, now {_locked_memory_limit()}) or the memory limit of its container or cgroup. Raise that limit, "
-        "or give less to 'cpu' in `max_memory` so that more weights go to disk."
+        f"(`ulimit -l`, now {_locked_memory_limit()}) or the memory limit of its container or cgroup. Raise that "
+        "limit, or give less to 'cpu' in `max_memory` so that more weights go to disk."
     )
 
 

@@ -50,7 +50,8 @@ class Staging:
         hosts = {index: hook.entries[index].host for index in indices}
         layout = self._layouts.get(hook.name)
         if layout is None:
-            parts = [(f"{hook.name}.{hook.entries[i].slots[0][1]}", p) for i, h in hosts.items() for p in plain_parts(h)]
+            names = {i: f"{hook.name}.{hook.entries[i].slots[0][1]}" for i in hosts}
+            parts = [(names[i], part) for i, host in hosts.items() for part in plain_parts(host)]
             layout = self._layouts[hook.name] = Layout(parts)
         laid_out = layout.places
         rest = [p for h in hosts.values() for p in plain_parts(h) if needs_staging(p) and p.data_ptr() not in laid_out]
