@@ -67,10 +67,12 @@ class Staging:
         position = _aligned(layout.nbytes)
         self.stages += 1
 
+        start = buffer.data_ptr()
+
         def place(part: torch.Tensor) -> torch.Tensor:
             nonlocal position
-            if not needs_staging(part):
-                return part
+            if start <= part.data_ptr() < start + buffer.numel() or not needs_staging(part):
+                return part  # read into the buffer above, or pinned / on a GPU already
             nbytes = part.numel() * part.element_size()
             view = buffer[position : position + nbytes].view(part.dtype).view(part.shape).copy_(part)
             position = _aligned(position + nbytes)
