@@ -344,3 +344,105 @@ def test_fake_tensor_peaks_match_the_peaks_measured_on_simulated_gpus(gpt, tmp_p
     for index in range(2):
         assert predicted[index]["weights"] == resident[index]
         assert peaks[index] == pytest.approx(predicted[index]["peak"], rel=0.01), (index, peaks, predicted)
+
+
+# ----------------------------------------------------------------------------- twins of test_strategy.py's CUDA tests
+_CPU_DISK_MAP = {"model.transformer.wte": "cpu", "model.transformer.wpe": "cpu", "model.transformer.h.0": "cpu",
+                 "model.transformer.h.1": "cpu", "model.transformer.h.2": "disk", "model.transformer.h.3": "disk",
+                 "model.transformer.ln_f": "disk", "model.lm_head": "cpu"}  # fmt: skip
+_GPU_CPU_DISK_MAP = {**_CPU_DISK_MAP, "model.transformer.wte": 0, "model.transformer.h.0": 0, "model.lm_head": 0}
+
+
+def _extra_buffer_module(mode: str = "logits"):
+    """test_strategy.py's ``_ExtraBuffer``: a tensor outside ``self.model`` (the hooks go on the LightningModule)."""
+    from lightning_models import GPTModule
+
+    class ExtraBuffer(GPTModule):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.register_buffer("scale", torch.tensor(2.0), persistent=False)
+
+        def predict_step(self, batch, batch_idx):
+            (idx,) = batch
+            if self.mode == "generate":
+                return self.model.generate(idx, max_new_tokens=self.max_new_tokens)
+            return self.model(idx) * self.scale
+
+    return ExtraBuffer(mode=mode)
+
+
+def test_simulated_gpu_cpu_disk_map_matches_the_plain_model(tmp_path, monkeypatch):
+    """Twin of test_strategy.py::test_gpu_cpu_disk_map_matches_stock_lightning (32-true: the simulated GPUs have no
+    autocast of their own)."""
+    pytest.importorskip("lightning.pytorch")
+    from gpu_expectations import DeviceSpy
+    from lightning_bigmodel import BigModelInferenceStrategy
+    from lightning_models import GPTModule, bigmodel_trainer, plain_gpt, reference_outputs, token_loader
+    from lightning_models import write_bare_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    checkpoint = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt())
+    with simulated_gpus(1) as sim:
+        strategy = BigModelInferenceStrategy(device_map=_GPU_CPU_DISK_MAP, offload_folder=tmp_path / "offload")
+        spy = DeviceSpy()
+        trainer = bigmodel_trainer(strategy, accelerator="gpu", devices=1, callbacks=[spy], default_root_dir=tmp_path)
+        outputs = trainer.predict(GPTModule(), token_loader(), ckpt_path=str(checkpoint))
+        assert strategy.root_device == sim.devices[0] and spy.devices == [sim.devices[0]] * 2
+    expected = reference_outputs()
+    assert len(outputs) == len(expected) == 2
+    for got, want in zip(outputs, expected, strict=True):
+        close(got, want)
+
+
+def test_simulated_gpu_module_with_tensors_outside_the_network_prefetches(tmp_path, monkeypatch):
+    """Twin of test_strategy.py::test_gpu_module_with_tensors_outside_the_network_prefetches."""
+    pytest.importorskip("lightning.pytorch")
+    from gpu_expectations import DeviceSpy
+    from lightning_bigmodel import BigModelInferenceStrategy
+    from lightning_bigmodel.pl.loader import prefetchers
+    from lightning_models import bigmodel_trainer, plain_gpt, reference_outputs, token_loader, write_bare_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    checkpoint = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt())
+    module = _extra_buffer_module()
+    with simulated_gpus(1) as sim:
+        strategy = BigModelInferenceStrategy(device_map={**_GPU_CPU_DISK_MAP, "scale": 0}, offload_folder=tmp_path / "o")
+        spy = DeviceSpy()
+        trainer = bigmodel_trainer(strategy, accelerator="gpu", devices=1, callbacks=[spy], default_root_dir=tmp_path)
+        outputs = trainer.predict(module, token_loader(), ckpt_path=str(checkpoint))
+        found = prefetchers(module)
+        assert found and not any(p.recording for p in found)  # the order was fixed after the first step
+        assert spy.devices == [sim.devices[0]] * 2
+    expected = [out * 2 for out in reference_outputs()]
+    assert len(outputs) == len(expected) == 2
+    for got, want in zip(outputs, expected, strict=True):
+        close(got, want)
+
+
+@pytest.mark.parametrize("mode", ["logits", "generate"])
+def test_simulated_two_gpus_outputs_come_back_to_the_root_device(tmp_path, monkeypatch, mode):
+    """Twin of test_strategy.py::test_two_gpus_outputs_come_back_to_the_root_device."""
+    pytest.importorskip("lightning.pytorch")
+    from gpu_expectations import DeviceSpy
+    from lightning_bigmodel import BigModelInferenceStrategy
+    from lightning_models import bigmodel_trainer, plain_gpt, token_loader, tokens, write_bare_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    checkpoint = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt())
+    device_map = {**{key: 0 for key in _CPU_DISK_MAP}, "model.transformer.h.2": 1, "model.transformer.h.3": "cpu",
+                  "model.transformer.ln_f": 1, "model.lm_head": 1, "scale": 0}  # fmt: skip
+    with simulated_gpus(2) as sim:
+        strategy = BigModelInferenceStrategy(device_map=device_map, offload_folder=tmp_path / "off")
+        spy = DeviceSpy()
+        trainer = bigmodel_trainer(strategy, accelerator="gpu", devices=2, callbacks=[spy], default_root_dir=tmp_path)
+        outputs = trainer.predict(_extra_buffer_module(mode), token_loader(), ckpt_path=str(checkpoint))
+        assert spy.devices == [sim.devices[0]] * 2  # back on the root device
+    reference = plain_gpt()
+    prompts = tokens().split(3)
+    assert len(outputs) == len(prompts) == 2
+    with torch.no_grad():
+        for got, prompt in zip(outputs, prompts, strict=True):
+            if mode == "generate":  # the simulated GPUs compute as the CPU does: the same greedy tokens
+                assert torch.equal(got, reference.generate(prompt, max_new_tokens=4))
+            else:
+                close(got, reference(prompt) * 2)
