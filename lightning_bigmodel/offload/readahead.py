@@ -15,11 +15,14 @@ Memory, and what is read per forward:
 - **The resident subset**: when the disk weights do not fit the memory left (``release``, see :func:`should_release`),
   the memory the process still has once the first forward ran, beyond its CPU budget, the stream and a headroom
   (:func:`~lightning_bigmodel.planning.budget.detect_cpu_memory`: the cgroup's room or the available RAM, less
-  ``max(256 MiB, 5%)``), holds a stable subset of the units, read once and kept: spread evenly over the execution
-  order, so the disk keeps working while the compute runs through kept units. Only the others are read again, each
-  forward; the page cache is told to drop what was read (the buffers hold it). Under an explicit CPU budget the same
-  holds: the subset takes the memory the budget leaves free in the process's limit. When the disk weights fit the
-  memory left, nothing is kept and the page cache serves repeated reads.
+  ``max(256 MiB, 5%)``), holds a stable subset of the units, spread evenly over the execution order (the disk keeps
+  working while the compute runs through them). Their file ranges stay in the page cache: each forward copies them
+  into a buffer from memory, behind the compute, without touching the disk. The file ranges of every other unit
+  are dropped from the page cache as soon as they are read, so the streamed bytes never push the subset out (no LRU
+  churn), and only they are read from the disk again. Page cache is reclaimable: a burst of activations that needs
+  the memory evicts part of the subset (read again later) instead of getting the process OOM-killed. Under an
+  explicit CPU budget the same holds: the subset takes the memory the budget leaves free in the process's limit.
+  When the disk weights fit the memory left, nothing is dropped and the page cache keeps them all.
 
 A read that fails, comes back short, or finds its file changed since it was loaded raises the
 :class:`~lightning_bigmodel.checkpoint.errors.CheckpointError` of the engine in the compute thread, naming the file and
@@ -98,8 +101,8 @@ class ReadAhead:
         self._inflight: Optional[str] = None
         self._cursor = 0
         self._generation = 0
-        self._kept: set[str] = set()
-        self._resident: dict[str, torch.Tensor] = {}
+        self._kept: set[str] = set()  # units whose file ranges stay in the page cache
+        self._kept_parts: set[int] = set()  # their tensors (data pointers of the file views)
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self.reads = 0  # units read from disk (tests and benchmarks)
@@ -112,8 +115,13 @@ class ReadAhead:
 
     @property
     def kept_bytes(self) -> int:
-        """Bytes of the units held resident."""
-        return sum(buffer.numel() for buffer in self._resident.values())
+        """Bytes of the units whose file ranges stay in the page cache (the resident subset)."""
+        return sum(self._units[name].layout.nbytes for name in self._kept)
+
+    def _release(self, name: str) -> bool:
+        """Whether ``name``'s file ranges leave the page cache once read: not those of the resident subset, nor of a
+        unit sharing a tensor with it (tied weights)."""
+        return self.release and not (set(self._units[name].layout.places) & self._kept_parts)
 
     def attach(self, name: str, module: nn.Module, tensors: Sequence[torch.Tensor]) -> list:
         """Hook ``module`` (called ``name``), whose forward uses the disk views ``tensors``; return the hook handles."""
@@ -135,8 +143,8 @@ class ReadAhead:
             if self._recording and self._recorder in (None, me):
                 self._recorder = me
                 self._order.append(name)
-            buffer, pooled, error = self._resident.get(name), False, None
-            if buffer is None and not self._recording and name in self._position:
+            buffer, pooled, error = None, False, None
+            if not self._recording and name in self._position:
                 buffer, pooled, error = self._await(name)
             if buffer is None:  # the first forward, or out of order: read it here
                 buffer, pooled = self._take_slot(name)
@@ -148,7 +156,7 @@ class ReadAhead:
             if error is not None:
                 raise error
             if read_here:
-                unit.layout.read_into(buffer, self.release)
+                unit.layout.read_into(buffer, self._release(name))
                 self.reads += 1
         except BaseException:
             self._give_back(name, me, None)
@@ -194,10 +202,8 @@ class ReadAhead:
         while True:
             if name in self._ready:
                 return self._ready.pop(name)
-            if name in self._resident:
-                return self._resident[name], False, None
             coming = self._inflight == name or self._next_unit() == name
-            progress = self._inflight is not None or self._free or self._made < self._slots or name in self._kept
+            progress = self._inflight is not None or self._free or self._made < self._slots
             if not (coming and progress):
                 self._restart_after(name)
                 return None, False, None
@@ -214,13 +220,8 @@ class ReadAhead:
 
     # ------------------------------------------------------------------ the reader thread
     def _next_unit(self) -> Optional[str]:
-        """(Under the lock.) The next unit the reader will read, skipping resident ones; ``None`` if all are."""
-        for step in range(len(self._order)):
-            name = self._order[(self._cursor + step) % len(self._order)]
-            if name not in self._resident:
-                self._cursor = (self._cursor + step) % len(self._order)
-                return name
-        return None
+        """(Under the lock.) The next unit the reader will read."""
+        return self._order[self._cursor] if self._order else None
 
     def _next_task(self) -> Optional[tuple[str, torch.Tensor, bool, int]]:
         if self._closed or self._recording:
@@ -228,11 +229,7 @@ class ReadAhead:
         name = self._next_unit()
         if name is None or name in self._ready or any(unit == name for unit, _ in self._in_use):
             return None
-        if name in self._kept and not self._still_fits(name):
-            self._kept.discard(name)  # memory went elsewhere since the subset was chosen: stream it instead
-        if name in self._kept:
-            buffer, pooled = torch.empty(self._units[name].layout.nbytes, dtype=torch.uint8), False
-        elif self._free or self._made < self._slots:
+        if self._free or self._made < self._slots:
             buffer, pooled = self._take_slot(name)
         else:
             return None
@@ -252,7 +249,7 @@ class ReadAhead:
             name, buffer, pooled, generation = task
             error = None
             try:
-                self._units[name].layout.read_into(buffer, self.release)
+                self._units[name].layout.read_into(buffer, self._release(name))
                 self.reads += 1
             except BaseException as err:  # noqa: BLE001 - raised in the compute thread, which waits for this read
                 error = err
@@ -261,8 +258,6 @@ class ReadAhead:
                 if generation != self._generation:
                     if pooled:
                         self._free.append(buffer)
-                elif name in self._kept and error is None:
-                    self._resident[name] = buffer
                 else:
                     self._ready[name] = (buffer, pooled, error)
                 self._cond.notify_all()
@@ -290,6 +285,7 @@ class ReadAhead:
             self._slots = max(2, min(len(self._order), _MAX_BUFFERS, ahead))
             if self.keep:
                 self._kept = self._choose_kept()
+                self._kept_parts = {ptr for name in self._kept for ptr in self._units[name].layout.places}
             self._cursor = 0
             self._recording = False
             self._start()
@@ -311,13 +307,6 @@ class ReadAhead:
                 credit -= sizes[name]
         return kept
 
-    def _still_fits(self, name: str) -> bool:
-        """Whether keeping ``name`` still leaves the headroom and the stream's unallocated buffers free (checked when
-        its buffer is allocated: the choice was made from the memory of an earlier moment)."""
-        cpu = detect_cpu_memory()
-        pending = (self._slots - self._made) * self._slot_bytes
-        return self._units[name].layout.nbytes + pending <= cpu.free - cpu.headroom
-
     def close(self) -> None:
         """Stop the reader (after the read in flight) and drop the buffers."""
         with self._cond:
@@ -329,7 +318,6 @@ class ReadAhead:
         with self._cond:
             self._ready.clear()
             self._free.clear()
-            self._resident.clear()
 
 
 def _escapes(output: Any, buffer: torch.Tensor) -> bool:
