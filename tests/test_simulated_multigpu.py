@@ -406,7 +406,8 @@ def test_simulated_gpu_module_with_tensors_outside_the_network_prefetches(tmp_pa
     checkpoint = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt())
     module = _extra_buffer_module()
     with simulated_gpus(1) as sim:
-        strategy = BigModelInferenceStrategy(device_map={**_GPU_CPU_DISK_MAP, "scale": 0}, offload_folder=tmp_path / "o")
+        device_map = {**_GPU_CPU_DISK_MAP, "scale": 0}
+        strategy = BigModelInferenceStrategy(device_map=device_map, offload_folder=tmp_path / "off")
         spy = DeviceSpy()
         trainer = bigmodel_trainer(strategy, accelerator="gpu", devices=1, callbacks=[spy], default_root_dir=tmp_path)
         outputs = trainer.predict(module, token_loader(), ckpt_path=str(checkpoint))
