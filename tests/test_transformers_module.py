@@ -379,7 +379,12 @@ def test_another_strategy_is_refused(llama, tmp_path):
 
 # ---------------------------------------------------------------------- no path turns into a model; Hub lookups
 def test_a_mistyped_model_path_is_not_found_in_one_line_and_makes_nothing(tmp_path):
-    """The demo config with a typo in its path: exit 2, one line, no model written, no predictions."""
+    """The demo config with a typo in its path: exit 2, one line, no model written, no predictions; reported first,
+    before the writer looks at its folder (here another job's, which would be refused)."""
+    other = tmp_path / "runs" / "transformers-generate"
+    other.mkdir(parents=True)
+    (other / "manifest.json").write_text(json.dumps({"format": 2, "job_id": "another-job", "num_samples": 1}))
+    (other / "chunk-000000000-000000000-r0.safetensors").write_bytes(b"another job's chunk")
     command = [sys.executable, "-m", "lightning_bigmodel", "predict", "--config",
                str(ROOT / "configs" / "transformers_generate.yaml"),
                "--model.init_args.model_name_or_path", "./runs/my-llama-typo", "--model.init_args.prompts", '["hi"]']
@@ -391,7 +396,7 @@ def test_a_mistyped_model_path_is_not_found_in_one_line_and_makes_nothing(tmp_pa
         f" {str(tmp_path / 'runs' / 'my-llama-typo')!r} (not a Hub id). (--debug shows the traceback)"
     )
     assert not (tmp_path / "runs" / "my-llama-typo").exists()
-    assert not list((tmp_path / "runs").glob("transformers-generate/chunk-*"))  # no prediction
+    assert sorted(p.name for p in other.iterdir()) == ["chunk-000000000-000000000-r0.safetensors", "manifest.json"]
 
 
 def test_create_if_missing_is_refused_and_says_how_to_make_the_demo_models():

@@ -221,6 +221,16 @@ def _raised_on_purpose(err: BaseException) -> bool:
     return frame is not None and str(frame.tb_frame.f_globals.get("__name__", "")).startswith(_PACKAGE)
 
 
+def _our_report(err: Optional[BaseException]) -> Optional[BaseException]:
+    """``err`` or the error it was raised from (jsonargparse wraps what a class raises while it is built in a
+    ``ValueError`` of its own) when that is our report of a bad input; else ``None``."""
+    while err is not None:
+        if _raised_on_purpose(err):
+            return err
+        err = err.__cause__
+    return None
+
+
 def _debug_requested(argv: list[str]) -> bool:
     """Take ``--debug`` out of ``argv``; also on when ``LIGHTNING_BIGMODEL_DEBUG`` is set (to anything but 0/false)."""
     flag = "--debug" in argv
@@ -241,9 +251,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         _run(argv)
     except Exception as err:
-        if debug or not _raised_on_purpose(err):
+        report = _our_report(err)
+        if debug or report is None:
             raise
-        message = str(err).strip() or type(err).__name__
+        message = str(report).strip() or type(report).__name__
         sys.stderr.write(f"lightning-bigmodel: error: {message} (--debug shows the traceback)\n")
         raise SystemExit(2) from None
 

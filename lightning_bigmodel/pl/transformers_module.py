@@ -125,6 +125,8 @@ class TransformersModule(LightningModule):
         self.source = str(model_name_or_path)
         self._folder: Optional[str] = None
         self.prompts: list[Prompt] = read_prompts(prompts)
+        if not Path(self.source).expanduser().exists() and is_local_path(self.source):
+            self._checked_source()  # a missing local path: the one-line not-found error, when configured
         self.task = task
         self.sampling = tasks.Sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
         self.model: Optional[torch.nn.Module] = None
