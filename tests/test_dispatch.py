@@ -469,3 +469,18 @@ def test_copying_a_model_dispatched_on_simulated_gpus_with_prefetch_is_refused(t
             copy.deepcopy(model)
         remove_dispatch(model)
         assert all(p.requires_grad for p in model.parameters())
+
+
+def test_remove_dispatch_restores_requires_grad_after_forwards_under_inference_mode(tmp_path):
+    checkpoint = save_sharded_checkpoint(make_reference(TiedLM), tmp_path / "ckpt")
+    model = empty_model(TiedLM)
+    load_checkpoint_and_dispatch(model, checkpoint, device_map=MAPS[TiedLM]["mixed"], offload_folder=tmp_path / "o")
+    expected = outputs(model, TiedLM, calls=2)  # under inference_mode: tensors made now cannot require grad
+    remove_dispatch(model)
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.head.weight is model.wte.weight  # still tied
+    loss = model(example_input(TiedLM)).sum()
+    loss.backward()  # trainable again
+    assert model.wte.weight.grad is not None
+    with torch.inference_mode():
+        torch.testing.assert_close(model(example_input(TiedLM)), expected[0], rtol=0, atol=0)

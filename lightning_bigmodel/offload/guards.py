@@ -13,6 +13,8 @@ from typing import Mapping
 
 from torch import nn
 
+from lightning_bigmodel.offload.subclass import is_wrapped
+
 __all__ = ["COPY_REFUSED", "guard_copies", "keep_requires_grad", "requires_grad_of", "unguard_copies"]
 
 COPY_REFUSED = (
@@ -50,13 +52,22 @@ def keep_requires_grad(model: nn.Module, grads: Mapping[str, bool]) -> None:
 
 
 def unguard_copies(model: nn.Module) -> None:
-    """Allow copies again and put back each parameter's recorded ``requires_grad`` (floating-point ones only)."""
+    """Allow copies again and put back each parameter's recorded ``requires_grad`` (float ones; a parameter made
+    under ``torch.inference_mode``, which cannot require grad, is replaced by a clone that does)."""
     for module in model.modules():
         for name in _GUARDS:
             if module.__dict__.get(name) is _refuse:
                 del module.__dict__[name]
     grads = model.__dict__.pop(_GRADS, {})
-    for name, param in model.named_parameters(remove_duplicate=False):
-        wanted = grads.get(name)
-        if wanted is not None and param.requires_grad != wanted and (param.is_floating_point() or not wanted):
+    replaced: dict[int, nn.Parameter] = {}  # tied parameters stay one
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module._parameters.items():
+            wanted = grads.get(f"{prefix}.{attr}" if prefix else attr)
+            if param is None or wanted is None or param.requires_grad == wanted:
+                continue
+            if wanted and (not param.is_floating_point() or is_wrapped(param)):
+                continue  # an integer or quantized weight cannot require grad
+            if wanted and param.is_inference():  # made under inference_mode (e.g. a copy at the first forward)
+                module._parameters[attr] = replaced.setdefault(id(param), nn.Parameter(param.clone()))
+                continue
             param.requires_grad_(wanted)
