@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -133,3 +133,50 @@ def _read_manifest(folder: Path) -> Optional[dict]:
 def _write_manifest(folder: Path, job_id: str, num_samples: Optional[int], fingerprint: Optional[dict] = None) -> None:
     doc = {"format": _FORMAT, "job_id": job_id, "num_samples": num_samples, "fingerprint": fingerprint or {}}
     _atomic_write(folder / MANIFEST_NAME, json.dumps(doc, indent=1).encode())
+
+
+def _short(values: Sequence[int], limit: int = 10) -> str:
+    head = ", ".join(str(v) for v in values[:limit])
+    return f"[{head}{', ...' if len(values) > limit else ''}] ({len(values)} in all)"
+
+
+def read_predictions(output_dir: Union[str, Path], num_samples: Optional[int] = None) -> Any:
+    """Read every chunk of ``output_dir`` and return the predictions in dataset-index order.
+
+    Args:
+        output_dir: A folder written by :class:`ResumablePredictionWriter`.
+        num_samples: Expected number of inputs; defaults to the one recorded in ``manifest.json``.
+
+    Returns:
+        A tensor (or ``{str: tensor}`` dict, or list) whose row ``i`` is the prediction for input ``i``.
+
+    Raises:
+        PredictionFolderError: when an index is missing, written twice, or out of range.
+    """
+    folder = Path(output_dir)
+    chunks = _chunk_files(folder)
+    if not chunks:
+        raise PredictionFolderError(f"`output_dir` {str(folder)!r} holds no prediction chunks. Run the job first.")
+    if num_samples is None:
+        num_samples = (_read_manifest(folder) or {}).get("num_samples")
+    loaded = [_read_chunk(p) for p in chunks]
+    indices = torch.cat([ix for ix, _ in loaded])
+    n = int(num_samples) if num_samples is not None else int(indices.max()) + 1
+    bad = indices[(indices < 0) | (indices >= n)].tolist()
+    if bad:
+        raise PredictionFolderError(f"`output_dir` {str(folder)!r} holds indices outside 0..{n - 1}: {_short(bad)}.")
+    counts = torch.bincount(indices, minlength=n)
+    dups = torch.nonzero(counts > 1).flatten().tolist()
+    if dups:
+        files = sorted({p.name for p, (ix, _) in zip(chunks, loaded) if bool(torch.isin(ix, torch.tensor(dups)).any())})
+        raise PredictionFolderError(
+            f"`output_dir` {str(folder)!r} has more than one prediction for indices {_short(dups)}, in {files}."
+        )
+    gaps = torch.nonzero(counts == 0).flatten().tolist()
+    if gaps:
+        raise PredictionFolderError(
+            f"`output_dir` {str(folder)!r} has no prediction for indices {_short(gaps)} of {n}. Rerun the same job"
+            " to finish it."
+        )
+    order = torch.argsort(indices).tolist()
+    return _select(_concat([pred for _, pred in loaded]), order)

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch.utils.data import IterableDataset, Sampler, SequentialSampler
+from torch.utils.data import IterableDataset
 
 from lightning_bigmodel.pl._chunks import (
     _FORMAT,
@@ -43,65 +43,14 @@ from lightning_bigmodel.pl._chunks import (
     _select,
     _to_cpu,
     _write_manifest,
+    read_predictions,
 )
 from lightning_bigmodel.pl._fingerprint import checkpoint_part, data_part, describe_change, module_part, precision_part
+from lightning_bigmodel.pl._sampler import ResumableSampler, _uses_resumable_sampler
+
+__all__ = ["PredictionFolderError", "ResumablePredictionWriter", "ResumableSampler", "read_predictions"]
 
 _EMPTY_LOADER = r"Total length of `\w+` across ranks is zero"  # Lightning's warning when every sample is done
-
-
-def _short(values: Sequence[int], limit: int = 10) -> str:
-    head = ", ".join(str(v) for v in values[:limit])
-    return f"[{head}{', ...' if len(values) > limit else ''}] ({len(values)} in all)"
-
-
-def _uses_resumable_sampler(dataloader: Any) -> bool:
-    """Whether Lightning's (possibly distributed, index-tracking) wrappers hold a :class:`ResumableSampler`."""
-    todo = [getattr(dataloader, "sampler", None), getattr(dataloader, "batch_sampler", None)]
-    for _ in range(4):  # batch sampler -> sampler -> distributed wrapper's dataset -> wrapped sampler
-        if any(isinstance(s, ResumableSampler) for s in todo):
-            return True
-        todo = [getattr(s, a, None) for s in todo for a in ("sampler", "_batch_sampler", "dataset", "_sampler")]
-    return False
-
-
-class ResumableSampler(Sampler[int]):
-    """Yields the indices of ``sampler`` (default: all of ``data_source`` in order) that ``writer`` has not written.
-
-    Build it with :meth:`ResumablePredictionWriter.sampler`. Lightning keeps it on one process and
-    wraps it in its unrepeated distributed sampler under DDP, so each rank loads only undone samples.
-    When fewer samples are left than ranks, done indices pad the list (their results are dropped).
-
-    Args:
-        writer: The writer whose ``done_indices()`` snapshot is skipped.
-        data_source: The (sized) predict dataset.
-        sampler: Sampler of dataset indices to filter; default: ``0 .. len(data_source) - 1`` in order.
-    """
-
-    def __init__(self, writer: ResumablePredictionWriter, data_source: Any, sampler: Optional[Any] = None) -> None:
-        self.writer = writer
-        self.data_source = data_source
-        self.num_samples_total = len(data_source)
-        self.base = sampler if sampler is not None else SequentialSampler(range(self.num_samples_total))
-        self._cache: Optional[tuple[int, list[int]]] = None
-        writer._num_samples_hint = self.num_samples_total
-
-    def _todo(self) -> list[int]:
-        if self._cache is None or self._cache[0] != self.writer._generation:
-            self.writer._check_job(self.data_source)  # the model is loaded and the data known: the whole fingerprint
-            done, generation = self.writer.done_indices(), self.writer._generation
-            todo = [int(i) for i in self.base if int(i) not in done]
-            self.writer._report_progress(self.num_samples_total, len(todo))
-            short = self.writer._world_size - len(todo)
-            if todo and short > 0:  # every rank needs a batch: pad with done indices, the writer drops them
-                todo += sorted(done)[:short]
-            self._cache = (generation, todo)
-        return self._cache[1]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._todo())
-
-    def __len__(self) -> int:
-        return len(self._todo())
 
 
 class ResumablePredictionWriter(BasePredictionWriter):
@@ -367,45 +316,3 @@ class ResumablePredictionWriter(BasePredictionWriter):
             self.flush()
         except Exception as err:  # noqa: BLE001 - never hide the original exception
             warnings.warn(f"`ResumablePredictionWriter` could not flush after {exception!r}: {err!r}")
-
-
-def read_predictions(output_dir: Union[str, Path], num_samples: Optional[int] = None) -> Any:
-    """Read every chunk of ``output_dir`` and return the predictions in dataset-index order.
-
-    Args:
-        output_dir: A folder written by :class:`ResumablePredictionWriter`.
-        num_samples: Expected number of inputs; defaults to the one recorded in ``manifest.json``.
-
-    Returns:
-        A tensor (or ``{str: tensor}`` dict, or list) whose row ``i`` is the prediction for input ``i``.
-
-    Raises:
-        PredictionFolderError: when an index is missing, written twice, or out of range.
-    """
-    folder = Path(output_dir)
-    chunks = _chunk_files(folder)
-    if not chunks:
-        raise PredictionFolderError(f"`output_dir` {str(folder)!r} holds no prediction chunks. Run the job first.")
-    if num_samples is None:
-        num_samples = (_read_manifest(folder) or {}).get("num_samples")
-    loaded = [_read_chunk(p) for p in chunks]
-    indices = torch.cat([ix for ix, _ in loaded])
-    n = int(num_samples) if num_samples is not None else int(indices.max()) + 1
-    bad = indices[(indices < 0) | (indices >= n)].tolist()
-    if bad:
-        raise PredictionFolderError(f"`output_dir` {str(folder)!r} holds indices outside 0..{n - 1}: {_short(bad)}.")
-    counts = torch.bincount(indices, minlength=n)
-    dups = torch.nonzero(counts > 1).flatten().tolist()
-    if dups:
-        files = sorted({p.name for p, (ix, _) in zip(chunks, loaded) if bool(torch.isin(ix, torch.tensor(dups)).any())})
-        raise PredictionFolderError(
-            f"`output_dir` {str(folder)!r} has more than one prediction for indices {_short(dups)}, in {files}."
-        )
-    gaps = torch.nonzero(counts == 0).flatten().tolist()
-    if gaps:
-        raise PredictionFolderError(
-            f"`output_dir` {str(folder)!r} has no prediction for indices {_short(gaps)} of {n}. Rerun the same job"
-            " to finish it."
-        )
-    order = torch.argsort(indices).tolist()
-    return _select(_concat([pred for _, pred in loaded]), order)
