@@ -3,7 +3,7 @@
 
 Every shard is opened once, when the checkpoint is scanned (:class:`~lightning_bigmodel.checkpoint.shard.ShardHandle`),
 and every tensor is read from that descriptor: a shard replaced or deleted during the load is still the planned file;
-one truncated or extended in place raises :class:`CheckpointError` naming it before a byte is read from it.
+one truncated, extended or rewritten in place raises :class:`CheckpointError` naming it before a byte is read from it.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ class CheckpointReader:
     shards and no shard may be empty. Each failure raises a ``CheckpointError`` (a ``ValueError``) naming the culprit.
 
     Each shard is opened once, then (:attr:`handles`); every read comes from that descriptor, after a check that the
-    file kept its size. Closing drops the handles: a descriptor closes with the last reference to its handle.
+    file was not changed in place (:meth:`ShardHandle.check`). Closing drops the handles: a descriptor closes with the
+    last reference to its handle.
     """
 
     def __init__(self, checkpoint: Union[str, Path, ResolvedCheckpoint]) -> None:
@@ -192,7 +193,7 @@ class CheckpointReader:
         return [self.handles[file].identity() for file in self.checkpoint.files]
 
     def handle(self, key: str) -> ShardHandle:
-        """The open handle of the shard holding ``key``, checked unchanged in size."""
+        """The open handle of the shard holding ``key``, checked unchanged (:meth:`ShardHandle.check`)."""
         handle = self.handles[self.spec(key).file]
         handle.check()
         return handle
