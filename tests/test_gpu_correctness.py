@@ -416,6 +416,8 @@ def test_disk_weights_are_staged_through_one_reused_page_locked_buffer(tmp_path,
         staging = model._bigmodel_dispatch.prefetcher._staging
         assert staging.stages >= 6 and staging.allocations == 1  # three disk blocks per forward, one buffer
         block = sum(p.numel() * p.element_size() for p in make_reference(UntiedMLP).blocks[0].parameters())
+        layouts = [layout.nbytes for layout in staging._layouts.values()]  # read from the files (preadv), no faults
+        assert len(layouts) == 3 and all(block <= nbytes < block + 64 * 8 for nbytes in layouts), layouts
         assert block <= staging.buffer.numel() < block + 64 * 8  # one block's bytes (aligned), not a power of two
         remove_dispatch(model)
 
