@@ -15,7 +15,8 @@ from lightning_bigmodel.offload.hooks import WeightHook
 from lightning_bigmodel.simulate import simulated_gpus
 from lightning_bigmodel.verify import verify_dispatch
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the simulated GPUs shadow CUDA for the process")
+simulated = pytest.mark.skipif(torch.cuda.is_available(), reason="the simulated GPUs shadow CUDA for the process")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 MAPS = {
     UntiedMLP: {"inp": 0, "blocks.0": "cpu", "blocks.1": "disk", "blocks.2": 1, "out": 1},
@@ -24,11 +25,12 @@ MAPS = {
 }
 
 
-def dispatched(cls, tmp_path):
+def dispatched(cls, tmp_path, device_map=None):
     checkpoint = save_sharded_checkpoint(make_reference(cls), tmp_path / "ckpt")
     with init_empty_weights():
         model = cls()
-    model = load_checkpoint_and_dispatch(model, checkpoint, device_map=MAPS[cls], offload_folder=tmp_path / "off")
+    device_map = device_map or MAPS[cls]
+    model = load_checkpoint_and_dispatch(model, checkpoint, device_map=device_map, offload_folder=tmp_path / "off")
     return model, checkpoint
 
 
@@ -42,6 +44,7 @@ def weight_hook(model, name: str) -> WeightHook:
     return hook
 
 
+@simulated
 @pytest.mark.parametrize("cls", [UntiedMLP, TiedLM, BufferNet])
 def test_a_correct_dispatch_passes_and_the_model_is_left_as_it_was(tmp_path, cls):
     reference = make_reference(cls)
@@ -61,6 +64,7 @@ def test_a_correct_dispatch_passes_and_the_model_is_left_as_it_was(tmp_path, cls
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@simulated
 def test_a_stale_offloaded_copy_is_caught_and_named_with_its_device(tmp_path):
     with simulated_gpus(2) as sim:
         model, checkpoint = dispatched(UntiedMLP, tmp_path)
@@ -78,6 +82,7 @@ def test_a_stale_offloaded_copy_is_caught_and_named_with_its_device(tmp_path):
     assert "every module before it matches" in str(report)
 
 
+@simulated
 def test_a_fault_in_one_hook_on_the_second_gpu_is_caught(tmp_path, monkeypatch):
     with simulated_gpus(2) as sim:
         model, checkpoint = dispatched(TiedLM, tmp_path)
@@ -90,6 +95,7 @@ def test_a_fault_in_one_hook_on_the_second_gpu_is_caught(tmp_path, monkeypatch):
     assert str(sim.devices[0]) in report.first.device
 
 
+@simulated
 def test_the_reference_streams_one_block_at_a_time(tmp_path, monkeypatch):
     loaded, peak = [0], [0]
     load, unload = verify_module._Loader.load, verify_module._Loader.unload
@@ -113,6 +119,19 @@ def test_the_reference_streams_one_block_at_a_time(tmp_path, monkeypatch):
     total = sum(p.numel() for p in make_reference(UntiedMLP).parameters())
     assert report.ok and loaded[0] == 0
     assert peak[0] <= block + 16 < total  # one block (its layer norm's buffers aside), never the model
+
+
+@needs_cuda
+@pytest.mark.parametrize("cls", [UntiedMLP, TiedLM, BufferNet])
+def test_verify_passes_a_cuda_split_with_cpu_and_disk_offload_and_prefetch(tmp_path, cls):
+    """The twin of the simulated tests on a real GPU: GPU 0 plus "cpu" and "disk" entries (prefetched on a side
+    stream after the first forward), checked on the second call too."""
+    device_map = {key: (0 if value == 1 else value) for key, value in MAPS[cls].items()}
+    model, checkpoint = dispatched(cls, tmp_path, device_map)
+    x = example_input(cls).cuda()
+    for _ in range(2):
+        report = verify_dispatch(model, checkpoint, x, no_split_module_classes=["Block"])
+        assert report.ok, report
 
 
 def test_verify_refuses_quantized_weights(tmp_path):
@@ -146,6 +165,7 @@ def _predict_with_verify(tmp_path):
     return trainer.predict(GPTModule(), token_loader(), ckpt_path=str(checkpoint))
 
 
+@simulated
 def test_strategy_verify_passes_a_correct_dispatch_and_predicts_as_usual(tmp_path, caplog):
     from lightning_models import reference_outputs
 
@@ -157,6 +177,7 @@ def test_strategy_verify_passes_a_correct_dispatch_and_predicts_as_usual(tmp_pat
     assert any("module outputs of the dispatched model match the CPU reference" in m for m in messages), messages
 
 
+@simulated
 def test_strategy_verify_stops_on_a_stale_copy_naming_the_block_and_its_device(tmp_path, monkeypatch):
     real = WeightHook.fetch
 
