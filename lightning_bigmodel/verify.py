@@ -28,7 +28,7 @@ from torch import nn
 from lightning_bigmodel.checkpoint.reader import CheckpointReader
 from lightning_bigmodel.checkpoint.resolve import resolve_checkpoint
 from lightning_bigmodel.integrations.transformers import converted_source
-from lightning_bigmodel.offload.hooks import map_tensors, move_to
+from lightning_bigmodel.offload.hooks import move_to
 from lightning_bigmodel.offload.placement import dispatched_modules, main_device_of, owner_key
 from lightning_bigmodel.offload.subclass import is_wrapped
 
@@ -237,7 +237,7 @@ class _Loader:
 def _recorder(store: dict[str, list], name: str, order: Optional[list] = None, after: Optional[Callable] = None):
     def record(module: nn.Module, args, output) -> None:
         tensors: list[torch.Tensor] = []
-        map_tensors(output, lambda t: tensors.append(t.detach().to(_CPU, copy=True)) or t)
+        _collect(output, tensors)
         calls = store.setdefault(name, [])
         if order is not None:
             order.append((name, len(calls)))
@@ -246,6 +246,19 @@ def _recorder(store: dict[str, list], name: str, order: Optional[list] = None, a
             after()
 
     return record
+
+
+def _collect(obj: Any, out: list[torch.Tensor]) -> None:
+    """CPU copies of the tensors in ``obj`` (nested tuples, lists, dicts such as transformers' ``ModelOutput``),
+    depth first; other objects (a KV cache) are skipped. Nothing is rebuilt: the output is left as it is."""
+    if isinstance(obj, torch.Tensor):
+        out.append(obj.detach().to(_CPU, copy=True))
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            _collect(item, out)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _collect(item, out)
 
 
 @contextmanager
