@@ -237,3 +237,21 @@ def test_verify_from_the_yaml_strategy_settings_of_a_predict_run(tmp_path, monke
     report = cli.trainer.strategy.verify_report
     assert report.ok and report.checked > 0, report
     assert (tmp_path / "runs" / "gpt_tokens.pt").exists()  # a predict run with verify still writes its predictions
+
+
+@simulated
+def test_verify_a_transformers_llama_split_over_simulated_gpus_and_cpu(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    checkpoint = save_sharded_checkpoint(transformers.LlamaForCausalLM(config).eval(), tmp_path / "ckpt")
+    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.layers.2": 1,
+                  "model.norm": 1, "model.rotary_emb": 1, "lm_head": 1}  # fmt: skip
+    with simulated_gpus(2) as sim:
+        with init_empty_weights():
+            model = transformers.LlamaForCausalLM(config)
+        load_checkpoint_and_dispatch(model, checkpoint, device_map=device_map)
+        ids = torch.arange(10).reshape(2, 5).to(sim.devices[0])
+        report = verify_dispatch(model, checkpoint, ids, no_split_module_classes=["LlamaDecoderLayer"])
+    assert report.ok and report.checked >= 7, report  # embeddings, 3 layers, norm, rotary, head (ModelOutput inside)
