@@ -176,7 +176,8 @@ class _Planner:
         self.has_gpu = any(isinstance(device, int) and budget > 0 for device, budget in budgets.items())
         self.short: dict[int, tuple[Device, int]] = {}
         two = self.plan_slots(budgets, balanced, low_0, 2) if self.prefetch is not False or not self.has_gpu else None
-        one = self.plan_slots(budgets, balanced, low_0, 1) if self.has_gpu else two
+        nothing_offloaded = two is not None and not self._offloaded(two)  # then one slot changes nothing
+        one = self.plan_slots(budgets, balanced, low_0, 1) if self.has_gpu and not nothing_offloaded else two
         if two is not None and (not self.has_gpu or not self._two_costs_the_gpus(two, one, self.prefetch is True)):
             raw, slots = two, 2
         elif self.prefetch is True:
@@ -197,11 +198,15 @@ class _Planner:
         return raw
 
     def plan_slots(self, budgets: dict[Device, float], balanced: bool, low_0: bool, slots: int) -> DeviceMap:
-        """The in-order plan with room for ``slots`` offloaded layers; when it leaves every GPU empty, the best plan of
-        :meth:`plan_pinned` (if any) instead."""
+        """The in-order plan with room for ``slots`` offloaded layers; when it leaves a budgeted GPU empty while it
+        offloads weights, the best plan of :meth:`plan_pinned` instead if that keeps more bytes on the GPUs."""
         raw = self.plan_in_order(budgets, balanced, low_0, slots)
-        if self.has_gpu and not any(isinstance(device, int) for device in raw.values()):
-            return self.plan_pinned(budgets, balanced, low_0, slots) or raw
+        gpus = [device for device, budget in budgets.items() if isinstance(device, int) and budget > 0]
+        used = {device for device in raw.values() if isinstance(device, int)}
+        if self.has_gpu and set(gpus) - used and self._offloaded(raw):  # a GPU left empty while weights are offloaded
+            pinned = self.plan_pinned(budgets, balanced, low_0, slots)
+            if pinned is not None and sum(self.gpu_bytes(pinned).values()) > sum(self.gpu_bytes(raw).values()):
+                return pinned
         return raw
 
     def gpu_bytes(self, raw: DeviceMap) -> dict[Device, int]:

@@ -27,15 +27,15 @@ def empty_gpu_lines(
     for gpu in gpus:
         if gpu in used:
             continue
-        name = _first_past(device_map, gpu)
+        what, name = _first_past(device_map, gpu, planner.sizes)
         size = planner.sizes.get(name, 0)
         budget = int(budgets[gpu])
         beside = ""
         if gpu <= exec_gpu and reserve:
             beside = f" beside the {format_bytes(reserve)} kept there for the offloaded layers it would execute"
         lines.append(
-            f"GPU {gpu} gets no module (`max_memory[{gpu}]` = {format_bytes(budget)}, {budget} bytes): the next module "
-            f"in order, {name or '(whole model)'!r} ({format_bytes(size)}), does not fit{beside}. Raise "
+            f"GPU {gpu} gets no module (`max_memory[{gpu}]` = {format_bytes(budget)}, {budget} bytes): {what}, "
+            f"{name or '(whole model)'!r} ({format_bytes(size)}), does not fit{beside}. Raise "
             f"`max_memory[{gpu}]` to at least {size + (reserve if beside else 0)} bytes, take its class out of "
             "`no_split_module_classes` so it can split, or drop the GPU from `max_memory`."
         )
@@ -46,6 +46,11 @@ def _rank(device: Device) -> tuple[int, int]:
     return (0, device) if isinstance(device, int) else (1, 0) if device == "cpu" else (2, 0)
 
 
-def _first_past(device_map: Mapping[str, Device], gpu: int) -> str:
-    """The first key (in map order) placed on a device after ``gpu``: the module that reached it and went on."""
-    return next((key for key, device in device_map.items() if _rank(device) > (0, gpu)), next(iter(device_map), ""))
+def _first_past(device_map: Mapping[str, Device], gpu: int, sizes: Mapping[str, int]) -> tuple[str, str]:
+    """``(what, key)``: in a map in module order, the first key placed on a device after ``gpu`` (the module that
+    reached it and went on); in a map out of module order, the smallest module placed after it."""
+    ranks = [_rank(device) for device in device_map.values()]
+    later = [key for key, device in device_map.items() if _rank(device) > (0, gpu)] or list(device_map)[:1] or [""]
+    if ranks == sorted(ranks):
+        return "the next module in order", later[0]
+    return "the smallest module placed after it", min(later, key=lambda key: sizes.get(key, 0))
