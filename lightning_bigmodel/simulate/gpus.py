@@ -107,13 +107,14 @@ def simulated_gpus(count: int, memory_per_gpu: Union[int, str] = "80GiB") -> Ite
     capacity = _check_arguments(count, memory_per_gpu)
     if STATE.active:
         raise RuntimeError("`simulated_gpus` is already active in this process; leave it before entering it again.")
-    if torch._C._get_privateuse1_backend_name() != BACKEND and torch.cuda.is_available():
+    first = torch._C._get_privateuse1_backend_name() != BACKEND
+    _backend.ensure_registered(SimulatedDeviceModule())
+    if first and torch.cuda.is_available():
         warnings.warn(
-            "`simulated_gpus` registers a PyTorch backend that may shadow CUDA in this process from now on (pinned "
+            "`simulated_gpus` registered a PyTorch backend that may shadow CUDA in this process from now on (pinned "
             "memory, `torch.accelerator`). Run simulations in a process that does not use CUDA.",
             stacklevel=3,
         )
-    _backend.ensure_registered(SimulatedDeviceModule())
     saved = [(owner, name, owner.__dict__.get(name, _MISSING)) for owner, name, _ in STAND_INS]
     STATE.reset(count, capacity)
     STATE.active = True
