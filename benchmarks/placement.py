@@ -162,15 +162,21 @@ def offloaded_buffer_bytes(model: nn.Module, device_map) -> int:
     return sum(b.numel() * b.element_size() for name, b in model.named_buffers() if devices[name] in ("cpu", "disk"))
 
 
-def runs_within_budget(model: nn.Module, device_map, budget, no_split) -> bool:
-    """Whether the execution GPU of ``device_map`` holds its modules, one offloaded layer and the offloaded buffers
-    within its budget (see the module's docstring)."""
+def over_budget(model: nn.Module, device_map, budget, no_split) -> int:
+    """Bytes by which the execution GPU of ``device_map`` exceeds its budget holding its modules, one offloaded layer
+    and the offloaded buffers (see the module's docstring); 0 when it fits."""
     held = gpu_bytes(model, device_map)
     if not held:
-        return True
+        return 0
     main = min(held)
     layer = largest_offloaded_layer(model, device_map, no_split)
-    return held[main] + layer + offloaded_buffer_bytes(model, device_map) <= budget[main]
+    return max(0, held[main] + layer + offloaded_buffer_bytes(model, device_map) - budget[main])
+
+
+def runs_within_budget(model: nn.Module, device_map, budget, no_split) -> bool:
+    """Whether the execution GPU of ``device_map`` holds its modules, one offloaded layer and the offloaded buffers
+    within its budget."""
+    return over_budget(model, device_map, budget, no_split) == 0
 
 
 def compare(model_name: str, budget_name: str, policy: str) -> dict:
@@ -194,6 +200,7 @@ def compare(model_name: str, budget_name: str, policy: str) -> dict:
         "model": model_name, "budget": budget_name, "policy": policy, "model_bytes": total,
         "ours": gpu_bytes(model, ours), "theirs": gpu_bytes(model, theirs), "map": dict(ours),
         "depth": ours.prefetch_depth, "slot": largest_offloaded_layer(model, ours, no_split, buffers=True),
+        "theirs_over": over_budget(model, theirs, budget, no_split),
         "theirs_fits": runs_within_budget(model, theirs, budget, no_split),
         "ours_fits": runs_within_budget(model, ours, budget, no_split),
     }  # fmt: skip
@@ -215,7 +222,9 @@ def markdown(cells: list[dict]) -> list[str]:
     for cell in cells:
         ours, theirs = cell["ours"], cell["theirs"]
         if not cell["theirs_fits"]:
-            verdict = "accelerate over budget on its execution GPU"
+            empty = sorted(set(theirs) - set(ours))
+            verdict = f"accelerate over budget by {cell['theirs_over'] / 1000:.0f} kB on its execution GPU" + (
+                f"; ours leaves GPU {', '.join(map(str, empty))} empty" if empty else "")
         elif set(theirs) - set(ours):
             verdict, empty_where_used = "**GPU left empty that accelerate uses**", empty_where_used + 1
         elif sum(ours.values()) < sum(theirs.values()) - cell["slot"]:
@@ -225,7 +234,9 @@ def markdown(cells: list[dict]) -> list[str]:
             verdict = "equal" if diff == 0 else f"{diff / 1000:+.0f} kB" + (" (prefetch slot)" if diff < 0 else "")
         lines.append(f"| {cell['model']} | {cell['budget']} | {cell['policy']} | {_kb(ours)} | {cell['depth']} | "
                      f"{_kb(theirs)} | {verdict} |")
-    lines += ["", f"Cells with a GPU left empty that accelerate's (within-budget) plan uses: {empty_where_used} of "
+    over = sum(1 for cell in cells if not cell["theirs_fits"])
+    lines += ["", f"Cells where accelerate's plan is over budget at run time: {over} of {len(cells)}. "
+              f"Cells with a GPU left empty that accelerate's (within-budget) plan uses: {empty_where_used} of "
               f"{len(cells)}. Budgets: " + "; ".join(f"{name} {b}" for name, b in BUDGETS.items()) + " (fractions of "
               "the model's bytes). Prefetch depth: offloaded layers the execution GPU holds at once (0: none offloaded "
               "to a GPU execution).", ""]
