@@ -137,10 +137,10 @@ def infer_device_map(
     side stream) unless that room costs the GPUs a GPU the one-layer plan uses, or more bytes than one offloaded layer;
     then it reserves one (fetch, compute, free: no look-ahead). ``True`` keeps two and raises when they cost the GPUs
     their modules; ``False`` keeps one. The depth is recorded on the result (``.prefetch_depth``: 2, 1, or 0 when no
-    offloaded layer computes on a GPU) and :func:`~lightning_bigmodel.dispatch_model` follows it. When no GPU can hold
-    its first modules beside the reserve (the in-order walk would leave every GPU empty), each GPU in turn is tried as
-    the execution device, with what does not fit there sent to the later devices; the plan keeping the most bytes on
-    GPUs wins, out of module order. A budgeted GPU left empty while weights are offloaded is logged (one line: its
+    offloaded layer computes on a GPU) and :func:`~lightning_bigmodel.dispatch_model` follows it. When the in-order walk
+    leaves a budgeted GPU empty while it offloads weights (e.g. no GPU holds its first modules beside the reserve),
+    each GPU in turn is also tried as the execution device, with what does not fit there sent to the later devices;
+    that plan wins, out of module order, when it keeps more bytes on the GPUs. A budgeted GPU left empty while weights are offloaded is logged (one line: its
     budget, what did not fit, the fix).
 
     With no GPU and a detected budget (``max_memory=None``), the CPU reserves ``1 + READ_AHEAD_LAYERS`` times the
