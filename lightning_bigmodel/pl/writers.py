@@ -137,7 +137,10 @@ class ResumablePredictionWriter(BasePredictionWriter):
         if n_old is not None and n_new is not None and n_old != n_new:
             return f"was written for {n_old} samples, but the dataset has {n_new}"
         change = describe_change(manifest.get("fingerprint") or {}, self._fingerprint)
-        return f"holds the predictions of another job: {change} changed" if change else None
+        if change is None:
+            return None
+        unless = " (an argument that does not change the outputs goes in the writer's `ignore_hparams`)"
+        return f"holds the predictions of another job: {change} changed{unless if 'arguments' in change else ''}"
 
     def _refuse(self, conflict: str) -> PredictionFolderError:
         return PredictionFolderError(
