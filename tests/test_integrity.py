@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lightning_bigmodel.offload.disk as disk
-from lightning_bigmodel import init_empty_weights, load_checkpoint_in_model
+from lightning_bigmodel import init_empty_weights, load_checkpoint_and_dispatch, load_checkpoint_in_model
 from lightning_bigmodel.checkpoint.errors import CheckpointError
+from lightning_bigmodel.checkpoint.shard import ShardHandle
 from lightning_bigmodel.checkpoint.writer import save_sharded_checkpoint
 from lightning_bigmodel.offload.disk import MANIFEST, OffloadFolderError
 
@@ -67,10 +69,7 @@ def in_other_process(code: str) -> None:
 # --------------------------------------------------------------------------- reuse checks what it trusts
 
 
-def test_changed_bytes_in_a_reused_offload_file_are_refused_then_rewritten(tmp_path):
-    checkpoint, folder = write_bin(tmp_path / "ckpt"), tmp_path / "off"
-    load(checkpoint, folder)
-    path = folder / "blocks.1.fc.weight.safetensors"
+def change_bytes_in_other_process(path: Path) -> None:
     size = path.stat().st_size
     in_other_process(f"""
         with open({str(path)!r}, "r+b") as f:  # same size, one weight's bytes changed
@@ -78,14 +77,52 @@ def test_changed_bytes_in_a_reused_offload_file_are_refused_then_rewritten(tmp_p
             f.write(bytes(range(64)))
     """)
     assert path.stat().st_size == size
+
+
+@pytest.mark.parametrize("dispatched", [False, True])
+def test_changed_bytes_in_a_reused_offload_file_are_refused_at_first_use_then_rewritten(tmp_path, dispatched):
+    checkpoint, folder = write_bin(tmp_path / "ckpt"), tmp_path / "off"
+    load(checkpoint, folder)
+    path = folder / "blocks.1.fc.weight.safetensors"
+    change_bytes_in_other_process(path)
     model = empty_model()
-    with pytest.raises(OffloadFolderError, match=r"blocks\.1\.fc\.weight\.safetensors.*do not match the checksum"):
+    if dispatched:  # the disk weights stream through the read-ahead's buffers
+        load_checkpoint_and_dispatch(model, checkpoint, device_map={"": "disk"}, offload_folder=folder)
+    else:  # the load returns at once; the check runs in the background
         load_checkpoint_in_model(model, checkpoint, device_map={"": "disk"}, offload_folder=folder)
-    assert_untouched(model)  # refused before the model is used: nothing of the call is left
+    for _ in range(2):  # refused at the first forward, and at every later one: those bytes are never used
+        with pytest.raises(OffloadFolderError, match=r"blocks\.1\.fc\.weight\.safetensors.*do not match the checksum"):
+            output_of(model)
     manifest = json.loads((folder / MANIFEST).read_text())
-    assert "blocks.1.fc.weight" not in manifest["tensors"] and not path.exists()
+    assert "blocks.1.fc.weight" not in manifest["tensors"] and not path.exists()  # dropped: a rerun rewrites it
+    assert "blocks.2.fc.weight" in manifest["tensors"]
     torch.testing.assert_close(output_of(load(checkpoint, folder)), reference_output(), rtol=0, atol=0)
     assert "blocks.1.fc.weight" in json.loads((folder / MANIFEST).read_text())["tensors"]
+
+
+def test_reuse_returns_before_the_checksums_and_each_module_waits_for_its_files(tmp_path, monkeypatch):
+    checkpoint, folder = write_bin(tmp_path / "ckpt"), tmp_path / "off"
+    load(checkpoint, folder)
+    gate, checksum = threading.Event(), ShardHandle.checksum
+    monkeypatch.setattr(ShardHandle, "checksum", lambda self, stop=None: gate.wait() and checksum(self, stop))
+    model = empty_model()
+    loader = threading.Thread(target=load_checkpoint_in_model, args=(model, checkpoint),
+                              kwargs={"device_map": {"": "disk"}, "offload_folder": folder})
+    loader.start()
+    loader.join(timeout=60)
+    try:
+        assert not loader.is_alive(), "the load waited for the checksums of the reused files"
+        seen = []
+        model.blocks[1].fc.register_forward_pre_hook(lambda *_: seen.append(gate.is_set()))
+        outputs = []
+        forward = threading.Thread(target=lambda: outputs.append(output_of(model)))
+        forward.start()
+        forward.join(timeout=2)  # a forward that does not wait finishes here, with the checks held back
+    finally:
+        gate.set()
+    forward.join(timeout=60)
+    assert seen == [True], "a module computed before the checksum of its file was known"
+    torch.testing.assert_close(outputs[0], reference_output(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("swap", [('"shape":[32,16]', '"shape":[16,32]'), ('"dtype":"F32"', '"dtype":"I32"')])

@@ -22,6 +22,7 @@ from lightning_bigmodel.integrations.quantization.spec import revert_linear_form
 from lightning_bigmodel.integrations.transformers import converted_source
 from lightning_bigmodel.planning.device_map import execution_device
 from lightning_bigmodel.offload.disk import OffloadFolder, source_identity
+from lightning_bigmodel.offload._reuse import wait_on_first_use
 from lightning_bigmodel.offload.pages import is_file_backed, keep_resident
 from lightning_bigmodel.offload.pinned import pinned_empty
 from lightning_bigmodel.offload.placement import (
@@ -149,9 +150,11 @@ def load_checkpoint_in_model(
                 "transformers' conversion rules build them from several checkpoint tensors). Pass `offload_folder=` "
                 "(a folder with room for them) so they are written there once."
             )
-        store = OffloadFolder(offload_folder, source_identity(opened.handles.values())) if writes else nullcontext()
-        # The restore wraps the folder: an error the folder raises on exit (its manifest on a full disk, a reused file
-        # failing its checksum) still puts the model back as it was, like any failure part way.
+        identity = source_identity(opened.handles.values()) if writes else None
+        store = OffloadFolder(offload_folder, identity, defer_checks=True) if writes else nullcontext()
+        # The restore wraps the folder: an error the folder raises on exit (its manifest on a full disk) still puts the
+        # model back as it was, like any failure part way. The checksums of reused files are not waited for here: each
+        # module waits for those of its own files before its first forward, which refuses a mismatch naming the file.
         with restored_on_error(model), store:
             if writes:
                 _ensure_room(store, groups, plan, reader)
@@ -168,6 +171,8 @@ def load_checkpoint_in_model(
             _place_unloaded(model, groups, plan, pin)
             if plan.transform is not None and hasattr(plan.transform, "finish"):
                 plan.transform.finish(model)  # e.g. Conv1D modules computing with their quantized weight
+        if writes and store.pending:  # reused files still being checked: each module waits for its own at first use
+            wait_on_first_use(groups, store.pending)
         _report_unplaced(reader, plan, progress)
     _log_unused(model, plan.unexpected, resolved.root, key_prefix)
     return plan.missing, plan.unexpected

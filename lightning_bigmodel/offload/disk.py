@@ -14,7 +14,9 @@ Reuse trusts nothing it has not checked. The manifest's schema is validated (an 
 one: rebuilt). Each reused file is opened once (``O_NOFOLLOW``) and its size and header validated against the entry's
 shape, dtype and layout; a file that fails is rewritten. Its checksum is verified in the background while the load goes
 on; the folder's exit waits for it and refuses a mismatch with :class:`OffloadFolderError` naming the files, which are
-then dropped from the folder and its manifest (a rerun rewrites them). Why CRC-32 (``zlib.crc32``) and not blake2b or
+then dropped from the folder and its manifest (a rerun rewrites them). With ``defer_checks`` the exit does not wait: the
+checks still running are handed over (:attr:`OffloadFolder.pending`) and judged when their tensors are first used
+(:func:`~lightning_bigmodel.offload._reuse.wait_on_first_use`), with the same refusal and the same drop. Why CRC-32 (``zlib.crc32``) and not blake2b or
 xxhash: it is in the standard library (xxhash would be a new dependency), releases the GIL, and hashed 4.5x faster than
 ``hashlib.blake2b`` here (2.2 vs 0.5 GiB/s), which is most of what reusing a folder costs; it catches every accidental
 change of up to 32 bits and any other with odds 1 - 2**-32. A cryptographic hash would add no protection: whoever can
@@ -54,7 +56,7 @@ from lightning_bigmodel.offload._files import (  # noqa: F401 (re-exported: the 
     source_identity,
 )
 from lightning_bigmodel.offload._manifest import entry_problem, layout_of
-from lightning_bigmodel.offload._reuse import BackgroundChecksums, open_checked
+from lightning_bigmodel.offload._reuse import BackgroundChecksums, PendingCheck, mismatch_error, open_checked
 
 try:  # POSIX only; elsewhere a folder is not protected against concurrent writers
     import fcntl
@@ -87,10 +89,15 @@ class OffloadFolder:
         folder: where the files go (created if needed).
         source: identity of what the tensors come from (:func:`source_identity`), or ``None`` when it cannot be
             identified (weights built in memory): then nothing is ever reused.
+        defer_checks: leave the checksums of reused files running when the folder closes, in :attr:`pending`.
     """
 
-    def __init__(self, folder: Union[str, Path], source: Optional[list[dict[str, Any]]]) -> None:
+    def __init__(
+        self, folder: Union[str, Path], source: Optional[list[dict[str, Any]]], defer_checks: bool = False
+    ) -> None:
         self.folder = Path(folder)
+        self.defer_checks = defer_checks
+        self.pending: dict[str, PendingCheck] = {}  # with `defer_checks`: the checks left to judge at first use
         self.source = source
         self.entries: dict[str, dict[str, Any]] = {}
         self._lock_file = None
@@ -130,7 +137,10 @@ class OffloadFolder:
         propagating), record the complete files, release the lock."""
         failing = exc_type is not None
         try:
-            mismatch = self._finish_checks(abort=failing)
+            if self.defer_checks and not failing:
+                self.pending, mismatch = self._checks.hand_over(self.folder, self.entries), None
+            else:
+                mismatch = self._finish_checks(abort=failing)
             if self._dirty:
                 self._save_manifest(failing=failing)
             if mismatch is not None and not failing:
@@ -280,12 +290,7 @@ class OffloadFolder:
                 (self.folder / file).unlink(missing_ok=True)
             except OSError:  # a read-only folder: the entry is gone from the manifest all the same, if it can be saved
                 pass
-        return OffloadFolderError(
-            f"Offload file(s) {bad} in `offload_folder` {str(self.folder)!r} do not match the checksum recorded when "
-            "they were written: they changed on disk since (another process, a bad disk). They were removed from the "
-            "folder and its manifest, and the model was left as before this call: run the load again to rewrite them "
-            "from the checkpoint."
-        )
+        return mismatch_error(self.folder, bad, "the model was left as before this call")
 
     def write(self, name: str, tensor: torch.Tensor, key: Optional[str] = None) -> torch.Tensor:
         """Write ``tensor`` as ``name`` (from source ``key``, replacing any previous file); return its mapped view."""
@@ -375,3 +380,35 @@ class OffloadFolder:
         mapping = open_mmap(handle.path, handle)
         parts = {part: view(mapping, info) for part, info in handle.header.entries.items()}
         return parts, self.entries[name].get("meta", {})
+
+
+def drop_files(folder: Path, files: dict[str, tuple[str, tuple[int, int]]]) -> None:
+    """Remove ``files`` (name -> (CRC-32 recorded, (device, inode) found mismatching)) from the manifest of the
+    offload folder, then from the folder, under its lock; an entry or file rewritten since is left. Best effort: where
+    the folder cannot be written, the next reuse checks the file again and refuses it the same way."""
+    try:
+        with open(folder / _LOCK, "a+", opener=_nofollow) as lock:
+            if fcntl is not None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+            path = folder / MANIFEST
+            try:
+                with open(path, "rb", opener=_nofollow) as f:
+                    manifest = json.loads(f.read())
+                tensors = manifest["tensors"]
+                bad = {(name, crc) for name, (crc, _) in files.items()}
+                kept = {k: e for k, e in tensors.items() if (e.get("file"), e.get("crc32")) not in bad}
+            except (OSError, ValueError, TypeError, KeyError, AttributeError):  # no (valid) manifest: nothing listed
+                kept = tensors = None
+            if kept is not None and len(kept) != len(tensors):
+                manifest["tensors"] = kept
+                _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+                fsync_dir(folder)
+            for name, (_, inode) in files.items():
+                try:
+                    stat = os.stat(folder / name, follow_symlinks=False)
+                    if (stat.st_dev, stat.st_ino) == inode:
+                        (folder / name).unlink()
+                except OSError:  # gone already, or a read-only folder
+                    pass
+    except OSError:
+        pass
