@@ -432,6 +432,8 @@ def test_real_dispatch_with_cpu_and_disk_offload(tmp_path, tiny_gpt: GPT) -> Non
         model = GPT(GPTConfig.preset("tiny")).eval()
     device_map = {name: "cpu" for name in GPT_MAP} | {"transformer.h.1": "disk", "transformer.h.2": "disk"}
     load_checkpoint_and_dispatch(model, checkpoint, device_map=device_map, offload_folder=tmp_path / "offload")
+    with torch.inference_mode():
+        model(ids)  # the first forward reads the CPU weights loaded in place and removes that one-shot hook
     dispatched_hooks = hook_count(model)
     with torch.inference_mode():
         with MicroBatchPipeline(model, micro_batches=4) as pipe:
