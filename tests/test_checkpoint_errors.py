@@ -199,7 +199,8 @@ def test_hub_id_offline_and_not_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    with pytest.raises(FileNotFoundError, match=r"'some-org/missing-model' is neither a local path.*nor a Hugging Face"):
+    with pytest.raises(FileNotFoundError, match=r"'some-org/missing-model' not found: no local path .*, and no Hugging "
+                                                r"Face Hub repo 'some-org/missing-model' \(Hub not asked: HF_HUB_OFFLINE"):
         resolve_checkpoint("some-org/missing-model")
 
 
