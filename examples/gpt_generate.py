@@ -59,10 +59,11 @@ def convert_hub_gpt2(
     transposed. The attention-mask buffers of the Hub file are dropped, and ``attn.scale`` is added.
     Needs internet (or the Hub cache); reads one tensor at a time.
     """
-    from huggingface_hub import snapshot_download
     from safetensors import safe_open
 
-    source = Path(snapshot_download(hub_id, allow_patterns=["*.safetensors", "*.json"]))
+    from lightning_bigmodel._hub import hub_snapshot  # offline decided once; a failed lookup is one line
+
+    source = hub_snapshot(hub_id, ["*.safetensors", "*.json"], "`--hub-id`")
     config = json.loads((source / "config.json").read_text())
     if expected is not None and (config["n_layer"], config["n_embd"]) != (expected.n_layer, expected.n_embd):
         raise ValueError(
