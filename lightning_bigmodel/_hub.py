@@ -114,5 +114,5 @@ def not_found(what: str, text: str, hub: str) -> CheckpointNotFoundError:
 
 
 def only_local_not_found(what: str, text: str) -> CheckpointNotFoundError:
-    """One line for a path that cannot be a Hub id (``./x``, ``/x``, ``a/b/c``, ``x.safetensors``) and does not exist."""
+    """One line for a path that cannot be a Hub id (``./x``, ``/x``, ``a/b/c``, ``x.safetensors``) and is missing."""
     return CheckpointNotFoundError(f"{what} {text!r} not found: no local path {looked_for(text)} (not a Hub id).")

@@ -79,7 +79,8 @@ def main() -> None:
     dataset = TensorDataset(tokens(n=WRITER_SAMPLES, t=4, seed=3))
     for name, fail_at in (("writer-crash", 1), ("writer-resume", -1)):
         # the injected failure is no part of the job: a rerun without it is the same job
-        writer = ResumablePredictionWriter(args.out_dir / "preds", job_id="replicas-none", ignore_hparams=["fail_at_batch"])
+        writer = ResumablePredictionWriter(args.out_dir / "preds", job_id="replicas-none",
+                                           ignore_hparams=["fail_at_batch"])
         loader = DataLoader(dataset, batch_size=WRITER_BATCH, sampler=writer.sampler(dataset))
         run(name, trainer("none", [writer]), Job(fail_at_batch=fail_at), loader, return_predictions=False)
 

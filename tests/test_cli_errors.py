@@ -157,6 +157,7 @@ def test_a_repo_id_shape_is_looked_for_locally_then_on_the_hub(tmp_path, monkeyp
         resolve_checkpoint(checkpoint)
     message = str(info.value)
     assert asked == [checkpoint]
-    assert message.startswith(f"`checkpoint` {checkpoint!r} not found: no local path {str(tmp_path / checkpoint)!r}, and"
-                              f" no Hugging Face Hub repo {checkpoint!r} (Hub not asked: HF_HUB_OFFLINE is set; only")
+    local = str(tmp_path / checkpoint)
+    assert message.startswith(f"`checkpoint` {checkpoint!r} not found: no local path {local!r}, and no Hugging Face"
+                              f" Hub repo {checkpoint!r} (Hub not asked: HF_HUB_OFFLINE is set; only")
     assert "\n" not in message and len(message) < 300

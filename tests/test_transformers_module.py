@@ -262,7 +262,8 @@ def test_a_rerun_with_another_model_or_option_is_refused_and_a_matching_one_says
         again, _ = run_predict(TransformersModule(str(llama), prompts=PROMPTS, max_new_tokens=16), tmp_path)
     assert [r["token_ids"] for r in again] == [r["token_ids"] for r in first]
     said = [r.getMessage() for r in caplog.records]
-    assert f"`ResumablePredictionWriter`: {str(tmp_path / 'preds')!r}: all 5 samples already done; nothing to predict." in said
+    folder = str(tmp_path / "preds")
+    assert f"`ResumablePredictionWriter`: {folder!r}: all 5 samples already done; nothing to predict." in said
     assert not [line for line in said if "across ranks is zero" in line]
 
 

@@ -87,7 +87,8 @@ def _feed(digest: Any, obj: Any) -> None:
 
 
 def module_part(pl_module: Any, ignore: Sequence[str] = ()) -> dict[str, Any]:
-    """The module's class and its init arguments (hyperparameters, or plain attributes named like them), less ``ignore``."""
+    """The module's class and its init arguments (hyperparameters, or plain attributes named like them), less
+    ``ignore``."""
     hparams = dict(getattr(pl_module, "hparams", None) or {})
     if not hparams:  # no `save_hyperparameters`: the attributes named like an `__init__` argument, of plain types
         arguments = inspect.signature(type(pl_module).__init__).parameters

@@ -116,7 +116,11 @@ def create_model_folder(recipe: str, folder: Path) -> Path:
 
 
 # The folder (under the demo root, `runs` by default) each demo model goes to, as the configs name them.
-DEMO_FOLDERS = {"tiny-llama": "tiny-random-llama", "tiny-mixtral": "tiny-random-mixtral", "all-MiniLM-L6-v2": "bundled-minilm"}
+DEMO_FOLDERS = {
+    "tiny-llama": "tiny-random-llama",
+    "tiny-mixtral": "tiny-random-mixtral",
+    "all-MiniLM-L6-v2": "bundled-minilm",
+}
 
 
 def make_demo_models(root: Path) -> list[Path]:

@@ -133,7 +133,8 @@ class ResumablePredictionWriter(BasePredictionWriter):
         if manifest.get("job_id") != self.job_id:
             return f"belongs to job {manifest.get('job_id')!r}, not {self.job_id!r}"
         if manifest.get("format") != _FORMAT:
-            return f"was written by an older version of this writer (format {manifest.get('format')}, no job fingerprint)"
+            old = manifest.get("format")
+            return f"was written by an older version of this writer (format {old}, no job fingerprint)"
         if n_old is not None and n_new is not None and n_old != n_new:
             return f"was written for {n_old} samples, but the dataset has {n_new}"
         change = describe_change(manifest.get("fingerprint") or {}, self._fingerprint)
@@ -144,8 +145,8 @@ class ResumablePredictionWriter(BasePredictionWriter):
 
     def _refuse(self, conflict: str) -> PredictionFolderError:
         return PredictionFolderError(
-            f"`output_dir` {str(self.output_dir)!r} {conflict}. Set `overwrite: true` on the writer (`overwrite=True` in"
-            " Python) to delete them and start this job, or give this job another `output_dir` (and `job_id`)."
+            f"`output_dir` {str(self.output_dir)!r} {conflict}. Set `overwrite: true` on the writer (`overwrite=True`"
+            " in Python) to delete them and start this job, or give this job another `output_dir` (and `job_id`)."
         )
 
     def _clear(self) -> None:
