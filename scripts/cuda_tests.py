@@ -1,7 +1,8 @@
 """pytest plugin: keep only the CUDA-gated tests (``-p cuda_tests`` with this folder on ``PYTHONPATH``).
 
 A test is CUDA-gated when it carries a ``skipif`` mark whose reason starts with "needs" and names CUDA, a GPU or
-NCCL (``"needs CUDA"``, ``"needs 2 CUDA GPUs"``, ``"needs NCCL"``...). Used by ``scripts/gpu_check.sh``.
+NCCL (``"needs CUDA"``, ``"needs 2 CUDA GPUs"``, ``"needs NCCL"``...), and not a machine *without* them. Used by
+``scripts/gpu_check.sh``.
 
 At the end it prints one line that says how many CUDA-gated tests ran and which were skipped and why (a pass that is
 dropped for want of a package must show), plus any module that could not be collected (its CUDA tests are lost);
@@ -15,7 +16,7 @@ import os
 import re
 from collections import Counter
 
-_GATED = re.compile(r"^needs\b.*\b(cuda|gpus?|nccl)\b", re.IGNORECASE)
+_GATED = re.compile(r"^needs\b(?!.*\bwithout\b).*\b(cuda|gpus?|nccl)\b", re.IGNORECASE)  # not "needs ... without GPUs"
 
 
 def is_cuda_gated(item) -> bool:

@@ -133,6 +133,7 @@ def _item(*reasons: str) -> SimpleNamespace:
         (["the simulation registers a PrivateUse1 backend, which shadows CUDA for the rest of the process"], False),
         (["needs transformers"], False),
         (['needs torchao (pip install "lightning-bigmodel[quantization]")'], False),
+        (["needs a machine without GPUs"], False),
         ([], False),
     ],
 )
