@@ -79,23 +79,33 @@ def mismatch_error(folder: Path, files: list[str], model_state: str) -> OffloadF
 
 
 class BackgroundChecksums:
-    """CRC-32 of reused files on a small thread pool, started as each file is first reused."""
+    """CRC-32 of reused files on a small thread pool, started as each file is first reused, or with ``deferred`` once
+    the load is done (:meth:`hand_over`): the checks then take no CPU from the load itself."""
 
-    def __init__(self) -> None:
+    def __init__(self, deferred: bool = False) -> None:
+        self.deferred = deferred
         self._pool: Optional[ThreadPoolExecutor] = None
         self._futures: dict[str, Future] = {}
         self._handles: dict[str, ShardHandle] = {}
         self._stop = threading.Event()
 
     def start(self, name: str, handle: ShardHandle) -> None:
+        self._handles[name] = handle
+        if not self.deferred:
+            self._submit(name, handle)
+
+    def _submit(self, name: str, handle: ShardHandle) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="offload-checksum")
         self._futures[name] = self._pool.submit(handle.checksum, self._stop)
-        self._handles[name] = handle
 
     def hand_over(self, folder: Path, entries: dict[str, dict[str, Any]]) -> dict[str, PendingCheck]:
-        """Stop tracking the checks still running and return them (tensor name -> :class:`PendingCheck`) to be
-        judged at first use; the pool finishes them in the background and then ends its threads."""
+        """Start the checks not started yet (in load order: the first modules' files first), stop tracking them and
+        return them (tensor name -> :class:`PendingCheck`) to be judged at first use; the pool finishes them in the
+        background and then ends its threads."""
+        for name, handle in self._handles.items():
+            if name not in self._futures and name in entries:
+                self._submit(name, handle)
         pending = {
             name: PendingCheck(future, folder, entries[name]["file"], entries[name]["crc32"], self._handles[name])
             for name, future in self._futures.items()

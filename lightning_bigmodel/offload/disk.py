@@ -14,12 +14,13 @@ Reuse trusts nothing it has not checked. The manifest's schema is validated (an 
 one: rebuilt). Each reused file is opened once (``O_NOFOLLOW``) and its size and header validated against the entry's
 shape, dtype and layout; a file that fails is rewritten. Its checksum is verified in the background while the load goes
 on; the folder's exit waits for it and refuses a mismatch with :class:`OffloadFolderError` naming the files, which are
-then dropped from the folder and its manifest (a rerun rewrites them). With ``defer_checks`` the exit does not wait: the
-checks still running are handed over (:attr:`OffloadFolder.pending`) and judged when their tensors are first used
-(:func:`~lightning_bigmodel.offload._reuse.wait_on_first_use`), with the same refusal and the same drop. Why CRC-32 (``zlib.crc32``) and not blake2b or
-xxhash: it is in the standard library (xxhash would be a new dependency), releases the GIL, and hashed 4.5x faster than
-``hashlib.blake2b`` here (2.2 vs 0.5 GiB/s), which is most of what reusing a folder costs; it catches every accidental
-change of up to 32 bits and any other with odds 1 - 2**-32. A cryptographic hash would add no protection: whoever can
+then dropped from the folder and its manifest (a rerun rewrites them). With ``defer_checks`` (what loads use) the
+checks start only at the exit, which does not wait: they are handed over (:attr:`OffloadFolder.pending`) and judged
+when their tensors are first used (:func:`~lightning_bigmodel.offload._reuse.wait_on_first_use`), with the same
+refusal and the same drop. Why CRC-32 (``zlib.crc32``) and not blake2b or xxhash: it is in the standard library
+(xxhash would be a new dependency), releases the GIL, and hashed 4.5x faster than ``hashlib.blake2b`` here (2.2 vs
+0.5 GiB/s), which is most of what reusing a folder costs; it catches every accidental change of up to 32 bits and any
+other with odds 1 - 2**-32. A cryptographic hash would add no protection: whoever can
 rewrite a file in the folder can rewrite the manifest beside it.
 
 Nothing in the folder is followed through a symbolic link: files, manifest and lock are opened ``O_NOFOLLOW``,
@@ -89,7 +90,8 @@ class OffloadFolder:
         folder: where the files go (created if needed).
         source: identity of what the tensors come from (:func:`source_identity`), or ``None`` when it cannot be
             identified (weights built in memory): then nothing is ever reused.
-        defer_checks: leave the checksums of reused files running when the folder closes, in :attr:`pending`.
+        defer_checks: start the checksums of reused files when the folder closes and leave them running, in
+            :attr:`pending`.
     """
 
     def __init__(
@@ -105,7 +107,7 @@ class OffloadFolder:
         self._written: list[Path] = []  # files written in this session (removed if the manifest cannot be saved)
         self._unwritable: Optional[OffloadFolderError] = None
         self._handles: dict[str, ShardHandle] = {}  # tensor name -> its file, opened once (checked, or just written)
-        self._checks = BackgroundChecksums()  # of the reused files
+        self._checks = BackgroundChecksums(deferred=defer_checks)  # of the reused files
 
     verify_checksums = True  # set to False only to measure what verification costs (benchmarks)
 
