@@ -414,3 +414,41 @@ def test_too_few_descriptors_is_a_clear_error_before_loading(tmp_path, fmt):
     result = run_fd_job(tmp_path, "too_few", fmt)
     assert "needs" in result["error"] and "file descriptors" in result["error"] and "limit is" in result["error"]
     assert "ulimit -n" in result["error"] and result["meta"], result
+
+
+# --------------------------------------------------------------------------- .bin weights used in place on the CPU
+
+_BIN_CHILD = r"""
+import json, subprocess, sys, torch
+sys.path.insert(0, "tests")
+from models import UntiedMLP, example_input, make_reference
+from lightning_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
+out = {}
+for case, path in json.loads(sys.argv[1]).items():
+    with init_empty_weights():
+        model = UntiedMLP().eval()
+    load_checkpoint_and_dispatch(model, path, device_map={"": "cpu"})
+    expected, x, result = make_reference(UntiedMLP, 0)(example_input(UntiedMLP)), example_input(UntiedMLP), {}
+    try:
+        with torch.inference_mode():
+            if case == "after":
+                result["first_equal"] = torch.equal(model(x), expected)
+            size = len(open(path, "rb").read())
+            subprocess.run(["truncate", "-s", str(size // 3), path], check=True)  # by another process
+            result["equal"] = torch.equal(model(x), expected)
+    except Exception as err:
+        result["error"] = f"{type(err).__name__}: {err}"
+    out[case] = result
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_bin_shard_used_in_place_on_cpu_truncated_under_the_model_is_an_error_or_harmless(tmp_path):
+    cases = {case: str(write_bin(tmp_path / case)) for case in ("before", "after")}  # the first forward's
+    done = subprocess.run([sys.executable, "-c", _BIN_CHILD, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 0, f"child died with {done.returncode} (-7 is SIGBUS): {done.stderr[-2000:]}"
+    found = json.loads([row for row in done.stdout.splitlines() if row.startswith("RESULT ")][-1][len("RESULT "):])
+    error = found["before"].get("error", "")  # truncated before the first forward copied the weights: refused
+    assert error.startswith("CheckpointError") and cases["before"] in error, found
+    assert found["after"] == {"first_equal": True, "equal": True}  # the weights in use are copies by then

@@ -23,7 +23,7 @@ from lightning_bigmodel.integrations.transformers import converted_source
 from lightning_bigmodel.planning.device_map import execution_device
 from lightning_bigmodel.offload.disk import OffloadFolder, source_identity
 from lightning_bigmodel.offload._reuse import wait_on_first_use
-from lightning_bigmodel.offload.pages import is_file_backed, keep_resident
+from lightning_bigmodel.offload.pages import is_file_backed, keep_resident, track_storage
 from lightning_bigmodel.offload.pinned import pinned_empty
 from lightning_bigmodel.offload.placement import (
     DISK,
@@ -346,6 +346,9 @@ def _pickle_in_place(reader: CheckpointReader, key: str, spec: TensorSpec, dtype
         return None
     source = reader.borrow(key)
     if is_file_backed(source):
+        # Tracked like a safetensors map: the first forward of the dispatched model copies it with pread
+        # (`CopiesOnFirstUse`), so a shard truncated or rewritten under the job is an error naming it, never SIGBUS.
+        track_storage(source, reader.handle(key))
         return keep_resident(source)
     whole = source.untyped_storage().nbytes() == source.numel() * source.element_size()
     return source if whole and source.is_contiguous() else None

@@ -24,9 +24,10 @@ from lightning_bigmodel.checkpoint.shard import ShardHandle, ensure_descriptors
 
 
 def descriptors_needed(files) -> int:
-    """Descriptors a load of ``files`` holds at once: each shard's handle, plus the read-ahead's track of each mapped
-    safetensors file, plus the one ``torch.load`` opens while it reads a pickle shard."""
-    return sum(2 if is_safetensors(file) else 1 for file in files) + 1
+    """Descriptors a load of ``files`` holds at once: each shard's handle, plus the track of each mapped file (the
+    read-ahead's, or that of a pickle shard's tensors used in place), plus the one ``torch.load`` opens while it reads a
+    pickle shard."""
+    return 2 * len(files) + 1
 
 
 @dataclass(frozen=True)

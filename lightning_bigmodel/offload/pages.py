@@ -121,6 +121,68 @@ def track_file(mapping, source) -> None:
     weakref.finalize(mapping, _forget, start, tracked)
 
 
+class _Borrowed(Tracked):
+    """A tracked map made and freed by someone else (``torch.load(mmap=True)`` of a pickle shard): it is alive while
+    any storage registered with it (:attr:`storages`, weak references) is, and forgotten at the first lookup after."""
+
+    def alive(self) -> bool:
+        return any(not ref.expired() for ref in self.storages)
+
+
+def track_storage(tensor: torch.Tensor, source) -> bool:
+    """Track the file map ``tensor`` is a view of when another library made it (``torch.load(mmap=True)`` maps the
+    whole file from offset 0 and gives slices of it), like :func:`track_file` does for maps of ours; ``source`` is the
+    open file (a descriptor or a shard handle, duplicated). The map is found in ``/proc/self/maps`` (the region holding
+    the tensor, its file offset and inode, which must be ``source``'s); it stays tracked while ``tensor``'s storage,
+    or that of another tensor registered with it, lives. ``False`` when the tensor is not in a map of that file."""
+    from torch.multiprocessing.reductions import StorageWeakRef  # a weak reference to a storage (not to its wrapper)
+
+    ref = StorageWeakRef(tensor.untyped_storage())
+    found = file_of(tensor)
+    if found is not None:
+        if isinstance(found[0], _Borrowed):
+            found[0].storages.append(ref)
+        return True
+    fd = source.fd if hasattr(source, "fd") else source
+    stat = os.fstat(fd)
+    region = _region_of(tensor.data_ptr())
+    if region is None or region[1] != stat.st_ino:
+        return False
+    base = region[0]  # address of the file's first byte
+    fd = os.dup(fd)
+    path = str(source.path) if hasattr(source, "path") else _fd_path(fd)
+    tracked = _Borrowed(base + stat.st_size, fd, path, (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+    tracked.storages = [ref]
+    _mapped[base] = tracked
+    return True
+
+
+def _region_of(address: int) -> Optional[tuple[int, int]]:
+    """``(address of file offset 0, inode)`` of the file-backed region of this process holding ``address``."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                start, end = (int(part, 16) for part in fields[0].split("-"))
+                if start <= address < end:
+                    inode = int(fields[4])
+                    return (start - int(fields[2], 16), inode) if inode else None
+    except OSError:  # not Linux
+        return None
+    return None
+
+
+def _live_maps() -> list[tuple[int, Tracked]]:
+    """The tracked maps, after forgetting those made by others and freed since (:class:`_Borrowed`)."""
+    out = []
+    for start, tracked in list(_mapped.items()):
+        if isinstance(tracked, _Borrowed) and not tracked.alive():
+            _forget(start, tracked)
+        else:
+            out.append((start, tracked))
+    return out
+
+
 def _fd_path(fd: int) -> str:
     try:
         return os.readlink(f"/proc/self/fd/{fd}")
@@ -137,7 +199,7 @@ def _forget(start: int, tracked: Tracked) -> None:
 def file_of(tensor: torch.Tensor) -> Optional[tuple[Tracked, int]]:
     """``(tracked map, file offset of tensor's first byte)`` for a view of a tracked map, else ``None``."""
     start = tensor.data_ptr()
-    for map_start, tracked in list(_mapped.items()):
+    for map_start, tracked in _live_maps():
         if map_start <= start < tracked.end:
             return tracked, start - map_start
     return None
@@ -148,7 +210,7 @@ def _file_advise(tensor: torch.Tensor, advice: Optional[int], inner: bool) -> bo
     if advice is None:
         return False
     start, length = page_span(tensor, inner)
-    for map_start, (map_end, fd, _, _) in list(_mapped.items()):
+    for map_start, (map_end, fd, _, _) in _live_maps():
         if length and map_start <= start < map_end:
             try:
                 os.posix_fadvise(fd, start - map_start, min(length, map_end - start), advice)
