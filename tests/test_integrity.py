@@ -452,3 +452,28 @@ def test_bin_shard_used_in_place_on_cpu_truncated_under_the_model_is_an_error_or
     error = found["before"].get("error", "")  # truncated before the first forward copied the weights: refused
     assert error.startswith("CheckpointError") and cases["before"] in error, found
     assert found["after"] == {"first_equal": True, "equal": True}  # the weights in use are copies by then
+
+
+# --------------------------------------------------------------------------- the job fingerprint's checkpoint identity
+
+
+def test_job_fingerprint_sees_a_checkpoint_copied_over_with_the_same_size_and_mtime(tmp_path):
+    from lightning_bigmodel.pl._fingerprint import checkpoint_part
+
+    folder, other = tmp_path / "ckpt", tmp_path / "other.safetensors"
+    folder.mkdir()
+    target = folder / "model.safetensors"
+    save_file({"w": torch.ones(64)}, target)
+    save_file({"w": torch.zeros(64)}, other)  # same size and header, other values
+    stat = target.stat()
+    os.utime(other, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # `cp -p` then gives the target its old mtime
+    first = checkpoint_part(folder)
+    probe = tmp_path / "probe"
+    while True:  # until the file system's clock has moved past the target's ctime (coarse timestamps)
+        probe.write_bytes(b"x")
+        if probe.stat().st_ctime_ns != stat.st_ctime_ns:
+            break
+    subprocess.run(["cp", "-p", str(other), str(target)], check=True)  # rewritten in place: same inode
+    after = target.stat()
+    assert (after.st_size, after.st_ino, after.st_mtime_ns) == (stat.st_size, stat.st_ino, stat.st_mtime_ns)
+    assert checkpoint_part(folder) != first

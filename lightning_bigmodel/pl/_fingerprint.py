@@ -5,8 +5,9 @@ A fingerprint is a dict of parts, each a small JSON value:
 - ``"module"``: the LightningModule's class and its hyperparameters (``save_hyperparameters``), or, for a module
   without any, its attributes named like an ``__init__`` argument and of plain types (numbers, strings, lists);
 - ``"precision"``: the Trainer's precision, the strategy's ``dtype``, ``quantization`` and skipped modules;
-- ``"checkpoint"``: the ``ckpt_path`` (or the strategy's ``checkpoint``) as an absolute path plus, per file, its
-  size, inode and ``mtime_ns`` (a Hub id that is no local path is kept as given);
+- ``"checkpoint"``: the ``ckpt_path`` (or the strategy's ``checkpoint``) as an absolute path plus a digest of its
+  files' identities, the one offload folders record (:func:`~lightning_bigmodel.offload.disk.source_identity`: size,
+  inode, device, ctime, mtime and safetensors header of each; a Hub id that is no local path is kept as given);
 - ``"data"``: the dataset's length and a hash of its samples as ``dataset[i]`` returns them (all of them for a list
   or tuple, such as ``TransformersModule``'s prompts; else up to 16 evenly spaced ones, first and last included).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -110,7 +112,8 @@ def precision_part(trainer: Any) -> dict[str, Any]:
 
 
 def checkpoint_part(checkpoint: Any) -> Optional[dict[str, Any]]:
-    """The checkpoint's identity: absolute path, and per weight/index/config file its size, inode and mtime."""
+    """The checkpoint's identity: absolute path, and a digest of the identity of each weight/index/config file (its
+    size, inode, device, ctime, mtime and safetensors header: a same-size ``cp -p`` over it changes its ctime)."""
     if checkpoint is None:
         return None
     path = Path(str(checkpoint)).expanduser()
@@ -118,10 +121,27 @@ def checkpoint_part(checkpoint: Any) -> Optional[dict[str, Any]]:
         return {"path": str(checkpoint), "files": None}
     files = sorted(_checkpoint_files(path))
     digest = hashlib.sha256()
-    for file in files:
-        stat = os.stat(file)
-        digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_ino}\0{stat.st_mtime_ns}\n".encode())
+    for identity in _identities(files):
+        digest.update(json.dumps(identity, sort_keys=True).encode() + b"\n")
     return {"path": str(path.resolve()), "files": f"{len(files)} files, sha256 {digest.hexdigest()[:16]}"}
+
+
+def _identities(files: list[Path]) -> list[dict[str, Any]]:
+    """Each file's identity as offload folders record it (one definition for both); a safetensors file whose header
+    does not parse is identified without it (the loader reports it, naming the file)."""
+    import lightning_bigmodel.checkpoint  # noqa: F401 (first: the offload folder's module imports it)
+    from lightning_bigmodel.checkpoint.errors import CheckpointError
+    from lightning_bigmodel.offload.disk import source_identity
+
+    out = []
+    for file in files:
+        try:
+            out.extend(source_identity([file]))
+        except CheckpointError:
+            stat = os.stat(file)
+            out.append({"path": str(file.resolve()), "size": stat.st_size, "inode": stat.st_ino,
+                        "device": stat.st_dev, "ctime_ns": stat.st_ctime_ns, "mtime_ns": stat.st_mtime_ns})
+    return out
 
 
 def _checkpoint_files(path: Path) -> list[Path]:
