@@ -1,9 +1,11 @@
 """The larger-than-memory case, run by ``benchmarks.worker`` inside a memory cgroup (see ``benchmarks.limit_run``).
 
 One library loads a GPT with ``device_map="auto"`` under the case's budget (``None``: the library detects it), then
-the case measures the first decode-shaped forward, steady decode (batch 1, 8 tokens) and prefill (batch 1, 128
-tokens) forwards, the bytes each forward streams from disk (what the map puts there), and the difference of the
-outputs from plain PyTorch computed outside the limit.
+the case measures the first decode-shaped forward, steady decode (batch 1, 8 tokens) and prefill (batch 4, 128
+tokens) forwards, the bytes each forward really reads from storage (``read_bytes`` of ``/proc/self/io``: page cache
+hits are not counted), what the map puts on disk, and the difference of the outputs from plain PyTorch computed
+outside the limit. For ours, also what the disk stream keeps resident (:class:`~lightning_bigmodel.offload.readahead.
+ReadAhead`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,36 @@ from examples.gpt import GPT, GPTConfig
 
 
 def limit_inputs(config: GPTConfig, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Decode-shaped (1 x 8 tokens) and prefill-shaped (1 x 128 tokens) batches."""
+    """Decode-shaped (1 x 8 tokens) and prefill-shaped (4 x 128 tokens) batches."""
     gen = torch.Generator().manual_seed(seed)
     return {
         "decode": torch.randint(0, config.vocab_size, (1, 8), generator=gen),
-        "prefill": torch.randint(0, config.vocab_size, (1, min(128, config.block_size)), generator=gen),
+        "prefill": torch.randint(0, config.vocab_size, (4, min(128, config.block_size)), generator=gen),
     }
+
+
+def storage_read_bytes() -> int:
+    """Bytes this process has caused to be read from storage (``read_bytes`` of ``/proc/self/io``); 0 elsewhere."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _stream_stats(model: torch.nn.Module) -> dict[str, Any]:
+    """What ours' disk stream holds: resident subset, the room it had, its buffers (empty for other libraries)."""
+    state = model.__dict__.get("_bigmodel_dispatch")
+    stream = getattr(state, "prefetcher", None)
+    if stream is None or not hasattr(stream, "kept_bytes"):
+        return {}
+    return {
+        "kept_bytes": stream.kept_bytes, "kept_room": stream.kept_room, "release": stream.release,
+        "buffers": stream._made, "buffer_bytes": stream._made * stream._slot_bytes,
+    }  # fmt: skip
 
 
 def _load(spec: dict[str, Any]) -> torch.nn.Module:
@@ -81,6 +107,23 @@ def _cpu_resident(model: torch.nn.Module) -> float:
     return min(fractions)
 
 
+def _compact(shape: str, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What is compared with plain PyTorch, small enough to hold under the limit: the logits of the last 8 positions
+    whole, and a float64 sum over the vocabulary at every position (the 4 x 128 prefill logits take 103 MB for
+    gpt2-large; holding them, a copy and the reference's would cost the model 300 MB of its limit)."""
+    return {shape: logits[:, -8:].float().clone(), f"{shape}_sums": torch.sum(logits, dim=-1, dtype=torch.float64)}
+
+
+def _report_so_far(result: dict[str, Any], stage: str) -> None:
+    """Print the figures measured so far as the worker's result line: if the limit kills the process later (say in
+    the prefill), the runner still reports the decode it reached (it reads the last such line)."""
+    import json
+
+    from benchmarks.worker import MARKER
+
+    print(MARKER + json.dumps({**result, "stage": stage}, default=str), flush=True)
+
+
 def run_limit_case(spec: dict[str, Any], result: dict[str, Any]) -> None:
     """Load under the limit, then time forwards; fills ``result`` as it goes (a kill leaves the stage reached)."""
     inputs = limit_inputs(GPTConfig.preset(spec["size"]))
@@ -96,18 +139,23 @@ def run_limit_case(spec: dict[str, Any], result: dict[str, Any]) -> None:
     result["stage"] = "first output"
     outputs: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
-        outputs["decode"] = model(inputs["decode"]).float()
+        outputs["decode"] = model(inputs["decode"]).float()  # 1 x 8 x vocab: small, kept whole
         result["first_output_s"] = time.perf_counter() - start
         result["stage"] = "forward"
         for shape, iters in (("decode", spec["decode_iters"]), ("prefill", spec["prefill_iters"])):
             x = inputs[shape]
-            outputs[shape] = model(x).float()  # warm-up, and the output compared below
+            outputs.update(_compact(shape, model(x)))  # warm-up, and the output compared below
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+            read = storage_read_bytes()
             timing = time_calls(lambda: model(x), 0, iters, lambda: None, budget_s=120.0, min_iters=iters)
             result[f"{shape}_major_faults"] = (resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults) / iters
+            result[f"{shape}_read_bytes"] = (storage_read_bytes() - read) / len(timing["times_s"])
             result[f"{shape}_s"] = timing["median_s"]
             result[f"{shape}_times_s"] = timing["times_s"]
+            result["stream"] = _stream_stats(model)
+            _report_so_far(result, f"{shape} measured")
     result["cpu_weights_resident"] = _cpu_resident(model)
+    result["stream"] = _stream_stats(model)
     result["stage"] = "compare"
     if spec.get("write_ref"):
         torch.save(outputs, spec["ref_path"])

@@ -1,11 +1,14 @@
-"""Larger-than-memory benchmark under a memory cgroup: ``python -m benchmarks.limit_run [--size gpt2-large]``.
+"""Larger-than-memory benchmark under a memory cgroup: ``python -m benchmarks.limit_run [--size gpt2-large] [--quick]``.
 
 Each case runs in a fresh worker process that moves itself into a new memory cgroup limited to ``--limit`` (default:
 about half the model) before Python starts: ours with ``max_memory=None`` from safetensors and from ``.bin`` shards,
-accelerate with the budget ours detected and with ``max_memory=None``, and plain PyTorch. Before each case the page
-cache of the checkpoint and offload files is dropped (``POSIX_FADV_DONTNEED``) and the cold sequential read
-bandwidth of the checkpoint is measured, so every decode is compared with the disk-bound estimate of the same moment:
-``bytes on "disk" / cold read bandwidth + the resident forward time`` (plain PyTorch, outside the limit).
+ours with an explicit CPU budget (``--explicit``), accelerate with the budget ours detected and with
+``max_memory=None``, and plain PyTorch. Before each case the page cache of the checkpoint and offload files is dropped
+(``POSIX_FADV_DONTNEED``) and the cold sequential read bandwidth of the checkpoint is measured, so every forward is
+compared with the physical floor of the same moment (see :mod:`benchmarks.limit_report`): the bytes that cannot stay
+under the limit (model bytes - (limit - ``--margin``)) read at that bandwidth, or the resident forward (plain PyTorch
+outside the limit) when that is longer. Before the cases, the checkpoint's bytes are read cold by page faults, by
+``madvise(WILLNEED)``, by large ``preadv`` calls (the streaming engine's way) and with ``O_DIRECT``.
 Needs root (or a delegated cgroup) on Linux; otherwise the report says why it was skipped.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -40,7 +44,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--prefill-iters", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--timeout", type=int, default=900, help="seconds before a case is killed and reported")
-    p.add_argument("--cases", default="ours-safetensors,ours-bin,accelerate-same-budget,accelerate-detected,plain")
+    p.add_argument(
+        "--cases", default="ours-safetensors,ours-explicit,ours-bin,accelerate-same-budget,accelerate-detected,plain"
+    )
+    p.add_argument("--explicit", default="600MB", help="the CPU budget of the case ours-explicit")
+    p.add_argument("--quick", action="store_true", help="gpt2-medium (1.4 GB), 2 decodes, 1 prefill: about 1/3 the time")
+    p.add_argument("--margin", type=int, default=450 * 2**20, help="bytes of the limit for interpreter, torch, activations")
     return p.parse_args(argv)
 
 
@@ -133,6 +142,59 @@ def evict(paths: list[Path]) -> None:
             os.close(fd)
 
 
+def _page_touch(buffer) -> int:
+    import numpy as np
+
+    return int(np.frombuffer(buffer, dtype=np.uint8)[:: mmap.PAGESIZE].sum())
+
+
+def _read_by(method: str, paths: list[Path], nbytes: int, chunk: int = 32 * 2**20) -> int:
+    """Read up to ``nbytes`` of ``paths`` by ``method``; returns the bytes read."""
+    total = 0
+    buffer = mmap.mmap(-1, chunk)  # page-aligned: what O_DIRECT needs
+    for path in paths:
+        size = min(path.stat().st_size, nbytes - total)
+        if size <= 0:
+            break
+        flags = os.O_RDONLY | (os.O_DIRECT if method == "O_DIRECT" else 0)
+        fd = os.open(path, flags)
+        try:
+            if method in ("page faults", "madvise(WILLNEED)"):
+                with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapping:
+                    if method == "madvise(WILLNEED)":
+                        mapping.madvise(mmap.MADV_WILLNEED, 0, size - size % mmap.PAGESIZE or mmap.PAGESIZE)
+                    _page_touch(memoryview(mapping)[:size])
+                total += size
+            else:
+                offset = 0
+                while offset < size:
+                    count = os.preadv(fd, [memoryview(buffer)[: min(chunk, -(-(size - offset) // 4096) * 4096)]], offset)
+                    if count <= 0:
+                        break
+                    offset += count
+                total += min(offset, size)
+        finally:
+            os.close(fd)
+    return total
+
+
+def read_methods(paths: list[Path], nbytes: int) -> dict[str, float]:
+    """Cold read bandwidth (bytes/s) of the same bytes by page faults on a map, a map advised ``MADV_WILLNEED``, large
+    ``preadv`` calls into a reused buffer (the engine's way) and ``O_DIRECT`` reads (where the file system allows)."""
+    out: dict[str, float] = {}
+    for method in ("page faults", "madvise(WILLNEED)", "preadv", "O_DIRECT"):
+        evict(paths)
+        start = time.perf_counter()
+        try:
+            done = _read_by(method, paths, nbytes)
+        except OSError as err:  # e.g. O_DIRECT refused (tmpfs)
+            print(f"  {method}: {err}", flush=True)
+            continue
+        out[method] = done / (time.perf_counter() - start)
+    evict(paths)
+    return out
+
+
 def cold_read_bandwidth(paths: list[Path], nbytes: int = GiB) -> float:
     """Bytes per second reading up to ``nbytes`` of ``paths`` sequentially (16 MiB reads) after evicting them."""
     evict(paths)
@@ -180,7 +242,7 @@ def run_worker(spec: dict[str, Any], timeout: int, cgroup: Optional[Cgroup]) -> 
 
 def case_specs(args: argparse.Namespace, info: dict, cache: Path) -> dict[str, dict[str, Any]]:
     common = {
-        "kind": "limit", "size": args.size, "threads": args.threads, "ref_path": str(cache / "ref" / f"limit-{args.size}.pt"),
+        "kind": "limit", "size": args.size, "threads": args.threads, "ref_path": str(cache / "limit-ref" / f"limit-{args.size}.pt"),
         "decode_iters": args.decode_iters, "prefill_iters": args.prefill_iters,
     }  # fmt: skip
     folders = info["folders"]
@@ -192,6 +254,7 @@ def case_specs(args: argparse.Namespace, info: dict, cache: Path) -> dict[str, d
     return {
         "reference": {**spec("plain", "safetensors"), "write_ref": True},
         "ours-safetensors": spec("ours", "safetensors"),
+        "ours-explicit": spec("ours", "safetensors", {"cpu": args.explicit}),
         "ours-bin": spec("ours", "bin"),
         "accelerate-same-budget": spec("accelerate", "safetensors"),  # budget filled in from ours' detection
         "accelerate-detected": spec("accelerate", "safetensors"),
@@ -201,8 +264,10 @@ def case_specs(args: argparse.Namespace, info: dict, cache: Path) -> dict[str, d
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.quick:
+        args.size, args.decode_iters, args.prefill_iters = "gpt2-medium", 2, 1
     cache = Path(args.cache_dir)
-    (cache / "ref").mkdir(parents=True, exist_ok=True)
+    (cache / "limit-ref").mkdir(parents=True, exist_ok=True)  # not "ref": benchmarks.run clears that one
     found, why = memory_hierarchy()
     out = Path(args.out)
     header = {"command": "python -m benchmarks.limit_run " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -215,9 +280,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     specs = case_specs(args, info, cache)
     shards = [Path(p) for p in info["shards"]["safetensors"]]
     results: dict[str, Any] = {"machine": machine_info(), "load_before": os.getloadavg(), "info": info}
+    results["floor"] = {"limit_bytes": limit, "margin": args.margin}
+    print("read methods (cold) ...", flush=True)
+    results["read_methods"] = read_methods(shards, min(GiB, info["model_bytes"] // 2))
+    print({k: f"{v / 1e9:.2f} GB/s" for k, v in results["read_methods"].items()}, flush=True)
     print("reference (plain, outside the limit) ...", flush=True)
     results["reference"] = run_worker(specs["reference"], args.timeout, None)
     for name in args.cases.split(","):
+        if name not in specs:
+            raise SystemExit(f"unknown case {name!r}; known: {', '.join(n for n in specs if n != 'reference')}")
         spec = dict(specs[name])
         if name == "accelerate-same-budget":
             detected = (results.get("ours-safetensors") or {}).get("detected") or {}
