@@ -8,45 +8,44 @@ Prints the report; a divergence is an error naming the module and its device (ex
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_bigmodel.pl.cli import BigModelCLI
 
-
-class VerifyCLI(BigModelCLI):
+def _before_predict(cli) -> None:
     """``predict`` with ``verify=True`` on the strategy, one batch, and no prediction writer."""
+    before = getattr(super(type(cli), cli), "before_predict", None)  # the predict CLI's own checks, if any
+    if before is not None:
+        before()
+    from lightning_bigmodel.pl.strategy import BigModelInferenceStrategy
 
-    def before_predict(self) -> None:
-        before = getattr(super(), "before_predict", None)  # BigModelCLI's own checks, where it has them
-        if before is not None:
-            before()
-        from lightning_bigmodel.pl.strategy import BigModelInferenceStrategy
-
-        trainer = self.trainer
-        strategy = trainer.strategy
-        if not isinstance(strategy, BigModelInferenceStrategy):
-            raise MisconfigurationException(
-                f"`verify` checks a `BigModelInferenceStrategy` run, but the config's strategy is "
-                f"{type(strategy).__name__}. Use `trainer.strategy: bigmodel` (the default)."
-            )
-        if strategy.quantization is not None:
-            raise ValueError(
-                "`verify` compares with the checkpoint's float weights, which quantized outputs differ from by design: "
-                "drop `quantization` from the config to verify its dispatch."
-            )
-        strategy.verify, strategy._verified = True, False
-        trainer.limit_predict_batches = 1
-        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, BasePredictionWriter)]
+    trainer = cli.trainer
+    strategy = trainer.strategy
+    if not isinstance(strategy, BigModelInferenceStrategy):
+        raise MisconfigurationException(
+            f"`verify` checks a `BigModelInferenceStrategy` run, but the config's strategy is "
+            f"{type(strategy).__name__}. Use `trainer.strategy: bigmodel` (the default)."
+        )
+    if strategy.quantization is not None:
+        raise ValueError(
+            "`verify` compares with the checkpoint's float weights, which quantized outputs differ from by design: "
+            "drop `quantization` from the config to verify its dispatch."
+        )
+    strategy.verify, strategy._verified = True, False
+    trainer.limit_predict_batches = 1
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, BasePredictionWriter)]
 
 
-def verify(argv: Optional[list[str]] = None) -> VerifyCLI:
-    """Run ``lightning-bigmodel verify`` (``argv`` without the word ``verify``); print the report."""
+def verify(argv: Optional[list[str]], predict_cli: type) -> Any:
+    """Run ``lightning-bigmodel verify`` (``argv`` without the word ``verify``) with ``predict_cli`` (the predict
+    command's LightningCLI class, passed in by ``pl/cli.py`` so that this module does not import it); print the
+    report."""
     import lightning_bigmodel.pl.strategy  # noqa: F401  (registers strategy="bigmodel")
 
-    cli = VerifyCLI(args=["predict", *(argv or [])])
+    verify_cli = type("VerifyCLI", (predict_cli,), {"before_predict": _before_predict})
+    cli = verify_cli(args=["predict", *(argv or [])])
     report = getattr(cli.trainer.strategy, "verify_report", None)
     if report is None:
         raise ValueError("`verify`: the predict dataloader gave no batch, so nothing was compared. Check the data.")

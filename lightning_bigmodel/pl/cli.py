@@ -263,7 +263,7 @@ def verify(argv: Optional[list[str]] = None) -> Any:
     """Run ``lightning-bigmodel verify``: the config's job on its first batch, checked against a CPU reference."""
     from lightning_bigmodel.pl._verify_cli import verify as run
 
-    return run(argv)
+    return run(argv, BigModelCLI)
 
 
 def demo(argv: Optional[list[str]] = None) -> list[Path]:
