@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
+from lightning_bigmodel.planning._groups import _Groups, _prefixes
 from lightning_bigmodel.planning._walk import _Pass
 from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS
 from lightning_bigmodel.planning.sizes import _prefix_sizes, compute_module_sizes, find_tied_parameters
@@ -27,16 +28,6 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _prefixes(name: str) -> list[str]:
-    """``name``, then each dotted ancestor, then ``""``."""
-    out = [name]
-    while name:
-        cut = name.rfind(".")
-        name = name[:cut] if cut >= 0 else ""
-        out.append(name)
-    return out
-
-
 def _members(modules: Mapping[str, nn.Module], name: str) -> list[str]:
     """Direct parameters, direct buffers, then children of module ``name`` (``[]`` for a tensor name)."""
     module = modules.get(name)
@@ -47,7 +38,7 @@ def _members(modules: Mapping[str, nn.Module], name: str) -> list[str]:
     return [_join(name, member) for group in groups for member, value in group.items() if value is not None]
 
 
-class _Planner:
+class _Planner(_Groups):
     """One greedy pass per call of :meth:`fill`; :meth:`plan` repeats it to reserve room on the execution device."""
 
     def __init__(
@@ -117,55 +108,6 @@ class _Planner:
         members = self.members(name)
         direct = sum(self.sizes.get(m, 0) for m in members if m not in self.modules)
         return max([(direct, name)] + [self.largest(m) for m in members if m in self.modules])
-
-    def group(self, name: str, pending: set[str], placed: Mapping[str, Device]) -> list[str]:
-        """``name`` plus what must land on its device: the other pending direct tensors of its module (one module's
-        direct tensors form one unit, as in :meth:`unit`), and the pending items holding tied partners (closed
-        under both rules)."""
-        group, seen, owners = [name], {name}, set()
-        for item in group:  # grows while iterating: the closure
-            for other in self._siblings(item, pending, owners) + self._partner_items(item, pending, placed):
-                if other not in seen:
-                    seen.add(other)
-                    group.append(other)
-        return group
-
-    def _siblings(self, name: str, pending: set[str], owners: set[str]) -> list[str]:
-        """The pending direct tensors of the module owning tensor ``name`` (``[]`` for a module, or for an owner
-        already in ``owners``, which is updated)."""
-        if name in self.modules:
-            return []
-        cut = name.rfind(".")
-        owner = name[:cut] if cut >= 0 else ""
-        if owner in owners:
-            return []
-        owners.add(owner)
-        return [m for m in self.members(owner) if m not in self.modules and m in pending]
-
-    def _partner_items(self, name: str, pending: set[str], placed: Mapping[str, Device]) -> list[str]:
-        """The finest pending items holding the tied partners of tensors under ``name`` (outside it)."""
-        items: list[str] = []
-        if name not in self.tied_prefixes:
-            return items
-        inside = f"{name}." if name else ""
-
-        def under(tensor: str) -> bool:
-            return tensor == name or tensor.startswith(inside)
-
-        for tensor in self.partners:
-            if not under(tensor):
-                continue
-            for partner in self.partners[tensor]:
-                if under(partner):
-                    continue
-                for prefix in _prefixes(partner):  # the finest pending item holding `partner`
-                    if prefix in placed:
-                        break  # cannot happen: partners are always placed together
-                    if prefix in pending:
-                        if prefix not in items:
-                            items.append(prefix)
-                        break
-        return items
 
     def plan(self, budgets: dict[Device, float], balanced: bool, low_0: bool) -> DeviceMap:
         """The plan under ``budgets`` and its prefetch depth (:attr:`depth`): with room for two offloaded layers on the
