@@ -14,7 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_bigmodel"
 LIGHTNING_SIDE = "lightning_bigmodel.pl"  # may import Lightning
 
 
-ENTRY_POINTS = ("lightning_bigmodel.__main__",)  # `python -m lightning_bigmodel` is the CLI: the Lightning side
+# The command (`lightning-bigmodel`, `python -m lightning_bigmodel`) is the Lightning side; it imports `pl.cli` only
+# once a subcommand runs, so its `--help` stays light.
+ENTRY_POINTS = ("lightning_bigmodel.__main__", "lightning_bigmodel._command")
 
 
 def _on_lightning_side(module: str) -> bool:
