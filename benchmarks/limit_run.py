@@ -277,6 +277,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     info = build_checkpoints(args.size, cache)
     limit = int(args.limit) if args.limit else int(info["model_bytes"] * 0.52)
+    if args.quick and not args.limit:
+        limit = GiB  # half of gpt2-medium leaves too little beside the interpreter and a 4 x 128 prefill
     specs = case_specs(args, info, cache)
     shards = [Path(p) for p in info["shards"]["safetensors"]]
     results: dict[str, Any] = {"machine": machine_info(), "load_before": os.getloadavg(), "info": info}
