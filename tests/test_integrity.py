@@ -6,6 +6,7 @@ model left as before the call, and outputs equal to the plainly built model once
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -123,6 +124,14 @@ def test_reuse_returns_before_the_checksums_and_each_module_waits_for_its_files(
     forward.join(timeout=60)
     assert seen == [True], "a module computed before the checksum of its file was known"
     torch.testing.assert_close(outputs[0], reference_output(), rtol=0, atol=0)
+
+
+def test_model_loaded_from_a_reused_folder_can_be_deep_copied_before_its_first_forward(tmp_path):
+    checkpoint, folder = write_bin(tmp_path / "ckpt"), tmp_path / "off"
+    load(checkpoint, folder)
+    model = load(checkpoint, folder)  # its checks are pending: hooks wait for them
+    torch.testing.assert_close(output_of(copy.deepcopy(model)), reference_output(), rtol=0, atol=0)
+    torch.testing.assert_close(output_of(model), reference_output(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("swap", [('"shape":[32,16]', '"shape":[16,32]'), ('"dtype":"F32"', '"dtype":"I32"')])

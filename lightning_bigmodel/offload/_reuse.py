@@ -69,6 +69,9 @@ class PendingCheck:
         if self._error is not None:
             raise self._error
 
+    def __deepcopy__(self, memo: dict) -> "PendingCheck":
+        return self  # a copy of the model holds the same file's bytes: it waits for the same check
+
 
 def mismatch_error(folder: Path, files: list[str], model_state: str) -> OffloadFolderError:
     return OffloadFolderError(
@@ -172,3 +175,6 @@ class _FirstUse:
         for check in self.checks:
             check.wait()  # raises on a mismatch: the module never computes with those bytes
         self.handle.remove()
+
+    def __deepcopy__(self, memo: dict) -> "_FirstUse":
+        return self  # `copy.deepcopy(model)` before the first forward: the copy waits for the same checks
