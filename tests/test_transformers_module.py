@@ -382,6 +382,7 @@ def test_another_strategy_is_refused(llama, tmp_path):
 def test_a_mistyped_model_path_is_not_found_in_one_line_and_makes_nothing(tmp_path):
     """The demo config with a typo in its path: exit 2, one line, no model written, no predictions; reported first,
     before the writer looks at its folder (here another job's, which would be refused)."""
+    pytest.importorskip("jsonargparse")  # the command is built on it
     other = tmp_path / "runs" / "transformers-generate"
     other.mkdir(parents=True)
     (other / "manifest.json").write_text(json.dumps({"format": 2, "job_id": "another-job", "num_samples": 1}))
@@ -429,6 +430,7 @@ def test_a_hub_id_typo_offline_is_one_line_naming_the_id_the_path_and_the_hub(tm
 def test_an_unreachable_hub_is_probed_once_and_reported_in_one_line(tmp_path):
     """No HF_HUB_OFFLINE and no network (a closed local port as the endpoint): one probe, then the cache only; exit 2
     with one line, no traceback, no retries (the transformers path retried for about a minute here)."""
+    pytest.importorskip("jsonargparse")  # the command is built on it
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "empty-cache"))
     command = [sys.executable, "-m", "lightning_bigmodel", "predict", "--config",
