@@ -22,7 +22,9 @@ Memory, and what is read per forward:
   churn), and only they are read from the disk again. Page cache is reclaimable: a burst of activations that needs
   the memory evicts part of the subset (read again later) instead of getting the process OOM-killed. Under an
   explicit CPU budget the same holds: the subset takes the memory the budget leaves free in the process's limit.
-  When the disk weights fit the memory left, nothing is dropped and the page cache keeps them all.
+- **Memory to spare**: when the disk weights fit the memory left (``release`` false), each unit is read once, at
+  its first use, into memory of its own and kept: later forwards read nothing and copy nothing, and the weights no
+  longer depend on the file (as ``"cpu"`` weights after their first forward).
 
 A read that fails, comes back short, or finds its file changed since it was loaded raises the
 :class:`~lightning_bigmodel.checkpoint.errors.CheckpointError` of the engine in the compute thread, naming the file and
@@ -69,7 +71,8 @@ class ReadAhead:
 
     Args:
         depth: units read ahead when ``stream_bytes`` is not given (``1 + depth`` buffers of the largest unit).
-        release: drop what was read from the page cache, and keep a resident subset (see :func:`should_release`).
+        release: memory is short (see :func:`should_release`): stream the units each forward, drop what was read
+            from the page cache, keep a resident subset; else read each unit once and keep it.
         stream_bytes: memory for the stream's buffers.
         keep: hold a resident subset in the memory left (default: ``release``).
     """
@@ -103,6 +106,7 @@ class ReadAhead:
         self._generation = 0
         self._kept: set[str] = set()  # units whose file ranges stay in the page cache
         self._kept_parts: set[int] = set()  # their tensors (data pointers of the file views)
+        self._owned: dict[str, torch.Tensor] = {}  # without release: each unit's bytes, read once and kept
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self.reads = 0  # units read from disk (tests and benchmarks)
@@ -143,14 +147,15 @@ class ReadAhead:
             if self._recording and self._recorder in (None, me):
                 self._recorder = me
                 self._order.append(name)
-            buffer, pooled, error = None, False, None
-            if not self._recording and name in self._position:
+            buffer, pooled, error = self._owned.get(name), False, None
+            read_here = owning = buffer is None and not self.release
+            if owning:  # memory to spare: read once into memory of its own, never again
+                buffer = torch.empty(unit.layout.nbytes, dtype=torch.uint8)
+            elif buffer is None and not self._recording and name in self._position:
                 buffer, pooled, error = self._await(name)
             if buffer is None:  # the first forward, or out of order: read it here
                 buffer, pooled = self._take_slot(name)
                 read_here = True
-            else:
-                read_here = False
             self._in_use.setdefault((name, me), []).append((buffer, pooled))
         try:
             if error is not None:
@@ -158,6 +163,8 @@ class ReadAhead:
             if read_here:
                 unit.layout.read_into(buffer, self._release(name))
                 self.reads += 1
+                if owning:
+                    self._owned[name] = buffer
         except BaseException:
             self._give_back(name, me, None)
             raise
@@ -224,7 +231,7 @@ class ReadAhead:
         return self._order[self._cursor] if self._order else None
 
     def _next_task(self) -> Optional[tuple[str, torch.Tensor, bool, int]]:
-        if self._closed or self._recording:
+        if self._closed or self._recording or not self.release:  # memory to spare: every unit is owned, no stream
             return None
         name = self._next_unit()
         if name is None or name in self._ready or any(unit == name for unit, _ in self._in_use):
@@ -318,6 +325,7 @@ class ReadAhead:
         with self._cond:
             self._ready.clear()
             self._free.clear()
+            self._owned.clear()
 
 
 def _escapes(output: Any, buffer: torch.Tensor) -> bool:
