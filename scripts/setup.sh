@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install lightning_bigmodel with its test extras.
+# Create .venv (if missing), install lightning_bigmodel with its test extras, then write the demo models of the
+# example configs into runs/ (`lightning-bigmodel demo`: offline; folders already there are kept, so a rerun is quick).
 # torch is pinned through constraints.txt; set LBM_TORCH_CONSTRAINT=0 to keep a torch you installed yourself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,3 +10,4 @@ args=(-q)
 [ "${LBM_TORCH_CONSTRAINT:-1}" = "1" ] && args+=(-c constraints.txt)
 .venv/bin/python -m pip install "${args[@]}" --upgrade pip >/dev/null
 .venv/bin/python -m pip install "${args[@]}" -e ".[test]"
+.venv/bin/lightning-bigmodel demo

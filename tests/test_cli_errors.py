@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -54,6 +55,74 @@ def test_predict_with_a_checkpoint_found_nowhere_says_both_places(tmp_path):
         " repo 'runs/does-not-exist' (Hub not asked: HF_HUB_OFFLINE is set; only the cache "
     ) and line.endswith("was read). (--debug shows the traceback)")
     assert "Restoring states" not in done.stdout + done.stderr  # nothing misleading before the one line
+
+
+def _config_with(tmp_path: Path, name: str, ckpt_path: str, option: Optional[str] = None) -> Path:
+    """A copy of ``configs/<name>`` (outside the folder the job runs in) with ``ckpt_path`` and, when given, the
+    model's checkpoint folder option set to that same path."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / name).read_text())
+    config["ckpt_path"] = ckpt_path
+    if option is not None:
+        config["model"]["init_args"][option] = ckpt_path
+    path = tmp_path / "configs" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_typo_in_both_checkpoint_paths_makes_no_model_and_predicts_nothing(tmp_path):
+    """Issue 20 item 2 as reported: the same typo in the model's checkpoint folder option and in ``ckpt_path``. The
+    command used to write a random GPT there and predict with it (exit 0); now: exit 2, the not-found line naming the
+    option, the path and `lightning-bigmodel demo`, and nothing written (not even the folder it runs in)."""
+    config = _config_with(tmp_path, "gpt_tiny.yaml", "runs/gpt-tinyy", option="random_checkpoint_dir")
+    job = tmp_path / "job"
+    job.mkdir()
+    done = run_cli(["predict", "--config", str(config)], cwd=job)
+    assert done.returncode == 2, (done.stdout + done.stderr)[-3000:]
+    assert error_line(done.stderr) == (
+        f"{PREFIX}`random_checkpoint_dir` 'runs/gpt-tinyy' not found: no folder {str(job / 'runs' / 'gpt-tinyy')!r}; a"
+        " config never writes a model, `lightning-bigmodel demo` makes the demo models. (--debug shows the traceback)"
+    )
+    assert list(job.iterdir()) == []  # no checkpoint, no offload folder, no tokens, no logs
+    assert "Wrote" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "option", "typo"),
+    [("gpt_tiny.yaml", "random_checkpoint_dir", "runs/gpt-tinyy"),
+     ("replicas_cpu.yaml", "random_checkpoint_dir", "runs/gpt-tinyy"),
+     ("minilm_embed.yaml", "shard_dir", "runs/minilm-shardd")],
+)  # fmt: skip
+def test_no_example_config_option_turns_a_missing_folder_into_a_model(in_repo, capsys, name, option, typo):
+    (in_repo / "runs").mkdir()
+    (in_repo / "runs" / typo.split("/")[1][:-1]).mkdir()  # the folder meant: named in the hint
+    config = _config_with(in_repo, name, typo, option=option)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--config", str(config)])
+    assert exit_info.value.code == 2
+    meant = in_repo / "runs" / typo.split("/")[1][:-1]
+    assert error_line(capsys.readouterr().err) == (
+        f"{PREFIX}`{option}` {typo!r} not found: no folder {str(in_repo / typo)!r} (did you mean {str(meant)!r}?); a"
+        " config never writes a model, `lightning-bigmodel demo` makes the demo models. (--debug shows the traceback)"
+    )
+    assert sorted(path.name for path in in_repo.iterdir()) == ["configs", "runs"]
+    assert [path.name for path in (in_repo / "runs").iterdir()] == [meant.name]
+
+
+@pytest.mark.parametrize("name", ["gpt_tiny.yaml", "replicas_cpu.yaml", "minilm_embed.yaml"])
+def test_an_example_config_before_the_demo_step_says_what_makes_its_model(in_repo, capsys, monkeypatch, name):
+    """The shipped configs in a folder where `lightning-bigmodel demo` has not run: the not-found line says how."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--config", str(ROOT / "configs" / name)])
+    assert exit_info.value.code == 2
+    line = error_line(capsys.readouterr().err)
+    folder = "runs/minilm-sharded" if name.startswith("minilm") else "runs/gpt-tiny"
+    assert line.startswith(f"{PREFIX}`checkpoint` {folder!r} not found: no local path {str(in_repo / folder)!r}")
+    assert line.endswith("; make the demo models with `lightning-bigmodel demo`. (--debug shows the traceback)")
+    assert list(in_repo.iterdir()) == []
 
 
 def test_plan_with_a_malformed_size_is_one_line(tmp_path):
@@ -160,4 +229,4 @@ def test_a_repo_id_shape_is_looked_for_locally_then_on_the_hub(tmp_path, monkeyp
     local = str(tmp_path / checkpoint)
     assert message.startswith(f"`checkpoint` {checkpoint!r} not found: no local path {local!r}, and no Hugging Face"
                               f" Hub repo {checkpoint!r} (Hub not asked: HF_HUB_OFFLINE is set; only")
-    assert "\n" not in message and len(message) < 300
+    assert "\n" not in message and len(message.replace(str(tmp_path), "<tmp>")) < 300  # short, whatever the tmp path

@@ -52,7 +52,9 @@ def test_top_level_help_and_usage_errors_import_neither_lightning_nor_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
-    assert lines[0] == "lightning-bigmodel: error: unknown subcommand 'trian'; choose `predict`, `plan`, `demo`."
+    assert lines[0] == (
+        "lightning-bigmodel: error: unknown subcommand 'trian'; choose `predict`, `plan`, `demo`, `verify`."
+    )
     count, heavy = lines[1].split(" ", 1)
     assert heavy == "[]" and 5 < int(count) < 20  # the three subcommands, nothing imported
 
@@ -120,6 +122,8 @@ def test_demo_writes_the_demo_models_once(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "runs" / "tiny-llama" / "config.json").is_file()
     assert (tmp_path / "runs" / "tiny-mixtral" / "model.safetensors.index.json").is_file()
+    for folder in ("gpt-tiny", "minilm-sharded"):  # the checkpoints of gpt_tiny/replicas_cpu.yaml and minilm_embed.yaml
+        assert (tmp_path / "runs" / folder / "model.safetensors.index.json").is_file(), done.stdout
     assert f"Created 'tiny-random-llama' in {tmp_path / 'runs' / 'tiny-llama'}" in done.stdout
     again = run_module(["demo", "--dir", str(tmp_path / "runs")], cwd=tmp_path)
     assert "Kept 'tiny-random-llama'" in again.stdout and "Created 'tiny-random" not in again.stdout

@@ -74,6 +74,26 @@ def test_config_parses_with_the_cli(path, monkeypatch):
         assert strategy.class_path.rsplit(".", 1)[-1] in ("BigModelInferenceStrategy", "ReplicatedBigModelStrategy")
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=[path.name for path in CONFIGS])
+def test_the_models_a_config_reads_from_runs_are_made_by_the_demo_step(path):
+    """No config writes a model: every model folder it names under runs/ is one `lightning-bigmodel demo` makes (and
+    the folder options that used to write one are gone from the configs)."""
+    import yaml
+
+    from lightning_bigmodel.pl._tiny_random import DEMO_FOLDERS
+
+    text = path.read_text()
+    config = yaml.safe_load(text)
+    init_args = (config.get("model") or {}).get("init_args") or {}
+    assert not {"random_checkpoint_dir", "shard_dir", "create_if_missing"} & set(init_args), path.name
+    if "# EDIT" in text:  # a template: the user names their own checkpoint
+        return
+    for value in (config.get("ckpt_path"), init_args.get("model_name_or_path")):
+        parts = Path(value).parts if isinstance(value, str) else ()
+        if len(parts) == 2 and parts[0] == "runs":
+            assert parts[1] in DEMO_FOLDERS, f"{path.name}: {value} is made by nothing"
+
+
 def test_config_with_a_wrong_option_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT))
     bad = tmp_path / "bad.yaml"

