@@ -103,10 +103,9 @@ cp "$WORK/env.json" "$LOGS/env.json"
 # --- Wheels the machine lacks (.whl/, from scripts/gpu_wheels.sh) ------------------------------------------------
 if compgen -G ".whl/*.whl" >/dev/null; then
   SITE="$WORK/site"
-  if "$PYTHON" -m pip --version >/dev/null 2>&1; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --disable-pip-version-check --target "$SITE" .whl/*.whl
-  else  # a wheel is a zip laid out for site-packages
-    for wheel in .whl/*.whl; do "$PYTHON" -m zipfile -e "$wheel" "$SITE"; done
+  if ! "$PYTHON" -m pip install -q --no-index --no-deps --disable-pip-version-check --target "$SITE" .whl/*.whl; then
+    echo "gpu_check: pip could not install .whl/ (above); unpacking the wheels instead"
+    for wheel in .whl/*.whl; do "$PYTHON" -m zipfile -e "$wheel" "$SITE"; done  # a wheel is a site-packages zip
   fi
   export PYTHONPATH="$SITE:$PYTHONPATH"
   echo "gpu_check: installed for this run from .whl/: $(cd .whl && ls *.whl | sed 's/-py.*//; s/-cp.*//' | tr '\n' ' ')"
