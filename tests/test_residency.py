@@ -223,11 +223,15 @@ def test_stream_reads_the_next_unit_while_one_computes_and_keeps_the_buffers_bou
     streamer.keep = False  # no resident subset: every unit streams
     probe = _Probe(streamer)
     x = torch.randint(0, CONFIG.vocab_size, (1, 8), generator=torch.Generator().manual_seed(2))
+    # The reader thread starts when the first forward ends and at once reads ahead for the next one; held back until the
+    # next forward, so that what the first forward read is judged alone (else a loaded machine lets it in first).
+    streamer._start = lambda: None
     with torch.inference_mode():
         expected = reference(x)
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # learns the order, reads in place
         order = list(streamer._order)
         assert {thread for thread, _ in probe.events} == {threading.current_thread().name}
+        del streamer._start  # the next forward starts the reader
         probe.uses = dict(probe.reads)
         overlapped: list[bool] = []
 
