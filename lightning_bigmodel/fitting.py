@@ -20,7 +20,7 @@ from torch import nn
 
 from lightning_bigmodel._keywords import keyword_only
 from lightning_bigmodel.planning.budget import check_layer_fits
-from lightning_bigmodel.planning.device_map import DeviceMapPlanner, Policy, planning_budgets
+from lightning_bigmodel.planning.device_map import ACCELERATE_INFER_ORDER, DeviceMapPlanner, Policy, planning_budgets
 from lightning_bigmodel.planning.device_map import infer_device_map as plan_device_map
 from lightning_bigmodel.planning.devices import Device, DeviceMap, PlannedDeviceMap
 from lightning_bigmodel.planning._planner import Prefetch
@@ -33,10 +33,7 @@ _MAX_PLANS = 8
 Memory = dict[Device, dict[str, int]]
 
 
-@keyword_only(
-    (("no_split_module_classes", "no_split_module_classes"), ("dtype", "dtype"), ("special_dtypes", None),
-     ("verbose", None), ("clean_result", None), ("offload_buffers", "offload_buffers"), ("fallback_allocation", None))
-)  # fmt: skip
+@keyword_only(ACCELERATE_INFER_ORDER)
 def infer_device_map(
     model: nn.Module,
     max_memory: Optional[Mapping[Device, Union[int, str]]] = None,

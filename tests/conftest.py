@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -17,6 +18,26 @@ from simulated_isolation import (  # noqa: F401 (pytest finds hooks and fixtures
     pytest_runtest_logreport,
     pytest_sessionfinish,
 )
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(size)`` mounts a real tmpfs of ``size`` (e.g. ``"2m"``) under ``tmp_path`` and returns its path, for
+    faults like a full disk without mocking the file system; skips with the reason where mounting is not allowed."""
+    mounts = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"tmpfs{len(mounts)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
 
 # Every layout `write_checkpoint` can produce; each is something a user may pass as `checkpoint`.
 CHECKPOINT_KINDS = (

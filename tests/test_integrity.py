@@ -317,16 +317,8 @@ def test_disk_weights_of_a_shard_replaced_during_the_load_are_the_planned_ones(t
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+def small_tmpfs(tmpfs):
+    return tmpfs("2m")
 
 
 def test_disk_full_just_before_the_manifest_leaves_the_model_as_it_was(small_tmpfs, tmp_path, monkeypatch):

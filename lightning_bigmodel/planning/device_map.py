@@ -52,10 +52,15 @@ PREFETCH_CHOICES = (True, False, "auto")
 _log = logging.getLogger("lightning_bigmodel.planning")
 
 
-@keyword_only(
-    (("no_split_module_classes", "no_split_module_classes"), ("dtype", "dtype"), ("special_dtypes", None),
-     ("verbose", None), ("clean_result", None), ("offload_buffers", "offload_buffers"), ("fallback_allocation", None))
+# accelerate's `infer_device_map` arguments after `max_memory`, in its order (ours, or None where we have no such one):
+# a positional call written for accelerate is refused naming our keywords (see `_keywords.keyword_only`).
+ACCELERATE_INFER_ORDER = (
+    ("no_split_module_classes", "no_split_module_classes"), ("dtype", "dtype"), ("special_dtypes", None),
+    ("verbose", None), ("clean_result", None), ("offload_buffers", "offload_buffers"), ("fallback_allocation", None),
 )  # fmt: skip
+
+
+@keyword_only(ACCELERATE_INFER_ORDER)
 def infer_device_map(
     model: nn.Module,
     max_memory: Optional[Mapping[Device, Union[int, str]]] = None,
