@@ -27,30 +27,10 @@ from lightning_bigmodel.checkpoint.errors import CheckpointError
 from lightning_bigmodel.checkpoint.shard import ShardHandle
 from lightning_bigmodel.checkpoint.writer import save_sharded_checkpoint
 from lightning_bigmodel.offload.disk import MANIFEST, OffloadFolderError
+from test_offload_folder import empty_model, output_of, reference_output, write_bin  # the same tiny model and .bin
 
 ROOT = Path(__file__).resolve().parent.parent
 HALF = {"inp": "cpu", "blocks.0": "cpu", "blocks.1": "disk", "blocks.2": "disk", "out": "disk"}
-
-
-def empty_model() -> nn.Module:
-    with init_empty_weights():
-        return UntiedMLP().eval()
-
-
-def reference_output(seed: int = 0) -> torch.Tensor:
-    with torch.inference_mode():
-        return make_reference(UntiedMLP, seed)(example_input(UntiedMLP))
-
-
-def output_of(model: nn.Module) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(example_input(UntiedMLP))
-
-
-def write_bin(folder: Path, seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(make_reference(UntiedMLP, seed).state_dict(), folder / "pytorch_model.bin")
-    return folder / "pytorch_model.bin"
 
 
 def load(checkpoint, folder=None, device_map=None, **kwargs) -> nn.Module:
