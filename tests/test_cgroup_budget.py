@@ -228,7 +228,9 @@ def test_real_cgroup_limit_is_detected_in_a_subprocess(memory_cgroup):
     probe = json.loads(done.stdout.strip().splitlines()[-1])
     assert probe["source"] == "cgroup limit"
     assert abs(probe["limit"] - limit) < 2**16  # the kernel rounds to pages
-    assert 0 < probe["cpu"] == probe["budget"] < limit - 256 * MiB
+    # Two readings of the cgroup's live usage, moments apart: the child allocates between them (imports), so the
+    # budgets agree to within that, not to the byte.
+    assert 0 < probe["budget"] < limit - 256 * MiB and abs(probe["cpu"] - probe["budget"]) < 16 * MiB
 
 
 _PRESSURE = r'''
