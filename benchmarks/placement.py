@@ -6,8 +6,9 @@ without no-split classes, an MoE-shaped model; budgets as fractions of the model
 plan for ``balanced``/``balanced_low_0``/``auto`` is ``infer_auto_device_map`` under ``get_balanced_memory``.
 
 A cell is *over budget* for a library when its execution GPU (the lowest GPU of the map, where both dispatch the
-offloaded layers) cannot hold its modules, one offloaded layer and the offloaded buffers (which both keep there with
-``offload_buffers=False``) within its budget: such a plan runs out of memory at the first forward.
+offloaded layers, unless our plan executes them on the CPU) cannot hold its modules, one offloaded layer and the
+offloaded buffers (which both keep there with ``offload_buffers=False``) within its budget: such a plan runs out of
+memory at the first forward.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from lightning_bigmodel.planning._planner import _Planner
 from lightning_bigmodel.planning.device_map import POLICIES, infer_device_map, tensor_devices
+from lightning_bigmodel.planning.devices import execution_device_of
 
 
 class MLP(nn.Module):
@@ -163,14 +165,16 @@ def offloaded_buffer_bytes(model: nn.Module, device_map) -> int:
 
 
 def over_budget(model: nn.Module, device_map, budget, no_split) -> int:
-    """Bytes by which the execution GPU of ``device_map`` exceeds its budget holding its modules, one offloaded layer
-    and the offloaded buffers (see the module's docstring); 0 when it fits."""
+    """Bytes by which a GPU of ``device_map`` exceeds its budget: each holds its modules, and the execution GPU also
+    one offloaded layer and the offloaded buffers (see the module's docstring); 0 when every GPU fits. A plan whose
+    offloaded layers execute on the CPU (``execution_device == "cpu"``) keeps nothing for them on a GPU."""
     held = gpu_bytes(model, device_map)
     if not held:
         return 0
-    main = min(held)
-    layer = largest_offloaded_layer(model, device_map, no_split)
-    return max(0, held[main] + layer + offloaded_buffer_bytes(model, device_map) - budget[main])
+    main = None if execution_device_of(device_map) == "cpu" else min(held)
+    extra = 0 if main is None else largest_offloaded_layer(model, device_map, no_split)
+    extra += 0 if main is None else offloaded_buffer_bytes(model, device_map)
+    return max(0, *(held[gpu] + (extra if gpu == main else 0) - budget[gpu] for gpu in held))
 
 
 def runs_within_budget(model: nn.Module, device_map, budget, no_split) -> bool:
@@ -199,7 +203,7 @@ def compare(model_name: str, budget_name: str, policy: str) -> dict:
     return {
         "model": model_name, "budget": budget_name, "policy": policy, "model_bytes": total,
         "ours": gpu_bytes(model, ours), "theirs": gpu_bytes(model, theirs), "map": dict(ours),
-        "depth": ours.prefetch_depth, "slot": largest_offloaded_layer(model, ours, no_split, buffers=True),
+        "depth": ours.prefetch_depth, "execution": ours.execution_device, "slot": largest_offloaded_layer(model, ours, no_split, buffers=True),
         "theirs_over": over_budget(model, theirs, budget, no_split),
         "theirs_fits": runs_within_budget(model, theirs, budget, no_split),
         "ours_fits": runs_within_budget(model, ours, budget, no_split),
@@ -216,30 +220,34 @@ def _kb(held: dict) -> str:
 
 def markdown(cells: list[dict]) -> list[str]:
     """The table: one row per cell, GPU bytes (kB, per GPU then total) of ours and accelerate's, and the verdict."""
-    lines = ["| model | budget | policy | ours: GPU kB | prefetch depth | accelerate: GPU kB | verdict |",
+    lines = ["| model | budget | policy | ours: GPU kB | execution (prefetch depth) | accelerate: GPU kB | verdict |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     empty_where_used = 0
     for cell in cells:
         ours, theirs = cell["ours"], cell["theirs"]
+        empty = sorted(set(theirs) - set(ours))
         if not cell["theirs_fits"]:
-            empty = sorted(set(theirs) - set(ours))
             verdict = f"accelerate over budget by {cell['theirs_over'] / 1000:.0f} kB on its execution GPU" + (
-                f"; ours leaves GPU {', '.join(map(str, empty))} empty" if empty else "")
-        elif set(theirs) - set(ours):
+                f"; **ours leaves GPU {', '.join(map(str, empty))} empty**" if empty else "")
+            empty_where_used += bool(empty)
+        elif empty:
             verdict, empty_where_used = "**GPU left empty that accelerate uses**", empty_where_used + 1
         elif sum(ours.values()) < sum(theirs.values()) - cell["slot"]:
             verdict = "**below accelerate by more than one layer**"
         else:
             diff = sum(ours.values()) - sum(theirs.values())
             verdict = "equal" if diff == 0 else f"{diff / 1000:+.0f} kB" + (" (prefetch slot)" if diff < 0 else "")
-        lines.append(f"| {cell['model']} | {cell['budget']} | {cell['policy']} | {_kb(ours)} | {cell['depth']} | "
+        execution = "cpu" if cell["execution"] == "cpu" else f"cuda:{cell['execution']} ({cell['depth']})"
+        lines.append(f"| {cell['model']} | {cell['budget']} | {cell['policy']} | {_kb(ours)} | {execution} | "
                      f"{_kb(theirs)} | {verdict} |")
     over = sum(1 for cell in cells if not cell["theirs_fits"])
+    on_cpu = sum(1 for cell in cells if cell["execution"] == "cpu" and cell["ours"])
     lines += ["", f"Cells where accelerate's plan is over budget at run time: {over} of {len(cells)}. "
-              f"Cells with a GPU left empty that accelerate's (within-budget) plan uses: {empty_where_used} of "
-              f"{len(cells)}. Budgets: " + "; ".join(f"{name} {b}" for name, b in BUDGETS.items()) + " (fractions of "
-              "the model's bytes). Prefetch depth: offloaded layers the execution GPU holds at once (0: none offloaded "
-              "to a GPU execution).", ""]
+              f"Cells with a GPU left empty that accelerate's plan uses: {empty_where_used} of {len(cells)}. "
+              f"Cells where our offloaded layers execute on the CPU while the GPUs hold modules: {on_cpu}. Budgets: "
+              + "; ".join(f"{name} {b}" for name, b in BUDGETS.items()) + " (fractions of the model's bytes). "
+              "Execution: where our offloaded layers compute; on a GPU, the prefetch depth is the number of offloaded "
+              "layers it holds at once (0: nothing offloaded).", ""]
     return lines
 
 

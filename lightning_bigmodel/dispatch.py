@@ -92,7 +92,8 @@ def dispatch_model(
     device_map = validate_device_map(model, device_map)
     _refuse_meta(model)
     normalized = {key: normalize_device(value) for key, value in device_map.items()}
-    main = as_execution_device(main_device) if main_device is not None else execution_device(normalized)
+    # the planned execution device (a GPU, or the CPU for a plan that keeps no room on a GPU), else the lowest GPU
+    main = as_execution_device(main_device) if main_device is not None else execution_device(device_map)
     groups = tensor_groups(model)
     assign_targets(groups, normalized, main, offload_buffers)
     with restored_on_error(model) as saved:

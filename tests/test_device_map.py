@@ -208,12 +208,17 @@ def test_offloaded_buffers_count_on_execution_device():
     with torch.device("meta"):
         model = nn.Sequential(*[BufferBlock() for _ in range(8)])
     budget = {0: 30_000, "cpu": 10**6}
-    kept = infer_device_map(model, budget, no_split_module_classes=["BufferBlock"], offload_buffers=False)
+    # prefetch=True keeps the offloaded layers on the GPU (no CPU execution)
+    kept = infer_device_map(model, budget, no_split_module_classes=["BufferBlock"], offload_buffers=False, prefetch=True)
     moved = infer_device_map(model, budget, no_split_module_classes=["BufferBlock"], offload_buffers=True)
     # By hand: kept on GPU 0, the buffers of the offloaded blocks alone take up to 8 x 4,000 > 30,000 bytes, so no
     # block fits there. Moved with their blocks, GPU 0 holds k blocks of 5,088 bytes plus room for the offloaded
     # layer(s) in flight (one or two of 5,088): three or four blocks.
     assert kept == {"": "cpu"}
+    # under "auto" the offloaded blocks compute on the CPU beside their buffers: GPU 0 holds five whole blocks
+    on_cpu = infer_device_map(model, budget, no_split_module_classes=["BufferBlock"], offload_buffers=False)
+    assert on_cpu.execution_device == "cpu" and on_cpu.prefetch_depth == 0, on_cpu
+    assert sorted(name for name, device in on_cpu.items() if device == 0) == ["0", "1", "2", "3", "4"], on_cpu
     on_gpu = sorted(name for name, device in moved.items() if device == 0)
     assert on_gpu in (["0", "1", "2"], ["0", "1", "2", "3"]), moved
     assert _residency(model, moved, offload_buffers=True)[0] == len(on_gpu) * 5_088

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence, Union
 import lightning.pytorch as pl
 from torch import nn
 
-from lightning_bigmodel.planning.devices import Device, DeviceMap, PlannedDeviceMap
+from lightning_bigmodel.planning.devices import Device, DeviceMap, planned_copy
 
 Memory = dict[Device, dict[str, int]]
 
@@ -65,9 +65,7 @@ def fitted_plan(
         network, device_map, input_shape, max_new_tokens, planning.get("dtype"), planning.get("offload_buffers", False),
         relative=False,
     )  # fmt: skip
-    planned = PlannedDeviceMap(_absolute(device_map, prefix))  # keeps the plan's prefetch depth and reserve
-    planned.prefetch_depth, planned.reserve = device_map.prefetch_depth, device_map.reserve
-    return planned, memory
+    return planned_copy(device_map, _absolute(device_map, prefix)), memory  # the plan's depth, reserve, execution
 
 
 def simulated_memory(

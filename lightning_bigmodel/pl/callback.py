@@ -22,7 +22,7 @@ from lightning_bigmodel.planning.device_map import (
 )
 from lightning_bigmodel.planning.budget import budget_sources, check_layer_fits, get_max_memory
 from lightning_bigmodel.planning.sizes import compute_buffer_sizes, compute_module_sizes
-from lightning_bigmodel.planning.devices import prefetch_depth_of
+from lightning_bigmodel.planning.devices import execution_device_of, planned_copy, prefetch_depth_of
 from lightning_bigmodel.planning.table import bytes_per_device, device_label, format_bytes, prefetch_line, render_table
 from lightning_bigmodel.pl._peaks import fitted_plan, simulated_memory
 
@@ -167,6 +167,10 @@ class DeviceMapCallback(Callback):
         prefetch_depth: offloaded layers the execution GPU holds at once under the plan (2, 1, or 0 when no
             offloaded layer computes on a GPU; for an explicit map, what ``prefetch`` says, else ``None``).
         reserve: bytes the plan keeps free on the execution device for offloaded layers and buffers.
+        execution_device: where the plan's offloaded layers compute: a GPU index, or ``"cpu"`` where room for them on a
+            GPU would leave a GPU without modules (see :func:`~lightning_bigmodel.infer_device_map`); ``None`` for an
+            explicit map (then the lowest GPU, as dispatch decides), unless it is a plan read back from a
+            ``device_map.json`` (:func:`~lightning_bigmodel.planning.devices.planned_from_json`).
     """
 
     def __init__(
@@ -203,6 +207,7 @@ class DeviceMapCallback(Callback):
         self.memory: Optional[dict[Union[int, str], dict[str, int]]] = None
         self.prefetch_depth: Optional[int] = None
         self.reserve = 0
+        self.execution_device: Optional[Union[int, str]] = None
         self._reconciled_with: Optional[int] = None  # id() of the strategy whose settings were merged in
 
     def _apply_settings(self, settings: Mapping[str, Any]) -> None:
@@ -260,8 +265,11 @@ class DeviceMapCallback(Callback):
         if self.max_new_tokens and self.input_shape is None:
             raise ValueError(f"`max_new_tokens={self.max_new_tokens}` needs `input_shape` (e.g. '4x2048') to plan for.")
         self.prefetch_depth, self.reserve = ({True: 2, False: 1}.get(self.prefetch), 0)  # an explicit map's
+        self.execution_device = None
         if isinstance(self.requested_map, Mapping):
             device_map = {key: normalize_device(value) for key, value in self.requested_map.items()}
+            if prefetch_depth_of(self.requested_map) is not None:  # a plan read back (planned_from_json): its facts
+                device_map = planned_copy(self.requested_map, device_map)
             check_device_map(pl_module, device_map)
             if self.input_shape is not None:
                 self.memory = simulated_memory(pl_module, device_map, self.input_shape, self.max_new_tokens,
@@ -284,9 +292,12 @@ class DeviceMapCallback(Callback):
                 prefetch=self.prefetch,
                 **quantized,
             )
-        if prefetch_depth_of(device_map) is not None:  # a plan: its depth and reserve (the dict below drops them)
+        if prefetch_depth_of(device_map) is not None:  # a plan: its depth, reserve and execution device, kept
             self.prefetch_depth, self.reserve = device_map.prefetch_depth, device_map.reserve
-        self.device_map = dict(device_map)
+            self.execution_device = execution_device_of(device_map)
+            self.device_map = planned_copy(device_map, device_map)
+        else:
+            self.device_map = dict(device_map)
         return self.device_map
 
     def _budget(self, gpus: list[int]) -> dict[Union[int, str], int]:
@@ -309,7 +320,7 @@ class DeviceMapCallback(Callback):
             raise RuntimeError("`DeviceMapCallback` has not planned yet: `render()` needs `plan()` first.")
         table = render_table(self.device_map, self.module_sizes, self.max_memory_bytes, self.budget_sources,
                              self.buffer_sizes)  # fmt: skip
-        return table + "\n" + prefetch_line(self.prefetch_depth, self.reserve, self.device_map)
+        return table + "\n" + prefetch_line(self.prefetch_depth, self.reserve, self.device_map, self.execution_device)
 
     def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.device_map is None:
@@ -336,6 +347,7 @@ class DeviceMapCallback(Callback):
             "max_memory_source": {device_label(key): value for key, value in self.budget_sources.items()},
             "prefetch_depth": self.prefetch_depth,  # offloaded layers on the execution GPU at once (see `prefetch`)
             "reserve_bytes": self.reserve,
+            "execution_device": self.execution_device,  # where offloaded layers compute: a GPU index or "cpu"
         }
         if self.memory is not None:  # the simulated run-time memory of a batch of `input_shape`
             from lightning_bigmodel.simulate.report import peaks_json

@@ -163,6 +163,7 @@ class BigModelInferenceStrategy(Strategy):
         self.plan: Optional[dict[str, Union[int, str]]] = None  # the device map of the current model
         self.loaded_from: Optional[str] = None  # the checkpoint the current model holds
         self._root_device: Optional[torch.device] = None
+        self._offload_device: Optional[torch.device] = None  # where offloaded entries compute (the plan's)
         self._prefetchers: Optional[list] = None  # of the dispatched model, found after loading (None: look again)
         self.prefetch_depth: Optional[int] = None  # the plan's (see DeviceMapCallback.prefetch_depth)
 
@@ -250,8 +251,12 @@ class BigModelInferenceStrategy(Strategy):
             budget = callback.max_memory_bytes
             self.loaded_from = None
         check_trainer_devices(self.plan, self, budget)  # before anything is loaded
-        if main_device is None:
+        if main_device is None:  # the plan's execution device (a GPU, or the CPU for a plan keeping no room on a GPU)
             main_device = execution_device(self.plan) if self.plan else torch.device("cpu")
+        self._offload_device = main_device  # where the dispatched "cpu"/"disk" entries compute
+        gpus = sorted(device for device in self.plan.values() if isinstance(device, int)) if self.plan else []
+        if main_device.type == "cpu" and gpus:  # CPU execution on a GPU Trainer: batches still start on a GPU
+            main_device = execution_device(dict(self.plan))
         self._root_device = main_device
         self.accelerator.setup_device(self._lightning_device(main_device))
         self.setup_precision_plugin()
@@ -307,7 +312,7 @@ class BigModelInferenceStrategy(Strategy):
             module,
             state_dict,
             self.plan,
-            main_device=self.root_device,
+            main_device=self._offload_device,
             dtype=self.dtype,
             offload_folder=self.offload_folder,
             offload_buffers=self.offload_buffers,
@@ -330,7 +335,7 @@ class BigModelInferenceStrategy(Strategy):
             loaded = self.load_checkpoint(self.checkpoint)
             self.load_model_state_dict(loaded, strict=module.strict_loading)
             return
-        load_into(module, None, self.plan or {}, main_device=self.root_device, offload_folder=self.offload_folder,
+        load_into(module, None, self.plan or {}, main_device=self._offload_device, offload_folder=self.offload_folder,
                   offload_buffers=self.offload_buffers, quantization=self.quantization,
                   prefetch=self._prefetch())  # fmt: skip
 

@@ -12,6 +12,14 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
+from lightning_bigmodel.planning._execution import (
+    Choice,
+    cpu_execution_line,
+    fill_empty_gpus,
+    fills_more_gpus,
+    leaves_gpu_empty,
+    two_slots_message,
+)
 from lightning_bigmodel.planning._groups import _Groups, _prefixes
 from lightning_bigmodel.planning._walk import _Pass
 from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS
@@ -50,12 +58,19 @@ class _Planner(_Groups):
         quantization=None,
         stream_reserve: bool = False,
         prefetch: Prefetch = "auto",
+        execution: str = "auto",
     ) -> None:
         self.prefetch = prefetch  # True: room for two offloaded layers, False: one, "auto": two where they fit
+        self.execution = execution  # where offloaded layers compute: "gpu", "cpu", or "auto" (see `plan`)
         self.depth, self.need = 0, 0  # of the last plan: prefetch depth (0: nothing offloaded to a GPU) and reserve
+        self.exec_device: Device = "cpu"  # of the last plan: where its offloaded layers execute
+        self.has_gpu = self.cpu_exec = False  # cpu_exec: planning the CPU-execution plan (see `plan_cpu`)
+        self.note: Optional[str] = None
         self.stream_reserve = stream_reserve  # CPU execution: keep room for the disk stream (detected budgets only)
         self.modules = dict(model.named_modules(remove_duplicate=False))
         method, skip = quantization or (None, None)
+        # int4 has no CPU kernel (see integrations/quantization/torchao.py): its offloaded layers execute on a GPU
+        self.cpu_kernels = getattr(method, "method", method) != "int4"
         self.sizes = compute_module_sizes(model, dtype, quantization=method, quantization_skip_modules=skip)
         self.buffer_sizes = _prefix_sizes(model.named_buffers(), dtype)
         self.no_split = set(no_split or ())
@@ -80,6 +95,11 @@ class _Planner(_Groups):
         if name not in self.member_cache:
             self.member_cache[name] = _members(self.modules, name)
         return self.member_cache[name]
+
+    @property
+    def gpu_exec(self) -> bool:
+        """Whether offloaded ("cpu"/"disk") entries of the plan being made compute on a GPU."""
+        return self.has_gpu and not self.cpu_exec
 
     def splittable(self, name: str) -> bool:
         module = self.modules.get(name)
@@ -110,34 +130,62 @@ class _Planner(_Groups):
         return max([(direct, name)] + [self.largest(m) for m in members if m in self.modules])
 
     def plan(self, budgets: dict[Device, float], balanced: bool, low_0: bool) -> DeviceMap:
-        """The plan under ``budgets`` and its prefetch depth (:attr:`depth`): with room for two offloaded layers on the
-        execution GPU (compute one, prefetch the next) unless that costs the GPUs more than one offloaded layer against
-        the plan with room for one (fetch, compute, free), or leaves a GPU empty that the one-slot plan uses. An
-        explicit ``prefetch`` keeps that depth: False one layer; True two, raising when they leave a GPU empty that the
-        one-slot plan uses."""
+        """The plan under ``budgets``, its prefetch depth (:attr:`depth`), reserve (:attr:`need`) and the device its
+        offloaded layers execute on (:attr:`exec_device`).
+
+        GPU execution (the lowest GPU of the plan; see :meth:`plan_gpu`) unless ``execution="cpu"``, or, under
+        ``"auto"`` (with ``prefetch`` not ``True``, and not int4, which has no CPU kernel), it leaves a budgeted GPU without modules that the CPU-execution
+        plan (:meth:`plan_cpu`: no reserve on any GPU) fills; :attr:`note` then says why, and the fix."""
         self.has_gpu = any(isinstance(device, int) and budget > 0 for device, budget in budgets.items())
         self.short: dict[int, tuple[Device, int]] = {}
-        two = self.plan_slots(budgets, balanced, low_0, 2) if self.prefetch is not False or not self.has_gpu else None
-        nothing_offloaded = two is not None and not self._offloaded(two)  # then one slot changes nothing
-        one = self.plan_slots(budgets, balanced, low_0, 1) if self.has_gpu and not nothing_offloaded else two
-        if two is not None and (not self.has_gpu or not self._two_costs_the_gpus(two, one, self.prefetch is True)):
-            raw, slots = two, 2
-        elif self.prefetch is True:
-            raise ValueError(self._two_slots_message(budgets, one))
-        else:
-            raw, slots = one, 1
-        if slots in self.short:
-            exec_device, need = self.short[slots]
+        self.note: Optional[str] = None
+        choice = None if self.has_gpu and self.execution == "cpu" else self.plan_gpu(budgets, balanced, low_0)
+        if choice is None or (self.execution == "auto" and self.prefetch is not True and self.has_gpu
+                              and self.cpu_kernels and leaves_gpu_empty(self, choice.raw, budgets)):  # fmt: skip
+            cpu = self.plan_cpu(budgets, balanced, low_0)
+            if choice is None or fills_more_gpus(cpu.raw, choice.raw):
+                self.note = None if choice is None else cpu_execution_line(self, cpu.raw, choice.raw, budgets)
+                choice = cpu
+        if choice.short is not None:
+            exec_device, need = choice.short
             warnings.warn(
                 f"The device map leaves too little room on the execution device {exec_device!r} for the largest "
                 f"offloaded layer and the offloaded buffers ({need} bytes): running it may go out of memory. Raise "
                 "that device's `max_memory`, or list fewer/smaller classes in `no_split_module_classes`.",
                 stacklevel=4,
             )
-        self.need = self._reserve(raw, slots)[0]
+        self.depth, self.need, self.exec_device = choice.depth, choice.need, choice.device
+        return choice.raw
+
+    def plan_gpu(self, budgets: dict[Device, float], balanced: bool, low_0: bool) -> Choice:
+        """The plan whose offloaded layers execute on its lowest GPU: with room for two of them there (compute one,
+        prefetch the next) unless that costs the GPUs more than one offloaded layer against the plan with room for
+        one (fetch, compute, free), or leaves a GPU empty that the one-slot plan uses. An explicit ``prefetch`` keeps
+        that depth: False one layer; True two, raising when they leave a GPU empty that the one-slot plan uses."""
+        two = self.plan_slots(budgets, balanced, low_0, 2) if self.prefetch is not False or not self.has_gpu else None
+        nothing_offloaded = two is not None and not self._offloaded(two)  # then one slot changes nothing
+        one = self.plan_slots(budgets, balanced, low_0, 1) if self.has_gpu and not nothing_offloaded else two
+        if two is not None and (not self.has_gpu or not self._two_costs_the_gpus(two, one, self.prefetch is True)):
+            raw, slots = two, 2
+        elif self.prefetch is True:
+            raise ValueError(two_slots_message(self, budgets, one))
+        else:
+            raw, slots = one, 1
+        need, exec_device = self._reserve(raw, slots)
         on_gpu = any(isinstance(device, int) for device in raw.values())
-        self.depth = slots if self._offloaded(raw) and on_gpu else 0
-        return raw
+        return Choice(raw, slots if self._offloaded(raw) and on_gpu else 0, need, exec_device, self.short.get(slots))
+
+    def plan_cpu(self, budgets: dict[Device, float], balanced: bool, low_0: bool) -> Choice:
+        """The plan whose offloaded layers execute on the CPU: "cpu" entries compute in place, "disk" ones are streamed
+        to the CPU (as on a machine without GPUs), so the GPUs keep no reserve and hold modules up to their budgets;
+        the CPU keeps the disk stream's room (``stream_reserve``) and the buffers of "disk" entries."""
+        self.cpu_exec = True
+        try:
+            raw = fill_empty_gpus(self, self.plan_in_order(budgets, balanced, low_0, 0), budgets)
+            need = self._reserve(raw, 0)[0]
+        finally:
+            self.cpu_exec = False
+        return Choice(raw, 0, need, "cpu", self.short.get(0))
 
     def plan_slots(self, budgets: dict[Device, float], balanced: bool, low_0: bool, slots: int) -> DeviceMap:
         """The in-order plan with room for ``slots`` offloaded layers; when it leaves a budgeted GPU empty while it
@@ -169,21 +217,6 @@ class _Planner(_Groups):
             return False
         layers = self._offloaded_units(two, whole=True)  # buffers included
         return sum(held_one.values()) - sum(held_two.values()) > max(layers, default=0)
-
-    def _two_slots_message(self, budgets: Mapping[Device, float], one: DeviceMap) -> str:
-        """Why two slots do not fit, from the plan with one slot (the one that uses the GPUs)."""
-        held = self.gpu_bytes(one)
-        gpu = min(held) if held else min(d for d, b in budgets.items() if isinstance(d, int) and b > 0)
-        units = sorted(self._offloaded_units(one), reverse=True)[:2]
-        buffers = 0 if self.offload_buffers else sum(self.buffer_sizes.get(n, 0) for n in self._offloaded(one))
-        need = sum(units) + buffers
-        return (
-            f"`prefetch=True` needs room for two offloaded layers on the execution GPU {gpu}: {need} bytes (layers of "
-            f"{' and '.join(map(str, units))} bytes, offloaded buffers {buffers}), beside the {held.get(gpu, 0)} bytes of "
-            f"modules it holds with room for one; `max_memory[{gpu}]` is {int(budgets[gpu])} bytes, and keeping the "
-            "second layer's room leaves a GPU empty that the one-layer plan uses. Raise that budget, or pass "
-            '`prefetch="auto"` (one layer where two do not fit) or `prefetch=False`.'
-        )
 
     def plan_in_order(self, budgets: dict[Device, float], balanced: bool, low_0: bool, slots: int = 2) -> DeviceMap:
         """Greedy passes in module order, raising the reserve on the execution device until the plan keeps it."""
@@ -240,13 +273,13 @@ class _Planner(_Groups):
 
     def cost(self, name: str, device: Device) -> int:
         """Bytes ``name`` takes on ``device``: buffers of offloaded modules stay on the execution device."""
-        offloaded = device == "disk" or (device == "cpu" and self.has_gpu)
+        offloaded = device == "disk" or (device == "cpu" and self.gpu_exec)
         if offloaded and not self.offload_buffers:
             return self.sizes.get(name, 0) - self.buffer_sizes.get(name, 0)
         return self.sizes.get(name, 0)
 
     def _offloaded(self, raw: DeviceMap) -> list[str]:
-        return [name for name, device in raw.items() if device == "disk" or (device == "cpu" and self.has_gpu)]
+        return [name for name, device in raw.items() if device == "disk" or (device == "cpu" and self.gpu_exec)]
 
     def _offloaded_units(self, raw: DeviceMap, whole: bool = False) -> list[int]:
         """The pieces of the offloaded entries brought in at once (:meth:`unit`; ``whole``: buffers included); keys
@@ -263,9 +296,9 @@ class _Planner(_Groups):
     def _reserve(self, raw: DeviceMap, slots: int = 2) -> tuple[int, Device]:
         """Bytes the execution device needs beside its own modules: on a GPU the ``slots`` largest offloaded layers (two:
         the prefetcher keeps the layer computing and the next one resident; one: fetch, compute, free); on the CPU, when
-        the budget was detected (``stream_reserve``), the disk stream (the largest layer plus ``READ_AHEAD_LAYERS`` read
+        the budget was detected (``stream_reserve``; also under CPU execution), the disk stream (the largest layer plus ``READ_AHEAD_LAYERS`` read
         ahead); and offloaded buffers, once (the layers are counted without them when buffers stay resident)."""
-        gpus = [device for device in raw.values() if isinstance(device, int)]
+        gpus = [device for device in raw.values() if isinstance(device, int)] if self.gpu_exec else []
         exec_device: Device = min(gpus) if gpus else "cpu"
         offloaded = self._offloaded(raw)
         units = sorted(self._offloaded_units(raw), reverse=True)

@@ -22,6 +22,7 @@ from lightning_bigmodel.planning.devices import (
     DeviceMap,
     PlannedDeviceMap,
     execution_device,
+    execution_device_of,
     normalize_device,
     prefetch_depth_of,
 )
@@ -188,11 +189,17 @@ class DeviceMapPlanner:
         raw = self._planner.plan(dict(budgets), balanced=policy != "sequential", low_0=policy == "balanced_low_0")
         planned = PlannedDeviceMap(clean_device_map(self.model, raw))
         planned.prefetch_depth, planned.reserve = self._planner.depth, self._planner.need
+        planned.execution_device = self._planner.exec_device
         return planned
 
     def report_empty_gpus(self, device_map: Mapping[str, Device], budgets: Mapping[Device, float]) -> None:
-        """Log one line per budgeted GPU that ``device_map`` leaves empty while it offloads weights."""
-        for line in empty_gpu_lines(self._planner, device_map, budgets, getattr(device_map, "reserve", 0)):
+        """Log one line per budgeted GPU that ``device_map`` leaves empty while it offloads weights, and one saying why
+        the offloaded layers run on the CPU when the plan chose that (the last plan made)."""
+        on_cpu = execution_device_of(device_map) == "cpu"
+        if on_cpu and self._planner.note:
+            _log.warning(self._planner.note)
+        reserve = 0 if on_cpu else getattr(device_map, "reserve", 0)  # a CPU execution keeps no room on a GPU
+        for line in empty_gpu_lines(self._planner, device_map, budgets, reserve):
             _log.warning(line)
 
 
@@ -282,7 +289,7 @@ class CheckedDeviceMap(dict):
     type and skip the checks, so a map is validated once per call chain.
     """
 
-    __slots__ = ("_model", "prefetch_depth")  # prefetch_depth: the planned map's, when it came from the planner
+    __slots__ = ("_model", "prefetch_depth", "execution_device")  # the planned map's, when it came from the planner
 
 
 def checked_device_map(model: nn.Module, device_map: Mapping[str, Device]) -> CheckedDeviceMap:
@@ -299,7 +306,9 @@ def checked_device_map(model: nn.Module, device_map: Mapping[str, Device]) -> Ch
     check_devices_exist(device_map)
     checked = CheckedDeviceMap((key, normalize_device(value)) for key, value in device_map.items())
     checked._model = weakref.ref(model)
-    depth = prefetch_depth_of(device_map)
+    depth, where = prefetch_depth_of(device_map), execution_device_of(device_map)
     if depth is not None:
         checked.prefetch_depth = depth
+    if where is not None:
+        checked.execution_device = where
     return checked

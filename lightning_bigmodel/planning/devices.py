@@ -76,7 +76,11 @@ def as_execution_device(value: Union[Device, torch.device]) -> torch.device:
 
 
 def execution_device(device_map: Mapping[str, Device]) -> torch.device:
-    """Where offloaded ("cpu"/"disk") modules compute: the lowest GPU in the map, else CPU."""
+    """Where offloaded ("cpu"/"disk") modules compute: the device a planned map records (see
+    :class:`PlannedDeviceMap`), else the lowest GPU in the map, else CPU."""
+    recorded = execution_device_of(device_map)
+    if recorded is not None:
+        return torch.device("cpu") if recorded == "cpu" else gpu(recorded)  # type: ignore[arg-type]
     gpus = [device for device in map(normalize_device, device_map.values()) if isinstance(device, int)]
     return gpu(min(gpus)) if gpus else torch.device("cpu")
 
@@ -91,16 +95,61 @@ class PlannedDeviceMap(dict):
             follows it.
         reserve: bytes kept free on the execution device beside its modules (offloaded layers, offloaded buffers, or
             the disk stream on a CPU execution device).
+        execution_device: where the offloaded ("cpu"/"disk") entries compute: a GPU index (the lowest GPU of the
+            map, which keeps the room for them), or ``"cpu"``: "cpu" entries compute in place and "disk" ones are
+            streamed to the CPU, so the GPUs keep no room for offloaded layers (chosen where that room would leave a
+            GPU without modules). ``None`` only on a map made by hand.
 
-    A plain ``dict(...)`` copy drops them; :func:`prefetch_depth_of` reads them from any map (``None`` for a hand-made
-    one).
+    A plain ``dict(...)`` copy drops them; :func:`prefetch_depth_of` and :func:`execution_device_of` read them from any
+    map (``None`` for a hand-made one).
     """
 
     prefetch_depth: int = 0
     reserve: int = 0
+    execution_device: Optional[Device] = None
 
 
 def prefetch_depth_of(device_map: Mapping[str, Device]) -> Optional[int]:
     """The prefetch depth a planned map records (see :class:`PlannedDeviceMap`), ``None`` for a map made by hand."""
     depth = getattr(device_map, "prefetch_depth", None)
     return depth if isinstance(depth, int) else None
+
+
+def execution_device_of(device_map: Mapping[str, Device]) -> Optional[Device]:
+    """The execution device a planned map records (a GPU index or ``"cpu"``; see :class:`PlannedDeviceMap`), ``None``
+    for a map made by hand."""
+    device = getattr(device_map, "execution_device", None)
+    return device if device == "cpu" or (isinstance(device, int) and not isinstance(device, bool)) else None
+
+
+def planned_copy(source: Mapping[str, Device], entries: Mapping[str, Device]) -> PlannedDeviceMap:
+    """``entries`` as a :class:`PlannedDeviceMap` carrying the plan facts of ``source`` (its prefetch depth, reserve
+    and execution device), e.g. the same plan with its keys made absolute."""
+    planned = PlannedDeviceMap(entries)
+    planned.prefetch_depth = getattr(source, "prefetch_depth", 0)
+    planned.reserve = getattr(source, "reserve", 0)
+    planned.execution_device = execution_device_of(source)
+    return planned
+
+
+def planned_from_json(payload: Mapping[str, object]) -> PlannedDeviceMap:
+    """The plan a ``device_map.json`` holds (written by :class:`~lightning_bigmodel.DeviceMapCallback`), with its
+    prefetch depth, reserve and execution device, so that dispatching it runs as planned.
+
+    Raises:
+        ValueError: when ``payload`` has no ``device_map`` object, or an ``execution_device`` that is neither a GPU
+            index nor ``"cpu"``.
+    """
+    entries = payload.get("device_map")
+    if not isinstance(entries, Mapping):
+        raise ValueError("The device-map JSON has no `device_map` object; pass the contents of a device_map.json.")
+    planned = PlannedDeviceMap((key, normalize_device(value)) for key, value in entries.items())
+    planned.prefetch_depth = int(payload.get("prefetch_depth") or 0)  # type: ignore[arg-type]
+    planned.reserve = int(payload.get("reserve_bytes") or 0)  # type: ignore[arg-type]
+    where = payload.get("execution_device")
+    if where is not None:
+        device = normalize_device(where)  # type: ignore[arg-type]
+        if device == "disk":
+            raise ValueError(f"`execution_device` {where!r} in the device-map JSON is not a device that computes.")
+        planned.execution_device = device
+    return planned

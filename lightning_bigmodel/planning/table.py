@@ -74,12 +74,13 @@ def bytes_per_device(device_map: Mapping[str, Device], module_sizes: Mapping[str
 def moved_buffers(device_map: Mapping[str, Device], buffer_sizes: Mapping[str, int]) -> dict[str, int]:
     """Bytes of buffers that run elsewhere than their map entry says, by :func:`device_label`: with
     ``offload_buffers=False`` the buffers of offloaded entries (``"disk"``, and ``"cpu"`` when GPUs are used) stay on
-    the execution device (the lowest GPU, else cpu): positive there, negative where the entries are."""
+    the execution device (the one a planned map records, else the lowest GPU, else cpu): positive there, negative where
+    the entries are. Under CPU execution only "disk" entries are offloaded."""
     gpus = [device for device in device_map.values() if isinstance(device, int)]
-    execution = device_label(min(gpus)) if gpus else "cpu"
+    execution = device_label(_execution_of(device_map))
     moved: dict[str, int] = {}
     for key, device in device_map.items():
-        offloaded = device == "disk" or (device == "cpu" and gpus)
+        offloaded = device == "disk" or (device == "cpu" and execution != "cpu")
         nbytes = int(buffer_sizes.get(key, 0))
         if offloaded and nbytes and device_label(device) != execution:
             moved[device_label(device)] = moved.get(device_label(device), 0) - nbytes
@@ -134,12 +135,37 @@ def render_table(
     return "\n".join(lines)
 
 
-def prefetch_line(depth: Optional[int], reserve: int, device_map: Mapping[str, Device]) -> str:
-    """The plan's prefetch depth as one line under the table: how many offloaded layers the execution GPU holds at once,
-    and the room kept for them."""
+def _execution_of(device_map: Mapping[str, Device], execution: Optional[Device] = None) -> Device:
+    """``execution``, else the execution device a planned map records (its ``execution_device``), else the lowest GPU
+    of the map, else ``"cpu"``."""
+    recorded = execution if execution is not None else getattr(device_map, "execution_device", None)
+    if recorded is not None:
+        return recorded
     gpus = [device for device in device_map.values() if isinstance(device, int)]
-    where = device_label(min(gpus)) if gpus else "cpu"
+    return min(gpus) if gpus else "cpu"
+
+
+def prefetch_line(
+    depth: Optional[int], reserve: int, device_map: Mapping[str, Device], execution: Optional[Device] = None
+) -> str:
+    """Where the plan's offloaded layers compute (one ``execution:`` line, when something is offloaded), then its
+    prefetch depth: how many offloaded layers the execution GPU holds at once, and the room kept for them.
+    ``execution``: the plan's execution device (default: the one ``device_map`` records, else its lowest GPU)."""
+    where = device_label(_execution_of(device_map, execution))
     kept = f", {format_bytes(reserve)} kept free on {where} for offloaded layers and buffers" if reserve else ""
+    offloaded = any(device in ("cpu", "disk") for device in device_map.values())
+    gpus = any(isinstance(device, int) for device in device_map.values())
+    if offloaded and where == "cpu" and gpus:
+        return (
+            'execution: offloaded layers compute on the cpu ("cpu" entries in place, "disk" ones streamed to it); the '
+            "GPUs keep no room for them\n" + f"prefetch: none (no offloaded layer computes on a GPU){kept}"
+        )
+    if offloaded and gpus:
+        return f"execution: offloaded layers compute on {where}\n" + _depth_line(depth, where, kept)
+    return _depth_line(depth, where, kept)
+
+
+def _depth_line(depth: Optional[int], where: str, kept: str) -> str:
     if depth == 2:
         return f"prefetch: 2 offloaded layers on {where} (one computes while the next is copied in){kept}"
     if depth == 1:

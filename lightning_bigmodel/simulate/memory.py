@@ -107,7 +107,7 @@ def simulate_memory(
     check_device_map(model, device_map)
     normalized = {key: normalize_device(value) for key, value in device_map.items()}
     inputs = _as_tuple(example_inputs)
-    main = execution_device(normalized)
+    main = execution_device(device_map)  # the planned execution device (a GPU, or the CPU), else the lowest GPU
     live = LiveBytes()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with _slots_restored(model), ExitStack() as stack:

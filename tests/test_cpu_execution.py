@@ -1,0 +1,185 @@
+"""Plans whose offloaded layers execute on the CPU: where room for one offloaded layer on a GPU would leave a GPU without
+modules, "cpu" entries compute in place and "disk" ones stream to the CPU, so every GPU holds modules up to its budget.
+Each plan is dispatched on simulated GPUs and compared with the same model run plainly on the CPU."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from benchmarks.placement import BUDGETS, MODELS, MoE, model_bytes
+from examples.gpt import GPT, GPTConfig
+from lightning_bigmodel import dispatch_model, infer_device_map, init_empty_weights, load_checkpoint_and_dispatch
+from lightning_bigmodel.checkpoint.writer import save_sharded_checkpoint
+from lightning_bigmodel.planning.devices import planned_from_json
+from lightning_bigmodel.planning.table import prefetch_line
+from lightning_bigmodel.simulate import simulated_gpus
+
+POLICIES = ["auto", "balanced", "balanced_low_0", "sequential"]
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="the simulation shadows CUDA for the rest of the process")
+
+
+def _gpt() -> GPT:
+    config = GPTConfig.preset("small")
+    config.vocab_size, config.tie_weights = 2048, False
+    return GPT(config).eval()
+
+
+CASES = {  # name -> (model factory, no-split classes, budget name of the placement table, input)
+    "gpt-untied-uneven": (_gpt, ["Block"], "uneven", lambda: torch.randint(0, 2048, (2, 7))),
+    "moe-tight": (lambda: MoE().eval(), ["MoEBlock"], "tight", lambda: torch.randint(0, 2048, (2, 5))),
+}
+
+
+def _budget(model, name: str) -> dict:
+    return {device: int(fraction * model_bytes(model)) for device, fraction in BUDGETS[name].items()}
+
+
+@no_cuda
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("case", CASES)
+def test_a_cpu_execution_plan_fills_every_gpu_stays_within_budget_and_runs_like_the_plain_model(case, policy, tmp_path):
+    make, no_split, budget_name, inputs = CASES[case]
+    torch.manual_seed(0)
+    plain = make()
+    budget = _budget(plain, budget_name)
+    with torch.device("meta"):
+        device_map = infer_device_map(make(), budget, no_split_module_classes=no_split, policy=policy)
+    gpus = [device for device in budget if isinstance(device, int)]
+    assert device_map.execution_device == "cpu" and device_map.prefetch_depth == 0, device_map
+    assert set(gpus) <= set(device_map.values()), device_map  # every GPU holds modules (the GPU plan left one empty)
+    ids = inputs()
+    with torch.no_grad():
+        expected = plain(ids)
+    with simulated_gpus(len(gpus)) as simulated:
+        model = make()
+        model.load_state_dict(plain.state_dict())
+        dispatch_model(model, device_map, offload_folder=tmp_path / "offload")
+        assert model._bigmodel_dispatch.main_device == torch.device("cpu")
+        resident = {gpu: simulated.memory_allocated(gpu) for gpu in gpus}
+        assert all(resident[gpu] > 0 for gpu in gpus), resident
+        with torch.no_grad():
+            got = model(ids).cpu()
+        peaks = {gpu: simulated.max_memory_allocated(gpu) for gpu in gpus}
+    torch.testing.assert_close(got, expected)
+    # each GPU holds its modules and its activations, never an offloaded layer: well within its budget
+    assert all(peaks[gpu] <= budget[gpu] for gpu in gpus), (peaks, budget)
+
+
+def test_the_choice_of_cpu_execution_is_logged_with_the_gpu_the_room_and_the_budget_that_would_keep_it(caplog):
+    make, no_split, budget_name, _ = CASES["moe-tight"]
+    with torch.device("meta"):
+        model = make()
+    budget = _budget(model, budget_name)
+    with caplog.at_level(logging.WARNING, logger="lightning_bigmodel.planning"):
+        device_map = infer_device_map(model, budget, no_split_module_classes=no_split)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lightning_bigmodel.planning"]
+    assert len(lines) == 1, lines
+    # by hand: GPU 0 holds the embedding (2048 x 64 floats); one offloaded layer is one MoEBlock (router and 8 MLPs)
+    block = 64 * 8 * 4 + 8 * ((64 * 256 + 256 + 256 * 64 + 64) * 4)
+    embedding = 2048 * 64 * 4
+    assert device_map.execution_device == "cpu" and {0, 1, 2} <= set(device_map.values()), device_map
+    assert lines[0].startswith("Offloaded layers run on the CPU: executing them on GPU 0 needs room there for one "
+                               f"offloaded layer and the offloaded buffers (") and f"{block} bytes)" in lines[0], lines[0]
+    assert f"raise `max_memory[0]` to at least {embedding + block} bytes (now {budget[0]}" in lines[0], lines[0]
+    # that budget is enough: the offloaded layers then execute on GPU 0, and every GPU still holds modules
+    raised = infer_device_map(model, {**budget, 0: embedding + block}, no_split_module_classes=no_split)
+    assert raised.execution_device == 0 and {0, 1, 2} <= set(raised.values()), raised
+
+
+def test_gpu_execution_is_kept_where_it_leaves_no_gpu_empty():
+    make, no_split = MODELS["nested-split"]
+    model = make()
+    budget = {device: int(fraction * model_bytes(model)) for device, fraction in BUDGETS["tight"].items()}
+    device_map = infer_device_map(model, budget, no_split_module_classes=no_split)
+    assert device_map.execution_device == 0 and device_map.prefetch_depth == 2, device_map
+    assert "execution: offloaded layers compute on cuda:0" in prefetch_line(2, device_map.reserve, device_map)
+
+
+def test_int4_plans_keep_gpu_execution_it_has_no_cpu_kernel():
+    pytest.importorskip("torchao")
+    with torch.device("meta"):
+        model = MoE()
+    budget = _budget(model, "tight")
+    plain = infer_device_map(model, budget, no_split_module_classes=["MoEBlock"])
+    int4 = infer_device_map(model, budget, no_split_module_classes=["MoEBlock"], quantization="int4")
+    assert plain.execution_device == "cpu" and {0, 1, 2} <= set(plain.values()), plain
+    on_gpus = any(isinstance(device, int) for device in int4.values())
+    assert not (on_gpus and int4.execution_device == "cpu"), int4  # GPU execution (here: no GPU can hold a module)
+
+
+@no_cuda
+def test_the_trainer_runs_a_cpu_execution_plan_and_device_map_json_round_trips_it(tmp_path, caplog):
+    """Two simulated GPUs where a block does not fit beside GPU 0's embeddings: the offloaded blocks compute on the CPU,
+    the table and device_map.json say so, and the plan read back from the JSON dispatches the same way."""
+    import lightning.pytorch as pl
+
+    from lightning_bigmodel import BigModelInferenceStrategy, DeviceMapCallback
+    from lightning_models import GPTModule, plain_gpt, reference_outputs, token_loader, write_bare_checkpoint
+
+    checkpoint = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt())
+    budget = {0: 60_000, 1: 20_000, "cpu": 10**6}
+    with simulated_gpus(2):
+        strategy = BigModelInferenceStrategy(max_memory=budget, no_split_module_classes=["Block"])
+        callback = DeviceMapCallback()
+        trainer = pl.Trainer(accelerator="gpu", devices=2, strategy=strategy, callbacks=[callback], logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+        module = GPTModule()
+        with caplog.at_level(logging.INFO):
+            outputs = trainer.predict(module, token_loader(), ckpt_path=str(checkpoint))
+        assert {0, 1, "cpu"} <= set(callback.device_map.values()), callback.device_map
+        assert callback.execution_device == "cpu" and callback.prefetch_depth == 0
+        assert module.model._bigmodel_dispatch.main_device == torch.device("cpu")
+    assert "execution: offloaded layers compute on the cpu" in caplog.text
+    for got, want in zip(outputs, reference_outputs(), strict=True):
+        torch.testing.assert_close(got, want)
+    written = json.loads((tmp_path / "device_map.json").read_text())
+    assert written["execution_device"] == "cpu" and written["prefetch_depth"] == 0
+    planned = planned_from_json(written)
+    assert planned.execution_device == "cpu" and planned.reserve == written["reserve_bytes"]
+    network = {key.removeprefix("model."): device for key, device in planned.items()}
+    reread = planned_from_json({**written, "device_map": network})
+    with simulated_gpus(2):
+        with init_empty_weights():
+            model = GPT(GPTConfig.preset("tiny")).eval()
+        load_checkpoint_and_dispatch(model, checkpoint, device_map=reread)
+        assert model._bigmodel_dispatch.main_device == torch.device("cpu")
+        ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            got = model(ids).cpu()
+    with torch.no_grad():
+        torch.testing.assert_close(got, plain_gpt()(ids))
+
+
+def test_a_device_map_json_with_an_execution_device_that_computes_nothing_is_refused():
+    with pytest.raises(ValueError, match=r"`execution_device` 'disk' in the device-map JSON is not a device that"):
+        planned_from_json({"device_map": {"": "cpu"}, "execution_device": "disk"})
+    with pytest.raises(ValueError, match="has no `device_map` object"):
+        planned_from_json({"map": {}})
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cpu_execution_plan_on_a_real_gpu_runs_like_the_plain_model(tmp_path):
+    make, no_split, _, inputs = CASES["moe-tight"]
+    torch.manual_seed(0)
+    plain = make()
+    budget = {0: 700_000, "cpu": 10**8}  # the embedding (524 kB) fits, and so would a block (530 kB), not both
+    with torch.device("meta"):
+        device_map = infer_device_map(make(), budget, no_split_module_classes=no_split)
+    assert device_map.execution_device == "cpu" and 0 in device_map.values(), device_map
+    folder = save_sharded_checkpoint(plain, tmp_path / "ckpt", max_shard_size="1MB")
+    ids = inputs()
+    with torch.no_grad():
+        expected = plain(ids)
+    with torch.device("meta"):
+        model = make()
+    load_checkpoint_and_dispatch(model, folder, device_map=device_map, offload_folder=tmp_path / "offload")
+    assert model._bigmodel_dispatch.main_device == torch.device("cpu")
+    assert torch.cuda.memory_allocated(0) <= budget[0]
+    with torch.no_grad():
+        got = model(ids.cuda()).cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
