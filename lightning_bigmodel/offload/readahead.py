@@ -106,7 +106,9 @@ class ReadAhead:
         self._generation = 0
         self._kept: set[str] = set()  # units whose file ranges stay in the page cache
         self._kept_parts: set[int] = set()  # their tensors (data pointers of the file views)
-        self._owned: dict[str, torch.Tensor] = {}  # without release: each unit's bytes, read once and kept
+        self._owned: dict[str, list[tuple[str, nn.Parameter]]] = {}  # without release: parameters read once, kept
+        self._owned_params: dict[int, nn.Parameter] = {}  # by id of the disk parameter (tied ones are one)
+        self._owning = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self.reads = 0  # units read from disk (tests and benchmarks)
@@ -141,21 +143,25 @@ class ReadAhead:
 
     # ------------------------------------------------------------------ the compute thread
     def before(self, name: str) -> None:
-        """Install ``name``'s weights: kept, read ahead (waiting for the read if it is in flight), or read now."""
+        """Install ``name``'s weights: owned, read ahead (waiting for the read if it is in flight), or read now."""
         unit, me = self._units[name], threading.get_ident()
+        if self._recording:
+            with self._cond:
+                if self._recording and self._recorder in (None, me):
+                    self._recorder = me
+                    self._order.append(name)
+        if not self.release:  # memory to spare: read once into memory of its own, then only installed
+            owned = self._owned.get(name) or self._own(name)
+            for attr, param in owned:
+                unit.module._parameters[attr] = param
+            return
         with self._cond:
-            if self._recording and self._recorder in (None, me):
-                self._recorder = me
-                self._order.append(name)
-            buffer, pooled, error = self._owned.get(name), False, None
-            read_here = owning = buffer is None and not self.release
-            if owning:  # memory to spare: read once into memory of its own, never again
-                buffer = torch.empty(unit.layout.nbytes, dtype=torch.uint8)
-            elif buffer is None and not self._recording and name in self._position:
+            buffer, pooled, error = None, False, None
+            if not self._recording and name in self._position:
                 buffer, pooled, error = self._await(name)
-            if buffer is None:  # the first forward, or out of order: read it here
+            read_here = buffer is None
+            if read_here:  # the first forward, or out of order: read it here
                 buffer, pooled = self._take_slot(name)
-                read_here = True
             self._in_use.setdefault((name, me), []).append((buffer, pooled))
         try:
             if error is not None:
@@ -163,20 +169,37 @@ class ReadAhead:
             if read_here:
                 unit.layout.read_into(buffer, self._release(name))
                 self.reads += 1
-                if owning:
-                    self._owned[name] = buffer
         except BaseException:
             self._give_back(name, me, None)
             raise
         for attr, param in unit.params:
             unit.module._parameters[attr] = nn.Parameter(unit.layout.rebuild(buffer, param), requires_grad=False)
 
+    def _own(self, name: str) -> list[tuple[str, nn.Parameter]]:
+        """Read ``name`` into memory of its own, once (a second thread waits for the first one's read); a parameter
+        tied to one already owned (``lm_head`` and ``wte``) is that one: read once, held once."""
+        unit = self._units[name]
+        with self._owning:
+            owned = self._owned.get(name)
+            if owned is None:
+                missing = [(attr, p) for attr, p in unit.params if id(p) not in self._owned_params]
+                if missing:
+                    layout = Layout([(f"{name}.{a}", part) for a, p in missing for part in plain_parts(p)])
+                    buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
+                    layout.read_into(buffer, False)
+                    self.reads += 1
+                    for _, p in missing:
+                        self._owned_params[id(p)] = nn.Parameter(layout.rebuild(buffer, p), requires_grad=False)
+                owned = self._owned[name] = [(attr, self._owned_params[id(p)]) for attr, p in unit.params]
+            return owned
+
     def after(self, name: str, output: Any = None) -> None:
         """Put the file views back and free the buffer (kept when ``output`` is a view of it)."""
         unit = self._units[name]
         for attr, param in unit.params:
             unit.module._parameters[attr] = param
-        self._give_back(name, threading.get_ident(), output)
+        if self.release:
+            self._give_back(name, threading.get_ident(), output)
 
     def _give_back(self, name: str, me: int, output: Any) -> None:
         with self._cond:
@@ -295,7 +318,8 @@ class ReadAhead:
                 self._kept_parts = {ptr for name in self._kept for ptr in self._units[name].layout.places}
             self._cursor = 0
             self._recording = False
-            self._start()
+            if self.release:  # memory to spare: every unit is read once and owned, no reader (it would only be woken)
+                self._start()
             self._cond.notify_all()
 
     def _choose_kept(self) -> set[str]:
@@ -326,6 +350,7 @@ class ReadAhead:
             self._ready.clear()
             self._free.clear()
             self._owned.clear()
+            self._owned_params.clear()
 
 
 def _escapes(output: Any, buffer: torch.Tensor) -> bool:

@@ -1,0 +1,75 @@
+"""The disk stream's scheduling: what is read, how often, and by which thread (no timing, no page-out advice)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from examples.gpt import GPT, GPTConfig
+from lightning_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
+from lightning_bigmodel.offload import attach
+from lightning_bigmodel.offload.placement import is_disk
+from lightning_bigmodel.offload.readahead import ReadAhead
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="preadv/posix_fadvise are Linux calls")
+
+CONFIG = GPTConfig(vocab_size=512, block_size=32, n_layer=3, n_head=4, n_embd=128)
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path):
+    torch.manual_seed(0)
+    model = GPT(CONFIG).eval()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: saved once
+    save_file(state, str(tmp_path / "model.safetensors"))
+    return model, tmp_path / "model.safetensors"
+
+
+def _on_disk(path: Path, monkeypatch, release: bool) -> tuple[torch.nn.Module, ReadAhead]:
+    monkeypatch.setattr(attach, "should_release", lambda disk_bytes: release)
+    with init_empty_weights():
+        model = GPT(CONFIG)
+    model = load_checkpoint_and_dispatch(model, path, device_map={"": "disk"}).eval()
+    streamer = model.__dict__["_bigmodel_dispatch"].prefetcher
+    assert isinstance(streamer, ReadAhead) and streamer.release is release
+    return model, streamer
+
+
+def _stream_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "bigmodel-stream"]
+
+
+def test_memory_to_spare_reads_each_weight_once_keeps_it_and_wakes_no_reader(checkpoint, monkeypatch):
+    reference, path = checkpoint
+    before = _stream_threads()
+    model, streamer = _on_disk(path, monkeypatch, release=False)
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied: two units, one disk tensor
+    installed: dict[str, list[int]] = {}
+
+    def spy(name):
+        def hook(module, _):  # registered after the stream's hook: sees what it installed
+            installed.setdefault(name, []).append(id(module.weight))
+        return hook
+
+    for name in ("transformer.wte", "lm_head", "transformer.h.1.mlp.c_fc"):
+        model.get_submodule(name).register_forward_pre_hook(spy(name))
+    x = torch.randint(0, CONFIG.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = reference(x)
+        for _ in range(3):
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    # No reader thread: nothing is streamed, so one would only be woken (a thread handoff per module on 2 cores).
+    assert streamer._thread is None and _stream_threads() == before
+    # Each disk tensor was read once, the tied one too (wte and lm_head share it), and the same parameters are
+    # installed every forward (nothing rebuilt).
+    assert streamer.reads == len(streamer._units) - 1
+    assert installed["transformer.wte"][0] == installed["lm_head"][0]
+    assert all(len(set(ids)) == 1 for ids in installed.values()), installed
+    # Between forwards the model holds what loading placed: the disk views.
+    assert all(is_disk(p) for p in model.parameters())
+    streamer.close()
