@@ -21,6 +21,7 @@ from lightning_bigmodel.planning._execution import (
     two_slots_message,
 )
 from lightning_bigmodel.planning._groups import _Groups, _prefixes
+from lightning_bigmodel.planning._pinned import _MAX_PASSES, plan_pinned
 from lightning_bigmodel.planning._walk import _Pass
 from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS
 from lightning_bigmodel.planning.sizes import _prefix_sizes, compute_module_sizes, find_tied_parameters
@@ -28,7 +29,6 @@ from lightning_bigmodel.planning.sizes import _prefix_sizes, compute_module_size
 if TYPE_CHECKING:
     from lightning_bigmodel.planning.device_map import Device, DeviceMap
 
-_MAX_PASSES = 6
 Prefetch = Union[bool, str]  # True, False or "auto"
 
 
@@ -189,12 +189,12 @@ class _Planner(_Groups):
 
     def plan_slots(self, budgets: dict[Device, float], balanced: bool, low_0: bool, slots: int) -> DeviceMap:
         """The in-order plan with room for ``slots`` offloaded layers; when it leaves a budgeted GPU empty while it
-        offloads weights, the best plan of :meth:`plan_pinned` instead if that keeps more bytes on the GPUs."""
+        offloads weights, the best plan of :func:`~._pinned.plan_pinned` instead if that keeps more bytes on the GPUs."""
         raw = self.plan_in_order(budgets, balanced, low_0, slots)
         gpus = [device for device, budget in budgets.items() if isinstance(device, int) and budget > 0]
         used = {device for device in raw.values() if isinstance(device, int)}
         if self.has_gpu and set(gpus) - used and self._offloaded(raw):  # a GPU left empty while weights are offloaded
-            pinned = self.plan_pinned(budgets, balanced, low_0, slots)
+            pinned = plan_pinned(self, budgets, balanced, low_0, slots)
             if pinned is not None and sum(self.gpu_bytes(pinned).values()) > sum(self.gpu_bytes(raw).values()):
                 return pinned
         return raw
@@ -236,40 +236,6 @@ class _Planner(_Groups):
             reserves[exec_device] = need
         self.short[slots] = (exec_device, need)  # the plan does not keep its reserve: warned about if chosen
         return raw
-
-    def plan_pinned(
-        self, budgets: dict[Device, float], balanced: bool, low_0: bool, slots: int = 2
-    ) -> Optional[DeviceMap]:
-        """For each GPU ``g`` as the execution device (the GPUs before it left out): passes that stay on ``g`` and send
-        what does not fit beside its reserve to the later devices (the map is then not in module order), raising the
-        reserve as :meth:`plan_in_order` does. The valid plan with the most bytes on GPUs, or ``None``.
-
-        The in-order walk abandons every GPU when none holds its first modules beside the reserve for the offloaded
-        ones (e.g. an embedding as large as the room left): moving on empties the GPU, which moves the execution
-        device, whose reserve empties it in turn."""
-        best, best_bytes = None, 0
-        for gpu in [device for device, budget in budgets.items() if isinstance(device, int) and budget > 0]:
-            reserve = 0
-            for _ in range(_MAX_PASSES):
-                effective = {
-                    device: max(0, budget - (reserve if device == gpu else 0))
-                    for device, budget in budgets.items()
-                    if not (isinstance(device, int) and device < gpu)
-                }
-                raw = _Pass(self, effective, balanced, low_0, pinned=gpu).run()
-                held = {device: 0 for device in raw.values()}
-                for name, device in raw.items():
-                    held[device] += self.sizes.get(name, 0)
-                need, _ = self._reserve(raw, slots)
-                if not held.get(gpu):
-                    break  # nothing fits on `gpu` beside its reserve
-                if need <= reserve:
-                    gpu_bytes = sum(size for device, size in held.items() if isinstance(device, int))
-                    if gpu_bytes > best_bytes:
-                        best, best_bytes = raw, gpu_bytes
-                    break
-                reserve = need
-        return best
 
     def cost(self, name: str, device: Device) -> int:
         """Bytes ``name`` takes on ``device``: buffers of offloaded modules stay on the execution device."""
