@@ -30,10 +30,10 @@ def checkpoint(tmp_path: Path):
     return model, tmp_path / "model.safetensors"
 
 
-def _on_disk(path: Path, monkeypatch, release: bool) -> tuple[torch.nn.Module, ReadAhead]:
+def _on_disk(path: Path, monkeypatch, release: bool, config: GPTConfig = CONFIG) -> tuple[torch.nn.Module, ReadAhead]:
     monkeypatch.setattr(attach, "should_release", lambda disk_bytes: release)
     with init_empty_weights():
-        model = GPT(CONFIG)
+        model = GPT(config)
     model = load_checkpoint_and_dispatch(model, path, device_map={"": "disk"}).eval()
     streamer = model.__dict__["_bigmodel_dispatch"].prefetcher
     assert isinstance(streamer, ReadAhead) and streamer.release is release
@@ -73,3 +73,47 @@ def test_memory_to_spare_reads_each_weight_once_keeps_it_and_wakes_no_reader(che
     # Between forwards the model holds what loading placed: the disk views.
     assert all(is_disk(p) for p in model.parameters())
     streamer.close()
+
+
+TIED = GPTConfig(vocab_size=16384, block_size=32, n_layer=1, n_head=4, n_embd=128)  # wte: 8 MiB, the block: 0.8 MB
+
+
+def _read_bytes() -> int:
+    """Bytes this process had read from storage (page-cache hits are not counted)."""
+    return int(next(line.split()[1] for line in Path("/proc/self/io").read_text().splitlines()
+                    if line.startswith("read_bytes:")))  # fmt: skip
+
+
+def test_a_tied_weight_streamed_is_read_from_disk_once_per_forward(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    reference = GPT(TIED).eval()
+    state = {k: v.contiguous() for k, v in reference.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    model, streamer = _on_disk(tmp_path / "model.safetensors", monkeypatch, release=True, config=TIED)
+    streamer.keep = False  # no resident subset: every unit streams
+    events: list[tuple[str, bool]] = []
+    lock = threading.Lock()
+    for name, unit in streamer._units.items():
+        def traced(buffer, release=False, name=name, read=unit.layout.read_into):
+            with lock:
+                events.append((name, release))
+            return read(buffer, release)
+
+        unit.layout.read_into = traced
+    x = torch.randint(0, TIED.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))
+    unique = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
+    with torch.inference_mode():
+        expected = reference(x)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # learns the order
+        assert streamer._order[0] == "transformer.wte" and streamer._order[-1] == "lm_head"
+        events.clear()
+        before = _read_bytes()
+        for _ in range(3):
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    streamer.close()  # the reader stops: every read it made is in `events`
+    read = _read_bytes() - before
+    # The embedding's read keeps the range in the page cache for lm_head, the last user, which drops it.
+    assert ("transformer.wte", True) not in events and ("lm_head", True) in events, events
+    assert all(release for name, release in events if name != "transformer.wte")
+    # From the disk: the unique bytes once per forward, and what the reader read ahead for a fourth one (at most all).
+    assert read <= 3 * 1.1 * unique + unique, (read, unique)

@@ -250,8 +250,8 @@ def test_stream_reads_the_next_unit_while_one_computes_and_keeps_the_buffers_bou
         for handle in handles:
             handle.remove()
     largest = max(unit.layout.nbytes for unit in streamer._units.values())
-    assert 2 <= streamer._slots <= 8 and streamer._made <= streamer._slots  # the stream's memory is bounded
-    assert streamer._slot_bytes == largest
+    assert 2 <= streamer.pool.slots <= 8 and streamer.pool.made <= streamer.pool.slots  # the stream's memory is bounded
+    assert streamer.pool.slot_bytes == largest
 
 
 def test_resident_subset_is_kept_spread_over_the_order_and_not_read_again(checkpoint, monkeypatch):
@@ -262,7 +262,7 @@ def test_resident_subset_is_kept_spread_over_the_order_and_not_read_again(checkp
     room = sum(units.values()) // 2  # memory left beyond the budget, the stream and the headroom: half the units
 
     class Memory:
-        free, headroom = room + 8 * streamer._slot_bytes, 0
+        free, headroom = room + 8 * streamer.pool.slot_bytes, 0
 
     monkeypatch.setattr(readahead, "detect_cpu_memory", lambda: Memory)
     streamer.keep = True
@@ -272,7 +272,7 @@ def test_resident_subset_is_kept_spread_over_the_order_and_not_read_again(checkp
         for _ in range(3):
             torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     kept = streamer._kept
-    assert kept and room <= streamer.kept_room <= room + 8 * streamer._slot_bytes  # less the stream to allocate
+    assert kept and room <= streamer.kept_room <= room + 8 * streamer.pool.slot_bytes  # less the stream to allocate
     assert streamer.kept_room - max(units.values()) <= streamer.kept_bytes <= streamer.kept_room
     order = streamer._order
     positions = sorted(order.index(name) for name in kept)  # spread: no long run of kept units

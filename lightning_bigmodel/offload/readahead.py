@@ -8,23 +8,10 @@ for a later unit. A background thread reads the units in execution order (learne
 unit is followed by the first, so consecutive forwards stream too) into the free buffers, ahead of the compute: it
 waits on a condition (no busy-wait) when every buffer is full, and the compute thread waits only for a read not done.
 
-Memory, and what is read per forward:
-
-- **The stream**: ``stream_bytes`` (what the planner keeps free for it on the CPU: ``1 + READ_AHEAD_LAYERS`` times
-  the largest disk entry of the device map) is cut into buffers of the largest unit's size, at least two.
-- **The resident subset**: when the disk weights do not fit the memory left (``release``, see :func:`should_release`),
-  the memory the process still has once the first forward ran, beyond its CPU budget, the stream and a headroom
-  (:func:`~lightning_bigmodel.planning.budget.detect_cpu_memory`: the cgroup's room or the available RAM, less
-  ``max(256 MiB, 5%)``), holds a stable subset of the units, spread evenly over the execution order (the disk keeps
-  working while the compute runs through them). Their file ranges stay in the page cache: each forward copies them
-  into a buffer from memory, behind the compute, without touching the disk. The file ranges of every other unit
-  are dropped from the page cache as soon as they are read, so the streamed bytes never push the subset out (no LRU
-  churn), and only they are read from the disk again. Page cache is reclaimable: a burst of activations that needs
-  the memory evicts part of the subset (read again later) instead of getting the process OOM-killed. Under an
-  explicit CPU budget the same holds: the subset takes the memory the budget leaves free in the process's limit.
-- **Memory to spare**: when the disk weights fit the memory left (``release`` false), each unit is read once, at
-  its first use, into memory of its own and kept: later forwards read nothing and copy nothing, and the weights no
-  longer depend on the file (as ``"cpu"`` weights after their first forward).
+Memory: ``stream_bytes`` (what the planner keeps free for it on the CPU: ``1 + READ_AHEAD_LAYERS`` times the largest
+disk entry of the device map) is cut into buffers of the largest unit's size, at least two. What stays in memory
+besides (everything read once, or a stable subset in the page cache, and tied weights read once per forward) is
+decided in :mod:`~lightning_bigmodel.offload.resident`.
 
 A read that fails, comes back short, or finds its file changed since it was loaded raises the
 :class:`~lightning_bigmodel.checkpoint.errors.CheckpointError` of the engine in the compute thread, naming the file and
@@ -41,19 +28,15 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from lightning_bigmodel.offload.hooks import map_tensors
+from lightning_bigmodel.offload._pool import BufferPool
+from lightning_bigmodel.offload.resident import OwnedWeights, read_again_later, should_release, spread
 from lightning_bigmodel.offload.stream import Layout
 from lightning_bigmodel.offload.subclass import plain_parts
 from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS, detect_cpu_memory
 
+__all__ = ["ReadAhead", "should_release"]
+
 _MAX_BUFFERS = 8  # stream buffers at most: enough to smooth reads of uneven units, whatever the reserve
-
-
-def should_release(disk_bytes: int) -> bool:
-    """Whether streamed disk weights should leave the page cache after use: when they take more than half of the
-    memory this process can still use (its cgroup's room or the available RAM, see
-    :func:`~lightning_bigmodel.planning.budget.detect_cpu_memory`)."""
-    return disk_bytes > detect_cpu_memory().free // 2
 
 
 @dataclass
@@ -95,10 +78,7 @@ class ReadAhead:
         self._recording = True
         self._recorder: Optional[int] = None
         self._cond = threading.Condition()
-        self._slot_bytes = 0
-        self._slots = 2
-        self._made = 0  # stream buffers allocated (free, ready, in flight or in use)
-        self._free: list[torch.Tensor] = []
+        self.pool = BufferPool()
         self._ready: dict[str, tuple[torch.Tensor, bool, Optional[BaseException]]] = {}
         self._in_use: dict[tuple[str, int], list[tuple[torch.Tensor, bool]]] = {}
         self._inflight: Optional[str] = None
@@ -106,12 +86,11 @@ class ReadAhead:
         self._generation = 0
         self._kept: set[str] = set()  # units whose file ranges stay in the page cache
         self._kept_parts: set[int] = set()  # their tensors (data pointers of the file views)
-        self._owned: dict[str, list[tuple[str, nn.Parameter]]] = {}  # without release: parameters read once, kept
-        self._owned_params: dict[int, nn.Parameter] = {}  # by id of the disk parameter (tied ones are one)
-        self._owning = threading.Lock()
+        self._held: set[str] = set()  # units whose file ranges a later unit reads again in the forward (tied)
+        self._owned = OwnedWeights()  # without release: parameters read once, kept
         self._thread: Optional[threading.Thread] = None
         self._closed = False
-        self.reads = 0  # units read from disk (tests and benchmarks)
+        self._reads = 0  # units read by the stream
         self.kept_room = 0  # bytes the resident subset could take when it was chosen
 
     @property
@@ -120,14 +99,27 @@ class ReadAhead:
         return self._recording
 
     @property
+    def reads(self) -> int:
+        """Units read from the files so far (tests and benchmarks)."""
+        return self._reads + self._owned.reads
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of the stream's buffers allocated so far."""
+        return self.pool.made * self.pool.slot_bytes
+
+    _made = property(lambda self: self.pool.made)  # read by an older benchmarks.cases_limit
+    _slot_bytes = property(lambda self: self.pool.slot_bytes)
+
+    @property
     def kept_bytes(self) -> int:
         """Bytes of the units whose file ranges stay in the page cache (the resident subset)."""
         return sum(self._units[name].layout.nbytes for name in self._kept)
 
     def _release(self, name: str) -> bool:
         """Whether ``name``'s file ranges leave the page cache once read: not those of the resident subset, nor of a
-        unit sharing a tensor with it (tied weights)."""
-        return self.release and not (set(self._units[name].layout.places) & self._kept_parts)
+        unit sharing a tensor with it, nor those a later unit reads again in the forward (tied weights)."""
+        return self.release and name not in self._held and not (set(self._units[name].layout.places) & self._kept_parts)
 
     def attach(self, name: str, module: nn.Module, tensors: Sequence[torch.Tensor]) -> list:
         """Hook ``module`` (called ``name``), whose forward uses the disk views ``tensors``; return the hook handles."""
@@ -135,7 +127,7 @@ class ReadAhead:
         parts = [(f"{name}.{attr}", part) for attr, p in params for part in plain_parts(p)]  # quantized: inner views
         self._tensors[name] = [part for _, part in parts]
         self._units[name] = _Unit(module, params, Layout(parts))
-        self._slot_bytes = max(self._slot_bytes, self._units[name].layout.nbytes)
+        self.pool.slot_bytes = max(self.pool.slot_bytes, self._units[name].layout.nbytes)
         return [
             module.register_forward_pre_hook(lambda *_: self.before(name)),
             module.register_forward_hook(lambda _m, _i, output: self.after(name, output), always_call=True),
@@ -151,8 +143,7 @@ class ReadAhead:
                     self._recorder = me
                     self._order.append(name)
         if not self.release:  # memory to spare: read once into memory of its own, then only installed
-            owned = self._owned.get(name) or self._own(name)
-            for attr, param in owned:
+            for attr, param in self._owned.get(name, unit.params):
                 unit.module._parameters[attr] = param
             return
         with self._cond:
@@ -161,37 +152,19 @@ class ReadAhead:
                 buffer, pooled, error = self._await(name)
             read_here = buffer is None
             if read_here:  # the first forward, or out of order: read it here
-                buffer, pooled = self._take_slot(name)
+                buffer, pooled = self.pool.take(unit.layout.nbytes)
             self._in_use.setdefault((name, me), []).append((buffer, pooled))
         try:
             if error is not None:
                 raise error
             if read_here:
                 unit.layout.read_into(buffer, self._release(name))
-                self.reads += 1
+                self._reads += 1
         except BaseException:
             self._give_back(name, me, None)
             raise
         for attr, param in unit.params:
             unit.module._parameters[attr] = nn.Parameter(unit.layout.rebuild(buffer, param), requires_grad=False)
-
-    def _own(self, name: str) -> list[tuple[str, nn.Parameter]]:
-        """Read ``name`` into memory of its own, once (a second thread waits for the first one's read); a parameter
-        tied to one already owned (``lm_head`` and ``wte``) is that one: read once, held once."""
-        unit = self._units[name]
-        with self._owning:
-            owned = self._owned.get(name)
-            if owned is None:
-                missing = [(attr, p) for attr, p in unit.params if id(p) not in self._owned_params]
-                if missing:
-                    layout = Layout([(f"{name}.{a}", part) for a, p in missing for part in plain_parts(p)])
-                    buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
-                    layout.read_into(buffer, False)
-                    self.reads += 1
-                    for _, p in missing:
-                        self._owned_params[id(p)] = nn.Parameter(layout.rebuild(buffer, p), requires_grad=False)
-                owned = self._owned[name] = [(attr, self._owned_params[id(p)]) for attr, p in unit.params]
-            return owned
 
     def after(self, name: str, output: Any = None) -> None:
         """Put the file views back and free the buffer (kept when ``output`` is a view of it)."""
@@ -209,21 +182,8 @@ class ReadAhead:
             buffer, pooled = stack.pop()
             if not stack:
                 del self._in_use[(name, me)]
-            if pooled:
-                if _escapes(output, buffer):
-                    self._made -= 1  # the output keeps it: a new buffer replaces it
-                else:
-                    self._free.append(buffer)
+            self.pool.put(buffer, pooled, output)
             self._cond.notify_all()
-
-    def _take_slot(self, name: str) -> tuple[torch.Tensor, bool]:
-        """A free stream buffer (allocated up to the stream's count), else a buffer of ``name``'s own."""
-        if self._free:
-            return self._free.pop(), True
-        if self._made < self._slots:
-            self._made += 1
-            return torch.empty(self._slot_bytes, dtype=torch.uint8), True
-        return torch.empty(self._units[name].layout.nbytes, dtype=torch.uint8), False
 
     def _await(self, name: str) -> tuple[Optional[torch.Tensor], bool, Optional[BaseException]]:
         """(Under the lock.) ``name``'s read, waiting while the reader works on it; on a unit out of order, restart
@@ -233,7 +193,7 @@ class ReadAhead:
             if name in self._ready:
                 return self._ready.pop(name)
             coming = self._inflight == name or self._next_unit() == name
-            progress = self._inflight is not None or self._free or self._made < self._slots
+            progress = self._inflight is not None or self.pool.available()
             if not (coming and progress):
                 self._restart_after(name)
                 return None, False, None
@@ -242,8 +202,7 @@ class ReadAhead:
     def _restart_after(self, name: str) -> None:
         self._generation += 1  # a read in flight is dropped when it lands
         for buffer, pooled, _ in self._ready.values():
-            if pooled:
-                self._free.append(buffer)
+            self.pool.put(buffer, pooled)
         self._ready.clear()
         self._cursor = (self._position[name] + 1) % len(self._order)
         self._cond.notify_all()
@@ -259,10 +218,9 @@ class ReadAhead:
         name = self._next_unit()
         if name is None or name in self._ready or any(unit == name for unit, _ in self._in_use):
             return None
-        if self._free or self._made < self._slots:
-            buffer, pooled = self._take_slot(name)
-        else:
+        if not self.pool.available():
             return None
+        buffer, pooled = self.pool.take(self._units[name].layout.nbytes)
         self._cursor = (self._cursor + 1) % len(self._order)
         self._inflight = name
         return name, buffer, pooled, self._generation
@@ -280,14 +238,13 @@ class ReadAhead:
             error = None
             try:
                 self._units[name].layout.read_into(buffer, self._release(name))
-                self.reads += 1
+                self._reads += 1
             except BaseException as err:  # noqa: BLE001 - raised in the compute thread, which waits for this read
                 error = err
             with self._cond:
                 self._inflight = None
                 if generation != self._generation:
-                    if pooled:
-                        self._free.append(buffer)
+                    self.pool.put(buffer, pooled)
                 else:
                     self._ready[name] = (buffer, pooled, error)
                 self._cond.notify_all()
@@ -311,11 +268,13 @@ class ReadAhead:
                 return
             self._order = list(dict.fromkeys(self._order))
             self._position = {name: index for index, name in enumerate(self._order)}
-            ahead = 1 + self.depth if self.stream_bytes is None else self.stream_bytes // max(1, self._slot_bytes)
-            self._slots = max(2, min(len(self._order), _MAX_BUFFERS, ahead))
+            ahead = 1 + self.depth if self.stream_bytes is None else self.stream_bytes // max(1, self.pool.slot_bytes)
+            self.pool.slots = max(2, min(len(self._order), _MAX_BUFFERS, ahead))
+            places = {name: list(self._units[name].layout.places) for name in self._order}
+            self._held = read_again_later(self._order, places) if self.release else set()
             if self.keep:
                 self._kept = self._choose_kept()
-                self._kept_parts = {ptr for name in self._kept for ptr in self._units[name].layout.places}
+                self._kept_parts = {ptr for name in self._kept for ptr in places[name]}
             self._cursor = 0
             self._recording = False
             if self.release:  # memory to spare: every unit is read once and owned, no reader (it would only be woken)
@@ -323,20 +282,13 @@ class ReadAhead:
             self._cond.notify_all()
 
     def _choose_kept(self) -> set[str]:
-        """Units to hold resident: as many bytes as the memory left allows, spread evenly over the order."""
+        """Units to hold resident: as many bytes as the memory left allows (less the stream's buffers still to
+        allocate and the tied ranges waiting in the page cache for their second use), spread evenly over the order."""
         cpu = detect_cpu_memory()
-        room = self.kept_room = max(0, cpu.free - cpu.headroom - (self._slots - self._made) * self._slot_bytes)
-        sizes = {name: self._units[name].layout.nbytes for name in self._order}
-        total = sum(sizes.values())
-        if room <= 0 or not total:
-            return set()
-        share, credit, kept = min(1.0, room / total), 0.0, set()
-        for name in self._order:
-            credit += share * sizes[name]
-            if sizes[name] and credit >= sizes[name]:
-                kept.add(name)
-                credit -= sizes[name]
-        return kept
+        waiting = sum(self._units[name].layout.nbytes for name in self._held)
+        room = cpu.free - cpu.headroom - self.pool.unallocated_bytes - waiting
+        self.kept_room = max(0, room)
+        return spread(self._order, {name: self._units[name].layout.nbytes for name in self._order}, self.kept_room)
 
     def close(self) -> None:
         """Stop the reader (after the read in flight) and drop the buffers."""
@@ -348,24 +300,6 @@ class ReadAhead:
             thread.join()
         with self._cond:
             self._ready.clear()
-            self._free.clear()
-            self._owned.clear()
-            self._owned_params.clear()
+            self.pool.clear()
+        self._owned.clear()
 
-
-def _escapes(output: Any, buffer: torch.Tensor) -> bool:
-    """Whether a tensor of ``output`` shares ``buffer``'s memory (a module returned a view of its weight)."""
-    if output is None:
-        return False
-    target, found = buffer.untyped_storage().data_ptr(), []
-
-    def check(tensor: torch.Tensor) -> torch.Tensor:
-        try:
-            if tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() == target:
-                found.append(tensor)
-        except (RuntimeError, NotImplementedError):  # a tensor without storage (a subclass): not a view of ours
-            pass
-        return tensor
-
-    map_tensors(output, check)
-    return bool(found)

@@ -1,0 +1,110 @@
+"""What the disk stream keeps in memory: everything (memory to spare), or a stable subset of its units.
+
+The stream (:class:`~lightning_bigmodel.offload.readahead.ReadAhead`) reads the ``"disk"`` weights of each *unit* (the
+finest module holding them) before it computes. What stays in memory between forwards:
+
+- **Memory to spare** (:func:`should_release` false: the disk weights fit in half the memory left): each unit is read
+  once, at its first use, into memory of its own and kept (:class:`OwnedWeights`): later forwards read nothing and copy
+  nothing, and the weights no longer depend on the file (as ``"cpu"`` weights after their first forward).
+- **Memory short**: the memory the process still has once the first forward ran, beyond its CPU budget, the stream's
+  buffers and a headroom (:func:`~lightning_bigmodel.planning.budget.detect_cpu_memory`: the cgroup's room or the
+  available RAM, less ``max(256 MiB, 5%)``), holds a stable subset of the units (:func:`spread`), spread evenly over
+  the execution order so that the disk keeps working while the compute runs through them. Their file ranges stay in
+  the page cache: each forward copies them into a buffer from memory, without touching the disk. The file ranges of
+  every other unit are dropped from the page cache as soon as they are read, so the streamed bytes never push the
+  subset out (no LRU churn), and only they are read from the disk again. Page cache is reclaimable: a burst of
+  activations that needs the memory evicts part of the subset (read again later) instead of getting the process
+  OOM-killed. Under an explicit CPU budget the same holds: the subset takes the memory the budget leaves free in the
+  process's limit.
+- **Tied weights** (``lm_head`` sharing ``wte``'s tensor: two units, one file range): the range leaves the page cache
+  only after the last unit using it in the order (:func:`read_again_later`), so a forward reads it from the disk once;
+  its bytes are kept out of the subset's room while it waits.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from lightning_bigmodel.offload.stream import Layout
+from lightning_bigmodel.offload.subclass import plain_parts
+from lightning_bigmodel.planning.budget import detect_cpu_memory
+
+
+def should_release(disk_bytes: int) -> bool:
+    """Whether streamed disk weights should leave the page cache after use: when they take more than half of the
+    memory this process can still use (its cgroup's room or the available RAM, see
+    :func:`~lightning_bigmodel.planning.budget.detect_cpu_memory`)."""
+    return disk_bytes > detect_cpu_memory().free // 2
+
+
+def spread(order: Sequence[str], sizes: Mapping[str, int], room: int) -> set[str]:
+    """Units of ``order`` to hold resident: as many of their ``sizes`` as ``room`` allows, spread evenly over the order
+    (a unit is taken each time the credit of ``room / total`` per byte walked covers it)."""
+    total = sum(sizes[name] for name in order)
+    if room <= 0 or not total:
+        return set()
+    share, credit, kept = min(1.0, room / total), 0.0, set()
+    for name in order:
+        credit += share * sizes[name]
+        if sizes[name] and credit >= sizes[name]:
+            kept.add(name)
+            credit -= sizes[name]
+    return kept
+
+
+def read_again_later(order: Sequence[str], places: Mapping[str, Sequence[int]]) -> set[str]:
+    """Units whose file ranges a later unit of the same forward reads again (a tied weight's first user): their pages
+    must stay in the page cache until then. ``places``: each unit's file views (data pointers)."""
+    seen: set[int] = set()
+    out: set[str] = set()
+    for name in reversed(order):
+        if seen & set(places[name]):
+            out.add(name)
+        seen |= set(places[name])
+    return out
+
+
+class OwnedWeights:
+    """Memory to spare: each unit's disk parameters read once into memory of their own, then only installed.
+
+    A parameter tied to one already read (``lm_head`` and ``wte``) is that one: read once, held once. Thread-safe:
+    a second thread wanting a unit being read waits for that read.
+    """
+
+    def __init__(self) -> None:
+        self._by_unit: dict[str, list[tuple[str, nn.Parameter]]] = {}
+        self._by_param: dict[int, nn.Parameter] = {}  # by id of the disk parameter (tied ones are one object)
+        self._lock = threading.Lock()
+        self.reads = 0  # units read from the files
+
+    def get(self, name: str, params: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, nn.Parameter]]:
+        """``(attribute, parameter)`` pairs to install for unit ``name``, whose disk parameters are ``params``.
+
+        Raises:
+            CheckpointError: a read failed or came back short, or a file changed since it was loaded.
+        """
+        owned = self._by_unit.get(name)
+        if owned is not None:
+            return owned
+        with self._lock:
+            owned = self._by_unit.get(name)
+            if owned is None:
+                missing = [(attr, p) for attr, p in params if id(p) not in self._by_param]
+                if missing:
+                    layout = Layout([(f"{name}.{attr}", part) for attr, p in missing for part in plain_parts(p)])
+                    buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
+                    layout.read_into(buffer, False)
+                    self.reads += 1
+                    for _, p in missing:
+                        self._by_param[id(p)] = nn.Parameter(layout.rebuild(buffer, p), requires_grad=False)
+                owned = self._by_unit[name] = [(attr, self._by_param[id(p)]) for attr, p in params]
+            return owned
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_unit.clear()
+            self._by_param.clear()
