@@ -203,7 +203,8 @@ def compare(model_name: str, budget_name: str, policy: str) -> dict:
     return {
         "model": model_name, "budget": budget_name, "policy": policy, "model_bytes": total,
         "ours": gpu_bytes(model, ours), "theirs": gpu_bytes(model, theirs), "map": dict(ours),
-        "depth": ours.prefetch_depth, "execution": ours.execution_device, "slot": largest_offloaded_layer(model, ours, no_split, buffers=True),
+        "depth": ours.prefetch_depth, "execution": ours.execution_device,
+        "slot": largest_offloaded_layer(model, ours, no_split, buffers=True),
         "theirs_over": over_budget(model, theirs, budget, no_split),
         "theirs_fits": runs_within_budget(model, theirs, budget, no_split),
         "ours_fits": runs_within_budget(model, ours, budget, no_split),

@@ -211,8 +211,10 @@ def write_report(path: Path, meta: dict, results: dict, notes: Optional[Path] = 
         lines += ["## Placement vs accelerate", "",
                   "GPU bytes of our plan and accelerate's on the same meta model and budget (`python -m "
                   "benchmarks.placement` prints this table alone; the test table is tests/test_placement_vs_accelerate.py). "
-                  "Ours may hold one offloaded layer less (the prefetch slot, depth 2); a plan *over budget* cannot hold "
-                  "one offloaded layer and the offloaded buffers beside its modules on its execution GPU.", ""]
+                  "Ours may hold one offloaded layer less (the prefetch slot, depth 2), or run its offloaded layers on "
+                  "the CPU (execution `cpu`, no room kept on any GPU) where room for one on a GPU would leave a GPU "
+                  "without modules; a plan *over budget* cannot hold one offloaded layer and the offloaded buffers "
+                  "beside its modules on its execution GPU.", ""]
         lines += meta["placement"]
     reuse = reuse_table(results)
     if reuse:

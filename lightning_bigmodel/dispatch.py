@@ -148,6 +148,8 @@ def load_checkpoint_and_dispatch(
     quantization: Optional[Quantization] = None,
     quantization_skip_modules: Optional[Sequence[str]] = None,
     prefetch: Union[bool, str] = "auto",
+    input_shape: Optional[Union[str, Sequence[int]]] = None,
+    max_new_tokens: int = 0,
 ) -> nn.Module:
     """Plan (when ``device_map`` is a policy name), stream the checkpoint in, and dispatch; return ``model`` in
     ``eval()`` mode (also with ``device_map=None``). Every argument after ``checkpoint`` is keyword-only.
@@ -157,6 +159,11 @@ def load_checkpoint_and_dispatch(
 
     ``prefetch`` (``True``/``False``/``"auto"``) is the prefetch depth of the plan (see ``infer_device_map``); with an
     explicit map, ``"auto"`` prefetches and ``False`` fetches each offloaded layer when it runs.
+
+    ``input_shape`` (your largest batch of token ids, ``"4x128"``) and ``max_new_tokens`` plan so that the simulated
+    peak of that batch fits every budget (see :func:`lightning_bigmodel.infer_device_map`): its activations get room
+    beside the weights, which matters most under a memory limit with ``max_memory=None``, where the detected CPU
+    budget otherwise keeps only a fixed headroom for them (a larger batch gets the process OOM-killed).
 
     ``device_map=None`` loads everything on CPU and attaches nothing. ``quantization="int8"`` (or ``"int4"`` on GPUs)
     quantizes ``nn.Linear`` weights while they stream in (torchao, weight-only; the ``lm_head`` and embeddings stay in
@@ -175,7 +182,9 @@ def load_checkpoint_and_dispatch(
         if policy not in POLICIES:
             raise ValueError(f"`device_map`={policy!r} is not a policy; use one of {POLICIES} or a dict.")
         check_budget_devices_exist(max_memory)
-        device_map = infer_device_map(
+        from lightning_bigmodel.fitting import infer_device_map as fit_device_map  # the planner with input shapes
+
+        device_map = fit_device_map(
             model,
             prefetch=prefetch,
             max_memory=max_memory,
@@ -185,6 +194,13 @@ def load_checkpoint_and_dispatch(
             offload_buffers=offload_buffers,
             quantization=quantization,
             quantization_skip_modules=quantization_skip_modules,
+            input_shape=input_shape,
+            max_new_tokens=max_new_tokens,
+        )
+    elif input_shape is not None or max_new_tokens:
+        raise ValueError(
+            "`input_shape`/`max_new_tokens` plan a device map; with `device_map` given as a map (or None) there is "
+            "nothing to plan. Drop them, or pass `device_map='auto'`."
         )
     if device_map is not None:
         device_map = validate_device_map(model, device_map)

@@ -12,6 +12,7 @@ The loop lives here so that ``planning`` (pure: shapes and budgets) imports noth
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, Union
 
@@ -19,16 +20,21 @@ import torch
 from torch import nn
 
 from lightning_bigmodel._keywords import keyword_only
-from lightning_bigmodel.planning.budget import check_layer_fits
+from lightning_bigmodel.planning.budget import check_layer_fits, detect_cpu_memory
 from lightning_bigmodel.planning.device_map import ACCELERATE_INFER_ORDER, DeviceMapPlanner, Policy, planning_budgets
 from lightning_bigmodel.planning.device_map import infer_device_map as plan_device_map
-from lightning_bigmodel.planning.devices import Device, DeviceMap, PlannedDeviceMap
+from lightning_bigmodel.planning.devices import Device, DeviceMap, PlannedDeviceMap, execution_device
 from lightning_bigmodel.planning._planner import Prefetch
+from lightning_bigmodel.planning.sizes import compute_module_sizes
 from lightning_bigmodel.planning.table import bytes_per_device, format_bytes
 
-__all__ = ["FittedPlan", "describe_excess", "excess", "fit_device_map", "infer_device_map", "token_ids"]
+__all__ = [
+    "FittedPlan", "describe_excess", "excess", "fit_device_map", "infer_device_map", "note_unsized_activations",
+    "token_ids",
+]  # fmt: skip
 
 _MAX_PLANS = 8
+_log = logging.getLogger("lightning_bigmodel.planning")
 
 Memory = dict[Device, dict[str, int]]
 
@@ -57,11 +63,21 @@ def infer_device_map(
     its budget, the model is planned again with that excess reserved there. A plan whose peaks already fit is returned
     as without ``input_shape``. Still pure (fake tensors; no GPU is touched when ``max_memory`` is given). With
     ``max_memory=None``, the detected GPU budgets then keep back only 1 GiB for the CUDA context instead of 10% of the
-    card for the activations: the simulation reserves what they need.
+    card for the activations: the simulation reserves what they need. The CPU counts the same way when it executes
+    (no GPU, or a plan computing its offloaded layers there): its peak (weights, the disk stream's buffers and the
+    batch's activations) must fit its budget, so under the detected budget (a container's memory limit) the
+    activations get room beside the weights, on top of the detected budget's headroom for the process. The CPU
+    budget holds the stream's buffers then, an explicit one too.
+
+    Without ``input_shape`` under the detected budget, a plan for the CPU that leaves the activations little room
+    (it spills weights to disk, or leaves less than twice the headroom free) is logged once with the fix: the
+    activations then get only the fixed headroom of
+    :func:`~lightning_bigmodel.planning.budget.detect_cpu_memory`, ``max(256 MiB, 5%)``, shared with the process.
 
     Raises:
-        ValueError: as the planner; for an ``input_shape`` that does not parse, or whose simulated peak fits no plan;
-            for ``max_new_tokens`` without ``input_shape``.
+        ValueError: as the planner; for an ``input_shape`` that does not parse, or whose simulated peak fits no plan
+            (raised once lowering the budgets moves nothing more, at most after 8 plans); for ``max_new_tokens``
+            without ``input_shape``.
     """
     settings = dict(
         no_split_module_classes=no_split_module_classes, dtype=dtype, policy=policy, offload_buffers=offload_buffers,
@@ -71,7 +87,12 @@ def infer_device_map(
     if input_shape is None:
         if max_new_tokens:
             raise ValueError(f"`max_new_tokens={max_new_tokens!r}` needs `input_shape` (e.g. '4x2048') to plan for.")
-        return plan_device_map(model, max_memory, stream_reserve=reserve, **settings)
+        device_map = plan_device_map(model, max_memory, stream_reserve=reserve, **settings)
+        if max_memory is None:
+            sizes = compute_module_sizes(model, dtype, quantization=quantization,
+                                         quantization_skip_modules=quantization_skip_modules)  # fmt: skip
+            note_unsized_activations(device_map, sizes)
+        return device_map
     planner = DeviceMapPlanner(model, stream_reserve=reserve, **settings)
     budgets = planning_budgets(max_memory, simulated_activations=True)
     if max_memory is None:  # detected budgets: this process runs the model, so its cgroup limit must hold a layer
@@ -116,7 +137,10 @@ def fit_device_map(
     offload_buffers: bool = False,
     sizes: Optional[Mapping[str, int]] = None,
 ) -> FittedPlan:
-    """Plan with ``plan(budgets)``, then re-plan with each device's simulated excess reserved until every peak fits.
+    """Plan with ``plan(budgets)``, then re-plan until every simulated peak fits: each device over its budget gets, for
+    the next plan, a budget of what this plan holds there (weights, and the planner's reserve on the execution
+    device) less the excess, so the excess really moves off it, also where the weights sat below the budget (a CPU
+    whose weights all fit, with activations beyond the rest). Stops when a plan repeats (nothing more can move).
 
     Args:
         model: the (meta) model.
@@ -137,22 +161,60 @@ def fit_device_map(
     from lightning_bigmodel.simulate.memory import simulate_memory  # lazy: fake tensors load when a shape is given
 
     inputs = token_ids(input_shape)
-    reserved: dict[Device, int] = {}
+    effective, previous = dict(budgets), None
     for count in range(1, _MAX_PLANS + 1):
-        effective = {device: max(0, budget - reserved.get(device, 0)) for device, budget in budgets.items()}
         device_map = plan(effective)
+        if device_map == previous:
+            break  # lowering the budgets moved nothing more (e.g. every weight is on disk): no plan will fit
+        previous = device_map
         memory = simulate_memory(model, device_map, inputs, max_new_tokens, dtype, offload_buffers)
         if sizes is not None:
             memory = _at_planned_sizes(memory, device_map, sizes)
         over = excess(memory, budgets)
         if not over:
+            reserved = {device: int(budgets[device] - effective[device]) for device in budgets
+                        if effective[device] < budgets[device]}  # fmt: skip
             return FittedPlan(device_map, memory, reserved, count)
         for device, extra in over.items():
-            reserved[device] = reserved.get(device, 0) + extra
+            # The next plan must hold `extra` bytes less on `device` than this one did. Its budget minus `extra` is not
+            # enough where the plan left part of the budget unused (a CPU plan whose weights all fit, with activations
+            # beyond the rest): cap it below what this plan holds there (weights and the planner's reserve).
+            effective[device] = max(0, min(effective[device], _held(device_map, memory, device)) - extra)
     raise ValueError(
         f"No device map keeps the simulated peak of a batch of {tuple(inputs.shape)} "
-        f"(max_new_tokens={max_new_tokens}) within `max_memory` after {_MAX_PLANS} plans: "
+        f"(max_new_tokens={max_new_tokens}) within `max_memory` after {count} plans: "
         f"{describe_excess(over)}. Use a smaller batch or sequence, or raise `max_memory` (CPU and disk included)."
+    )
+
+
+def _held(device_map: DeviceMap, memory: Memory, device: Device) -> int:
+    """Bytes ``device_map`` keeps on ``device``: its simulated weights, plus the planner's reserve on the execution
+    device (room for offloaded layers on a GPU, or the disk stream on the CPU)."""
+    where = execution_device(device_map)
+    label: Device = "cpu" if where.type == "cpu" else (where.index or 0)
+    reserve = getattr(device_map, "reserve", 0) if label == device else 0
+    return memory.get(device, {}).get("weights", 0) + reserve
+
+
+def note_unsized_activations(device_map: DeviceMap, sizes: Mapping[str, int]) -> None:
+    """Log one line when a plan for the CPU under the detected budget, made without ``input_shape``, leaves the
+    activations little room: spilling weights to disk, or keeping less than twice the headroom free. The detected
+    budget then keeps only its fixed headroom (:func:`~lightning_bigmodel.planning.budget.detect_cpu_memory`) for the
+    process and the activations of a forward; a larger batch gets the process OOM-killed under a memory limit."""
+    if execution_device(device_map).type != "cpu":
+        return
+    cpu = detect_cpu_memory()
+    held = bytes_per_device(device_map, sizes).get("cpu", 0) + getattr(device_map, "reserve", 0)
+    spilled = any(device == "disk" for device in device_map.values())
+    if not spilled and cpu.free - held >= 2 * cpu.headroom:
+        return
+    _log.warning(
+        f"Planned for the CPU under the detected budget ({cpu.describe()}) without `input_shape`: the plan keeps "
+        f"{format_bytes(held)} for weights and the disk stream, which leaves {format_bytes(max(0, cpu.free - held))} "
+        f"for the process and the activations of a forward (the fixed headroom is {format_bytes(cpu.headroom)}); a "
+        "larger batch gets the process OOM-killed under a memory limit. Pass `input_shape=` (your largest batch, e.g. "
+        "'4x128') to `load_checkpoint_and_dispatch`, `infer_device_map` or the strategy, so that the plan keeps room "
+        "for its simulated activations, or give `max_memory={'cpu': ...}` that leaves it."
     )
 
 

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from benchmarks.placement import BUDGETS, MODELS, MoE, model_bytes
+from benchmarks.placement import BUDGETS, MODELS, MoE, gpu_bytes, model_bytes
 from examples.gpt import GPT, GPTConfig
 from lightning_bigmodel import dispatch_model, infer_device_map, init_empty_weights, load_checkpoint_and_dispatch
 from lightning_bigmodel.checkpoint.writer import save_sharded_checkpoint
@@ -183,3 +183,60 @@ def test_a_cpu_execution_plan_on_a_real_gpu_runs_like_the_plain_model(tmp_path):
     with torch.no_grad():
         got = model(ids.cuda()).cpu()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_offload_execution_overrides_the_choice_either_way():
+    with torch.device("meta"):
+        moe = MoE()
+    tight = _budget(moe, "tight")
+    on_gpu = infer_device_map(moe, tight, no_split_module_classes=["MoEBlock"], offload_execution="gpu")
+    assert on_gpu.execution_device != "cpu" or not any(isinstance(d, int) for d in on_gpu.values()), on_gpu
+    make, no_split = MODELS["nested-split"]
+    nested = make()
+    budget = {device: int(fraction * model_bytes(nested)) for device, fraction in BUDGETS["tight"].items()}
+    auto = infer_device_map(nested, budget, no_split_module_classes=no_split)
+    on_cpu = infer_device_map(nested, budget, no_split_module_classes=no_split, offload_execution="cpu")
+    assert auto.execution_device == 0 and on_cpu.execution_device == "cpu" and on_cpu.reserve == 0, (auto, on_cpu)
+    held, held_auto = gpu_bytes(nested, on_cpu), gpu_bytes(nested, auto)
+    assert set(held) == {0, 1, 2} and sum(held.values()) > sum(held_auto.values()), (held, held_auto)  # no reserve
+    assert all(held[gpu] <= budget[gpu] for gpu in held), (held, budget)
+
+
+def test_a_bad_offload_execution_fails_where_it_is_given():
+    from lightning_bigmodel import BigModelInferenceStrategy, DeviceMapCallback
+
+    with torch.device("meta"):
+        model = MoE()
+    with pytest.raises(ValueError, match=r"`offload_execution='sometimes'` is not an execution setting; pass \"auto\""):
+        infer_device_map(model, {0: 10**6, "cpu": 10**8}, offload_execution="sometimes")
+    with pytest.raises(ValueError, match=r"`prefetch=True` prefetches offloaded layers onto the execution GPU, but"):
+        infer_device_map(model, {0: 10**6, "cpu": 10**8}, offload_execution="cpu", prefetch=True)
+    for make in (BigModelInferenceStrategy, DeviceMapCallback):
+        with pytest.raises(ValueError, match=r"`offload_execution='sometimes'` is not an execution setting"):
+            make(offload_execution="sometimes")
+    callback = DeviceMapCallback(offload_execution="cpu")
+    with pytest.raises(ValueError, match=r"`offload_execution`: 'gpu' \(strategy\) vs 'cpu' \(DeviceMapCallback\)"):
+        callback.reconcile(object(), {"offload_execution": "gpu"})
+
+
+@no_cuda
+@pytest.mark.parametrize("setting", ["cpu", "gpu", "auto"])
+def test_an_explicit_map_computes_its_offloaded_entries_where_offload_execution_says(setting, tmp_path):
+    from lightning_models import plain_gpt, write_bare_checkpoint
+
+    plain = plain_gpt()
+    checkpoint = write_bare_checkpoint(tmp_path / "ckpt", plain)
+    device_map = {"transformer.wte": 0, "transformer.wpe": 0, "transformer.h": "cpu", "transformer.ln_f": 1,
+                  "lm_head": 0}  # fmt: skip
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = plain(ids)
+    with simulated_gpus(2):
+        with init_empty_weights():
+            model = GPT(GPTConfig.preset("tiny")).eval()
+        load_checkpoint_and_dispatch(model, checkpoint, device_map=device_map, offload_execution=setting)
+        main = model._bigmodel_dispatch.main_device
+        with torch.no_grad():
+            got = model(ids).cpu()
+    assert (main.type == "cpu") == (setting == "cpu"), main  # "auto": an explicit map's lowest GPU, as before
+    torch.testing.assert_close(got, expected)

@@ -22,7 +22,8 @@ from lightning_bigmodel.planning.device_map import (
 )
 from lightning_bigmodel.planning.budget import budget_sources, check_layer_fits, get_max_memory
 from lightning_bigmodel.planning.sizes import compute_buffer_sizes, compute_module_sizes
-from lightning_bigmodel.planning.devices import execution_device_of, planned_copy, prefetch_depth_of
+from lightning_bigmodel.planning._execution import check_offload_execution
+from lightning_bigmodel.planning.devices import execution_device_of, planned_copy, prefetch_depth_of, with_execution
 from lightning_bigmodel.planning.table import bytes_per_device, device_label, format_bytes, prefetch_line, render_table
 from lightning_bigmodel.pl._peaks import fitted_plan, simulated_memory
 
@@ -39,6 +40,7 @@ PLANNING_DEFAULTS: dict[str, Any] = {
     "input_shape": None,  # a batch of token ids ("4x2048"): plan so that the simulated peak fits
     "max_new_tokens": 0,
     "prefetch": "auto",  # True: room for two offloaded layers on the GPU, False: one, "auto": two where they fit
+    "offload_execution": "auto",  # where offloaded layers compute: "gpu", "cpu", "auto" (see infer_device_map)
 }
 
 
@@ -65,6 +67,8 @@ def _canonical(name: str, value: Any) -> Any:
         return parse_dtype(value)
     if name == "prefetch" and value not in (True, False, "auto"):
         raise ValueError(f"`prefetch={value!r}` is not a prefetch setting; pass True, False or \"auto\".")
+    if name == "offload_execution":
+        check_offload_execution(value)
     if name == "input_shape" and value is not None:
         from lightning_bigmodel.simulate.memory import parse_input_shape  # lazy: fake tensors load on use only
 
@@ -156,6 +160,9 @@ class DeviceMapCallback(Callback):
             next) where their room does not cost the GPUs their modules, else one (fetch, compute, free); ``True`` two
             (an error before loading when they do not fit); ``False`` one. The plan's choice is in the table and
             ``device_map.json`` (``prefetch_depth``), and the dispatched model follows it.
+        offload_execution: where offloaded layers compute: ``"auto"`` (default) on the plan's lowest GPU unless its room
+            for them would leave a GPU without modules, then on the CPU; ``"gpu"``; ``"cpu"``. The plan's choice is in
+            the table and ``device_map.json`` (``execution_device``), and the dispatched model follows it.
 
     Attributes:
         device_map: the plan (``None`` until planned).
@@ -184,6 +191,7 @@ class DeviceMapCallback(Callback):
         input_shape: Optional[Union[str, Sequence[int]]] = None,
         max_new_tokens: Optional[int] = None,
         prefetch: Optional[Union[bool, str]] = None,
+        offload_execution: Optional[str] = None,
     ) -> None:
         given = {
             "input_shape": None if input_shape is None else _canonical("input_shape", input_shape),
@@ -194,6 +202,8 @@ class DeviceMapCallback(Callback):
             "dtype": parse_dtype(dtype),
             "offload_buffers": offload_buffers,
             "prefetch": None if prefetch is None else _canonical("prefetch", prefetch),
+            "offload_execution": None if offload_execution is None else _canonical("offload_execution",
+                                                                                   offload_execution),
         }
         self.given_settings = {name: value for name, value in given.items() if value is not None}
         self._apply_settings(PLANNING_DEFAULTS | self.given_settings)
@@ -270,6 +280,7 @@ class DeviceMapCallback(Callback):
             device_map = {key: normalize_device(value) for key, value in self.requested_map.items()}
             if prefetch_depth_of(self.requested_map) is not None:  # a plan read back (planned_from_json): its facts
                 device_map = planned_copy(self.requested_map, device_map)
+            device_map = with_execution(device_map, self.offload_execution, self.prefetch)  # an explicit setting
             check_device_map(pl_module, device_map)
             if self.input_shape is not None:
                 self.memory = simulated_memory(pl_module, device_map, self.input_shape, self.max_new_tokens,
@@ -278,7 +289,8 @@ class DeviceMapCallback(Callback):
             device_map, self.memory = fitted_plan(
                 pl_module, self.input_shape, self.max_new_tokens, max_memory=self.max_memory_bytes,
                 no_split_module_classes=self.no_split_module_classes, dtype=self.dtype, policy=self.requested_map,
-                offload_buffers=self.offload_buffers, prefetch=self.prefetch, **quantized,
+                offload_buffers=self.offload_buffers, prefetch=self.prefetch, offload_execution=self.offload_execution,
+                **quantized,
             )  # fmt: skip
         else:
             device_map = infer_device_map(
@@ -290,6 +302,7 @@ class DeviceMapCallback(Callback):
                 offload_buffers=self.offload_buffers,
                 stream_reserve=self.max_memory is None,  # a detected budget keeps room for the disk stream
                 prefetch=self.prefetch,
+                offload_execution=self.offload_execution,
                 **quantized,
             )
         if prefetch_depth_of(device_map) is not None:  # a plan: its depth, reserve and execution device, kept

@@ -33,6 +33,7 @@ from lightning_bigmodel.pl.callback import (
     parse_dtype,
 )
 from lightning_bigmodel.planning.device_map import Policy, execution_device, normalize_device
+from lightning_bigmodel.planning.devices import planned_copy, prefetch_depth_of
 from lightning_bigmodel.init import init_empty_weights
 from lightning_bigmodel.integrations.quantization.spec import Quantization, resolve_quantization
 from lightning_bigmodel.pl.io import ShardedCheckpointIO
@@ -80,6 +81,10 @@ class BigModelInferenceStrategy(Strategy):
         prefetch: offloaded layers the execution GPU holds at once: ``"auto"`` (default) two (compute one, prefetch
             the next) where their room costs the GPUs nothing, else one (fetch, compute, free); ``True`` two, failing
             before loading when they do not fit; ``False`` one. The plan's choice is in the device-map table.
+        offload_execution: where offloaded layers compute: ``"auto"`` (default) on the plan's lowest GPU unless its
+            room for them would leave a GPU without modules, then on the CPU ("cpu" entries in place, "disk" ones
+            streamed; logged with the budget that would keep them on the GPU); ``"gpu"``; ``"cpu"``. With an explicit
+            ``device_map``, ``"auto"`` is the lowest GPU (or what a plan read back from ``device_map.json`` records).
         verify: check the first ``predict_step`` against a CPU reference computed module by module from the
             checkpoint (each no-split block streamed in turn, never the whole model in RAM); the first module whose
             outputs diverge beyond its dtype's tolerance stops the job, naming it and its device. Costs one extra CPU
@@ -121,6 +126,7 @@ class BigModelInferenceStrategy(Strategy):
         input_shape: Optional[Union[str, list[int]]] = None,
         max_new_tokens: Optional[int] = None,
         prefetch: Optional[Union[bool, str]] = None,
+        offload_execution: Optional[str] = None,
         verify: bool = False,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -129,8 +135,9 @@ class BigModelInferenceStrategy(Strategy):
         precision_plugin: Optional[Precision] = None,
     ) -> None:
         super().__init__(accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin)
-        if isinstance(device_map, Mapping):
-            device_map = {key: normalize_device(value) for key, value in device_map.items()}
+        if isinstance(device_map, Mapping):  # a plan read back from device_map.json keeps its facts (execution device)
+            normalized = {key: normalize_device(value) for key, value in device_map.items()}
+            device_map = normalized if prefetch_depth_of(device_map) is None else planned_copy(device_map, normalized)
         given = {
             "device_map": device_map,
             "max_memory": max_memory,
@@ -140,6 +147,8 @@ class BigModelInferenceStrategy(Strategy):
             "input_shape": None if input_shape is None else _canonical("input_shape", input_shape),
             "max_new_tokens": max_new_tokens,
             "prefetch": None if prefetch is None else _canonical("prefetch", prefetch),
+            "offload_execution": None if offload_execution is None else _canonical("offload_execution",
+                                                                                   offload_execution),
         }
         self.given_settings = {name: value for name, value in given.items() if value is not None}
         self._use_settings(PLANNING_DEFAULTS | self.given_settings)

@@ -16,6 +16,18 @@ if TYPE_CHECKING:
 EXECUTION_CHOICES = ("auto", "gpu", "cpu")
 
 
+def check_offload_execution(value: object, prefetch: object = "auto") -> None:
+    """Raise ``ValueError`` for an ``offload_execution`` that is none of ``"auto"``, ``"gpu"``, ``"cpu"``, or
+    ``"cpu"`` with ``prefetch=True`` (prefetching brings offloaded layers to a GPU, where none then computes)."""
+    if not isinstance(value, str) or value not in EXECUTION_CHOICES:
+        raise ValueError(f'`offload_execution={value!r}` is not an execution setting; pass "auto", "gpu" or "cpu".')
+    if value == "cpu" and prefetch is True:
+        raise ValueError(
+            '`prefetch=True` prefetches offloaded layers onto the execution GPU, but `offload_execution="cpu"` computes '
+            'them on the CPU. Pass one of the two, or `prefetch="auto"`.'
+        )
+
+
 @dataclass
 class Choice:
     """One candidate plan: the map, its prefetch depth, the reserve on its execution device, that device, and

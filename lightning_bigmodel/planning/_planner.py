@@ -134,8 +134,9 @@ class _Planner(_Groups):
         offloaded layers execute on (:attr:`exec_device`).
 
         GPU execution (the lowest GPU of the plan; see :meth:`plan_gpu`) unless ``execution="cpu"``, or, under
-        ``"auto"`` (with ``prefetch`` not ``True``, and not int4, which has no CPU kernel), it leaves a budgeted GPU without modules that the CPU-execution
-        plan (:meth:`plan_cpu`: no reserve on any GPU) fills; :attr:`note` then says why, and the fix."""
+        ``"auto"`` (with ``prefetch`` not ``True``, and not int4, which has no CPU kernel), it leaves a budgeted GPU
+        without modules that the CPU-execution plan (:meth:`plan_cpu`: no reserve on any GPU) fills; :attr:`note` then
+        says why, and the fix."""
         self.has_gpu = any(isinstance(device, int) and budget > 0 for device, budget in budgets.items())
         self.short: dict[int, tuple[Device, int]] = {}
         self.note: Optional[str] = None
@@ -262,8 +263,8 @@ class _Planner(_Groups):
     def _reserve(self, raw: DeviceMap, slots: int = 2) -> tuple[int, Device]:
         """Bytes the execution device needs beside its own modules: on a GPU the ``slots`` largest offloaded layers (two:
         the prefetcher keeps the layer computing and the next one resident; one: fetch, compute, free); on the CPU, when
-        the budget was detected (``stream_reserve``; also under CPU execution), the disk stream (the largest layer plus ``READ_AHEAD_LAYERS`` read
-        ahead); and offloaded buffers, once (the layers are counted without them when buffers stay resident)."""
+        the budget was detected (``stream_reserve``; also under CPU execution), the disk stream (the largest layer plus
+        ``READ_AHEAD_LAYERS`` read ahead); and offloaded buffers, once (the layers are counted without them when buffers stay resident)."""
         gpus = [device for device in raw.values() if isinstance(device, int)] if self.gpu_exec else []
         exec_device: Device = min(gpus) if gpus else "cpu"
         offloaded = self._offloaded(raw)

@@ -19,7 +19,11 @@ from lightning_bigmodel.planning.table import format_bytes
 _MIN_GPU_HEADROOM = 2**30  # 1 GiB
 _GPU_HEADROOM_FRACTION = 0.10  # of the device's total memory
 # Free RAM kept back from a detected CPU budget for the process itself: the interpreter and libraries growing, the
-# activations of a forward pass, a tensor being converted while loading.
+# allocator holding on to freed activations, a tensor being converted while loading, and, when the plan is made
+# without an input shape, the activations of a forward too. A plan made for an input shape (`input_shape=`, see
+# `lightning_bigmodel.fitting`) keeps room for the simulated activations of that batch beside the weights on top of
+# this headroom; without one, this fixed number is all the activations get (GPT-2-large fp32 in a 1.6 GiB cgroup:
+# enough for a 1 x 8 decode, not for a 4 x 128 prefill, whose logits alone take 103 MB).
 _MIN_CPU_HEADROOM = 256 * 2**20  # 256 MiB
 _CPU_HEADROOM_FRACTION = 0.05  # of the free memory found
 # Layers of disk weights read ahead of the one computing on a CPU execution device; the planner keeps
@@ -61,7 +65,8 @@ def get_max_memory(
     available RAM, minus ``max(256 MiB, 5%)`` for the process (a given ``"cpu"`` budget above it warns). ``gpus`` limits
     detection to those GPU indices (the Trainer's or a replica's): no other GPU is queried, so none gets a context or
     fails when another job owns it. ``simulated_activations=True`` (planning for an input shape, whose activations
-    the memory simulation reserves instead) keeps only 1 GiB per GPU for the CUDA context and workspaces.
+    the memory simulation reserves instead) keeps only 1 GiB per GPU for the CUDA context and workspaces; the CPU
+    keeps its headroom (the process), and the plan then keeps room for the simulated activations beside its weights.
 
     Raises:
         ValueError: for an unknown or repeated key, or a malformed size.
@@ -113,7 +118,8 @@ class CpuMemory:
             ``"available RAM"``.
         free: the smaller of the cgroup's room (limit minus non-reclaimable use) and the available RAM.
         available: ``MemAvailable`` of ``/proc/meminfo`` (else free pages from ``os.sysconf``).
-        headroom: bytes kept back for the process: ``max(256 MiB, 5% of free)``.
+        headroom: bytes kept back for the process: ``max(256 MiB, 5% of free)``; without an input shape to plan for,
+            also all the activations of a forward get (see :func:`lightning_bigmodel.infer_device_map`).
         cgroup: the binding cgroup limit, or ``None`` when no cgroup limits memory.
     """
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lightning_bigmodel._keywords import keyword_only
+from lightning_bigmodel.planning._execution import EXECUTION_CHOICES, check_offload_execution
 from lightning_bigmodel.planning._planner import Prefetch, _Planner
 from lightning_bigmodel.planning.mapping import _device_of, _tensor_names, clean_device_map, tensor_devices
 from lightning_bigmodel.planning._report import empty_gpu_lines
@@ -28,6 +29,7 @@ from lightning_bigmodel.planning.devices import (
 )
 
 __all__ = [
+    "EXECUTION_CHOICES",
     "POLICIES",
     "PREFETCH_CHOICES",
     "CheckedDeviceMap",
@@ -74,6 +76,7 @@ def infer_device_map(
     quantization_skip_modules: Optional[Sequence[str]] = None,
     stream_reserve: Optional[bool] = None,
     prefetch: Prefetch = "auto",
+    offload_execution: str = "auto",
 ) -> PlannedDeviceMap:
     """Plan ``{module_name: gpu_index | "cpu" | "disk"}`` for ``model`` under ``max_memory``.
 
@@ -104,8 +107,16 @@ def infer_device_map(
     offloaded layer computes on a GPU) and :func:`~lightning_bigmodel.dispatch_model` follows it. When the in-order walk
     leaves a budgeted GPU empty while it offloads weights (e.g. no GPU holds its first modules beside the reserve),
     each GPU in turn is also tried as the execution device, with what does not fit there sent to the later devices;
-    that plan wins, out of module order, when it keeps more bytes on the GPUs. A budgeted GPU left empty while weights are offloaded is logged (one line: its
-    budget, what did not fit, the fix).
+    that plan wins, out of module order, when it keeps more bytes on the GPUs. A budgeted GPU left empty while weights
+    are offloaded is logged (one line: its budget, what did not fit, the fix).
+
+    Execution device (``offload_execution``): where the offloaded ("cpu"/"disk") layers compute, recorded on the result
+    (``.execution_device``: a GPU index, or ``"cpu"``) and followed by dispatch. ``"gpu"``: the lowest GPU of the plan,
+    with the room above. ``"cpu"``: "cpu" entries compute in place and "disk" ones stream to the CPU (as without GPUs),
+    so no GPU keeps room for offloaded layers; a budgeted GPU the in-order walk passed over (its next module did not
+    fit) then takes the largest offloaded pieces that fit it, out of module order. ``"auto"`` (default): ``"gpu"``
+    unless that plan leaves a budgeted GPU without modules that the ``"cpu"`` plan fills (logged, with the budget that
+    would keep the layers on the GPU); ``prefetch=True`` and int4 quantization (no CPU kernel) keep ``"gpu"``.
 
     With no GPU and a detected budget (``max_memory=None``), the CPU reserves ``1 + READ_AHEAD_LAYERS`` times the
     largest disk layer for streaming disk weights (the layer computing and the ones read ahead); an explicit CPU budget
@@ -130,6 +141,7 @@ def infer_device_map(
         model, no_split_module_classes=no_split_module_classes, dtype=dtype, policy=policy,
         offload_buffers=offload_buffers, quantization=quantization, quantization_skip_modules=quantization_skip_modules,
         stream_reserve=max_memory is None if stream_reserve is None else stream_reserve, prefetch=prefetch,
+        offload_execution=offload_execution,
     )  # fmt: skip
     budgets = planning_budgets(max_memory)
     if max_memory is None:  # detected budgets: this process runs the model, so its cgroup limit must hold a layer
@@ -169,15 +181,18 @@ class DeviceMapPlanner:
         quantization_skip_modules: Optional[Sequence[str]] = None,
         stream_reserve: bool = False,
         prefetch: Prefetch = "auto",
+        offload_execution: str = "auto",
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"`policy={policy!r}` is not a device-map policy; choose one of {list(POLICIES)}.")
         if prefetch not in PREFETCH_CHOICES or isinstance(prefetch, int) and not isinstance(prefetch, bool):
             raise ValueError(f"`prefetch={prefetch!r}` is not a prefetch setting; pass True, False or \"auto\".")
+        check_offload_execution(offload_execution, prefetch)
         self.model, self.policy = model, policy
         quantized = (quantization, quantization_skip_modules)
         self._planner = _Planner(model, no_split_module_classes, dtype, offload_buffers, quantized,
-                                 stream_reserve=stream_reserve, prefetch=prefetch)  # fmt: skip
+                                 stream_reserve=stream_reserve, prefetch=prefetch,
+                                 execution=offload_execution)  # fmt: skip
         self.sizes = self._planner.sizes
 
     def largest(self) -> tuple[int, str]:

@@ -153,3 +153,22 @@ def planned_from_json(payload: Mapping[str, object]) -> PlannedDeviceMap:
             raise ValueError(f"`execution_device` {where!r} in the device-map JSON is not a device that computes.")
         planned.execution_device = device
     return planned
+
+
+def with_execution(device_map: Mapping[str, Device], setting: str, prefetch: object = "auto") -> Mapping[str, Device]:
+    """An explicit ``device_map`` whose offloaded entries compute where ``setting`` says: ``"cpu"``, ``"gpu"`` (its
+    lowest GPU), or ``"auto"`` (as the map says: the ``map`` itself is returned).
+
+    Raises:
+        ValueError: for a ``setting`` that is none of the three, or ``"cpu"`` with ``prefetch=True``.
+    """
+    from lightning_bigmodel.planning._execution import check_offload_execution
+
+    check_offload_execution(setting, prefetch)
+    if setting == "auto":
+        return device_map
+    planned = planned_copy(device_map, device_map)
+    gpus = [device for device in map(normalize_device, device_map.values()) if isinstance(device, int)]
+    planned.execution_device = "cpu" if setting == "cpu" or not gpus else min(gpus)
+    planned.prefetch_depth = 0 if planned.execution_device == "cpu" else 1 if prefetch is False else 2
+    return planned

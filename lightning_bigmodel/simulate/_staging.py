@@ -15,8 +15,9 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from lightning_bigmodel.offload.attach import _disk_units  # the real dispatch's choice of streamed modules
+from lightning_bigmodel.offload.attach import _disk_bytes_per_key, _disk_units  # the real dispatch's choices
 from lightning_bigmodel.offload.hooks import HostEntry, InputHook, RootHook, WeightHook
+from lightning_bigmodel.offload.readahead import _MAX_BUFFERS
 from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS
 from lightning_bigmodel.offload.placement import is_disk
 
@@ -64,35 +65,27 @@ def _copy_in(hook: WeightHook) -> dict[int, torch.Tensor]:
 
 
 class SimReadAhead:
-    """Memory model of :class:`~lightning_bigmodel.offload.readahead.ReadAhead` (disk weights used in place on a CPU
-    execution device): a module's disk pages are in RAM from just before it runs (or from when the module
-    ``depth`` places before it started, read ahead) until it has run; the last module reads the first ahead."""
+    """Memory model of :class:`~lightning_bigmodel.offload.readahead.ReadAhead` (disk weights streamed into reusable
+    buffers on a CPU execution device), in its steady state (every forward after the first, when memory is short):
+    a pool of ``slots`` buffers, each the size of the largest disk unit, held from the first disk unit on until the
+    run ends. ``slots`` is the real stream's: its reserve (``1 + READ_AHEAD_LAYERS`` times the largest disk entry of
+    the map, what the planner keeps free for it) in buffers of the largest unit, at least 2, at most
+    :data:`~lightning_bigmodel.offload.readahead._MAX_BUFFERS` and the number of units. The pool, not the unit computing
+    and the one read ahead, is what the process holds: a layer of many small units fills several buffers at once."""
 
-    def __init__(self, disk_units: Mapping[str, tuple[nn.Module, list[torch.Tensor]]], depth: int) -> None:
-        self.tensors = {name: tensors for name, (_, tensors) in disk_units.items()}
-        self.order = list(disk_units)
-        self.depth = depth
-        self.resident: dict[str, list[torch.Tensor]] = {}
+    def __init__(self, disk_units: Mapping[str, tuple[nn.Module, list[torch.Tensor]]], stream_bytes: int) -> None:
+        unit_bytes = [sum(t.numel() * t.element_size() for t in tensors) for _, tensors in disk_units.values()]
+        self.slot_bytes = max(unit_bytes, default=0)
+        ahead = stream_bytes // max(1, self.slot_bytes)
+        self.slots = max(2, min(len(unit_bytes), _MAX_BUFFERS, ahead))
+        self.pool: list[torch.Tensor] = []
 
     def attach(self, disk_units: Mapping[str, tuple[nn.Module, list[torch.Tensor]]]) -> list:
-        handles = []
-        for name, (module, _) in disk_units.items():
-            handles.append(module.register_forward_pre_hook(lambda *_, n=name: self.pre(n)))
-            handles.append(module.register_forward_hook(lambda *_, n=name: self.post(n), always_call=True))
-        return handles
+        return [module.register_forward_pre_hook(lambda *_: self.pre()) for module, _ in disk_units.values()]
 
-    def _read(self, name: str) -> None:
-        if name not in self.resident:
-            self.resident[name] = [torch.empty(t.shape, dtype=t.dtype, device="cpu") for t in self.tensors[name]]
-
-    def pre(self, name: str) -> None:
-        self._read(name)
-        at = self.order.index(name)
-        for step in range(1, self.depth + 1):
-            self._read(self.order[(at + step) % len(self.order)])
-
-    def post(self, name: str) -> None:
-        self.resident.pop(name, None)
+    def pre(self) -> None:
+        if not self.pool:  # allocated under the live-bytes count, on the CPU: the stream's buffers are host memory
+            self.pool = [torch.empty(self.slot_bytes, dtype=torch.uint8, device="cpu") for _ in range(self.slots)]
 
 
 def attach_memory_hooks(
@@ -101,15 +94,18 @@ def attach_memory_hooks(
     by_unit: Mapping[str, Mapping[int, HostEntry]],
     groups: list,
     main: torch.device,
+    normalized: Mapping[str, object],
 ) -> list:
-    """Attach the hooks ``dispatch_model`` would (see ``offload.attach.attach_hooks``); return their handles."""
+    """Attach the hooks ``dispatch_model`` would (see ``offload.attach.attach_hooks``) for ``model`` placed as
+    ``groups`` by the (normalized) device map ``normalized``; return their handles."""
     handles = []
     move_io = len({device for _, device in units.values()}) > 1 or bool(by_unit)
     prefetcher = SimPrefetcher() if any(units[name][1].type != "cpu" for name in by_unit) else None
     if prefetcher is None and main.type == "cpu":
         disk_units = _disk_units(model, groups)
         if disk_units:
-            handles += SimReadAhead(disk_units, READ_AHEAD_LAYERS).attach(disk_units)
+            stream = (1 + READ_AHEAD_LAYERS) * max(_disk_bytes_per_key(groups, normalized).values())  # as dispatch
+            handles += SimReadAhead(disk_units, stream).attach(disk_units)
     if move_io:
         root = RootHook({}, prefetcher, restore_outputs=True)
         handles.append(model.register_forward_pre_hook(root.pre, with_kwargs=True))

@@ -73,10 +73,11 @@ def simulate_memory(
 
     Counted per device, over time: the weights placed there (``"disk"`` weights stay under ``"disk"``); activations;
     the staged copies of ``"cpu"``/``"disk"`` layers on the execution GPU, with the next offloaded layer prefetched
-    beside the current one, and disk reads staged in host RAM; on a CPU execution device, the pages of the disk
-    layer computing and of those read ahead of it; outputs returned to the input's device. With
-    ``max_new_tokens``, the decode of ``generate``: a transformers model runs its own KV cache (prefill with
-    ``use_cache=True``, then one token per step with ``past_key_values``, logits of the last position only); any
+    beside the current one, and disk reads staged in host RAM; on a CPU execution device, the disk stream's buffers
+    (its whole pool, from the first disk layer on, as every forward after the first holds them); outputs returned to
+    the input's device. With ``max_new_tokens``, the decode of ``generate``: a transformers model runs its own KV
+    cache (prefill with ``use_cache=True``, then one token per step with ``past_key_values``, logits of the last
+    position only); any
     other module re-runs the whole sequence, grown by one token per step (its first input's dim 1), and since that
     step's memory only grows with the length, the last step (``seq + max_new_tokens``) stands for the loop.
     Scaled dot-product attention is counted as the fused kernels a GPU runs (no ``seq x seq`` score matrix).
@@ -116,7 +117,7 @@ def simulate_memory(
         assign_targets(groups, normalized, main, offload_buffers)
         weights = _place_fakes(groups, dtype, live)
         units, by_unit = _entries_by_unit(model, groups, normalized, main)
-        stack.callback(_remove, attach_memory_hooks(model, units, by_unit, groups, main))
+        stack.callback(_remove, attach_memory_hooks(model, units, by_unit, groups, main, normalized))
         stack.enter_context(live)
         fakes = tuple(_fake_like(x, main) for x in inputs)
         stack.enter_context(SimulatedFunctions())
