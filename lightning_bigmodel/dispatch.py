@@ -21,7 +21,7 @@ from lightning_bigmodel.planning.device_map import (
     infer_device_map,
     normalize_device,
 )
-from lightning_bigmodel.planning.devices import as_execution_device, prefetch_depth_of
+from lightning_bigmodel.planning.devices import as_execution_device, prefetch_depth_of, with_execution
 from lightning_bigmodel.offload.attach import DispatchState, attach_hooks
 from lightning_bigmodel.offload.disk import OffloadFolder
 from lightning_bigmodel.offload.guards import guard_copies, keep_requires_grad, requires_grad_of, unguard_copies
@@ -150,6 +150,7 @@ def load_checkpoint_and_dispatch(
     prefetch: Union[bool, str] = "auto",
     input_shape: Optional[Union[str, Sequence[int]]] = None,
     max_new_tokens: int = 0,
+    offload_execution: str = "auto",
 ) -> nn.Module:
     """Plan (when ``device_map`` is a policy name), stream the checkpoint in, and dispatch; return ``model`` in
     ``eval()`` mode (also with ``device_map=None``). Every argument after ``checkpoint`` is keyword-only.
@@ -159,6 +160,11 @@ def load_checkpoint_and_dispatch(
 
     ``prefetch`` (``True``/``False``/``"auto"``) is the prefetch depth of the plan (see ``infer_device_map``); with an
     explicit map, ``"auto"`` prefetches and ``False`` fetches each offloaded layer when it runs.
+
+    ``offload_execution`` (``"auto"``/``"gpu"``/``"cpu"``) is where the plan's offloaded layers compute (see
+    ``infer_device_map``: ``"auto"`` keeps them on a GPU unless its room for them would leave a GPU without modules);
+    with an explicit map, ``"cpu"`` computes its "cpu"/"disk" entries on the CPU, ``"gpu"`` on its lowest GPU, and
+    ``"auto"`` where the map says (a plan read back from ``device_map.json`` records it; else the lowest GPU).
 
     ``input_shape`` (your largest batch of token ids, ``"4x128"``) and ``max_new_tokens`` plan so that the simulated
     peak of that batch fits every budget (see :func:`lightning_bigmodel.infer_device_map`): its activations get room
@@ -196,6 +202,7 @@ def load_checkpoint_and_dispatch(
             quantization_skip_modules=quantization_skip_modules,
             input_shape=input_shape,
             max_new_tokens=max_new_tokens,
+            offload_execution=offload_execution,
         )
     elif input_shape is not None or max_new_tokens:
         raise ValueError(
@@ -203,6 +210,8 @@ def load_checkpoint_and_dispatch(
             "nothing to plan. Drop them, or pass `device_map='auto'`."
         )
     if device_map is not None:
+        if policy is None:  # an explicit map: the execution device `offload_execution` names (checked first)
+            device_map = with_execution(device_map, offload_execution, prefetch)
         device_map = validate_device_map(model, device_map)
         if policy is not None and offload_folder is None:
             quantized = quantized_weights(model, resolve_quantization(quantization, quantization_skip_modules))

@@ -54,9 +54,11 @@ def infer_device_map(
     max_new_tokens: int = 0,
     stream_reserve: Optional[bool] = None,
     prefetch: Prefetch = "auto",
+    offload_execution: str = "auto",
 ) -> PlannedDeviceMap:
     """Plan ``{module_name: gpu_index | "cpu" | "disk"}`` for ``model`` under ``max_memory``; see
-    :func:`lightning_bigmodel.planning.device_map.infer_device_map` for the planner, its policies and ``prefetch``.
+    :func:`lightning_bigmodel.planning.device_map.infer_device_map` for the planner, its policies, ``prefetch`` and
+    ``offload_execution``.
 
     ``input_shape`` (a batch of token ids, ``"4x2048"`` or ``(4, 2048)``) and ``max_new_tokens`` make the plan fit at
     run time (:func:`fit_device_map`): the plan's memory is simulated on fake tensors, and while a device's peak exceeds
@@ -82,6 +84,7 @@ def infer_device_map(
     settings = dict(
         no_split_module_classes=no_split_module_classes, dtype=dtype, policy=policy, offload_buffers=offload_buffers,
         quantization=quantization, quantization_skip_modules=quantization_skip_modules, prefetch=prefetch,
+        offload_execution=offload_execution,
     )  # fmt: skip
     reserve = max_memory is None if stream_reserve is None else stream_reserve
     if input_shape is None:
