@@ -68,8 +68,9 @@ def infer_device_map(
     card for the activations: the simulation reserves what they need. The CPU counts the same way when it executes
     (no GPU, or a plan computing its offloaded layers there): its peak (weights, the disk stream's buffers and the
     batch's activations) must fit its budget, so under the detected budget (a container's memory limit) the
-    activations get room beside the weights, on top of the detected budget's headroom for the process. The CPU
-    budget holds the stream's buffers then, an explicit one too.
+    activations get room beside the weights, on top of the detected budget's headroom for the process; the detected
+    budget holds the disk stream's buffers too (an explicit one has the stream on top, and is charged the disk layer
+    computing and the one read ahead).
 
     Without ``input_shape`` under the detected budget, a plan for the CPU that leaves the activations little room
     (it spills weights to disk, or leaves less than twice the headroom free) is logged once with the fix: the
@@ -101,7 +102,8 @@ def infer_device_map(
     if max_memory is None:  # detected budgets: this process runs the model, so its cgroup limit must hold a layer
         check_layer_fits(*planner.largest())
     sizes = planner.sizes if quantization is not None else None
-    fitted = fit_device_map(model, planner, budgets, input_shape, max_new_tokens, dtype, offload_buffers, sizes)
+    fitted = fit_device_map(model, planner, budgets, input_shape, max_new_tokens, dtype, offload_buffers, sizes,
+                            stream_pool=reserve)  # a budget holding the stream is charged its whole buffer pool
     planner.report_empty_gpus(fitted.device_map, budgets)
     return fitted.device_map
 
@@ -139,6 +141,7 @@ def fit_device_map(
     dtype: Optional[torch.dtype] = None,
     offload_buffers: bool = False,
     sizes: Optional[Mapping[str, int]] = None,
+    stream_pool: bool = False,
 ) -> FittedPlan:
     """Plan with ``plan(budgets)``, then re-plan until every simulated peak fits: each device over its budget gets, for
     the next plan, a budget of what this plan holds there (weights, and the planner's reserve on the execution
@@ -156,6 +159,8 @@ def fit_device_map(
         offload_buffers: as for planning and dispatch.
         sizes: the planner's bytes per module when they differ from the tensors' (quantized weights): the weights
             of each device are then counted at these sizes, and the simulation adds only what it measures beside them.
+        stream_pool: the CPU budget holds the disk stream (a detected budget, ``stream_reserve``): a CPU execution
+            device is charged the stream's whole buffer pool (see :func:`simulate_memory`).
 
     Raises:
         ValueError: when ``input_shape`` does not parse, or no plan fits after several tries (naming the devices,
@@ -170,7 +175,7 @@ def fit_device_map(
         if device_map == previous:
             break  # lowering the budgets moved nothing more (e.g. every weight is on disk): no plan will fit
         previous = device_map
-        memory = simulate_memory(model, device_map, inputs, max_new_tokens, dtype, offload_buffers)
+        memory = simulate_memory(model, device_map, inputs, max_new_tokens, dtype, offload_buffers, stream_pool)
         if sizes is not None:
             memory = _at_planned_sizes(memory, device_map, sizes)
         over = excess(memory, budgets)

@@ -61,9 +61,10 @@ def fitted_plan(
 
     network, prefix = network_of(module)
     device_map = infer_device_map(network, input_shape=input_shape, max_new_tokens=max_new_tokens, **planning)
+    stream = planning.get("stream_reserve")
     memory = simulated_memory(
         network, device_map, input_shape, max_new_tokens, planning.get("dtype"), planning.get("offload_buffers", False),
-        relative=False,
+        relative=False, stream_pool=planning.get("max_memory") is None if stream is None else stream,
     )  # fmt: skip
     return planned_copy(device_map, _absolute(device_map, prefix)), memory  # the plan's depth, reserve, execution
 
@@ -76,11 +77,13 @@ def simulated_memory(
     dtype: Optional[Any] = None,
     offload_buffers: bool = False,
     relative: bool = True,
+    stream_pool: bool = False,
 ) -> Memory:
-    """Simulated weights and peak per device of ``module`` (or its network) placed as ``device_map``."""
+    """Simulated weights and peak per device of ``module`` (or its network) placed as ``device_map`` (``stream_pool``:
+    the CPU budget holds the disk stream, as a detected one does; see ``simulate_memory``)."""
     from lightning_bigmodel.fitting import token_ids
     from lightning_bigmodel.simulate.memory import simulate_memory
 
     network, prefix = network_of(module) if relative else (module, "")
     local = _relative(device_map, prefix)
-    return simulate_memory(network, local, token_ids(input_shape), max_new_tokens, dtype, offload_buffers)
+    return simulate_memory(network, local, token_ids(input_shape), max_new_tokens, dtype, offload_buffers, stream_pool)

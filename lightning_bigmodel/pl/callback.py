@@ -290,6 +290,7 @@ class DeviceMapCallback(Callback):
                 pl_module, self.input_shape, self.max_new_tokens, max_memory=self.max_memory_bytes,
                 no_split_module_classes=self.no_split_module_classes, dtype=self.dtype, policy=self.requested_map,
                 offload_buffers=self.offload_buffers, prefetch=self.prefetch, offload_execution=self.offload_execution,
+                stream_reserve=self.max_memory is None,  # a detected budget keeps room for the disk stream
                 **quantized,
             )  # fmt: skip
         else:

@@ -65,13 +65,46 @@ def _copy_in(hook: WeightHook) -> dict[int, torch.Tensor]:
 
 
 class SimReadAhead:
-    """Memory model of :class:`~lightning_bigmodel.offload.readahead.ReadAhead` (disk weights streamed into reusable
-    buffers on a CPU execution device), in its steady state (every forward after the first, when memory is short):
-    a pool of ``slots`` buffers, each the size of the largest disk unit, held from the first disk unit on until the
-    run ends. ``slots`` is the real stream's: its reserve (``1 + READ_AHEAD_LAYERS`` times the largest disk entry of
-    the map, what the planner keeps free for it) in buffers of the largest unit, at least 2, at most
-    :data:`~lightning_bigmodel.offload.readahead._MAX_BUFFERS` and the number of units. The pool, not the unit computing
-    and the one read ahead, is what the process holds: a layer of many small units fills several buffers at once."""
+    """Memory model of :class:`~lightning_bigmodel.offload.readahead.ReadAhead` (disk weights streamed on a CPU
+    execution device) outside the budget: a module's disk bytes are in RAM from just before it runs (or from when the
+    module ``depth`` places before it started, read ahead) until it has run; the last module reads the first ahead.
+    What an explicit CPU budget is charged (the rest of the stream comes on top of it, see ``infer_device_map``)."""
+
+    def __init__(self, disk_units: Mapping[str, tuple[nn.Module, list[torch.Tensor]]], depth: int) -> None:
+        self.tensors = {name: tensors for name, (_, tensors) in disk_units.items()}
+        self.order = list(disk_units)
+        self.depth = depth
+        self.resident: dict[str, list[torch.Tensor]] = {}
+
+    def attach(self, disk_units: Mapping[str, tuple[nn.Module, list[torch.Tensor]]]) -> list:
+        handles = []
+        for name, (module, _) in disk_units.items():
+            handles.append(module.register_forward_pre_hook(lambda *_, n=name: self.pre(n)))
+            handles.append(module.register_forward_hook(lambda *_, n=name: self.post(n), always_call=True))
+        return handles
+
+    def _read(self, name: str) -> None:
+        if name not in self.resident:
+            self.resident[name] = [torch.empty(t.shape, dtype=t.dtype, device="cpu") for t in self.tensors[name]]
+
+    def pre(self, name: str) -> None:
+        self._read(name)
+        at = self.order.index(name)
+        for step in range(1, self.depth + 1):
+            self._read(self.order[(at + step) % len(self.order)])
+
+    def post(self, name: str) -> None:
+        self.resident.pop(name, None)
+
+
+class SimStreamPool:
+    """Memory model of the same stream in its steady state (every forward after the first, memory short), as a budget
+    that holds it (a detected one) is charged: a pool of ``slots`` buffers, each the size of the largest disk unit,
+    held from the first disk unit on until the run ends. ``slots`` is the real stream's: its reserve
+    (``1 + READ_AHEAD_LAYERS`` times the largest disk entry of the map, what the planner keeps free for it) in buffers
+    of the largest unit, at least 2, at most :data:`~lightning_bigmodel.offload.readahead._MAX_BUFFERS` and the number
+    of units. A layer of several units fills several buffers at once: the pool, not the unit computing and the one
+    read ahead (:class:`SimReadAhead`), is what the process holds."""
 
     def __init__(self, disk_units: Mapping[str, tuple[nn.Module, list[torch.Tensor]]], stream_bytes: int) -> None:
         unit_bytes = [sum(t.numel() * t.element_size() for t in tensors) for _, tensors in disk_units.values()]
@@ -95,17 +128,23 @@ def attach_memory_hooks(
     groups: list,
     main: torch.device,
     normalized: Mapping[str, object],
+    stream_pool: bool = False,
 ) -> list:
     """Attach the hooks ``dispatch_model`` would (see ``offload.attach.attach_hooks``) for ``model`` placed as
-    ``groups`` by the (normalized) device map ``normalized``; return their handles."""
+    ``groups`` by the (normalized) device map ``normalized``; return their handles. ``stream_pool``: a CPU execution
+    device's disk stream counts its whole buffer pool (:class:`SimStreamPool`), else the units in RAM at once
+    (:class:`SimReadAhead`)."""
     handles = []
     move_io = len({device for _, device in units.values()}) > 1 or bool(by_unit)
     prefetcher = SimPrefetcher() if any(units[name][1].type != "cpu" for name in by_unit) else None
     if prefetcher is None and main.type == "cpu":
         disk_units = _disk_units(model, groups)
         if disk_units:
-            stream = (1 + READ_AHEAD_LAYERS) * max(_disk_bytes_per_key(groups, normalized).values())  # as dispatch
-            handles += SimReadAhead(disk_units, stream).attach(disk_units)
+            if stream_pool:
+                stream = (1 + READ_AHEAD_LAYERS) * max(_disk_bytes_per_key(groups, normalized).values())  # as dispatch
+                handles += SimStreamPool(disk_units, stream).attach(disk_units)
+            else:
+                handles += SimReadAhead(disk_units, READ_AHEAD_LAYERS).attach(disk_units)
     if move_io:
         root = RootHook({}, prefetcher, restore_outputs=True)
         handles.append(model.register_forward_pre_hook(root.pre, with_kwargs=True))

@@ -62,6 +62,7 @@ def simulate_memory(
     max_new_tokens: int = 0,
     dtype: Optional[torch.dtype] = None,
     offload_buffers: bool = False,
+    stream_pool: bool = False,
 ) -> dict[Label, dict[str, int]]:
     """Weights and peak live bytes per device of ``model`` dispatched as ``device_map``, over a forward of
     ``example_inputs`` and ``max_new_tokens`` decode steps.
@@ -73,9 +74,10 @@ def simulate_memory(
 
     Counted per device, over time: the weights placed there (``"disk"`` weights stay under ``"disk"``); activations;
     the staged copies of ``"cpu"``/``"disk"`` layers on the execution GPU, with the next offloaded layer prefetched
-    beside the current one, and disk reads staged in host RAM; on a CPU execution device, the disk stream's buffers
-    (its whole pool, from the first disk layer on, as every forward after the first holds them); outputs returned to
-    the input's device. With ``max_new_tokens``, the decode of ``generate``: a transformers model runs its own KV
+    beside the current one, and disk reads staged in host RAM; on a CPU execution device, the disk layer computing
+    and the one read ahead of it, or with ``stream_pool`` the disk stream's whole buffer pool (from the first disk
+    layer on, as every forward after the first holds it: what a detected CPU budget holds, where an explicit one has
+    the stream on top); outputs returned to the input's device. With ``max_new_tokens``, the decode of ``generate``: a transformers model runs its own KV
     cache (prefill with ``use_cache=True``, then one token per step with ``past_key_values``, logits of the last
     position only); any
     other module re-runs the whole sequence, grown by one token per step (its first input's dim 1), and since that
@@ -89,6 +91,7 @@ def simulate_memory(
         max_new_tokens: decode steps after the forward (0: the forward only).
         dtype: count floating-point weights in this dtype (as :func:`~lightning_bigmodel.compute_module_sizes`).
         offload_buffers: as in :func:`~lightning_bigmodel.dispatch_model`.
+        stream_pool: count the disk stream's whole buffer pool on a CPU execution device (see above).
 
     Returns:
         ``{device: {"weights": bytes, "peak": bytes}}`` for every device holding weights or activations; devices are
@@ -117,7 +120,7 @@ def simulate_memory(
         assign_targets(groups, normalized, main, offload_buffers)
         weights = _place_fakes(groups, dtype, live)
         units, by_unit = _entries_by_unit(model, groups, normalized, main)
-        stack.callback(_remove, attach_memory_hooks(model, units, by_unit, groups, main, normalized))
+        stack.callback(_remove, attach_memory_hooks(model, units, by_unit, groups, main, normalized, stream_pool))
         stack.enter_context(live)
         fakes = tuple(_fake_like(x, main) for x in inputs)
         stack.enter_context(SimulatedFunctions())
