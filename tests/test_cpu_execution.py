@@ -240,3 +240,29 @@ def test_an_explicit_map_computes_its_offloaded_entries_where_offload_execution_
             got = model(ids).cpu()
     assert (main.type == "cpu") == (setting == "cpu"), main  # "auto": an explicit map's lowest GPU, as before
     torch.testing.assert_close(got, expected)
+
+
+@no_cuda
+def test_the_micro_batch_pipeline_locks_cpu_executed_entries_on_the_cpu_and_matches_the_plain_model(tmp_path):
+    from lightning_bigmodel.pipeline import MicroBatchPipeline
+
+    make, no_split, budget_name, inputs = CASES["moe-tight"]
+    torch.manual_seed(0)
+    plain = make()
+    budget = _budget(plain, budget_name)
+    with torch.device("meta"):
+        device_map = infer_device_map(make(), budget, no_split_module_classes=no_split)
+    assert device_map.execution_device == "cpu", device_map
+    ids = torch.randint(0, 2048, (4, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = plain(ids)
+    with simulated_gpus(3):
+        model = make()
+        model.load_state_dict(plain.state_dict())
+        dispatch_model(model, device_map)
+        with MicroBatchPipeline(model, micro_batches=2) as pipe, torch.no_grad():
+            domains = dict(pipe.domains)
+            got = pipe(ids).cpu()
+    offloaded = [key for key, device in device_map.items() if device in ("cpu", "disk")]
+    assert offloaded and all(domains[key] == "cpu" for key in offloaded), domains  # not GPU 0's lock
+    torch.testing.assert_close(got, expected)

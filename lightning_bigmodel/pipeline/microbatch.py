@@ -39,6 +39,7 @@ from torch import nn
 from lightning_bigmodel import _accelerator as accel
 from lightning_bigmodel.pipeline._batching import _gather, _split_inputs
 from lightning_bigmodel.pipeline._workers import _Cancelled, _Run, _record_streams
+from lightning_bigmodel.offload.placement import main_device_of
 from lightning_bigmodel.planning.device_map import normalize_device
 
 __all__ = ["MicroBatchPipeline", "pipelined_forward"]
@@ -86,8 +87,8 @@ class MicroBatchPipeline:
         model: the model, usually dispatched with :func:`lightning_bigmodel.dispatch_model`.
         micro_batches: how many micro-batches to split each batch into (fewer when the batch is smaller).
         dim: the batch dimension of inputs and outputs.
-        main_device: where ``"cpu"`` and ``"disk"`` entries execute; defaults to the lowest GPU of
-            the map, else the CPU.
+        main_device: where ``"cpu"`` and ``"disk"`` entries execute; defaults to the dispatched model's (the plan's
+            execution device), else the lowest GPU of the map, else the CPU.
 
     Example::
 
@@ -113,6 +114,8 @@ class MicroBatchPipeline:
         self._handles: list = []
         prefix, device_map = _find_device_map(model)
         device_map = dict(device_map or {})
+        if main_device is None:  # where the dispatch computes "cpu"/"disk" entries (the CPU for a CPU-execution plan)
+            main_device = main_device_of(model)
         if main_device is None:
             gpus = [_domain(d, "cpu") for d in device_map.values()]
             main = min((g for g in gpus if isinstance(g, int)), default="cpu")
