@@ -14,7 +14,7 @@ import gc
 import importlib
 import resource
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -56,14 +56,20 @@ def _stream_stats(model: torch.nn.Module) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _load(spec: dict[str, Any]) -> torch.nn.Module:
+def _load(spec: dict[str, Any], input_shape: Optional[str]) -> torch.nn.Module:
+    """``load_checkpoint_and_dispatch`` of the case's library; ours plans for ``input_shape`` when given (the largest
+    batch the case runs, as a user would pass it)."""
     lib = spec["lib"]
     if lib == "plain":
         return load_plain({**spec, "map": "resident"})
     if lib == "ours":
         from lightning_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
+
+        planning = {"input_shape": input_shape} if input_shape else {}
     else:
         from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+
+        planning = {}
     with init_empty_weights():
         model = GPT(GPTConfig.preset(spec["size"]))
     model.lm_head.weight = model.transformer.wte.weight  # accelerate's empty init unties it; a no-op for ours
@@ -74,6 +80,7 @@ def _load(spec: dict[str, Any]) -> torch.nn.Module:
         max_memory=spec["max_memory"],
         no_split_module_classes=NO_SPLIT,
         offload_folder=spec["offload_dir"],
+        **planning,
     ).eval()
 
 
@@ -130,10 +137,12 @@ def run_limit_case(spec: dict[str, Any], result: dict[str, Any]) -> None:
     for name in _IMPORTS[spec["lib"]]:
         importlib.import_module(name)
     result["detected"] = _detected(spec["lib"])
+    if spec.get("plan_largest_batch"):  # the prefill batch, the largest this case runs
+        result["input_shape"] = "x".join(str(n) for n in inputs["prefill"].shape)
     gc.collect()
     result["stage"] = "load"
     start = time.perf_counter()
-    model = _load(spec)
+    model = _load(spec, result.get("input_shape"))
     result["load_s"] = time.perf_counter() - start
     result["map_bytes"] = map_summary(model)
     result["stage"] = "first output"

@@ -60,6 +60,8 @@ def _row(name: str, result: dict[str, Any], results: dict[str, Any]) -> str:
         f"given {budget['cpu']}" if isinstance(budget, dict) else
         f"None -> {_gib(detected.get('cpu'))}" + (f" ({detected['source']})" if "source" in detected else "")
     )  # fmt: skip
+    if result.get("input_shape"):
+        cells[-1] += f", `input_shape={result['input_shape']!r}`"
     cells += [_gib(result.get("peak_bytes")), _s(result.get("load_s"))]
     maps, stream = result.get("map_bytes") or {}, result.get("stream") or {}
     cells += [_gib(maps.get("cpu")), _gib(maps.get("disk")), _gib(stream.get("kept_bytes"))]

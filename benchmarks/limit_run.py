@@ -1,7 +1,8 @@
 """Larger-than-memory benchmark under a memory cgroup: ``python -m benchmarks.limit_run [--size gpt2-large] [--quick]``.
 
 Each case runs in a fresh worker process that moves itself into a new memory cgroup limited to ``--limit`` (default:
-about half the model) before Python starts: ours with ``max_memory=None`` from safetensors and from ``.bin`` shards,
+about half the model) before Python starts: ours with ``max_memory=None`` from safetensors and from ``.bin`` shards
+(planned with ``input_shape`` set to the largest batch the case runs, the 4 x 128 prefill, as a user would pass it),
 ours with an explicit CPU budget (``--explicit``), accelerate with the budget ours detected and with
 ``max_memory=None``, and plain PyTorch. Before each case the page cache of the checkpoint and offload files is dropped
 (``POSIX_FADV_DONTNEED``) and the cold sequential read bandwidth of the checkpoint is measured, so every forward is
@@ -253,9 +254,10 @@ def case_specs(args: argparse.Namespace, info: dict, cache: Path) -> dict[str, d
 
     return {
         "reference": {**spec("plain", "safetensors"), "write_ref": True},
-        "ours-safetensors": spec("ours", "safetensors"),
+        # the detected budget, planned for the largest batch the case runs (`input_shape=`, as a user would)
+        "ours-safetensors": {**spec("ours", "safetensors"), "plan_largest_batch": True},
         "ours-explicit": spec("ours", "safetensors", {"cpu": args.explicit}),
-        "ours-bin": spec("ours", "bin"),
+        "ours-bin": {**spec("ours", "bin"), "plan_largest_batch": True},
         "accelerate-same-budget": spec("accelerate", "safetensors"),  # budget filled in from ours' detection
         "accelerate-detected": spec("accelerate", "safetensors"),
         "plain": spec("plain", "safetensors"),
