@@ -4,7 +4,14 @@ how to fix it."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +143,89 @@ def test_a_detected_budget_planned_without_input_shape_says_so_once(limit, caplo
         limit(64 * 2**30)
         infer_device_map(model, no_split_module_classes=["Linear"])  # roomy: 80 MiB of weights in 64 GiB
     assert "without `input_shape`" not in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- a real cgroup
+class TablesLM(torch.nn.Module):
+    """19 embedding tables of 24 MB summed (cheap to run, many units to stream) and a narrow head to an 81920-token
+    vocabulary: a batch of 4 x 256 has 320 MiB of logits, more than the detected budget's 256 MiB headroom."""
+
+    def __init__(self, rows: int = 750_000, width: int = 8, tables: int = 19, vocab: int = 81_920) -> None:
+        super().__init__()
+        self.tables = torch.nn.ModuleList(torch.nn.Embedding(rows, width) for _ in range(tables))
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(sum(table(ids) for table in self.tables))
+
+
+_CHILD = r'''
+import json, sys, torch
+from pathlib import Path
+sys.path.insert(0, "tests")  # as the test session has it
+from lightning_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
+from tests.test_budget_input_shape import TablesLM, _compact
+cgroup, checkpoint, offload, room, shape = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+with init_empty_weights():
+    model = TablesLM()
+v2 = (cgroup / "memory.max").exists()
+usage = int((cgroup / ("memory.current" if v2 else "memory.usage_in_bytes")).read_text())
+(cgroup / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(usage + room))  # room beyond torch itself
+model = load_checkpoint_and_dispatch(model, checkpoint, device_map="auto", max_memory=None, offload_folder=offload,
+                                     no_split_module_classes=["Embedding", "Linear"], **({"input_shape": shape} if shape else {}))
+ids = torch.arange(4 * 256).reshape(4, 256) * 151 % 750_000
+with torch.inference_mode():
+    for _ in range(2):
+        sums = _compact(model(ids))
+print(json.dumps({"map": sorted(set(model.hf_device_map.values())), "sums": sums.tolist()}))
+'''
+
+
+def _compact(logits: torch.Tensor) -> torch.Tensor:
+    """What is compared: the logits' sum at each position and the last position whole (no float64 copy: 640 MiB)."""
+    return torch.cat([logits.sum(dim=-1).flatten(), logits[:, -1].flatten()])
+
+
+def test_a_batch_planned_for_runs_under_a_real_cgroup_limit(tmp_path):
+    """A child process limits its own memory cgroup to 704 MiB beyond what torch takes (so the room is the same
+    whatever torch's build), loads with the detected budget planned for its 4 x 256 batch, and runs it twice: 320 MiB
+    of logits beside 459 MB of weights, most of them streamed from disk. Without `input_shape` the plan keeps every
+    weight in RAM and the first forward gets the process OOM-killed (checked by hand with the same child; an OOM is
+    not asserted here)."""
+    from tests.test_cgroup_budget import _memory_hierarchy
+
+    found = _memory_hierarchy() if sys.platform.startswith("linux") else None
+    if found is None:
+        pytest.skip("no memory cgroup hierarchy is mounted with the memory controller enabled")
+    version, point = found
+    directory = point / f"lbm-activations-{uuid.uuid4().hex[:8]}"
+    try:
+        directory.mkdir()
+    except OSError as err:
+        pytest.skip(f"cannot create a memory cgroup under {point} ({err}); run as root to test a real limit")
+    try:
+        torch.manual_seed(0)
+        reference = TablesLM().eval()
+        save_file(reference.state_dict(), str(tmp_path / "m.safetensors"))
+        ids = torch.arange(4 * 256).reshape(4, 256) * 151 % 750_000
+        with torch.inference_mode():
+            expected = _compact(reference(ids))
+        del reference
+        command = f'echo $$ > "{directory / "cgroup.procs"}" && exec "$@"'
+        args = [str(directory), str(tmp_path / "m.safetensors"), str(tmp_path / "offload"), str(704 * MiB), "4x256"]
+        done = subprocess.run(
+            ["sh", "-c", command, "sh", sys.executable, "-c", _CHILD, *args],
+            capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # the CPU executes, also on a machine with GPUs
+        )  # fmt: skip
+        assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
+        probe = json.loads(done.stdout.strip().splitlines()[-1])
+        assert probe["map"] == ["cpu", "disk"], probe["map"]  # the limit binds: part of the weights stream
+        assert torch.equal(torch.tensor(probe["sums"], dtype=torch.float32), expected)
+    finally:
+        for _ in range(50):
+            try:
+                directory.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
