@@ -191,7 +191,8 @@ def fit_device_map(
     raise ValueError(
         f"No device map keeps the simulated peak of a batch of {tuple(inputs.shape)} "
         f"(max_new_tokens={max_new_tokens}) within `max_memory` after {count} plans: "
-        f"{describe_excess(over)}. Use a smaller batch or sequence, or raise `max_memory` (CPU and disk included)."
+        f"{describe_excess(over)}. Use a smaller batch or sequence, or raise `max_memory` (CPU and disk included; "
+        "with `max_memory=None`, the memory limit of the container or job, or free memory)."
     )
 
 
