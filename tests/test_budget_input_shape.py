@@ -229,3 +229,22 @@ def test_a_batch_planned_for_runs_under_a_real_cgroup_limit(tmp_path):
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+def test_the_strategys_plan_under_a_detected_budget_sizes_the_batch_or_says_so(limit, caplog):
+    """The callback plans with budgets it detected itself (bytes, not ``None``): without ``input_shape`` it logs the
+    same line; with one, its plan and the peaks it reports keep the CPU within the detected budget."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from lightning_bigmodel import BigModelInferenceStrategy, DeviceMapCallback
+
+    strategy = BigModelInferenceStrategy()
+    strategy.accelerator = CPUAccelerator()
+    cpu_budget = limit(400 * MiB)
+    with caplog.at_level(logging.WARNING, logger="lightning_bigmodel.planning"):
+        DeviceMapCallback(no_split_module_classes=["Linear"]).plan(_meta(width=1024, vocab=4096, layers=12), strategy)
+    assert "without `input_shape`" in caplog.text and "cgroup limit 400.0 MiB" in caplog.text
+    callback = DeviceMapCallback(no_split_module_classes=["Linear"], input_shape="8x512")
+    plan = callback.plan(_meta(width=1024, vocab=4096, layers=12), strategy)
+    assert "disk" in plan.values() and callback.memory["cpu"]["peak"] <= cpu_budget, callback.memory
+    assert callback.reserve > 0  # the disk stream's room, kept under a detected budget as without `input_shape`

@@ -25,6 +25,7 @@ from lightning_bigmodel.planning.sizes import compute_buffer_sizes, compute_modu
 from lightning_bigmodel.planning._execution import check_offload_execution
 from lightning_bigmodel.planning.devices import execution_device_of, planned_copy, prefetch_depth_of, with_execution
 from lightning_bigmodel.planning.table import bytes_per_device, device_label, format_bytes, prefetch_line, render_table
+from lightning_bigmodel.fitting import note_unsized_activations
 from lightning_bigmodel.pl._peaks import fitted_plan, simulated_memory
 
 DeviceMapArg = Union[Policy, dict[str, Union[int, str]]]
@@ -306,6 +307,8 @@ class DeviceMapCallback(Callback):
                 offload_execution=self.offload_execution,
                 **quantized,
             )
+            if self.max_memory is None:  # a detected budget planned without a batch shape: say so when it is tight
+                note_unsized_activations(device_map, self.module_sizes)
         if prefetch_depth_of(device_map) is not None:  # a plan: its depth, reserve and execution device, kept
             self.prefetch_depth, self.reserve = device_map.prefetch_depth, device_map.reserve
             self.execution_device = execution_device_of(device_map)
