@@ -94,10 +94,10 @@ def test_a_tied_weight_streamed_is_read_from_disk_once_per_forward(tmp_path, mon
     events: list[tuple[str, bool]] = []
     lock = threading.Lock()
     for name, unit in streamer._units.items():
-        def traced(buffer, release=False, name=name, read=unit.layout.read_into):
+        def traced(buffer, release=False, name=name, read=unit.layout.read_into, **options):
             with lock:
                 events.append((name, release))
-            return read(buffer, release)
+            return read(buffer, release, **options)
 
         unit.layout.read_into = traced
     x = torch.randint(0, TIED.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))
@@ -117,3 +117,56 @@ def test_a_tied_weight_streamed_is_read_from_disk_once_per_forward(tmp_path, mon
     assert all(release for name, release in events if name != "transformer.wte")
     # From the disk: the unique bytes once per forward, and what the reader read ahead for a fourth one (at most all).
     assert read <= 3 * 1.1 * unique + unique, (read, unique)
+
+
+def _direct_supported(path: Path) -> bool:
+    import mmap
+    import os
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except (OSError, AttributeError):
+        return False
+    try:
+        os.preadv(fd, [mmap.mmap(-1, 4096)], 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_streamed_reads_go_around_the_page_cache_into_aligned_views(tmp_path, monkeypatch):
+    from lightning_bigmodel.offload import pages
+
+    torch.manual_seed(0)
+    reference = GPT(CONFIG).eval()
+    state = {k: v.contiguous() for k, v in reference.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"pad": "x" * 13})  # data not 64-byte aligned
+    if not _direct_supported(tmp_path / "model.safetensors"):
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+    model, streamer = _on_disk(tmp_path / "model.safetensors", monkeypatch, release=True)
+    streamer.keep = False  # no resident subset: every unit streams
+    assert any(pages.file_of(t)[1] % 64 for ts in streamer._tensors.values() for t in ts)  # views move in the buffer
+    misaligned: list[str] = []
+
+    def check(name):
+        def hook(module, _):  # after the stream installed the unit's weights
+            if any(p.data_ptr() % 64 for p in module.parameters(recurse=False)):
+                misaligned.append(name)
+        return hook
+
+    for name in streamer._units:
+        model.get_submodule(name).register_forward_pre_hook(check(name))
+    x = torch.randint(0, CONFIG.vocab_size, (2, 8), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        expected = reference(x)
+        for _ in range(3):
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    streamer.close()
+    # Every unit was read with O_DIRECT (each read of the three forwards and the reads ahead), into 64-byte aligned views;
+    # except the tied weight after the first forward: the page cache holds it for its second user, read from there.
+    direct = {name: unit.layout.direct_reads for name, unit in streamer._units.items()}
+    assert direct.pop("transformer.wte") == direct.pop("lm_head") == 1, direct
+    assert all(count >= 3 for count in direct.values()), direct
+    assert not misaligned, misaligned

@@ -200,12 +200,12 @@ class _Probe:
         for name, unit in streamer._units.items():
             read = unit.layout.read_into
 
-            def traced(buffer, release=False, name=name, read=read):
+            def traced(buffer, release=False, name=name, read=read, **options):
                 with self.changed:
                     self.events.append((threading.current_thread().name, name))
                     self.reads[name] += 1
                     self.changed.notify_all()
-                return read(buffer, release)
+                return read(buffer, release, **options)
 
             unit.layout.read_into = traced
 

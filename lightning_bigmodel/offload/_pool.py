@@ -7,10 +7,12 @@ from typing import Any
 import torch
 
 from lightning_bigmodel.offload.hooks import map_tensors
+from lightning_bigmodel.offload.stream import aligned_empty
 
 
 class BufferPool:
-    """At most :attr:`slots` buffers of :attr:`slot_bytes` (the largest unit) each, allocated when first needed.
+    """At most :attr:`slots` buffers of :attr:`slot_bytes` (the largest unit) each, allocated when first needed
+    (aligned for ``O_DIRECT`` reads, see :func:`~lightning_bigmodel.offload.stream.aligned_empty`).
 
     Not thread-safe: the stream calls it under its lock.
     """
@@ -31,8 +33,8 @@ class BufferPool:
             return self._free.pop(), True
         if self.made < self.slots:
             self.made += 1
-            return torch.empty(self.slot_bytes, dtype=torch.uint8), True
-        return torch.empty(nbytes, dtype=torch.uint8), False
+            return aligned_empty(self.slot_bytes), True
+        return aligned_empty(nbytes), False
 
     def put(self, buffer: torch.Tensor, pooled: bool, output: Any = None) -> None:
         """Give back a buffer :meth:`take` returned; one that a tensor of ``output`` still views (a module returned a

@@ -87,6 +87,7 @@ class ReadAhead:
         self._kept: set[str] = set()  # units whose file ranges stay in the page cache
         self._kept_parts: set[int] = set()  # their tensors (data pointers of the file views)
         self._held: set[str] = set()  # units whose file ranges a later unit reads again in the forward (tied)
+        self._cached_parts: set[int] = set()  # tensors whose ranges are in the page cache when read: kept or held
         self._owned = OwnedWeights()  # without release: parameters read once, kept
         self._thread: Optional[threading.Thread] = None
         self._closed = False
@@ -118,8 +119,14 @@ class ReadAhead:
 
     def _release(self, name: str) -> bool:
         """Whether ``name``'s file ranges leave the page cache once read: not those of the resident subset, nor of a
-        unit sharing a tensor with it, nor those a later unit reads again in the forward (tied weights)."""
+        unit sharing a tensor with it, nor those a later unit reads again in the forward (tied weights). The others
+        are read around the page cache (``O_DIRECT``), except where a kept or held range already put them there."""
         return self.release and name not in self._held and not (set(self._units[name].layout.places) & self._kept_parts)
+
+    def _read(self, name: str, buffer: torch.Tensor) -> None:
+        layout, release = self._units[name].layout, self._release(name)
+        layout.read_into(buffer, release, direct=release and not set(layout.places) & self._cached_parts)
+        self._reads += 1
 
     def attach(self, name: str, module: nn.Module, tensors: Sequence[torch.Tensor]) -> list:
         """Hook ``module`` (called ``name``), whose forward uses the disk views ``tensors``; return the hook handles."""
@@ -158,8 +165,7 @@ class ReadAhead:
             if error is not None:
                 raise error
             if read_here:
-                unit.layout.read_into(buffer, self._release(name))
-                self._reads += 1
+                self._read(name, buffer)
         except BaseException:
             self._give_back(name, me, None)
             raise
@@ -237,8 +243,7 @@ class ReadAhead:
             name, buffer, pooled, generation = task
             error = None
             try:
-                self._units[name].layout.read_into(buffer, self._release(name))
-                self._reads += 1
+                self._read(name, buffer)
             except BaseException as err:  # noqa: BLE001 - raised in the compute thread, which waits for this read
                 error = err
             with self._cond:
@@ -275,6 +280,7 @@ class ReadAhead:
             if self.keep:
                 self._kept = self._choose_kept()
                 self._kept_parts = {ptr for name in self._kept for ptr in places[name]}
+            self._cached_parts = self._kept_parts | {ptr for name in self._held for ptr in places[name]}
             self._cursor = 0
             self._recording = False
             if self.release:  # memory to spare: every unit is read once and owned, no reader (it would only be woken)
