@@ -18,6 +18,7 @@ from torch import nn
 from lightning_bigmodel.offload.attach import _disk_bytes_per_key, _disk_units  # the real dispatch's choices
 from lightning_bigmodel.offload.hooks import HostEntry, InputHook, RootHook, WeightHook
 from lightning_bigmodel.offload.readahead import _MAX_BUFFERS
+from lightning_bigmodel.offload.stream import ALIGN, DIRECT
 from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS
 from lightning_bigmodel.offload.placement import is_disk
 
@@ -99,18 +100,22 @@ class SimReadAhead:
 
 class SimStreamPool:
     """Memory model of the same stream in its steady state (every forward after the first, memory short), as a budget
-    that holds it (a detected one) is charged: a pool of ``slots`` buffers, each the size of the largest disk unit,
-    held from the first disk unit on until the run ends. ``slots`` is the real stream's: its reserve
+    that holds it (a detected one) is charged: a pool of ``slots`` buffers, each the size of the largest disk unit
+    (with the most alignment padding the real buffers can have), held from the first disk unit on until the run ends. ``slots`` is the real stream's: its reserve
     (``1 + READ_AHEAD_LAYERS`` times the largest disk entry of the map, what the planner keeps free for it) in buffers
     of the largest unit, at least 2, at most :data:`~lightning_bigmodel.offload.readahead._MAX_BUFFERS` and the number
     of units. A layer of several units fills several buffers at once: the pool, not the unit computing and the one
     read ahead (:class:`SimReadAhead`), is what the process holds."""
 
     def __init__(self, disk_units: Mapping[str, tuple[nn.Module, list[torch.Tensor]]], stream_bytes: int) -> None:
-        unit_bytes = [sum(t.numel() * t.element_size() for t in tensors) for _, tensors in disk_units.values()]
-        self.slot_bytes = max(unit_bytes, default=0)
-        ahead = stream_bytes // max(1, self.slot_bytes)
-        self.slots = max(2, min(len(unit_bytes), _MAX_BUFFERS, ahead))
+        units = [[t.numel() * t.element_size() for t in tensors] for _, tensors in disk_units.values()]
+        # A real buffer holds its unit's tensors at ALIGN-aligned places, each run of them read at DIRECT-aligned file
+        # offsets, in an allocation DIRECT bytes larger: where the files put the tensors is unknown here, so the count
+        # comes from the bare bytes and the size from the most padding (an upper bound of the real pool).
+        ahead = stream_bytes // max(1, max(map(sum, units), default=0))
+        self.slots = max(2, min(len(units), _MAX_BUFFERS, ahead))
+        padded = [sum(_up(n, ALIGN) + 2 * DIRECT for n in sizes) + DIRECT for sizes in units]
+        self.slot_bytes = max(padded, default=0)
         self.pool: list[torch.Tensor] = []
 
     def attach(self, disk_units: Mapping[str, tuple[nn.Module, list[torch.Tensor]]]) -> list:
@@ -119,6 +124,10 @@ class SimStreamPool:
     def pre(self) -> None:
         if not self.pool:  # allocated under the live-bytes count, on the CPU: the stream's buffers are host memory
             self.pool = [torch.empty(self.slot_bytes, dtype=torch.uint8, device="cpu") for _ in range(self.slots)]
+
+
+def _up(value: int, step: int) -> int:
+    return -(-value // step) * step
 
 
 def attach_memory_hooks(
