@@ -83,9 +83,12 @@ def write_shards(state_dict: dict[str, torch.Tensor], folder: Path, fmt: str, li
     return paths
 
 
-def build_checkpoints(size: str, cache: Path, seed: int = 0) -> dict[str, object]:
-    """Return facts about the ``size`` checkpoints under ``cache``, writing them first when missing or stale."""
-    root = cache / "checkpoints" / size
+def build_checkpoints(size: str, cache: Path, seed: int = 0, shard_bytes: int | None = None) -> dict[str, object]:
+    """Return facts about the ``size`` checkpoints under ``cache``, writing them first when missing or stale.
+
+    ``shard_bytes``: the shard limit (default :func:`shard_limit`); another limit gets a folder of its own
+    (``<size>-<N>MB``), so the default checkpoints other benchmarks share stay as they are."""
+    root = cache / "checkpoints" / (size if shard_bytes is None else f"{size}-{shard_bytes // _MB}MB")
     marker = root / "done.json"
     if marker.exists():
         info = json.loads(marker.read_text())
@@ -94,7 +97,7 @@ def build_checkpoints(size: str, cache: Path, seed: int = 0) -> dict[str, object
     torch.manual_seed(seed)
     model = GPT(GPTConfig.preset(size)).eval()
     nbytes = model_bytes(model)
-    limit = shard_limit(nbytes)
+    limit = shard_limit(nbytes) if shard_bytes is None else shard_bytes
     state_dict = _unique_state_dict(model)
     info = {
         "size": size,

@@ -51,6 +51,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--explicit", default="600MB", help="the CPU budget of the case ours-explicit")
     p.add_argument("--quick", action="store_true", help="gpt2-medium (1.4 GB), 2 decodes, 1 prefill: about 1/3 the time")
     p.add_argument("--margin", type=int, default=450 * 2**20, help="bytes of the limit for interpreter, torch, activations")
+    p.add_argument("--shard-mb", type=int, default=500, help="shard size of the checkpoints (default 500 MB, the issue's; "
+                   "a folder of their own beside benchmarks.run's)")
     return p.parse_args(argv)
 
 
@@ -277,7 +279,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         out.write_text(_skipped(header["command"], why))
         print(f"skipped: {why}")
         return 0
-    info = build_checkpoints(args.size, cache)
+    info = build_checkpoints(args.size, cache, shard_bytes=args.shard_mb * 10**6)
     limit = int(args.limit) if args.limit else int(info["model_bytes"] * 0.52)
     if args.quick and not args.limit:
         limit = GiB  # half of gpt2-medium leaves too little beside the interpreter and a 4 x 128 prefill
