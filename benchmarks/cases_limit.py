@@ -52,7 +52,7 @@ def _stream_stats(model: torch.nn.Module) -> dict[str, Any]:
         return {}
     return {
         "kept_bytes": stream.kept_bytes, "kept_room": stream.kept_room, "release": stream.release,
-        "buffers": stream._made, "buffer_bytes": stream._made * stream._slot_bytes,
+        "buffers": stream.pool.made, "buffer_bytes": stream.buffer_bytes,
     }  # fmt: skip
 
 

@@ -64,7 +64,7 @@ def test_memory_to_spare_reads_each_weight_once_keeps_it_and_wakes_no_reader(che
         for _ in range(3):
             torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     # No reader thread: nothing is streamed, so one would only be woken (a thread handoff per module on 2 cores).
-    assert streamer._thread is None and _stream_threads() == before
+    assert not streamer._threads and _stream_threads() == before
     # Each disk tensor was read once, the tied one too (wte and lm_head share it), and the same parameters are
     # installed every forward (nothing rebuilt).
     assert streamer.reads == len(streamer._units) - 1

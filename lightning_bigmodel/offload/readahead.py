@@ -29,14 +29,15 @@ import torch
 from torch import nn
 
 from lightning_bigmodel.offload._pool import BufferPool
-from lightning_bigmodel.offload.resident import OwnedWeights, read_again_later, should_release, spread
+from lightning_bigmodel.offload.resident import OwnedWeights, read_again_later, should_release, spread, subset_room
 from lightning_bigmodel.offload.stream import Layout
 from lightning_bigmodel.offload.subclass import plain_parts
-from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS, detect_cpu_memory
+from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS
 
 __all__ = ["ReadAhead", "should_release"]
 
 _MAX_BUFFERS = 8  # stream buffers at most: enough to smooth reads of uneven units, whatever the reserve
+_READERS = 2  # reader threads
 
 
 @dataclass
@@ -81,7 +82,7 @@ class ReadAhead:
         self.pool = BufferPool()
         self._ready: dict[str, tuple[torch.Tensor, bool, Optional[BaseException]]] = {}
         self._in_use: dict[tuple[str, int], list[tuple[torch.Tensor, bool]]] = {}
-        self._inflight: Optional[str] = None
+        self._inflight: set[str] = set()
         self._cursor = 0
         self._generation = 0
         self._kept: set[str] = set()  # units whose file ranges stay in the page cache
@@ -89,7 +90,7 @@ class ReadAhead:
         self._held: set[str] = set()  # units whose file ranges a later unit reads again in the forward (tied)
         self._cached_parts: set[int] = set()  # tensors whose ranges are in the page cache when read: kept or held
         self._owned = OwnedWeights()  # without release: parameters read once, kept
-        self._thread: Optional[threading.Thread] = None
+        self._threads: list[threading.Thread] = []
         self._closed = False
         self._reads = 0  # units read by the stream
         self.kept_room = 0  # bytes the resident subset could take when it was chosen
@@ -108,9 +109,6 @@ class ReadAhead:
     def buffer_bytes(self) -> int:
         """Bytes of the stream's buffers allocated so far."""
         return self.pool.made * self.pool.slot_bytes
-
-    _made = property(lambda self: self.pool.made)  # read by an older benchmarks.cases_limit
-    _slot_bytes = property(lambda self: self.pool.slot_bytes)
 
     @property
     def kept_bytes(self) -> int:
@@ -198,8 +196,8 @@ class ReadAhead:
         while True:
             if name in self._ready:
                 return self._ready.pop(name)
-            coming = self._inflight == name or self._next_unit() == name
-            progress = self._inflight is not None or self.pool.available()
+            coming = name in self._inflight or self._next_unit() == name
+            progress = bool(self._inflight) or self.pool.available()
             if not (coming and progress):
                 self._restart_after(name)
                 return None, False, None
@@ -222,13 +220,13 @@ class ReadAhead:
         if self._closed or self._recording or not self.release:  # memory to spare: every unit is owned, no stream
             return None
         name = self._next_unit()
-        if name is None or name in self._ready or any(unit == name for unit, _ in self._in_use):
+        if name is None or name in self._ready or name in self._inflight or any(u == name for u, _ in self._in_use):
             return None
         if not self.pool.available():
             return None
         buffer, pooled = self.pool.take(self._units[name].layout.nbytes)
         self._cursor = (self._cursor + 1) % len(self._order)
-        self._inflight = name
+        self._inflight.add(name)
         return name, buffer, pooled, self._generation
 
     def _run(self) -> None:
@@ -247,7 +245,7 @@ class ReadAhead:
             except BaseException as err:  # noqa: BLE001 - raised in the compute thread, which waits for this read
                 error = err
             with self._cond:
-                self._inflight = None
+                self._inflight.discard(name)
                 if generation != self._generation:
                     self.pool.put(buffer, pooled)
                 else:
@@ -255,9 +253,12 @@ class ReadAhead:
                 self._cond.notify_all()
 
     def _start(self) -> None:
-        if self._thread is None and not self._closed:
-            self._thread = threading.Thread(target=self._run, name="bigmodel-stream", daemon=True)
-            self._thread.start()
+        """Start the readers: two, so that a read is in flight while the other reader's thread waits for a core (the
+        machine computing) or moves its bytes into place; each ``O_DIRECT`` read itself needs almost no CPU."""
+        while len(self._threads) < _READERS and not self._closed:
+            thread = threading.Thread(target=self._run, name="bigmodel-stream", daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     # ------------------------------------------------------------------ order and the resident subset
     def end_forward(self) -> None:
@@ -288,22 +289,21 @@ class ReadAhead:
             self._cond.notify_all()
 
     def _choose_kept(self) -> set[str]:
-        """Units to hold resident: as many bytes as the memory left allows (less the stream's buffers still to
-        allocate and the tied ranges waiting in the page cache for their second use), spread evenly over the order."""
-        cpu = detect_cpu_memory()
+        """Units to hold resident in the room :func:`~lightning_bigmodel.offload.resident.subset_room` finds (less
+        the tied ranges waiting in the page cache for their second use), spread evenly over the order."""
         waiting = sum(self._units[name].layout.nbytes for name in self._held)
-        room = cpu.free - cpu.headroom - self.pool.unallocated_bytes - waiting
-        self.kept_room = max(0, room)
+        self.kept_room = subset_room(self.pool.unallocated_bytes + waiting)
         return spread(self._order, {name: self._units[name].layout.nbytes for name in self._order}, self.kept_room)
 
     def close(self) -> None:
-        """Stop the reader (after the read in flight) and drop the buffers."""
+        """Stop the readers (after the reads in flight) and drop the buffers."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            threads = list(self._threads)
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join()
         with self._cond:
             self._ready.clear()
             self.pool.clear()

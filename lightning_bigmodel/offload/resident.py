@@ -7,12 +7,13 @@ finest module holding them) before it computes. What stays in memory between for
   once, at its first use, into memory of its own and kept (:class:`OwnedWeights`): later forwards read nothing and copy
   nothing, and the weights no longer depend on the file (as ``"cpu"`` weights after their first forward).
 - **Memory short**: the memory the process still has once the first forward ran, beyond its CPU budget, the stream's
-  buffers and a headroom (:func:`~lightning_bigmodel.planning.budget.detect_cpu_memory`: the cgroup's room or the
-  available RAM, less ``max(256 MiB, 5%)``), holds a stable subset of the units (:func:`spread`), spread evenly over
+  buffers and a margin (:func:`~lightning_bigmodel.planning.budget.detect_cpu_memory`: the cgroup's room or the
+  available RAM, less :data:`SUBSET_MARGIN`), holds a stable subset of the units (:func:`spread`), spread evenly over
   the execution order so that the disk keeps working while the compute runs through them. Their file ranges stay in
   the page cache: each forward copies them into a buffer from memory, without touching the disk. The file ranges of
   every other unit are dropped from the page cache as soon as they are read, so the streamed bytes never push the
-  subset out (no LRU churn), and only they are read from the disk again. Page cache is reclaimable: a burst of
+  subset out (no LRU churn; they are read around the page cache, see :mod:`~lightning_bigmodel.offload.stream`), and
+  only they are read from the disk again. Page cache is reclaimable: a burst of
   activations that needs the memory evicts part of the subset (read again later) instead of getting the process
   OOM-killed. Under an explicit CPU budget the same holds: the subset takes the memory the budget leaves free in the
   process's limit.
@@ -33,12 +34,25 @@ from lightning_bigmodel.offload.stream import Layout
 from lightning_bigmodel.offload.subclass import plain_parts
 from lightning_bigmodel.planning.budget import detect_cpu_memory
 
+# Memory left free beside the resident subset (at most the detected budget's headroom): the subset is page cache, which
+# a burst of activations reclaims instead of getting the process OOM-killed, so it need not keep the budget's
+# max(256 MiB, 5%) back; this only keeps a forward's own small allocations from evicting part of it each time.
+SUBSET_MARGIN = 64 * 2**20
+
 
 def should_release(disk_bytes: int) -> bool:
     """Whether streamed disk weights should leave the page cache after use: when they take more than half of the
     memory this process can still use (its cgroup's room or the available RAM, see
     :func:`~lightning_bigmodel.planning.budget.detect_cpu_memory`)."""
     return disk_bytes > detect_cpu_memory().free // 2
+
+
+def subset_room(reserved: int) -> int:
+    """Bytes the resident subset may take: what this process can still use (the cgroup's room or the available RAM,
+    see :func:`~lightning_bigmodel.planning.budget.detect_cpu_memory`) less :data:`SUBSET_MARGIN` (at most the
+    budget's headroom) and ``reserved`` (the stream's buffers still to allocate, ranges waiting in the page cache)."""
+    cpu = detect_cpu_memory()
+    return max(0, cpu.free - min(cpu.headroom, SUBSET_MARGIN) - reserved)
 
 
 def spread(order: Sequence[str], sizes: Mapping[str, int], room: int) -> set[str]:
