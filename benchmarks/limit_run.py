@@ -260,6 +260,7 @@ def case_specs(args: argparse.Namespace, info: dict, cache: Path) -> dict[str, d
         "ours-safetensors": {**spec("ours", "safetensors"), "plan_largest_batch": True},
         "ours-explicit": spec("ours", "safetensors", {"cpu": args.explicit}),
         "ours-bin": {**spec("ours", "bin"), "plan_largest_batch": True},
+        "ours-no-input-shape": spec("ours", "safetensors"),  # the detected budget planned without the batch's shape
         "accelerate-same-budget": spec("accelerate", "safetensors"),  # budget filled in from ours' detection
         "accelerate-detected": spec("accelerate", "safetensors"),
         "plain": spec("plain", "safetensors"),
