@@ -170,3 +170,37 @@ def test_streamed_reads_go_around_the_page_cache_into_aligned_views(tmp_path, mo
     assert direct.pop("transformer.wte") == direct.pop("lm_head") == 1, direct
     assert all(count >= 3 for count in direct.values()), direct
     assert not misaligned, misaligned
+
+
+def test_a_buffered_read_fetches_exactly_its_range(tmp_path):
+    """A kept unit is read through the page cache: nothing past its range may come in with it (the kernel's read-ahead
+    would fetch the next tensors, which stream around the page cache: wasted reads that push the subset out)."""
+    import mmap
+    import os
+
+    from lightning_bigmodel.offload import pages
+    from lightning_bigmodel.offload.stream import Layout, aligned_empty
+
+    path, data = tmp_path / "blob", os.urandom(8 * 2**20)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # cold, as a checkpoint read from disk
+        mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        pages.track_file(mapping, fd)
+    finally:
+        os.close(fd)
+    whole = torch.frombuffer(mapping, dtype=torch.uint8)
+    starts = [2**20 + i * 2**16 for i in range(4)]  # units read in file order
+    units = [whole[start : start + 2**16] for start in starts]
+    after = whole[2**20 + 4 * 2**16 + pages.PAGE : 6 * 2**20]
+    if pages.resident_fraction(after) > 0:
+        pytest.skip(f"the page cache of {tmp_path} cannot be dropped here")
+    for start, unit in zip(starts, units):
+        layout = Layout([("unit", unit)])
+        buffer = aligned_empty(layout.nbytes)
+        layout.read_into(buffer)  # buffered: the range stays in the page cache (a kept unit)
+        assert pages.resident_fraction(unit) == 1.0  # the map itself is never touched
+        assert bytes(layout.view_of(buffer, unit).numpy()) == data[start : start + 2**16]
+    assert pages.resident_fraction(after) == 0.0  # sequential reads, and yet no read-ahead past them

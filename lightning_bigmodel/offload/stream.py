@@ -23,94 +23,33 @@ aligned place, so a run lands at its file offset's remainder; its tensors are th
 64-byte aligned places (a ``memmove`` in the buffer: results equal those of a fresh allocation). Where the file system
 refuses ``O_DIRECT`` (tmpfs), buffered ``preadv`` is used. Why no ``io_uring``: no maintained binding ships for this
 Python; a read of a whole run already keeps the device's queue busy (it is split into requests the kernel submits
-together).
+together). The reads themselves are in :mod:`~lightning_bigmodel.offload._reads`.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import threading
-from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
 
-from lightning_bigmodel.checkpoint.errors import CheckpointError
+from lightning_bigmodel.offload._reads import (  # noqa: F401 - aligned_empty, check_unchanged: for the pool, staging
+    ALIGN,
+    DIRECT,
+    FADV_DONTNEED,
+    O_DIRECT,
+    Piece,
+    Run,
+    aligned_empty,
+    check_unchanged,
+    read_direct,
+    read_run,
+    round_up,
+)
 from lightning_bigmodel.offload.pages import Tracked, file_of, is_file_backed
 from lightning_bigmodel.offload.subclass import is_wrapped, map_inner, plain_parts
-
-ALIGN = 64  # offset of every view inside a buffer: as aligned as a fresh allocation (same kernels, same results)
-DIRECT = 4096  # O_DIRECT: file offsets, lengths and memory aligned to the largest logical block size in use
-_IOV_MAX = 1024  # the kernel's limit on buffers per preadv call
-_FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
-
-
-def _up(value: int, step: int) -> int:
-    return -(-value // step) * step
-
-
-def aligned_empty(nbytes: int) -> torch.Tensor:
-    """An uninitialised ``uint8`` CPU tensor of ``nbytes`` starting at a :data:`DIRECT`-aligned address (what an
-    ``O_DIRECT`` read into it needs; a plain allocation is only 64-byte aligned)."""
-    raw = torch.empty(nbytes + DIRECT, dtype=torch.uint8)
-    shift = -raw.data_ptr() % DIRECT
-    return raw[shift : shift + nbytes]
-
-
-@dataclass(frozen=True)
-class _Piece:
-    name: str  # the tensor's name, for messages
-    pos: int  # byte offset in the buffer
-    nbytes: int
-    offset: int  # byte offset in the file
-
-
-@dataclass
-class _Run:
-    """Pieces that follow each other in one file: read with one ``preadv``."""
-
-    tracked: Tracked
-    pieces: list[_Piece] = field(default_factory=list)
-    start: int = 0  # where in the buffer an O_DIRECT read of the run's aligned blocks lands (DIRECT-aligned)
-
-    @property
-    def offset(self) -> int:
-        return self.pieces[0].offset
-
-    @property
-    def end(self) -> int:
-        return self.pieces[-1].offset + self.pieces[-1].nbytes
-
-
-def check_unchanged(tracked: Tracked, names: Sequence[str] = ()) -> None:
-    """Raise :class:`CheckpointError` when the file behind ``tracked`` changed since it was mapped: its size, mtime,
-    or ctime (a ctime change alone is ignored once the file has no name left: that is the rename or delete of a path,
-    which leaves the open file as it was)."""
-    stat = os.fstat(tracked.fd)
-    size, mtime, ctime = tracked.stamp
-    changed = []
-    if stat.st_size != size:
-        changed.append(f"{size} bytes when loaded, {stat.st_size} now")
-    if stat.st_mtime_ns != mtime:
-        changed.append("its modification time changed")
-    elif stat.st_ctime_ns != ctime and stat.st_nlink > 0:
-        changed.append("its status-change time changed")
-    if changed:
-        raise CheckpointError(
-            f"Checkpoint file {tracked.path!r} changed while the model uses it ({'; '.join(changed)})"
-            + (f", reading {_names(names)}" if names else "")
-            + ". It was rewritten or truncated in place. Load the model again once the file is final; to update "
-            "weights under running jobs, write a new file and rename it over the old one (jobs keep the old file)."
-        )
-
-
-def _names(names: Sequence[str]) -> str:
-    shown = ", ".join(f"`{name}`" for name in names[:4])
-    return f"tensor {shown}" if len(names) == 1 else f"tensors {shown}" + (" ..." if len(names) > 4 else "")
-
 
 class Layout:
     """Where the file-backed tensors of one unit (a module's disk weights) are in their files and in a buffer.
@@ -133,23 +72,23 @@ class Layout:
             if where is not None:
                 seen.add(tensor.data_ptr())
                 found.append((where[0], where[1], name, tensor.data_ptr(), nbytes))
-        self.runs: list[_Run] = []
+        self.runs: list[Run] = []
         position = 0
         for tracked, offset, name, ptr, nbytes in sorted(found, key=lambda item: (item[0].fd, item[1])):
             run = self.runs[-1] if self.runs else None
             if run is None or run.tracked is not tracked or run.end != offset:
                 if run is not None:  # room for the previous run's aligned read too
-                    position = max(position, run.start + _up(run.end, DIRECT) - run.offset // DIRECT * DIRECT)
-                run = _Run(tracked, start=_up(position, DIRECT))
+                    position = max(position, run.start + round_up(run.end, DIRECT) - run.offset // DIRECT * DIRECT)
+                run = Run(tracked, start=round_up(position, DIRECT))
                 self.runs.append(run)
                 position = run.start + offset % DIRECT  # where an aligned read puts the run's first byte
-            position = _up(position, ALIGN)
-            run.pieces.append(_Piece(name, position, nbytes, offset))
+            position = round_up(position, ALIGN)
+            run.pieces.append(Piece(name, position, nbytes, offset))
             self.places[ptr] = (position, nbytes)
             position += nbytes
         if self.runs:
             last = self.runs[-1]
-            position = max(position, last.start + _up(last.end, DIRECT) - last.offset // DIRECT * DIRECT)
+            position = max(position, last.start + round_up(last.end, DIRECT) - last.offset // DIRECT * DIRECT)
         self.nbytes = position
 
     @property
@@ -170,16 +109,16 @@ class Layout:
         # A memoryview over the tensor's bytes without `numpy()`, which would mark its storage as not resizable (the
         # sign of a file view, see `is_file_backed`); `buffer` outlives the view (this call).
         memory = memoryview((ctypes.c_char * buffer.numel()).from_address(buffer.data_ptr())).cast("B")
-        direct = (release if direct is None else direct) and bool(_O_DIRECT) and buffer.data_ptr() % DIRECT == 0
+        direct = (release if direct is None else direct) and bool(O_DIRECT) and buffer.data_ptr() % DIRECT == 0
         for run in self.runs:
-            if direct and _read_direct(run, memory, buffer.data_ptr()):
+            if direct and read_direct(run, memory, buffer.data_ptr()):
                 self.direct_reads += 1
             else:
-                _read_run(run, [memory[p.pos : p.pos + p.nbytes] for p in run.pieces])
+                read_run(run, [memory[p.pos : p.pos + p.nbytes] for p in run.pieces])
             check_unchanged(run.tracked, [piece.name for piece in run.pieces])
-            if release and _FADV_DONTNEED is not None:
+            if release and FADV_DONTNEED is not None:
                 try:
-                    os.posix_fadvise(run.tracked.fd, run.offset, run.end - run.offset, _FADV_DONTNEED)
+                    os.posix_fadvise(run.tracked.fd, run.offset, run.end - run.offset, FADV_DONTNEED)
                 except OSError:  # advice only
                     pass
 
@@ -198,80 +137,6 @@ class Layout:
             return map_inner(tensor, lambda part: self.rebuild(buffer, part))
         found = self.view_of(buffer, tensor)
         return tensor if found is None else found
-
-
-def _read_run(run: _Run, views: list[memoryview]) -> None:
-    """``preadv`` the run into ``views`` (in file order), continuing after partial reads; raise on a short read."""
-    offset, first = run.offset, 0
-    views = list(views)
-    while first < len(views):
-        try:
-            count = os.preadv(run.tracked.fd, views[first : first + _IOV_MAX], offset)
-        except OSError as err:
-            raise CheckpointError(
-                f"Cannot read checkpoint file {run.tracked.path!r} at offset {offset} "
-                f"({_names(_at(run, offset))}): {err}."
-            ) from err
-        if count == 0:
-            _truncated(run, offset)
-        offset += count
-        while count and first < len(views):
-            if count >= len(views[first]):
-                count -= len(views[first])
-                first += 1
-            else:
-                views[first] = views[first][count:]
-                count = 0
-
-
-def _read_direct(run: _Run, memory: memoryview, address: int) -> bool:
-    """Read ``run``'s aligned blocks with ``O_DIRECT`` to ``run.start`` of the buffer (``memory``, at ``address``), then
-    move each tensor up to its aligned place; ``False`` (nothing read) where the file system refuses ``O_DIRECT``.
-
-    Raises:
-        CheckpointError: the read failed or came back short.
-    """
-    first = run.offset // DIRECT * DIRECT
-    length = _up(run.end, DIRECT) - first
-    try:  # the descriptor's file, even if renamed or deleted since; a descriptor of its own (O_DIRECT is per file)
-        fd = os.open(f"/proc/self/fd/{run.tracked.fd}", os.O_RDONLY | _O_DIRECT | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return False
-    try:
-        done = 0
-        while first + done < run.end:
-            try:
-                count = os.preadv(fd, [memory[run.start + done : run.start + length]], first + done)
-            except OSError as err:
-                if err.errno == errno.EINVAL and not done:
-                    return False  # alignment refused here: read it buffered
-                raise CheckpointError(
-                    f"Cannot read checkpoint file {run.tracked.path!r} at offset {first + done} "
-                    f"({_names(_at(run, first + done))}): {err}."
-                ) from err
-            if count == 0:
-                _truncated(run, first + done)
-            done += count
-    finally:
-        os.close(fd)
-    for piece in reversed(run.pieces):  # each moves up (never down) by less than ALIGN: the last one first
-        source = run.start + piece.offset - first
-        if source != piece.pos:
-            ctypes.memmove(address + piece.pos, address + source, piece.nbytes)
-    return True
-
-
-def _truncated(run: _Run, offset: int) -> None:
-    raise CheckpointError(
-        f"Checkpoint file {run.tracked.path!r} ends at {offset} bytes, before the end of "
-        f"{_names(_at(run, offset))} (it had {run.tracked.stamp[0]} bytes when loaded): it was truncated "
-        "while the model uses it. Restore the file and load the model again."
-    )
-
-
-def _at(run: _Run, offset: int) -> list[str]:
-    """Names of the run's tensors from the one holding ``offset`` on."""
-    return [piece.name for piece in run.pieces if piece.offset + piece.nbytes > offset] or [run.pieces[-1].name]
 
 
 def read_copy(tensor: torch.Tensor, name: str, release: bool = False) -> Optional[torch.Tensor]:
