@@ -97,8 +97,8 @@ def test_the_simulated_cpu_peak_holds_the_disk_streams_buffers(tmp_path, monkeyp
         for _ in range(2):
             assert torch.equal(model(ids), reference(ids))
     stream = model.__dict__["_bigmodel_dispatch"].prefetcher
-    pool = stream._made * stream._slot_bytes
-    assert stream._made > 2
+    pool = stream.buffer_bytes  # the buffers the stream allocated
+    assert stream.pool.made > 2
     with init_empty_weights():
         skeleton = GPT(config)
     memory = simulate_memory(skeleton, device_map, ids, stream_pool=True)
