@@ -78,7 +78,9 @@ class ReadAhead:
         self._position: dict[str, int] = {}
         self._recording = True
         self._recorder: Optional[int] = None
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # the compute thread waits here for a read
+        self._work = threading.Condition(lock)  # the readers wait here for a free buffer or a unit to read
         self.pool = BufferPool()
         self._ready: dict[str, tuple[torch.Tensor, bool, Optional[BaseException]]] = {}
         self._in_use: dict[tuple[str, int], list[tuple[torch.Tensor, bool]]] = {}
@@ -187,7 +189,8 @@ class ReadAhead:
             if not stack:
                 del self._in_use[(name, me)]
             self.pool.put(buffer, pooled, output)
-            self._cond.notify_all()
+            if pooled:
+                self._work.notify()  # one reader can take the buffer (waking both would wake one for nothing)
 
     def _await(self, name: str) -> tuple[Optional[torch.Tensor], bool, Optional[BaseException]]:
         """(Under the lock.) ``name``'s read, waiting while the reader works on it; on a unit out of order, restart
@@ -209,7 +212,7 @@ class ReadAhead:
             self.pool.put(buffer, pooled)
         self._ready.clear()
         self._cursor = (self._position[name] + 1) % len(self._order)
-        self._cond.notify_all()
+        self._work.notify_all()
 
     # ------------------------------------------------------------------ the reader thread
     def _next_unit(self) -> Optional[str]:
@@ -234,7 +237,7 @@ class ReadAhead:
             with self._cond:
                 task = self._next_task()
                 while task is None and not self._closed:
-                    self._cond.wait()
+                    self._work.wait()
                     task = self._next_task()
                 if self._closed:
                     return
@@ -250,7 +253,7 @@ class ReadAhead:
                     self.pool.put(buffer, pooled)
                 else:
                     self._ready[name] = (buffer, pooled, error)
-                self._cond.notify_all()
+                self._cond.notify_all()  # the compute thread(s); this reader goes on by itself
 
     def _start(self) -> None:
         """Start the readers: two, so that a read is in flight while the other reader's thread waits for a core (the
@@ -286,7 +289,7 @@ class ReadAhead:
             self._recording = False
             if self.release:  # memory to spare: every unit is read once and owned, no reader (it would only be woken)
                 self._start()
-            self._cond.notify_all()
+            self._work.notify_all()
 
     def _choose_kept(self) -> set[str]:
         """Units to hold resident in the room :func:`~lightning_bigmodel.offload.resident.subset_room` finds (less
@@ -300,6 +303,7 @@ class ReadAhead:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            self._work.notify_all()
             threads = list(self._threads)
         for thread in threads:
             if thread is not threading.current_thread():
