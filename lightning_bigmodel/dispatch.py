@@ -21,7 +21,12 @@ from lightning_bigmodel.planning.device_map import (
     infer_device_map,
     normalize_device,
 )
-from lightning_bigmodel.planning.devices import as_execution_device, prefetch_depth_of, with_execution
+from lightning_bigmodel.planning.devices import (
+    activation_bytes_of,
+    as_execution_device,
+    prefetch_depth_of,
+    with_execution,
+)
 from lightning_bigmodel.offload.attach import DispatchState, attach_hooks
 from lightning_bigmodel.offload.disk import OffloadFolder
 from lightning_bigmodel.offload.guards import guard_copies, keep_requires_grad, requires_grad_of, unguard_copies
@@ -88,7 +93,7 @@ def dispatch_model(
     """
     remove_dispatch(model)
     grads = requires_grad_of(model)  # put back by remove_dispatch
-    depth = prefetch_depth_of(device_map)
+    depth, activations = prefetch_depth_of(device_map), activation_bytes_of(device_map)  # facts of a plan, if any
     device_map = validate_device_map(model, device_map)
     _refuse_meta(model)
     normalized = {key: normalize_device(value) for key, value in device_map.items()}
@@ -99,7 +104,7 @@ def dispatch_model(
     with restored_on_error(model) as saved:
         _place(groups, pin_host(main), offload_folder, saved)
         prefetch = depth != 1 if prefetch is None else prefetch  # the plan's depth (see PlannedDeviceMap)
-        state = attach_hooks(model, groups, normalized, main, prefetch=prefetch)
+        state = attach_hooks(model, groups, normalized, main, prefetch=prefetch, activations=activations)
     model.hf_device_map = dict(device_map)
     object.__setattr__(model, DISPATCH_STATE, state)
     object.__setattr__(model, "_apply", partial(_refuse_apply, type(model).__name__))

@@ -182,6 +182,7 @@ def fit_device_map(
         if not over:
             reserved = {device: int(budgets[device] - effective[device]) for device in budgets
                         if effective[device] < budgets[device]}  # fmt: skip
+            _record_activations(device_map, memory)
             return FittedPlan(device_map, memory, reserved, count)
         for device, extra in over.items():
             # The next plan must hold `extra` bytes less on `device` than this one did. Its budget minus `extra` is not
@@ -194,6 +195,14 @@ def fit_device_map(
         f"{describe_excess(over)}. Use a smaller batch or sequence, or raise `max_memory` (CPU and disk included; "
         "with `max_memory=None`, the memory limit of the container or job, or free memory)."
     )
+
+
+def _record_activations(device_map: DeviceMap, memory: Memory) -> None:
+    """On a plan computing on the CPU, record what its simulated CPU peak holds beside the CPU's weights (activations
+    and the disk stream's buffers): the room the plan kept free for the batch, which the disk stream must not fill with
+    the weights the plan sent to disk (see :class:`~lightning_bigmodel.planning.devices.PlannedDeviceMap`)."""
+    if isinstance(device_map, PlannedDeviceMap) and execution_device(device_map).type == "cpu" and "cpu" in memory:
+        device_map.activation_bytes = max(0, memory["cpu"]["peak"] - memory["cpu"]["weights"])
 
 
 def _held(device_map: DeviceMap, memory: Memory, device: Device) -> int:

@@ -11,6 +11,7 @@ its parent's own forward (a residual sum): its outputs go back to the outer key'
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Union
 
@@ -22,8 +23,12 @@ from lightning_bigmodel.offload.hooks import HostEntry, InputHook, OutputHook, R
 from lightning_bigmodel.offload.placement import TensorGroup, execution_target, is_disk, owner_key
 from lightning_bigmodel.offload.prefetch import Prefetcher
 from lightning_bigmodel.offload.readahead import ReadAhead, should_release
+from lightning_bigmodel.offload.resident import release_reason
 from lightning_bigmodel.offload.stream import CopiesOnFirstUse
 from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS
+from lightning_bigmodel.planning.table import format_bytes
+
+_log = logging.getLogger("lightning_bigmodel.offload")
 
 
 @dataclass
@@ -128,34 +133,58 @@ def _disk_bytes_per_key(groups: list[TensorGroup], normalized: Mapping[str, obje
     return out or {"": 0}
 
 
+def _release_disk(disk_bytes: int, activations: Optional[int]) -> bool:
+    """Whether the disk weights stream each forward (released after use) rather than being read once and kept; logs
+    which, and why. ``activations``: the room a plan fitted for a batch kept for it on the CPU (``None``: not fitted)."""
+    if not disk_bytes:
+        return False
+    if activations is None:
+        release = should_release(disk_bytes)
+        mode = "stream each forward" if release else "are kept after their first read"
+        _log.info(f"Disk weights ({format_bytes(disk_bytes)}) {mode}: they take {'more' if release else 'no more'} "
+                  "than half of the memory this process can still use (the plan was not fitted for a batch).")
+        return release
+    reason = release_reason(disk_bytes, activations)
+    if reason is None:
+        _log.info(f"Disk weights ({format_bytes(disk_bytes)}) are kept after their first read: they fit beside the "
+                  f"plan's room for the batch's activations ({format_bytes(activations)}) and the headroom.")
+        return False
+    _log.info(f"Disk weights stream each forward: {reason}.")
+    return True
+
+
 def attach_hooks(
     model: nn.Module,
     groups: list[TensorGroup],
     normalized: Mapping[str, object],
     main: torch.device,
     prefetch: bool = True,
+    activations: Optional[int] = None,
 ) -> DispatchState:
     """Attach root, weight and input hooks to ``model`` placed as ``groups`` say; return their handles.
 
     ``prefetch=False`` (a plan with room for one offloaded layer on the GPU: prefetch depth 1) attaches no prefetcher:
-    each offloaded layer is fetched when its forward starts and freed when it ends, so the GPU never holds two."""
+    each offloaded layer is fetched when its forward starts and freed when it ends, so the GPU never holds two.
+    ``activations``: the CPU room a plan fitted for a batch kept for its activations
+    (:func:`~lightning_bigmodel.planning.devices.activation_bytes_of`): disk weights are kept in memory only beside it."""
     state = DispatchState(main_device=main)
     units, by_unit = _entries_by_unit(model, groups, normalized, main)
     move_io = len({device for _, device in units.values()}) > 1 or bool(by_unit)
     disk_bytes = sum(g.tensor.numel() * g.tensor.element_size() for g in groups if is_disk(g.tensor))
+    release = _release_disk(disk_bytes, activations if main.type == "cpu" else None)
     if not prefetch and any(has_streams(units[name][1]) for name in by_unit):
         pass  # the plan's prefetch depth is 1: fetch, compute, free (WeightHook alone)
     elif any(has_streams(units[name][1]) for name in by_unit):
         state.prefetcher = Prefetcher()
-        state.prefetcher.release_disk = bool(disk_bytes) and should_release(disk_bytes)
+        state.prefetcher.release_disk = release
     elif main.type == "cpu":
         disk_units = _disk_units(model, groups)
         if disk_units:  # disk weights streamed into reusable buffers behind the compute (never read through the map)
             stream = (1 + READ_AHEAD_LAYERS) * max(_disk_bytes_per_key(groups, normalized).values())
-            state.prefetcher = ReadAhead(release=should_release(disk_bytes), stream_bytes=stream)
+            state.prefetcher = ReadAhead(release=release, stream_bytes=stream)
             for name, (module, tensors) in disk_units.items():
                 state.handles += state.prefetcher.attach(name, module, tensors)
-    copies = CopiesOnFirstUse(groups, release=should_release(disk_bytes) if disk_bytes else False)
+    copies = CopiesOnFirstUse(groups, release=release)
     if copies:  # "cpu" weights loaded as file views: copied at the first forward, then independent of the file
         state.handles.append(copies.attach(model))
     guarded = {

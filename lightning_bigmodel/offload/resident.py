@@ -3,7 +3,8 @@
 The stream (:class:`~lightning_bigmodel.offload.readahead.ReadAhead`) reads the ``"disk"`` weights of each *unit* (the
 finest module holding them) before it computes. What stays in memory between forwards:
 
-- **Memory to spare** (:func:`should_release` false: the disk weights fit in half the memory left): each unit is read
+- **Memory to spare** (:func:`should_release` false: the disk weights fit in half the memory left; for a plan fitted
+  for a batch, :func:`release_reason` none: they fit beside the room it kept for the activations): each unit is read
   once, at its first use, into memory of its own and kept (:class:`OwnedWeights`): later forwards read nothing and copy
   nothing, and the weights no longer depend on the file (as ``"cpu"`` weights after their first forward).
 - **Memory short**: the memory the process still has once the first forward ran, beyond its CPU budget, the stream's
@@ -25,7 +26,7 @@ finest module holding them) before it computes. What stays in memory between for
 from __future__ import annotations
 
 import threading
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ from torch import nn
 from lightning_bigmodel.offload.stream import Layout
 from lightning_bigmodel.offload.subclass import plain_parts
 from lightning_bigmodel.planning.budget import detect_cpu_memory
+from lightning_bigmodel.planning.table import format_bytes
 
 # Memory left free beside the resident subset (at most the detected budget's headroom): the subset is page cache, which
 # a burst of activations reclaims instead of getting the process OOM-killed, so it need not keep the budget's
@@ -41,10 +43,27 @@ SUBSET_MARGIN = 64 * 2**20
 
 
 def should_release(disk_bytes: int) -> bool:
-    """Whether streamed disk weights should leave the page cache after use: when they take more than half of the
-    memory this process can still use (its cgroup's room or the available RAM, see
-    :func:`~lightning_bigmodel.planning.budget.detect_cpu_memory`)."""
+    """Whether streamed disk weights should leave the page cache after use, for a plan that knows nothing of the
+    activations: when they take more than half of the memory this process can still use (its cgroup's room or the
+    available RAM, see :func:`~lightning_bigmodel.planning.budget.detect_cpu_memory`)."""
     return disk_bytes > detect_cpu_memory().free // 2
+
+
+def release_reason(disk_bytes: int, activations: int) -> Optional[str]:
+    """Why the disk weights of a plan fitted for a batch must stream (released after use) instead of being kept, or
+    ``None`` to keep them: kept, they take memory of their own beside the ``activations`` the plan kept room for (its
+    simulated CPU bytes beside the weights, see :class:`~lightning_bigmodel.planning.devices.PlannedDeviceMap`), and the
+    budget's headroom for the process; all three must fit in what this process can still use. (The plan sent them to
+    disk to leave that room: keeping them whenever they fit half the free memory got a 4 x 256 batch OOM-killed.)"""
+    cpu = detect_cpu_memory()
+    need = disk_bytes + activations + cpu.headroom
+    if need <= cpu.free:
+        return None
+    return (
+        f"the disk weights ({format_bytes(disk_bytes)}), the plan's room for the batch's activations "
+        f"({format_bytes(activations)}) and the headroom ({format_bytes(cpu.headroom)}) exceed what this process can "
+        f"still use ({format_bytes(cpu.free)}, {cpu.describe()})"
+    )
 
 
 def subset_room(reserved: int) -> int:

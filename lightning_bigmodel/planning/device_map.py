@@ -22,6 +22,7 @@ from lightning_bigmodel.planning.devices import (
     Device,
     DeviceMap,
     PlannedDeviceMap,
+    activation_bytes_of,
     execution_device,
     execution_device_of,
     normalize_device,
@@ -267,7 +268,7 @@ class CheckedDeviceMap(dict):
     type and skip the checks, so a map is validated once per call chain.
     """
 
-    __slots__ = ("_model", "prefetch_depth", "execution_device")  # the planned map's, when it came from the planner
+    __slots__ = ("_model", "prefetch_depth", "execution_device", "activation_bytes")  # the planned map's, if planned
 
 
 def checked_device_map(model: nn.Module, device_map: Mapping[str, Device]) -> CheckedDeviceMap:
@@ -289,4 +290,6 @@ def checked_device_map(model: nn.Module, device_map: Mapping[str, Device]) -> Ch
         checked.prefetch_depth = depth
     if where is not None:
         checked.execution_device = where
+    if activation_bytes_of(device_map) is not None:  # a plan fitted for a batch: the disk stream keeps clear of it
+        checked.activation_bytes = activation_bytes_of(device_map)
     return checked

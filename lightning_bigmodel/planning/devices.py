@@ -99,6 +99,10 @@ class PlannedDeviceMap(dict):
             map, which keeps the room for them), or ``"cpu"``: "cpu" entries compute in place and "disk" ones are
             streamed to the CPU, so the GPUs keep no room for offloaded layers (chosen where that room would leave a
             GPU without modules). ``None`` only on a map made by hand.
+        activation_bytes: a plan fitted for a batch (``input_shape``) computing on the CPU: the bytes its simulated CPU
+            peak holds beside the CPU's weights (the batch's activations and the disk stream's buffers), which the plan
+            kept free by sending weights to disk. The disk stream keeps its weights in memory only where they fit beside
+            this room (see :func:`~lightning_bigmodel.offload.resident.release_reason`). ``None`` when not fitted.
 
     A plain ``dict(...)`` copy drops them; :func:`prefetch_depth_of` and :func:`execution_device_of` read them from any
     map (``None`` for a hand-made one).
@@ -107,6 +111,13 @@ class PlannedDeviceMap(dict):
     prefetch_depth: int = 0
     reserve: int = 0
     execution_device: Optional[Device] = None
+    activation_bytes: Optional[int] = None
+
+
+def activation_bytes_of(device_map: Mapping[str, Device]) -> Optional[int]:
+    """The CPU activation room a plan fitted for a batch records (see :class:`PlannedDeviceMap`), else ``None``."""
+    room = getattr(device_map, "activation_bytes", None)
+    return room if isinstance(room, int) and not isinstance(room, bool) else None
 
 
 def prefetch_depth_of(device_map: Mapping[str, Device]) -> Optional[int]:
@@ -123,18 +134,19 @@ def execution_device_of(device_map: Mapping[str, Device]) -> Optional[Device]:
 
 
 def planned_copy(source: Mapping[str, Device], entries: Mapping[str, Device]) -> PlannedDeviceMap:
-    """``entries`` as a :class:`PlannedDeviceMap` carrying the plan facts of ``source`` (its prefetch depth, reserve
-    and execution device), e.g. the same plan with its keys made absolute."""
+    """``entries`` as a :class:`PlannedDeviceMap` carrying the plan facts of ``source`` (its prefetch depth, reserve,
+    execution device and activation room), e.g. the same plan with its keys made absolute."""
     planned = PlannedDeviceMap(entries)
     planned.prefetch_depth = getattr(source, "prefetch_depth", 0)
     planned.reserve = getattr(source, "reserve", 0)
     planned.execution_device = execution_device_of(source)
+    planned.activation_bytes = activation_bytes_of(source)
     return planned
 
 
 def planned_from_json(payload: Mapping[str, object]) -> PlannedDeviceMap:
     """The plan a ``device_map.json`` holds (written by :class:`~lightning_bigmodel.DeviceMapCallback`), with its
-    prefetch depth, reserve and execution device, so that dispatching it runs as planned.
+    prefetch depth, reserve, execution device and activation room (``activation_bytes``, where written), so that dispatching it runs as planned.
 
     Raises:
         ValueError: when ``payload`` has no ``device_map`` object, or an ``execution_device`` that is neither a GPU
@@ -146,6 +158,8 @@ def planned_from_json(payload: Mapping[str, object]) -> PlannedDeviceMap:
     planned = PlannedDeviceMap((key, normalize_device(value)) for key, value in entries.items())
     planned.prefetch_depth = int(payload.get("prefetch_depth") or 0)  # type: ignore[arg-type]
     planned.reserve = int(payload.get("reserve_bytes") or 0)  # type: ignore[arg-type]
+    room = payload.get("activation_bytes")
+    planned.activation_bytes = None if room is None else int(room)  # type: ignore[arg-type]
     where = payload.get("execution_device")
     if where is not None:
         device = normalize_device(where)  # type: ignore[arg-type]

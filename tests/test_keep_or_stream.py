@@ -1,0 +1,118 @@
+"""What the disk stream keeps in memory when a plan was fitted for a batch: the disk weights are kept after their first
+read only where they fit beside the room the plan kept for the batch's activations (else they stream each forward),
+and the stream's buffers are what the planner and the simulation count."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lightning_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
+from lightning_bigmodel.fitting import infer_device_map
+from lightning_bigmodel.offload import resident
+from lightning_bigmodel.offload.readahead import ReadAhead
+from lightning_bigmodel.planning.budget import detect_cpu_memory
+from lightning_bigmodel.planning.devices import PlannedDeviceMap, planned_from_json
+from tests.test_budget_input_shape import TablesLM
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the disk stream reads with preadv")
+
+MiB = 2**20
+SETTINGS = dict(max_memory={"cpu": 38 * MiB}, no_split_module_classes=["Embedding", "Linear"], input_shape="4x256")
+
+
+def _tables() -> TablesLM:
+    return TablesLM(rows=50_000, width=8, tables=4, vocab=8192)  # 1.6 MB tables; 4 x 256 logits: 32 MiB
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    reference = _tables().eval()
+    save_file(reference.state_dict(), str(tmp_path / "m.safetensors"))
+    return reference, tmp_path / "m.safetensors"
+
+
+def _free(monkeypatch, free: int, headroom: int = MiB) -> None:
+    """The stream sees ``free`` bytes this process can still use (``headroom`` of them kept back)."""
+    seen = dataclasses.replace(detect_cpu_memory(), free=free, headroom=headroom, budget=free - headroom)
+    monkeypatch.setattr(resident, "detect_cpu_memory", lambda: seen)
+
+
+def _dispatch(path, tmp_path) -> torch.nn.Module:
+    with init_empty_weights():
+        model = _tables()
+    return load_checkpoint_and_dispatch(model, path, device_map="auto", offload_folder=tmp_path / "off", **SETTINGS)
+
+
+def _plan() -> PlannedDeviceMap:
+    with init_empty_weights():
+        return infer_device_map(_tables(), **SETTINGS)
+
+
+def _disk_bytes(model: torch.nn.Module) -> int:
+    disk = [name for name, device in model.hf_device_map.items() if device == "disk"]
+    return sum(p.numel() * p.element_size() for key in disk for p in model.get_submodule(key).parameters())
+
+
+def _run_twice(model, reference) -> None:
+    ids = torch.arange(4 * 256).reshape(4, 256) * 151 % 50_000
+    with torch.inference_mode():
+        expected = reference(ids)
+        for _ in range(2):
+            assert torch.equal(model(ids), expected)
+
+
+def test_a_fitted_plan_records_its_cpu_activation_room_and_the_json_keeps_it():
+    plan = _plan()
+    assert "disk" in plan.values() and "cpu" in plan.values()  # the batch's activations pushed tables to disk
+    assert plan.activation_bytes is not None and plan.activation_bytes >= 32 * MiB  # the logits at least
+    payload = {"device_map": dict(plan), "activation_bytes": plan.activation_bytes}
+    assert planned_from_json(payload).activation_bytes == plan.activation_bytes
+    with init_empty_weights():
+        unfitted = infer_device_map(_tables(), max_memory={"cpu": 38 * MiB}, no_split_module_classes=["Embedding"])
+    assert unfitted.activation_bytes is None  # no batch planned for: the stream keeps its old rule
+
+
+def test_disk_weights_fitting_half_the_memory_but_not_beside_the_activations_stream(checkpoint, tmp_path, monkeypatch,
+                                                                                     caplog):
+    """The disk weights take less than half of the free memory (the rule without a fitted plan keeps them), but with
+    the room the plan kept for the batch's activations and the headroom they do not fit: the stream releases them."""
+    reference, path = checkpoint
+    room = _plan().activation_bytes
+    with caplog.at_level(logging.INFO, logger="lightning_bigmodel.offload"):
+        _free(monkeypatch, 2**40)  # loading: plenty
+        model = _dispatch(path, tmp_path)
+        model.__dict__["_bigmodel_dispatch"].prefetcher.close()
+        disk = _disk_bytes(model)
+        free = 2 * disk + MiB
+        assert disk <= free // 2 and disk + room + MiB > free, "the case would prove nothing"
+        _free(monkeypatch, free)
+        caplog.clear()
+        model = _dispatch(path, tmp_path)
+    stream = model.__dict__["_bigmodel_dispatch"].prefetcher
+    assert isinstance(stream, ReadAhead) and stream.release, "kept disk weights the plan sent to disk for the batch"
+    assert "Disk weights stream each forward: the disk weights" in caplog.text and "activations" in caplog.text
+    _run_twice(model, reference)
+    assert stream.reads >= 2 * len(stream._units) - len(stream._kept)  # read again in the second forward
+    stream.close()
+
+
+def test_disk_weights_that_fit_beside_the_activations_are_kept(checkpoint, tmp_path, monkeypatch, caplog):
+    reference, path = checkpoint
+    room = _plan().activation_bytes
+    _free(monkeypatch, 2**40)
+    with caplog.at_level(logging.INFO, logger="lightning_bigmodel.offload"):
+        model = _dispatch(path, tmp_path)
+    stream = model.__dict__["_bigmodel_dispatch"].prefetcher
+    assert isinstance(stream, ReadAhead) and not stream.release
+    assert "are kept after their first read: they fit beside the plan's room" in caplog.text
+    _run_twice(model, reference)
+    assert stream.reads == len(stream._units)  # each read once
+    assert room > 0
+    stream.close()
