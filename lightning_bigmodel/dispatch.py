@@ -25,6 +25,7 @@ from lightning_bigmodel.planning.devices import (
     activation_bytes_of,
     as_execution_device,
     prefetch_depth_of,
+    stream_unit_of,
     with_execution,
 )
 from lightning_bigmodel.offload.attach import DispatchState, attach_hooks
@@ -93,7 +94,7 @@ def dispatch_model(
     """
     remove_dispatch(model)
     grads = requires_grad_of(model)  # put back by remove_dispatch
-    depth, activations = prefetch_depth_of(device_map), activation_bytes_of(device_map)  # facts of a plan, if any
+    depth, activations, unit = prefetch_depth_of(device_map), activation_bytes_of(device_map), stream_unit_of(device_map)
     device_map = validate_device_map(model, device_map)
     _refuse_meta(model)
     normalized = {key: normalize_device(value) for key, value in device_map.items()}
@@ -104,7 +105,8 @@ def dispatch_model(
     with restored_on_error(model) as saved:
         _place(groups, pin_host(main), offload_folder, saved)
         prefetch = depth != 1 if prefetch is None else prefetch  # the plan's depth (see PlannedDeviceMap)
-        state = attach_hooks(model, groups, normalized, main, prefetch=prefetch, activations=activations)
+        state = attach_hooks(model, groups, normalized, main, prefetch=prefetch, activations=activations,
+                             stream_unit=unit)  # facts of a plan, if any
     model.hf_device_map = dict(device_map)
     object.__setattr__(model, DISPATCH_STATE, state)
     object.__setattr__(model, "_apply", partial(_refuse_apply, type(model).__name__))

@@ -22,6 +22,8 @@ from lightning_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
 from lightning_bigmodel.fitting import infer_device_map
 from lightning_bigmodel.planning import budget
 from lightning_bigmodel.planning.budget import detect_cpu_memory
+from lightning_bigmodel.planning.device_map import largest_layer
+from lightning_bigmodel.planning.devices import PlannedDeviceMap
 from lightning_bigmodel.planning.sizes import compute_module_sizes
 from lightning_bigmodel.planning.table import bytes_per_device
 from lightning_bigmodel.simulate import simulate_memory
@@ -86,10 +88,11 @@ def test_the_simulated_cpu_peak_holds_the_disk_streams_buffers(tmp_path, monkeyp
     torch.manual_seed(0)
     reference = GPT(config).eval()
     save_file({k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}, str(tmp_path / "m.safetensors"))
-    device_map = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h": "disk", "transformer.ln_f": "cpu",
-                  "lm_head": "cpu"}  # fmt: skip
+    device_map = PlannedDeviceMap({"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h": "disk",
+                                   "transformer.ln_f": "cpu", "lm_head": "cpu"})  # fmt: skip
     with init_empty_weights():
         model = GPT(config)
+    device_map.stream_unit = largest_layer(model, ["Block"])[0]  # a plan's disk unit: a block (no-split Block)
     model = load_checkpoint_and_dispatch(model, tmp_path / "m.safetensors", device_map=device_map,
                                          offload_folder=tmp_path / "offload")  # fmt: skip
     ids = torch.randint(0, 64, (1, 8))

@@ -116,3 +116,89 @@ def test_disk_weights_that_fit_beside_the_activations_are_kept(checkpoint, tmp_p
     assert stream.reads == len(stream._units)  # each read once
     assert room > 0
     stream.close()
+
+
+# ------------------------------------------------------------------------------------ the stream's buffers
+def _streaming(monkeypatch) -> None:
+    from lightning_bigmodel.offload import attach
+
+    monkeypatch.setattr(attach, "should_release", lambda disk_bytes: True)  # memory short: stream every forward
+
+
+def _simulated_pools(monkeypatch) -> list:
+    """The simulation's stream pools, as it makes them."""
+    from lightning_bigmodel.simulate import _staging
+
+    made = []
+
+    class Spy(_staging.SimStreamPool):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(_staging, "SimStreamPool", Spy)
+    return made
+
+
+def test_a_whole_model_on_disk_streams_through_two_buffers_of_its_largest_unit_as_the_simulation_counts(
+    checkpoint, tmp_path, monkeypatch
+):
+    """``{"": "disk"}``: the stream was sized by the largest device-map key, the whole model, twice (five buffers
+    here, eight at most, where the planner counts two of the largest unit)."""
+    from lightning_bigmodel.simulate import simulate_memory
+
+    reference, path = checkpoint
+    _streaming(monkeypatch)
+    with init_empty_weights():
+        model = _tables()
+    model = load_checkpoint_and_dispatch(model, path, device_map={"": "disk"})
+    _run_twice(model, reference)
+    stream = model.__dict__["_bigmodel_dispatch"].prefetcher
+    table = max(unit.layout.nbytes for unit in stream._units.values())
+    assert 50_000 * 8 * 4 <= table <= 50_000 * 8 * 4 + 2**16  # an Embedding (the largest no-split unit), aligned
+    assert stream.pool.slots == 2 and stream.pool.made <= 2, stream.pool.slots
+    assert stream.buffer_bytes <= 2 * table
+    stream.close()
+    pools = _simulated_pools(monkeypatch)
+    with init_empty_weights():
+        skeleton = _tables()
+    simulate_memory(skeleton, {"": "disk"}, torch.zeros((4, 256), dtype=torch.long), stream_pool=True)
+    assert [pool.slots for pool in pools] == [stream.pool.slots]  # the simulation counts the real pool
+    assert stream.pool.slot_bytes <= pools[0].slot_bytes <= stream.pool.slot_bytes + 2**16  # + alignment padding
+
+
+def test_a_planned_container_on_disk_streams_within_the_planners_reserve(tmp_path, monkeypatch):
+    """A plan with ``no_split_module_classes=["Block"]`` sends the whole ``transformer.h`` to disk under one key: the
+    stream takes the planner's reserve, two blocks, in buffers of its largest unit (an MLP weight), not two times
+    every block (eight buffers, the most the stream makes)."""
+    from examples.gpt import GPT, GPTConfig
+    from lightning_bigmodel.simulate import simulate_memory
+
+    config = GPTConfig(vocab_size=512, block_size=32, n_layer=6, n_head=4, n_embd=128)
+    torch.manual_seed(0)
+    reference = GPT(config).eval()
+    save_file({k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}, str(tmp_path / "m.safetensors"))
+    settings = dict(max_memory={"cpu": 2_500_000}, no_split_module_classes=["Block"], stream_reserve=True)
+    with init_empty_weights():
+        plan = infer_device_map(GPT(config), **settings)
+    assert plan["transformer.h"] == "disk" and plan.stream_unit > 12 * 128 * 128 * 4  # a block
+    assert plan.reserve >= 2 * plan.stream_unit  # what the planner keeps free for the stream
+    _streaming(monkeypatch)
+    with init_empty_weights():
+        model = GPT(config)
+    model = load_checkpoint_and_dispatch(model, tmp_path / "m.safetensors", device_map=plan)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for _ in range(2):
+            assert torch.equal(model(ids), reference(ids))
+    stream = model.__dict__["_bigmodel_dispatch"].prefetcher
+    largest = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)) for m in model.modules())
+    assert largest == 128 * 512 * 4 + 512 * 4  # the MLP's first Linear: the largest unit the stream reads at once
+    assert stream.pool.slots == 2 * plan.stream_unit // largest == 6  # the planner's reserve, in buffers of that unit
+    assert stream.buffer_bytes <= stream.pool.slots * (largest + 2**16)  # each at most aligned
+    stream.close()
+    pools = _simulated_pools(monkeypatch)
+    with init_empty_weights():
+        skeleton = GPT(config)
+    simulate_memory(skeleton, plan, ids, stream_pool=True)
+    assert [pool.slots for pool in pools] == [stream.pool.slots]

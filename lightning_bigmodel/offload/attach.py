@@ -123,14 +123,13 @@ def _disk_units(model: nn.Module, groups: list[TensorGroup]) -> dict[str, tuple[
     return out
 
 
-def _disk_bytes_per_key(groups: list[TensorGroup], normalized: Mapping[str, object]) -> dict[str, int]:
-    """Bytes of disk weights under each device-map key (what the planner sized the CPU's stream reserve by)."""
-    out: dict[str, int] = {}
-    for group in groups:
-        if group.is_param and is_disk(group.tensor):
-            key = owner_key(group.name, normalized) or ""
-            out[key] = out.get(key, 0) + group.tensor.numel() * group.tensor.element_size()
-    return out or {"": 0}
+def stream_bytes(disk_units: Mapping[str, tuple[nn.Module, list[torch.Tensor]]], unit: int = 0) -> int:
+    """Bytes of the disk stream's buffers: ``1 + READ_AHEAD_LAYERS`` times the largest piece brought in at once, as the
+    planner's reserve counts it: a planned map's disk unit ``unit`` (a no-split module, or one module's direct
+    tensors), else the largest of ``disk_units`` (what the stream reads at once). Not the largest device-map key: a key
+    covering a whole container (``""``) would size the stream by all of it."""
+    largest = max((sum(t.numel() * t.element_size() for t in tensors) for _, tensors in disk_units.values()), default=0)
+    return (1 + READ_AHEAD_LAYERS) * max(unit, largest)
 
 
 def _release_disk(disk_bytes: int, activations: Optional[int]) -> bool:
@@ -160,13 +159,15 @@ def attach_hooks(
     main: torch.device,
     prefetch: bool = True,
     activations: Optional[int] = None,
+    stream_unit: int = 0,
 ) -> DispatchState:
     """Attach root, weight and input hooks to ``model`` placed as ``groups`` say; return their handles.
 
     ``prefetch=False`` (a plan with room for one offloaded layer on the GPU: prefetch depth 1) attaches no prefetcher:
     each offloaded layer is fetched when its forward starts and freed when it ends, so the GPU never holds two.
     ``activations``: the CPU room a plan fitted for a batch kept for its activations
-    (:func:`~lightning_bigmodel.planning.devices.activation_bytes_of`): disk weights are kept in memory only beside it."""
+    (:func:`~lightning_bigmodel.planning.devices.activation_bytes_of`): disk weights are kept in memory only beside it.
+    ``stream_unit``: a planned map's disk unit, which sizes the disk stream (:func:`stream_bytes`)."""
     state = DispatchState(main_device=main)
     units, by_unit = _entries_by_unit(model, groups, normalized, main)
     move_io = len({device for _, device in units.values()}) > 1 or bool(by_unit)
@@ -180,8 +181,7 @@ def attach_hooks(
     elif main.type == "cpu":
         disk_units = _disk_units(model, groups)
         if disk_units:  # disk weights streamed into reusable buffers behind the compute (never read through the map)
-            stream = (1 + READ_AHEAD_LAYERS) * max(_disk_bytes_per_key(groups, normalized).values())
-            state.prefetcher = ReadAhead(release=release, stream_bytes=stream)
+            state.prefetcher = ReadAhead(release=release, stream_bytes=stream_bytes(disk_units, stream_unit))
             for name, (module, tensors) in disk_units.items():
                 state.handles += state.prefetcher.attach(name, module, tensors)
     copies = CopiesOnFirstUse(groups, release=release)

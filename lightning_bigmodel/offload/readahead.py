@@ -9,7 +9,9 @@ unit is followed by the first, so consecutive forwards stream too) into the free
 waits on a condition (no busy-wait) when every buffer is full, and the compute thread waits only for a read not done.
 
 Memory: ``stream_bytes`` (what the planner keeps free for it on the CPU: ``1 + READ_AHEAD_LAYERS`` times the largest
-disk entry of the device map) is cut into buffers of the largest unit's size, at least two. What stays in memory
+piece brought in at once, see :func:`~lightning_bigmodel.offload.attach.stream_bytes`) is cut into buffers of the
+largest unit's size, at least two, counted by the unit's bytes without alignment padding (as the simulation counts
+them, which cannot know where the files put the tensors). What stays in memory
 besides (everything read once, or a stable subset in the page cache, and tied weights read once per forward) is
 decided in :mod:`~lightning_bigmodel.offload.resident`.
 
@@ -72,6 +74,7 @@ class ReadAhead:
         self.release = release
         self.keep = release if keep is None else keep
         self.stream_bytes = stream_bytes
+        self._largest = 0  # bytes of the largest unit's tensors, without alignment padding
         self._units: dict[str, _Unit] = {}
         self._tensors: dict[str, list[torch.Tensor]] = {}  # unit -> the plain disk views it uses
         self._order: list[str] = []
@@ -135,6 +138,7 @@ class ReadAhead:
         self._tensors[name] = [part for _, part in parts]
         self._units[name] = _Unit(module, params, Layout(parts))
         self.pool.slot_bytes = max(self.pool.slot_bytes, self._units[name].layout.nbytes)
+        self._largest = max(self._largest, sum(part.numel() * part.element_size() for _, part in parts))
         return [
             module.register_forward_pre_hook(lambda *_: self.before(name)),
             module.register_forward_hook(lambda _m, _i, output: self.after(name, output), always_call=True),
@@ -277,7 +281,7 @@ class ReadAhead:
                 return
             self._order = list(dict.fromkeys(self._order))
             self._position = {name: index for index, name in enumerate(self._order)}
-            ahead = 1 + self.depth if self.stream_bytes is None else self.stream_bytes // max(1, self.pool.slot_bytes)
+            ahead = 1 + self.depth if self.stream_bytes is None else self.stream_bytes // max(1, self._largest)
             self.pool.slots = max(2, min(len(self._order), _MAX_BUFFERS, ahead))
             places = {name: list(self._units[name].layout.places) for name in self._order}
             self._held = read_again_later(self._order, places) if self.release else set()

@@ -121,6 +121,20 @@ class _Planner(_Groups):
                 self.units[name] = max([direct] + [self.unit(m) for m in members if m in self.modules])
         return self.units[name]
 
+    def disk_unit(self, raw: DeviceMap) -> int:
+        """Largest piece of the ``"disk"`` entries of ``raw`` brought in at once (:meth:`unit`; keys naming tensors of one
+        module are one piece): what the CPU's disk stream reserve counts, ``1 + READ_AHEAD_LAYERS`` times."""
+        units, direct = [0], {}
+        for name, device in raw.items():
+            if device != "disk":
+                continue
+            if name in self.modules:
+                units.append(self.unit(name))
+            else:
+                owner = name.rpartition(".")[0]
+                direct[owner] = direct.get(owner, 0) + self.moved(name)
+        return max(units + list(direct.values()))
+
     def largest(self, name: str) -> tuple[int, str]:
         """``(bytes, name)`` of the largest piece under ``name`` brought in at once (see :meth:`unit`)."""
         if not self.splittable(name):

@@ -27,6 +27,7 @@ from lightning_bigmodel.planning.devices import (
     execution_device_of,
     normalize_device,
     prefetch_depth_of,
+    stream_unit_of,
 )
 
 __all__ = [
@@ -206,6 +207,7 @@ class DeviceMapPlanner:
         planned = PlannedDeviceMap(clean_device_map(self.model, raw))
         planned.prefetch_depth, planned.reserve = self._planner.depth, self._planner.need
         planned.execution_device = self._planner.exec_device
+        planned.stream_unit = self._planner.disk_unit(raw)
         return planned
 
     def report_empty_gpus(self, device_map: Mapping[str, Device], budgets: Mapping[Device, float]) -> None:
@@ -268,7 +270,7 @@ class CheckedDeviceMap(dict):
     type and skip the checks, so a map is validated once per call chain.
     """
 
-    __slots__ = ("_model", "prefetch_depth", "execution_device", "activation_bytes")  # the planned map's, if planned
+    __slots__ = ("_model", "prefetch_depth", "execution_device", "activation_bytes", "stream_unit")  # a plan's facts
 
 
 def checked_device_map(model: nn.Module, device_map: Mapping[str, Device]) -> CheckedDeviceMap:
@@ -292,4 +294,6 @@ def checked_device_map(model: nn.Module, device_map: Mapping[str, Device]) -> Ch
         checked.execution_device = where
     if activation_bytes_of(device_map) is not None:  # a plan fitted for a batch: the disk stream keeps clear of it
         checked.activation_bytes = activation_bytes_of(device_map)
+    if stream_unit_of(device_map):  # the planner's disk unit: what the stream's buffers are sized by
+        checked.stream_unit = stream_unit_of(device_map)
     return checked

@@ -103,6 +103,10 @@ class PlannedDeviceMap(dict):
             peak holds beside the CPU's weights (the batch's activations and the disk stream's buffers), which the plan
             kept free by sending weights to disk. The disk stream keeps its weights in memory only where they fit beside
             this room (see :func:`~lightning_bigmodel.offload.resident.release_reason`). ``None`` when not fitted.
+        stream_unit: bytes of the largest piece of the ``"disk"`` entries brought in at once (a no-split module, or one
+            module's direct tensors): on a CPU execution device the disk stream's buffers take ``1 + READ_AHEAD_LAYERS``
+            times it, as the planner's reserve counts. ``0`` without disk entries or on a map made by hand (the stream
+            then takes its largest unit: one module's direct tensors).
 
     A plain ``dict(...)`` copy drops them; :func:`prefetch_depth_of` and :func:`execution_device_of` read them from any
     map (``None`` for a hand-made one).
@@ -112,6 +116,13 @@ class PlannedDeviceMap(dict):
     reserve: int = 0
     execution_device: Optional[Device] = None
     activation_bytes: Optional[int] = None
+    stream_unit: int = 0
+
+
+def stream_unit_of(device_map: Mapping[str, Device]) -> int:
+    """The disk unit a planned map records (see :class:`PlannedDeviceMap`), ``0`` for a map made by hand."""
+    unit = getattr(device_map, "stream_unit", 0)
+    return unit if isinstance(unit, int) and not isinstance(unit, bool) and unit > 0 else 0
 
 
 def activation_bytes_of(device_map: Mapping[str, Device]) -> Optional[int]:
@@ -135,18 +146,20 @@ def execution_device_of(device_map: Mapping[str, Device]) -> Optional[Device]:
 
 def planned_copy(source: Mapping[str, Device], entries: Mapping[str, Device]) -> PlannedDeviceMap:
     """``entries`` as a :class:`PlannedDeviceMap` carrying the plan facts of ``source`` (its prefetch depth, reserve,
-    execution device and activation room), e.g. the same plan with its keys made absolute."""
+    execution device, activation room and disk unit), e.g. the same plan with its keys made absolute."""
     planned = PlannedDeviceMap(entries)
     planned.prefetch_depth = getattr(source, "prefetch_depth", 0)
     planned.reserve = getattr(source, "reserve", 0)
     planned.execution_device = execution_device_of(source)
     planned.activation_bytes = activation_bytes_of(source)
+    planned.stream_unit = stream_unit_of(source)
     return planned
 
 
 def planned_from_json(payload: Mapping[str, object]) -> PlannedDeviceMap:
     """The plan a ``device_map.json`` holds (written by :class:`~lightning_bigmodel.DeviceMapCallback`), with its
-    prefetch depth, reserve, execution device and activation room (``activation_bytes``, where written), so that dispatching it runs as planned.
+    prefetch depth, reserve, execution device, activation room (``activation_bytes``) and disk unit
+    (``stream_unit_bytes``) where written, so that dispatching it runs as planned.
 
     Raises:
         ValueError: when ``payload`` has no ``device_map`` object, or an ``execution_device`` that is neither a GPU
@@ -160,6 +173,7 @@ def planned_from_json(payload: Mapping[str, object]) -> PlannedDeviceMap:
     planned.reserve = int(payload.get("reserve_bytes") or 0)  # type: ignore[arg-type]
     room = payload.get("activation_bytes")
     planned.activation_bytes = None if room is None else int(room)  # type: ignore[arg-type]
+    planned.stream_unit = int(payload.get("stream_unit_bytes") or 0)  # type: ignore[arg-type]
     where = payload.get("execution_device")
     if where is not None:
         device = normalize_device(where)  # type: ignore[arg-type]

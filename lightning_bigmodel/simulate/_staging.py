@@ -15,7 +15,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from lightning_bigmodel.offload.attach import _disk_bytes_per_key, _disk_units  # the real dispatch's choices
+from lightning_bigmodel.offload.attach import _disk_units, stream_bytes  # the real dispatch's choices
 from lightning_bigmodel.offload.hooks import HostEntry, InputHook, RootHook, WeightHook
 from lightning_bigmodel.offload.readahead import _MAX_BUFFERS
 from lightning_bigmodel.offload.stream import ALIGN, DIRECT
@@ -101,8 +101,9 @@ class SimReadAhead:
 class SimStreamPool:
     """Memory model of the same stream in its steady state (every forward after the first, memory short), as a budget
     that holds it (a detected one) is charged: a pool of ``slots`` buffers, each the size of the largest disk unit
-    (with the most alignment padding the real buffers can have), held from the first disk unit on until the run ends. ``slots`` is the real stream's: its reserve
-    (``1 + READ_AHEAD_LAYERS`` times the largest disk entry of the map, what the planner keeps free for it) in buffers
+    (with the most alignment padding the real buffers can have), held from the first disk unit on until the run ends.
+    ``slots`` is the real stream's: its reserve (``1 + READ_AHEAD_LAYERS`` times the largest piece brought in at once,
+    what the planner keeps free for it, see :func:`~lightning_bigmodel.offload.attach.stream_bytes`) in buffers
     of the largest unit, at least 2, at most :data:`~lightning_bigmodel.offload.readahead._MAX_BUFFERS` and the number
     of units. A layer of several units fills several buffers at once: the pool, not the unit computing and the one
     read ahead (:class:`SimReadAhead`), is what the process holds."""
@@ -138,11 +139,13 @@ def attach_memory_hooks(
     main: torch.device,
     normalized: Mapping[str, object],
     stream_pool: bool = False,
+    stream_unit: int = 0,
 ) -> list:
     """Attach the hooks ``dispatch_model`` would (see ``offload.attach.attach_hooks``) for ``model`` placed as
     ``groups`` by the (normalized) device map ``normalized``; return their handles. ``stream_pool``: a CPU execution
     device's disk stream counts its whole buffer pool (:class:`SimStreamPool`), else the units in RAM at once
-    (:class:`SimReadAhead`)."""
+    (:class:`SimReadAhead`). ``stream_unit``: a planned map's disk unit, which sizes the pool as it sizes the real one
+    (:func:`~lightning_bigmodel.offload.attach.stream_bytes`)."""
     handles = []
     move_io = len({device for _, device in units.values()}) > 1 or bool(by_unit)
     prefetcher = SimPrefetcher() if any(units[name][1].type != "cpu" for name in by_unit) else None
@@ -150,8 +153,8 @@ def attach_memory_hooks(
         disk_units = _disk_units(model, groups)
         if disk_units:
             if stream_pool:
-                stream = (1 + READ_AHEAD_LAYERS) * max(_disk_bytes_per_key(groups, normalized).values())  # as dispatch
-                handles += SimStreamPool(disk_units, stream).attach(disk_units)
+                pool = SimStreamPool(disk_units, stream_bytes(disk_units, stream_unit))  # as dispatch sizes it
+                handles += pool.attach(disk_units)
             else:
                 handles += SimReadAhead(disk_units, READ_AHEAD_LAYERS).attach(disk_units)
     if move_io:

@@ -29,6 +29,7 @@ from lightning_bigmodel.offload.placement import (
     tensor_groups,
 )
 from lightning_bigmodel.planning.device_map import check_device_map, execution_device, normalize_device
+from lightning_bigmodel.planning.devices import stream_unit_of
 from lightning_bigmodel.simulate._live import Label, LiveBytes
 from lightning_bigmodel.simulate._fake_ops import SimulatedFunctions
 from lightning_bigmodel.simulate._staging import attach_memory_hooks
@@ -120,7 +121,8 @@ def simulate_memory(
         assign_targets(groups, normalized, main, offload_buffers)
         weights = _place_fakes(groups, dtype, live)
         units, by_unit = _entries_by_unit(model, groups, normalized, main)
-        stack.callback(_remove, attach_memory_hooks(model, units, by_unit, groups, main, normalized, stream_pool))
+        stack.callback(_remove, attach_memory_hooks(model, units, by_unit, groups, main, normalized, stream_pool,
+                                                     stream_unit_of(device_map)))
         stack.enter_context(live)
         fakes = tuple(_fake_like(x, main) for x in inputs)
         stack.enter_context(SimulatedFunctions())
