@@ -5,8 +5,14 @@ and the stream's buffers are what the planner and the simulation count."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import subprocess
 import sys
+import time
+import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,6 +124,24 @@ def test_disk_weights_that_fit_beside_the_activations_are_kept(checkpoint, tmp_p
     stream.close()
 
 
+def test_the_strategys_fitted_plan_writes_its_activation_room_and_disk_unit_to_the_json(tmp_path):
+    """``device_map.json`` keeps the plan facts the stream follows: dispatching the plan read back from it keeps the
+    disk weights beside the same activation room and sizes the stream by the same unit."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from lightning_bigmodel import BigModelInferenceStrategy, DeviceMapCallback
+
+    strategy = BigModelInferenceStrategy()
+    strategy.accelerator = CPUAccelerator()
+    callback = DeviceMapCallback(max_memory={"cpu": 38 * MiB}, no_split_module_classes=["Embedding", "Linear"],
+                                 input_shape="4x256")  # fmt: skip
+    with init_empty_weights():
+        plan = callback.plan(_tables(), strategy)
+    assert plan.activation_bytes == _plan().activation_bytes and plan.stream_unit > 0
+    reread = planned_from_json(json.loads(callback.write_json(tmp_path).read_text()))
+    assert (reread.activation_bytes, reread.stream_unit) == (plan.activation_bytes, plan.stream_unit)
+
+
 # ------------------------------------------------------------------------------------ the stream's buffers
 def _streaming(monkeypatch) -> None:
     from lightning_bigmodel.offload import attach
@@ -202,3 +226,74 @@ def test_a_planned_container_on_disk_streams_within_the_planners_reserve(tmp_pat
         skeleton = GPT(config)
     simulate_memory(skeleton, plan, ids, stream_pool=True)
     assert [pool.slots for pool in pools] == [stream.pool.slots]
+
+
+# ---------------------------------------------------------------------------------------------- a real cgroup
+_CHILD = r'''
+import json, sys, torch
+from pathlib import Path
+sys.path.insert(0, "tests")  # as the test session has it
+from lightning_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
+from tests.test_budget_input_shape import TablesLM, _compact
+cgroup, checkpoint, offload, room = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+with init_empty_weights():
+    model = TablesLM(tables=16, rows=625_000)
+v2 = (cgroup / "memory.max").exists()
+usage = int((cgroup / ("memory.current" if v2 else "memory.usage_in_bytes")).read_text())
+(cgroup / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(usage + room))  # room beyond torch itself
+model = load_checkpoint_and_dispatch(model, checkpoint, device_map="auto", max_memory=None, offload_folder=offload,
+                                     no_split_module_classes=["Embedding", "Linear"], input_shape="4x256")
+ids = torch.arange(4 * 256).reshape(4, 256) * 151 % 625_000
+with torch.inference_mode():
+    for _ in range(2):
+        sums = _compact(model(ids))
+stream = model.__dict__["_bigmodel_dispatch"].prefetcher
+peak = cgroup / ("memory.peak" if v2 else "memory.max_usage_in_bytes")
+peak = int(peak.read_text()) - usage if peak.exists() else None  # beyond torch, as the room
+print(json.dumps({"map": sorted(set(model.hf_device_map.values())), "release": stream.release, "peak": peak,
+                  "sums": sums.tolist()}))
+'''
+
+
+def test_under_a_real_cgroup_the_disk_weights_of_a_plan_for_a_batch_stream(tmp_path):
+    """A child limits its memory cgroup to 640 MiB beyond torch and loads 16 tables of 20 MB planned for a 4 x 256
+    batch (320 MiB of logits): the plan sends 288 MiB of them to disk, less than half of the memory left, so the stream
+    kept them (the forward reached 855 of 862 MiB; wider tables were OOM-killed). Now they stream."""
+    from tests.test_budget_input_shape import _compact
+    from tests.test_cgroup_budget import _memory_hierarchy
+
+    found = _memory_hierarchy()
+    if found is None:
+        pytest.skip("no memory cgroup hierarchy is mounted with the memory controller enabled")
+    directory = found[1] / f"lbm-keep-{uuid.uuid4().hex[:8]}"
+    try:
+        directory.mkdir()
+    except OSError as err:
+        pytest.skip(f"cannot create a memory cgroup under {found[1]} ({err}); run as root to test a real limit")
+    try:
+        torch.manual_seed(0)
+        reference = TablesLM(tables=16, rows=625_000).eval()
+        save_file(reference.state_dict(), str(tmp_path / "m.safetensors"))
+        ids = torch.arange(4 * 256).reshape(4, 256) * 151 % 625_000
+        with torch.inference_mode():
+            expected = _compact(reference(ids))
+        del reference
+        command = f'echo $$ > "{directory / "cgroup.procs"}" && exec "$@"'
+        args = [str(directory), str(tmp_path / "m.safetensors"), str(tmp_path / "offload"), str(640 * MiB)]
+        done = subprocess.run(
+            ["sh", "-c", command, "sh", sys.executable, "-c", _CHILD, *args],
+            capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        )  # fmt: skip
+        assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
+        probe = json.loads(done.stdout.strip().splitlines()[-1])
+        assert probe["map"] == ["cpu", "disk"], probe["map"]
+        assert probe["release"], ("the disk weights the plan sent to disk for the batch were kept", probe["peak"])
+        assert torch.equal(torch.tensor(probe["sums"], dtype=torch.float32), expected)
+    finally:
+        for _ in range(50):
+            try:
+                directory.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)

@@ -23,7 +23,14 @@ from lightning_bigmodel.planning.device_map import (
 from lightning_bigmodel.planning.budget import budget_sources, check_layer_fits, get_max_memory
 from lightning_bigmodel.planning.sizes import compute_buffer_sizes, compute_module_sizes
 from lightning_bigmodel.planning._execution import check_offload_execution
-from lightning_bigmodel.planning.devices import execution_device_of, planned_copy, prefetch_depth_of, with_execution
+from lightning_bigmodel.planning.devices import (
+    activation_bytes_of,
+    execution_device_of,
+    planned_copy,
+    prefetch_depth_of,
+    stream_unit_of,
+    with_execution,
+)
 from lightning_bigmodel.planning.table import bytes_per_device, device_label, format_bytes, prefetch_line, render_table
 from lightning_bigmodel.fitting import note_unsized_activations
 from lightning_bigmodel.pl._peaks import fitted_plan, simulated_memory
@@ -365,6 +372,8 @@ class DeviceMapCallback(Callback):
             "prefetch_depth": self.prefetch_depth,  # offloaded layers on the execution GPU at once (see `prefetch`)
             "reserve_bytes": self.reserve,
             "execution_device": self.execution_device,  # where offloaded layers compute: a GPU index or "cpu"
+            "activation_bytes": activation_bytes_of(self.device_map),  # fitted for a batch: its CPU room (else null)
+            "stream_unit_bytes": stream_unit_of(self.device_map),  # what the disk stream's buffers are sized by
         }
         if self.memory is not None:  # the simulated run-time memory of a batch of `input_shape`
             from lightning_bigmodel.simulate.report import peaks_json
