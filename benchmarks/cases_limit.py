@@ -129,7 +129,8 @@ def _sums(logits: torch.Tensor, rows: int = 64) -> torch.Tensor:
     sums = torch.empty(logits.shape[:-1], dtype=torch.float64)
     for index in itertools.product(*(range(n) for n in logits.shape[:-2])):
         for start in range(0, logits.shape[-2], rows):
-            sums[index][start : start + rows] = torch.sum(logits[index][start : start + rows], dim=-1, dtype=torch.float64)
+            chunk = logits[index][start : start + rows]
+            sums[index][start : start + rows] = torch.sum(chunk, dim=-1, dtype=torch.float64)
     return sums
 
 

@@ -94,7 +94,8 @@ def dispatch_model(
     """
     remove_dispatch(model)
     grads = requires_grad_of(model)  # put back by remove_dispatch
-    depth, activations, unit = prefetch_depth_of(device_map), activation_bytes_of(device_map), stream_unit_of(device_map)
+    depth, activations = prefetch_depth_of(device_map), activation_bytes_of(device_map)  # facts of a plan, if any
+    unit = stream_unit_of(device_map)
     device_map = validate_device_map(model, device_map)
     _refuse_meta(model)
     normalized = {key: normalize_device(value) for key, value in device_map.items()}

@@ -201,7 +201,8 @@ def test_a_planned_container_on_disk_streams_within_the_planners_reserve(tmp_pat
     config = GPTConfig(vocab_size=512, block_size=32, n_layer=6, n_head=4, n_embd=128)
     torch.manual_seed(0)
     reference = GPT(config).eval()
-    save_file({k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}, str(tmp_path / "m.safetensors"))
+    state = {k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}  # tied: saved once
+    save_file(state, str(tmp_path / "m.safetensors"))
     settings = dict(max_memory={"cpu": 2_500_000}, no_split_module_classes=["Block"], stream_reserve=True)
     with init_empty_weights():
         plan = infer_device_map(GPT(config), **settings)

@@ -134,7 +134,7 @@ def stream_bytes(disk_units: Mapping[str, tuple[nn.Module, list[torch.Tensor]]],
 
 def _release_disk(disk_bytes: int, activations: Optional[int]) -> bool:
     """Whether the disk weights stream each forward (released after use) rather than being read once and kept; logs
-    which, and why. ``activations``: the room a plan fitted for a batch kept for it on the CPU (``None``: not fitted)."""
+    which, and why. ``activations``: the room a plan fitted for a batch kept for them on the CPU (``None``: none)."""
     if not disk_bytes:
         return False
     if activations is None:

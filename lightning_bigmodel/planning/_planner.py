@@ -122,8 +122,8 @@ class _Planner(_Groups):
         return self.units[name]
 
     def disk_unit(self, raw: DeviceMap) -> int:
-        """Largest piece of the ``"disk"`` entries of ``raw`` brought in at once (:meth:`unit`; keys naming tensors of one
-        module are one piece): what the CPU's disk stream reserve counts, ``1 + READ_AHEAD_LAYERS`` times."""
+        """Largest piece of the ``"disk"`` entries of ``raw`` brought in at once (:meth:`unit`; keys naming tensors of
+        one module are one piece): what the CPU's disk stream reserve counts, ``1 + READ_AHEAD_LAYERS`` times."""
         units, direct = [0], {}
         for name, device in raw.items():
             if device != "disk":
