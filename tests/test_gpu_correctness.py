@@ -396,6 +396,7 @@ def test_disk_weights_are_staged_through_one_reused_page_locked_buffer(tmp_path,
     forward reuses: never torch's caching host allocator (a power-of-two block per tensor and per forward, kept after
     use: 2x a layer's bytes page-locked outside the CPU budget)."""
     from lightning_bigmodel import dispatch_model, remove_dispatch
+    from lightning_bigmodel.offload.stream import DIRECT
     from lightning_bigmodel.simulate import _runtime, simulated_gpus
     from models import UntiedMLP, example_input, make_reference
 
@@ -416,9 +417,12 @@ def test_disk_weights_are_staged_through_one_reused_page_locked_buffer(tmp_path,
         staging = model._bigmodel_dispatch.prefetcher._staging
         assert staging.stages >= 6 and staging.allocations == 1  # three disk blocks per forward, one buffer
         block = sum(p.numel() * p.element_size() for p in make_reference(UntiedMLP).blocks[0].parameters())
-        layouts = [layout.nbytes for layout in staging._layouts.values()]  # read from the files (preadv), no faults
-        assert len(layouts) == 3 and all(block <= nbytes < block + 64 * 8 for nbytes in layouts), layouts
-        assert block <= staging.buffer.numel() < block + 64 * 8  # one block's bytes (aligned), not a power of two
+        # Read from the files (preadv or O_DIRECT), no faults; each run of adjacent tensors may take up to two 4 KiB
+        # blocks more, where an O_DIRECT read of its aligned blocks lands (see offload/_reads.py).
+        slack = {id(layout): 64 * 8 + 2 * DIRECT * len(layout.runs) for layout in staging._layouts.values()}
+        layouts = [(layout.nbytes, slack[id(layout)]) for layout in staging._layouts.values()]
+        assert len(layouts) == 3 and all(block <= nbytes < block + extra for nbytes, extra in layouts), layouts
+        assert block <= staging.buffer.numel() < block + max(slack.values())  # one block's bytes, not a power of two
         remove_dispatch(model)
 
 

@@ -204,3 +204,19 @@ def test_a_buffered_read_fetches_exactly_its_range(tmp_path):
         assert pages.resident_fraction(unit) == 1.0  # the map itself is never touched
         assert bytes(layout.view_of(buffer, unit).numpy()) == data[start : start + 2**16]
     assert pages.resident_fraction(after) == 0.0  # sequential reads, and yet no read-ahead past them
+
+
+def test_a_forward_after_close_reads_in_place_instead_of_waiting_for_a_reader(checkpoint, monkeypatch):
+    reference, path = checkpoint
+    model, streamer = _on_disk(path, monkeypatch, release=True)
+    x = torch.randint(0, CONFIG.vocab_size, (1, 8), generator=torch.Generator().manual_seed(6))
+    result: list = []
+    with torch.inference_mode():
+        expected = reference(x)
+        model(x)  # learns the order, starts the readers
+        streamer.close()
+        worker = threading.Thread(target=lambda: result.append(model(x)), daemon=True)
+        worker.start()
+        worker.join(timeout=60)  # the old stream waited forever for a reader that was gone
+    assert not worker.is_alive() and result, "the forward after close() never returned"
+    torch.testing.assert_close(result[0], expected, rtol=0, atol=0)

@@ -284,13 +284,28 @@ def test_resident_subset_is_kept_spread_over_the_order_and_not_read_again(checkp
         return sum(pages.resident_fraction(t) * t.numel() * t.element_size() for t in tensors) / nbytes
 
     assert min(cached(name) for name in kept if units[name] >= 4 * pages.PAGE) >= 0.9  # their pages stay cached
-    # Each later forward reads from the disk only what is streamed (the kernel's read-ahead may fetch it earlier).
-    before = _read_bytes()
+    # Each later forward reads from the disk only what is streamed. Judged between two moments where the readers are
+    # done reading ahead (every buffer holds a read, or the next unit is read): the units read ahead for the forward
+    # before the window and those read for the next one in it are the same ones, whatever the timing.
+    before = _idle_read_bytes(streamer)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    read = _idle_read_bytes(streamer) - before
     streamer.close()
     total = sum(units.values())
-    assert _read_bytes() - before <= 1.1 * (total - streamer.kept_bytes) + 2**16, (total, streamer.kept_bytes)
+    assert read <= 1.1 * (total - streamer.kept_bytes) + 2**16, (read, total, streamer.kept_bytes)
+
+
+def _idle_read_bytes(streamer: ReadAhead) -> int:
+    """:func:`_read_bytes` once the stream's readers have nothing left to read ahead (waits on their condition)."""
+
+    def idle() -> bool:
+        full = not streamer.pool.available() or streamer._next_unit() in streamer._ready
+        return not streamer._inflight and full
+
+    with streamer._cond:
+        assert streamer._cond.wait_for(idle, timeout=30), "the readers never finished reading ahead"
+        return _read_bytes()
 
 
 def _read_bytes() -> int:

@@ -205,7 +205,7 @@ class ReadAhead:
                 return self._ready.pop(name)
             coming = name in self._inflight or self._next_unit() == name
             progress = bool(self._inflight) or self.pool.available()
-            if not (coming and progress):
+            if not (coming and progress) or self._closed:  # closed: no reader comes, read it here
                 self._restart_after(name)
                 return None, False, None
             self._cond.wait()
