@@ -1,24 +1,20 @@
 """Disk weights streamed behind the compute on a CPU execution device: while one module computes, the next are read.
 
-:class:`ReadAhead` hooks each module holding ``"disk"`` weights (a *unit*: the finest module, a ``Linear`` rather
-than its block). Their memory-mapped views are never touched: before a unit runs, its weights are read with a few
-large ``preadv`` calls (:class:`~lightning_bigmodel.offload.stream.Layout`) into a reusable buffer, views of the buffer
-are installed in the module's parameters, and after it ran the views of the file are put back and the buffer is free
-for a later unit. A background thread reads the units in execution order (learned on the first forward; the last
-unit is followed by the first, so consecutive forwards stream too) into the free buffers, ahead of the compute: it
-waits on a condition (no busy-wait) when every buffer is full, and the compute thread waits only for a read not done.
+:class:`ReadAhead` hooks each module holding ``"disk"`` weights (a *unit*: the finest module, a ``Linear`` rather than
+its block). Their memory-mapped views are never touched: before a unit runs, its weights are read with a few large reads
+(:class:`~lightning_bigmodel.offload.stream.Layout`) into a reusable buffer whose views are installed in the module's
+parameters; after it ran the file views are put back and the buffer is free for a later unit. Two reader threads read
+the units in execution order (learned on the first forward; the last unit is followed by the first) into the free
+buffers, ahead of the compute; they wait on a condition when every buffer is full, and the compute thread waits only
+for a read not done. Memory: ``stream_bytes`` (the planner's reserve, ``1 + READ_AHEAD_LAYERS`` times the largest piece
+brought in at once, see :func:`~lightning_bigmodel.offload.attach.stream_bytes`) is cut into buffers of the largest
+unit's size (counted without alignment padding, as the simulation counts them), at least two. What stays in memory
+besides is decided in :mod:`~lightning_bigmodel.offload.resident`.
 
-Memory: ``stream_bytes`` (what the planner keeps free for it on the CPU: ``1 + READ_AHEAD_LAYERS`` times the largest
-piece brought in at once, see :func:`~lightning_bigmodel.offload.attach.stream_bytes`) is cut into buffers of the
-largest unit's size, at least two, counted by the unit's bytes without alignment padding (as the simulation counts
-them, which cannot know where the files put the tensors). What stays in memory
-besides (everything read once, or a stable subset in the page cache, and tied weights read once per forward) is
-decided in :mod:`~lightning_bigmodel.offload.resident`.
-
-A read that fails, comes back short, or finds its file changed since it was loaded raises the
-:class:`~lightning_bigmodel.checkpoint.errors.CheckpointError` of the engine in the compute thread, naming the file and
-the tensors; nothing touches the map, so a truncated file never raises ``SIGBUS``. A unit whose output is a view of
-its buffer (a module returning its weight) keeps that buffer: it is never reused under the output.
+A read that fails, comes back short, or finds its file changed since it was loaded raises the engine's
+:class:`~lightning_bigmodel.checkpoint.errors.CheckpointError` in the compute thread, naming the file and the tensors;
+nothing touches the map, so a truncated file never raises ``SIGBUS``. A unit whose output is a view of its buffer (a
+module returning its weight) keeps that buffer: it is never reused under the output.
 """
 
 from __future__ import annotations
@@ -31,7 +27,7 @@ import torch
 from torch import nn
 
 from lightning_bigmodel.offload._pool import BufferPool
-from lightning_bigmodel.offload.resident import OwnedWeights, read_again_later, should_release, spread, subset_room
+from lightning_bigmodel.offload.resident import OwnedWeights, choose_residency, should_release
 from lightning_bigmodel.offload.stream import Layout
 from lightning_bigmodel.offload.subclass import plain_parts
 from lightning_bigmodel.planning.budget import READ_AHEAD_LAYERS
@@ -283,24 +279,17 @@ class ReadAhead:
             self._position = {name: index for index, name in enumerate(self._order)}
             ahead = 1 + self.depth if self.stream_bytes is None else self.stream_bytes // max(1, self._largest)
             self.pool.slots = max(2, min(len(self._order), _MAX_BUFFERS, ahead))
-            places = {name: list(self._units[name].layout.places) for name in self._order}
-            self._held = read_again_later(self._order, places) if self.release else set()
-            if self.keep:
-                self._kept = self._choose_kept()
-                self._kept_parts = {ptr for name in self._kept for ptr in places[name]}
-            self._cached_parts = self._kept_parts | {ptr for name in self._held for ptr in places[name]}
+            if self.release:  # memory short: tied ranges held for their second use, a resident subset kept
+                places = {name: list(self._units[name].layout.places) for name in self._order}
+                sizes = {name: self._units[name].layout.nbytes for name in self._order}
+                chosen = choose_residency(self._order, places, sizes, self.keep, self.pool.unallocated_bytes)
+                self._held, self._kept, self._kept_parts = chosen.held, chosen.kept, chosen.kept_parts
+                self._cached_parts, self.kept_room = chosen.cached_parts, chosen.room
             self._cursor = 0
             self._recording = False
             if self.release:  # memory to spare: every unit is read once and owned, no reader (it would only be woken)
                 self._start()
             self._work.notify_all()
-
-    def _choose_kept(self) -> set[str]:
-        """Units to hold resident in the room :func:`~lightning_bigmodel.offload.resident.subset_room` finds (less
-        the tied ranges waiting in the page cache for their second use), spread evenly over the order."""
-        waiting = sum(self._units[name].layout.nbytes for name in self._held)
-        self.kept_room = subset_room(self.pool.unallocated_bytes + waiting)
-        return spread(self._order, {name: self._units[name].layout.nbytes for name in self._order}, self.kept_room)
 
     def close(self) -> None:
         """Stop the readers (after the reads in flight) and drop the buffers."""

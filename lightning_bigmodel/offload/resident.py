@@ -26,6 +26,7 @@ finest module holding them) before it computes. What stays in memory between for
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -99,6 +100,29 @@ def read_again_later(order: Sequence[str], places: Mapping[str, Sequence[int]]) 
             out.add(name)
         seen |= set(places[name])
     return out
+
+
+@dataclass
+class Residency:
+    """What stays in the page cache while memory is short (see the module docstring)."""
+
+    held: set[str]  # units whose ranges a later unit reads again in the forward (tied weights)
+    kept: set[str]  # the resident subset
+    kept_parts: set[int]  # the subset's tensors (data pointers of the file views)
+    cached_parts: set[int]  # tensors whose ranges are in the page cache when read: kept or held
+    room: int  # bytes the subset could take when it was chosen
+
+
+def choose_residency(
+    order: Sequence[str], places: Mapping[str, Sequence[int]], sizes: Mapping[str, int], keep: bool, reserved: int
+) -> Residency:
+    """The tied ranges to hold and, with ``keep``, the resident subset: spread over ``order`` in the room
+    :func:`subset_room` finds less ``reserved`` (the stream's buffers still to allocate) and the held ranges."""
+    held = read_again_later(order, places)
+    room = subset_room(reserved + sum(sizes[name] for name in held)) if keep else 0
+    kept = spread(order, sizes, room) if keep else set()
+    kept_parts = {ptr for name in kept for ptr in places[name]}
+    return Residency(held, kept, kept_parts, kept_parts | {ptr for name in held for ptr in places[name]}, room)
 
 
 class OwnedWeights:
