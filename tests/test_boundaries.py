@@ -184,7 +184,6 @@ KNOWN_LAZY_CIRCLES = {
     frozenset({"lightning_bigmodel.simulate._backend", "lightning_bigmodel.simulate._runtime"}),
     frozenset({"lightning_bigmodel._command", "lightning_bigmodel.pl.cli", "lightning_bigmodel.pl._verify_cli"}),
     frozenset({"lightning_bigmodel.checkpoint.safetensors_view", "lightning_bigmodel.checkpoint.shard"}),
-    frozenset({"lightning_bigmodel.offload._reuse", "lightning_bigmodel.offload.disk"}),
 }
 
 

@@ -8,7 +8,7 @@ import errno
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
@@ -43,8 +43,11 @@ def open_checked(folder: Path, entry: dict[str, Any], remove_links: bool) -> Opt
 class PendingCheck:
     """The background checksum of one reused file, judged by whoever needs its bytes first (see :meth:`wait`)."""
 
-    def __init__(self, future: Future, folder: Path, file: str, expected: str, handle: ShardHandle) -> None:
+    def __init__(
+        self, future: Future, folder: Path, file: str, expected: str, handle: ShardHandle, drop: Callable[..., None]
+    ) -> None:
         self.future, self.folder, self.file, self.expected = future, folder, file, expected
+        self.drop = drop  # `disk.drop_files`, passed in: disk imports this module
         self.inode = (handle.device, handle.inode)
         self._lock = threading.Lock()
         self._error: Optional[Exception] = None
@@ -61,9 +64,7 @@ class PendingCheck:
                 except (OSError, CheckpointError):
                     found = None
                 if found != self.expected:
-                    from lightning_bigmodel.offload.disk import drop_files  # disk imports this module
-
-                    drop_files(self.folder, {self.file: (self.expected, self.inode)})
+                    self.drop(self.folder, {self.file: (self.expected, self.inode)})
                     self._error = mismatch_error(self.folder, [self.file], "the model was not run")
                 self._judged = True
         if self._error is not None:
@@ -102,15 +103,18 @@ class BackgroundChecksums:
             self._pool = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="offload-checksum")
         self._futures[name] = self._pool.submit(handle.checksum, self._stop)
 
-    def hand_over(self, folder: Path, entries: dict[str, dict[str, Any]]) -> dict[str, PendingCheck]:
+    def hand_over(
+        self, folder: Path, entries: dict[str, dict[str, Any]], drop: Callable[..., None]
+    ) -> dict[str, PendingCheck]:
         """Start the checks not started yet (in load order: the first modules' files first), stop tracking them and
         return them (tensor name -> :class:`PendingCheck`) to be judged at first use; the pool finishes them in the
-        background and then ends its threads."""
+        background and then ends its threads. A check that fails calls ``drop(folder, {file: (crc, inode)})``
+        (:func:`~lightning_bigmodel.offload.disk.drop_files`) to remove the file from the folder and its manifest."""
         for name, handle in self._handles.items():
             if name not in self._futures and name in entries:
                 self._submit(name, handle)
         pending = {
-            name: PendingCheck(future, folder, entries[name]["file"], entries[name]["crc32"], self._handles[name])
+            name: PendingCheck(future, folder, entries[name]["file"], entries[name]["crc32"], self._handles[name], drop)
             for name, future in self._futures.items()
             if name in entries
         }

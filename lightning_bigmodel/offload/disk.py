@@ -140,7 +140,7 @@ class OffloadFolder:
         failing = exc_type is not None
         try:
             if self.defer_checks and not failing:
-                self.pending, mismatch = self._checks.hand_over(self.folder, self.entries), None
+                self.pending, mismatch = self._checks.hand_over(self.folder, self.entries, drop_files), None
             else:
                 mismatch = self._finish_checks(abort=failing)
             if self._dirty:
