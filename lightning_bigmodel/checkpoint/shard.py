@@ -49,6 +49,7 @@ from typing import Any, Optional, Union
 import torch
 
 from lightning_bigmodel.checkpoint.errors import CheckpointError
+from lightning_bigmodel.checkpoint.safetensors_header import MAX_HEADER_BYTES, parse_header
 
 try:
     import resource
@@ -127,8 +128,6 @@ class ShardHandle:
 
     def parse_header(self) -> "ShardHandle":
         """Read and strictly parse the safetensors header (sets ``header`` and ``header_bytes``); returns ``self``."""
-        from lightning_bigmodel.checkpoint.safetensors_view import parse_header
-
         self.header, self.header_bytes = parse_header(self.path, self._read_prefix(), self.size)
         return self
 
@@ -138,8 +137,6 @@ class ShardHandle:
         if len(head) < 8:
             return head
         (length,) = struct.unpack("<Q", head)
-        from lightning_bigmodel.checkpoint.safetensors_view import MAX_HEADER_BYTES
-
         if length > min(self.size - 8, MAX_HEADER_BYTES):
             return head  # parse_header reports the impossible length with the file's size
         return head + self._pread(length, 8)
