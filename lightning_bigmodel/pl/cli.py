@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional, Union
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_bigmodel._command import SUBCOMMANDS, usage
+from lightning_bigmodel._subcommands import SUBCOMMANDS, usage
 from lightning_bigmodel.integrations.quantization.spec import Quantization
 from lightning_bigmodel.planning.device_map import Policy
 from lightning_bigmodel.pl._cli_errors import FULL_ERRORS, CompactLightningParser, CompactParser
@@ -291,7 +291,7 @@ def demo(argv: Optional[list[str]] = None) -> list[Path]:
 
 
 # subcommand -> name of the function here taking the rest of argv (looked up when run, so it can be patched);
-# describe a new one in `lightning_bigmodel._command.SUBCOMMANDS`
+# describe a new one in `lightning_bigmodel._subcommands.SUBCOMMANDS`
 COMMANDS = {"predict": "predict", "plan": "plan", "demo": "demo", "verify": "verify"}
 
 
