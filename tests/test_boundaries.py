@@ -174,22 +174,15 @@ def test_the_lazy_import_check_sees_imports_inside_functions(tmp_path, monkeypat
     with pytest.raises(AssertionError, match="planning imports the layers above it"):
         test_planning_imports_nothing_above_it_not_even_inside_functions()
     with pytest.raises(AssertionError, match="circles through lazy imports"):
-        test_no_new_import_circles_through_lazy_imports()
+        test_no_import_circles_even_through_lazy_imports()
     assert _circles(_import_graph(top_level_only=True)) == []  # the top-level-only check saw no circle there
 
 
-# Circles closed only through an import inside a function (one side imports the other when called, each within one
-# subpackage or the command and its subcommands). Known ones, outside planning; a circle not within one of them fails.
-KNOWN_LAZY_CIRCLES = {
-    frozenset({"lightning_bigmodel.simulate._backend", "lightning_bigmodel.simulate._runtime"}),
-}
-
-
-def test_no_new_import_circles_through_lazy_imports():
-    circles = set(_circles(_import_graph(top_level_only=False)))
-    new = {circle for circle in circles if not any(circle <= known for known in KNOWN_LAZY_CIRCLES)}
-    assert not new, f"import circles through lazy imports: {new}"
-    assert not any(any(m.startswith(PURE_PLANNING) for m in circle) for circle in circles)
+def test_no_import_circles_even_through_lazy_imports():
+    """No circle closed through an import inside a function either (one side importing the other when called): a
+    shared name lives in a module both import, or the lower one is passed what it needs."""
+    circles = _circles(_import_graph(top_level_only=False))
+    assert not circles, f"import circles through lazy imports: {sorted(sorted(circle) for circle in circles)}"
 
 
 def _run(code: str) -> str:

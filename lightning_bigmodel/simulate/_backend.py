@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 import weakref
 from contextlib import nullcontext
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -186,10 +186,23 @@ def _tensors(obj, out: list) -> list:
     return out
 
 
+def _no_op_log(*args, **kwargs) -> None:
+    raise RuntimeError("Simulated GPUs compute only inside `lightning_bigmodel.simulate.simulated_gpus(...)`.")
+
+
+# Where `run_op` records copies and `record_stream` calls: `_runtime.log_copy` and `_runtime.log_record_stream`, passed
+# in by `simulated_gpus` (see `set_op_log`) because `_runtime` imports this module.
+_OP_LOG = {"copy": _no_op_log, "record_stream": _no_op_log}
+
+
+def set_op_log(copy: Callable[..., None], record_stream: Callable[..., Any]) -> None:
+    """Have :func:`run_op` record an op's copies with ``copy(func, args, kwargs, source, destination)`` and answer
+    ``tensor.record_stream(stream)`` with ``record_stream(tensor, stream)``."""
+    _OP_LOG["copy"], _OP_LOG["record_stream"] = copy, record_stream
+
+
 def run_op(func, args: tuple, kwargs: dict):
     """Run ``func`` on the CPU tensors behind ``args``; wrap new tensors on the simulated device they belong to."""
-    from lightning_bigmodel.simulate import _runtime  # noqa: PLC0415 (it imports this module)
-
     flat = _tensors(kwargs, _tensors(args, []))
     source = _same_device_check(func, flat)
     wrappers = {id(x.raw): x for x in flat if type(x) is SimTensor}
@@ -204,8 +217,8 @@ def run_op(func, args: tuple, kwargs: dict):
         counts = func(args[0].raw.double(), *args[1:], **kwargs).to(args[0].dtype)
         return wrap(counts, out_device)
     if func._schema.name == "aten::record_stream":
-        return _runtime.log_record_stream(args[0], args[1])
-    _runtime.log_copy(func, args, kwargs, source, target or destination)
+        return _OP_LOG["record_stream"](args[0], args[1])
+    _OP_LOG["copy"](func, args, kwargs, source, target or destination)
     out = func(*_map(_unwrap, args), **_map(_unwrap, kwargs))
 
     def rewrap(value):

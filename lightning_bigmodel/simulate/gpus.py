@@ -108,6 +108,7 @@ def simulated_gpus(count: int, memory_per_gpu: Union[int, str] = "80GiB") -> Ite
     if STATE.active:
         raise RuntimeError("`simulated_gpus` is already active in this process; leave it before entering it again.")
     first = torch._C._get_privateuse1_backend_name() != BACKEND
+    _backend.set_op_log(_runtime.log_copy, _runtime.log_record_stream)  # `_backend` does not import `_runtime`
     _backend.ensure_registered(SimulatedDeviceModule())
     if first and torch.cuda.is_available():
         warnings.warn(
