@@ -6,12 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
-import time
-import uuid
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +21,7 @@ from lightning_bigmodel.planning.devices import PlannedDeviceMap
 from lightning_bigmodel.planning.sizes import compute_module_sizes
 from lightning_bigmodel.planning.table import bytes_per_device
 from lightning_bigmodel.simulate import simulate_memory
-from tests.test_cgroup_budget import fake_root, v2_files
+from tests.test_cgroup_budget import fake_root, memory_cgroup, run_in_cgroup, v2_files  # noqa: F401 (a fixture)
 
 MiB = 2**20
 KB = 1000
@@ -189,49 +183,26 @@ def _compact(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([logits.sum(dim=-1).flatten(), logits[:, -1].flatten()])
 
 
-def test_a_batch_planned_for_runs_under_a_real_cgroup_limit(tmp_path):
+def test_a_batch_planned_for_runs_under_a_real_cgroup_limit(tmp_path, memory_cgroup):
     """A child process limits its own memory cgroup to 704 MiB beyond what torch takes (so the room is the same
     whatever torch's build), loads with the detected budget planned for its 4 x 256 batch, and runs it twice: 320 MiB
     of logits beside 459 MB of weights, most of them streamed from disk. Without `input_shape` the plan keeps every
     weight in RAM and the first forward gets the process OOM-killed (checked by hand with the same child; an OOM is
     not asserted here)."""
-    from tests.test_cgroup_budget import _memory_hierarchy
-
-    found = _memory_hierarchy() if sys.platform.startswith("linux") else None
-    if found is None:
-        pytest.skip("no memory cgroup hierarchy is mounted with the memory controller enabled")
-    version, point = found
-    directory = point / f"lbm-activations-{uuid.uuid4().hex[:8]}"
-    try:
-        directory.mkdir()
-    except OSError as err:
-        pytest.skip(f"cannot create a memory cgroup under {point} ({err}); run as root to test a real limit")
-    try:
-        torch.manual_seed(0)
-        reference = TablesLM().eval()
-        save_file(reference.state_dict(), str(tmp_path / "m.safetensors"))
-        ids = torch.arange(4 * 256).reshape(4, 256) * 151 % 750_000
-        with torch.inference_mode():
-            expected = _compact(reference(ids))
-        del reference
-        command = f'echo $$ > "{directory / "cgroup.procs"}" && exec "$@"'
-        args = [str(directory), str(tmp_path / "m.safetensors"), str(tmp_path / "offload"), str(704 * MiB), "4x256"]
-        done = subprocess.run(
-            ["sh", "-c", command, "sh", sys.executable, "-c", _CHILD, *args],
-            capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent,
-            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # the CPU executes, also on a machine with GPUs
-        )  # fmt: skip
-        assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
-        probe = json.loads(done.stdout.strip().splitlines()[-1])
-        assert probe["map"] == ["cpu", "disk"], probe["map"]  # the limit binds: part of the weights stream
-        assert torch.equal(torch.tensor(probe["sums"], dtype=torch.float32), expected)
-    finally:
-        for _ in range(50):
-            try:
-                directory.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+    _, directory = memory_cgroup
+    torch.manual_seed(0)
+    reference = TablesLM().eval()
+    save_file(reference.state_dict(), str(tmp_path / "m.safetensors"))
+    ids = torch.arange(4 * 256).reshape(4, 256) * 151 % 750_000
+    with torch.inference_mode():
+        expected = _compact(reference(ids))
+    del reference
+    args = [str(directory), str(tmp_path / "m.safetensors"), str(tmp_path / "offload"), str(704 * MiB), "4x256"]
+    done = run_in_cgroup(directory, _CHILD, *args, CUDA_VISIBLE_DEVICES="")  # the CPU executes, also with GPUs
+    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["map"] == ["cpu", "disk"], probe["map"]  # the limit binds: part of the weights stream
+    assert torch.equal(torch.tensor(probe["sums"], dtype=torch.float32), expected)
 
 
 def test_the_strategys_plan_under_a_detected_budget_sizes_the_batch_or_says_so(limit, caplog):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -203,11 +204,24 @@ def memory_cgroup():
         pytest.skip(f"cannot create a memory cgroup under {point} ({err}); run as root to test a real limit")
     try:
         yield version, directory
-    finally:
-        try:
-            directory.rmdir()
-        except OSError:
-            pass
+    finally:  # the kernel frees a cgroup a moment after its last process exits: retry a few times
+        for _ in range(50):
+            try:
+                directory.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def run_in_cgroup(directory: Path, code: str, *args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """Run ``python -c code args`` from the repository root inside the cgroup ``directory``: the shell joins the cgroup,
+    then becomes the interpreter, so nothing of the child runs outside the limit."""
+    command = f'echo $$ > "{directory / "cgroup.procs"}" && exec "$@"'
+    return subprocess.run(
+        ["sh", "-c", command, "sh", sys.executable, "-c", code, *args],
+        capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, **env},
+    )  # fmt: skip
 
 
 _PROBE = (
@@ -274,11 +288,7 @@ def test_cpu_weights_survive_memory_pressure_in_a_real_cgroup(memory_cgroup, tmp
     # 640 MiB got the child OOM-killed there; the pressure below fills whatever room the limit leaves.
     (directory / ("memory.max" if version == 2 else "memory.limit_in_bytes")).write_text(str(768 * MiB))
     args = [str(tmp_path / name) for name in ("model.safetensors", "control")]
-    command = f'echo $$ > "{directory / "cgroup.procs"}" && exec "$@"'
-    done = subprocess.run(
-        ["sh", "-c", command, "sh", sys.executable, "-c", _PRESSURE, *args],
-        capture_output=True, text=True, timeout=180, cwd=Path(__file__).resolve().parent.parent,
-    )  # fmt: skip
+    done = run_in_cgroup(directory, _PRESSURE, *args, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     probe = json.loads(done.stdout.strip().splitlines()[-1])
     assert probe["control_before"] == 1.0 and probe["control_after"] < 0.5, probe  # the pressure was real

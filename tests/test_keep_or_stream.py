@@ -7,12 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import subprocess
 import sys
-import time
-import uuid
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +20,7 @@ from lightning_bigmodel.offload.readahead import ReadAhead
 from lightning_bigmodel.planning.budget import detect_cpu_memory
 from lightning_bigmodel.planning.devices import PlannedDeviceMap, planned_from_json
 from tests.test_budget_input_shape import TablesLM
+from tests.test_cgroup_budget import memory_cgroup, run_in_cgroup  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the disk stream reads with preadv")
 
@@ -256,45 +252,23 @@ print(json.dumps({"map": sorted(set(model.hf_device_map.values())), "release": s
 '''
 
 
-def test_under_a_real_cgroup_the_disk_weights_of_a_plan_for_a_batch_stream(tmp_path):
+def test_under_a_real_cgroup_the_disk_weights_of_a_plan_for_a_batch_stream(tmp_path, memory_cgroup):
     """A child limits its memory cgroup to 640 MiB beyond torch and loads 16 tables of 20 MB planned for a 4 x 256
     batch (320 MiB of logits): the plan sends 288 MiB of them to disk, less than half of the memory left, so the stream
     kept them (the forward reached 855 of 862 MiB; wider tables were OOM-killed). Now they stream."""
     from tests.test_budget_input_shape import _compact
-    from tests.test_cgroup_budget import _memory_hierarchy
-
-    found = _memory_hierarchy()
-    if found is None:
-        pytest.skip("no memory cgroup hierarchy is mounted with the memory controller enabled")
-    directory = found[1] / f"lbm-keep-{uuid.uuid4().hex[:8]}"
-    try:
-        directory.mkdir()
-    except OSError as err:
-        pytest.skip(f"cannot create a memory cgroup under {found[1]} ({err}); run as root to test a real limit")
-    try:
-        torch.manual_seed(0)
-        reference = TablesLM(tables=16, rows=625_000).eval()
-        save_file(reference.state_dict(), str(tmp_path / "m.safetensors"))
-        ids = torch.arange(4 * 256).reshape(4, 256) * 151 % 625_000
-        with torch.inference_mode():
-            expected = _compact(reference(ids))
-        del reference
-        command = f'echo $$ > "{directory / "cgroup.procs"}" && exec "$@"'
-        args = [str(directory), str(tmp_path / "m.safetensors"), str(tmp_path / "offload"), str(640 * MiB)]
-        done = subprocess.run(
-            ["sh", "-c", command, "sh", sys.executable, "-c", _CHILD, *args],
-            capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent,
-            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-        )  # fmt: skip
-        assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
-        probe = json.loads(done.stdout.strip().splitlines()[-1])
-        assert probe["map"] == ["cpu", "disk"], probe["map"]
-        assert probe["release"], ("the disk weights the plan sent to disk for the batch were kept", probe["peak"])
-        assert torch.equal(torch.tensor(probe["sums"], dtype=torch.float32), expected)
-    finally:
-        for _ in range(50):
-            try:
-                directory.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+    _, directory = memory_cgroup
+    torch.manual_seed(0)
+    reference = TablesLM(tables=16, rows=625_000).eval()
+    save_file(reference.state_dict(), str(tmp_path / "m.safetensors"))
+    ids = torch.arange(4 * 256).reshape(4, 256) * 151 % 625_000
+    with torch.inference_mode():
+        expected = _compact(reference(ids))
+    del reference
+    args = [str(directory), str(tmp_path / "m.safetensors"), str(tmp_path / "offload"), str(640 * MiB)]
+    done = run_in_cgroup(directory, _CHILD, *args, CUDA_VISIBLE_DEVICES="")  # the CPU executes, also with GPUs
+    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["map"] == ["cpu", "disk"], probe["map"]
+    assert probe["release"], ("the disk weights the plan sent to disk for the batch were kept", probe["peak"])
+    assert torch.equal(torch.tensor(probe["sums"], dtype=torch.float32), expected)
