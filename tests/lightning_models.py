@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -94,3 +96,24 @@ def assert_same(outputs, expected, atol: float = 1e-5) -> None:
     for got, want in zip(outputs, expected):
         assert got.shape == want.shape
         torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=atol)
+
+
+@contextmanager
+def predicted_on_simulated_gpus(tmp_path: Path, max_memory: dict, caplog, gpus: int = 2) -> Iterator[tuple]:
+    """``Trainer.predict`` of the tiny GPT's checkpoint on ``gpus`` simulated GPUs, planned under ``max_memory`` with
+    ``Block`` kept whole and a :class:`DeviceMapCallback` (the run's INFO lines captured by ``caplog``). Yields
+    ``(callback, module, outputs, checkpoint)`` while the simulation is still on, so the dispatched model can be
+    inspected."""
+    from lightning_bigmodel import DeviceMapCallback
+    from lightning_bigmodel.simulate import simulated_gpus
+
+    checkpoint = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt())
+    with simulated_gpus(gpus):
+        strategy = BigModelInferenceStrategy(max_memory=max_memory, no_split_module_classes=["Block"])
+        callback = DeviceMapCallback()
+        trainer = pl.Trainer(accelerator="gpu", devices=gpus, strategy=strategy, callbacks=[callback], logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+        module = GPTModule()
+        with caplog.at_level(logging.INFO):
+            outputs = trainer.predict(module, token_loader(), ckpt_path=str(checkpoint))
+        yield callback, module, outputs, checkpoint

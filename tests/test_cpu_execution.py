@@ -115,21 +115,10 @@ def test_int4_plans_keep_gpu_execution_it_has_no_cpu_kernel():
 def test_the_trainer_runs_a_cpu_execution_plan_and_device_map_json_round_trips_it(tmp_path, caplog):
     """Two simulated GPUs where a block does not fit beside GPU 0's embeddings: the offloaded blocks compute on the CPU,
     the table and device_map.json say so, and the plan read back from the JSON dispatches the same way."""
-    import lightning.pytorch as pl
+    from lightning_models import plain_gpt, predicted_on_simulated_gpus, reference_outputs
 
-    from lightning_bigmodel import BigModelInferenceStrategy, DeviceMapCallback
-    from lightning_models import GPTModule, plain_gpt, reference_outputs, token_loader, write_bare_checkpoint
-
-    checkpoint = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt())
     budget = {0: 60_000, 1: 20_000, "cpu": 10**6}
-    with simulated_gpus(2):
-        strategy = BigModelInferenceStrategy(max_memory=budget, no_split_module_classes=["Block"])
-        callback = DeviceMapCallback()
-        trainer = pl.Trainer(accelerator="gpu", devices=2, strategy=strategy, callbacks=[callback], logger=False,
-                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
-        module = GPTModule()
-        with caplog.at_level(logging.INFO):
-            outputs = trainer.predict(module, token_loader(), ckpt_path=str(checkpoint))
+    with predicted_on_simulated_gpus(tmp_path, budget, caplog) as (callback, module, outputs, checkpoint):
         assert {0, 1, "cpu"} <= set(callback.device_map.values()), callback.device_map
         assert callback.execution_device == "cpu" and callback.prefetch_depth == 0
         assert module.model._bigmodel_dispatch.main_device == torch.device("cpu")

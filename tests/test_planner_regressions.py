@@ -320,23 +320,11 @@ def test_the_trainer_records_the_prefetch_depth_in_the_table_and_json_and_the_ho
     """Two simulated GPUs of 90 kB for the tiny GPT: room for two offloaded blocks would cost GPU 0 its modules, so the
     plan keeps one; the table and device_map.json say so, and the dispatched model has no prefetcher."""
     import json
-    import logging
 
-    import lightning.pytorch as pl
+    from lightning_models import predicted_on_simulated_gpus, reference_outputs
 
-    from lightning_bigmodel import BigModelInferenceStrategy, DeviceMapCallback
-    from lightning_models import GPTModule, plain_gpt, reference_outputs, token_loader, write_bare_checkpoint
-
-    checkpoint = write_bare_checkpoint(tmp_path / "ckpt", plain_gpt())
     budget = {0: 90_000, 1: 90_000, "cpu": 10**6}
-    with simulated_gpus(2):
-        strategy = BigModelInferenceStrategy(max_memory=budget, no_split_module_classes=["Block"])
-        callback = DeviceMapCallback()
-        trainer = pl.Trainer(accelerator="gpu", devices=2, strategy=strategy, callbacks=[callback], logger=False,
-                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
-        module = GPTModule()
-        with caplog.at_level(logging.INFO):
-            outputs = trainer.predict(module, token_loader(), ckpt_path=str(checkpoint))
+    with predicted_on_simulated_gpus(tmp_path, budget, caplog) as (callback, module, outputs, _):
         assert {0, 1, "cpu"} <= set(callback.device_map.values()), callback.device_map
         assert callback.prefetch_depth == 1 and module.model._bigmodel_dispatch.prefetcher is None
     assert "prefetch: 1 offloaded layer on cuda:0 at a time" in caplog.text
