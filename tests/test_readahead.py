@@ -44,6 +44,15 @@ def _stream_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == "bigmodel-stream"]
 
 
+def _three_forwards_equal(model: torch.nn.Module, reference: torch.nn.Module, seed: int) -> None:
+    """Three forwards of ``model`` on one batch, each equal to the plain ``reference`` to the bit."""
+    x = torch.randint(0, CONFIG.vocab_size, (2, 8), generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        expected = reference(x)
+        for _ in range(3):
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
 def test_memory_to_spare_reads_each_weight_once_keeps_it_and_wakes_no_reader(checkpoint, monkeypatch):
     reference, path = checkpoint
     before = _stream_threads()
@@ -58,11 +67,7 @@ def test_memory_to_spare_reads_each_weight_once_keeps_it_and_wakes_no_reader(che
 
     for name in ("transformer.wte", "lm_head", "transformer.h.1.mlp.c_fc"):
         model.get_submodule(name).register_forward_pre_hook(spy(name))
-    x = torch.randint(0, CONFIG.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        expected = reference(x)
-        for _ in range(3):
-            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    _three_forwards_equal(model, reference, seed=1)
     # No reader thread: nothing is streamed, so one would only be woken (a thread handoff per module on 2 cores).
     assert not streamer._threads and _stream_threads() == before
     # Each disk tensor was read once, the tied one too (wte and lm_head share it), and the same parameters are
@@ -158,11 +163,7 @@ def test_streamed_reads_go_around_the_page_cache_into_aligned_views(tmp_path, mo
 
     for name in streamer._units:
         model.get_submodule(name).register_forward_pre_hook(check(name))
-    x = torch.randint(0, CONFIG.vocab_size, (2, 8), generator=torch.Generator().manual_seed(5))
-    with torch.inference_mode():
-        expected = reference(x)
-        for _ in range(3):
-            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    _three_forwards_equal(model, reference, seed=5)
     streamer.close()
     # Every unit was read with O_DIRECT (each read of the three forwards and the reads ahead), into 64-byte aligned views;
     # except the tied weight after the first forward: the page cache holds it for its second user, read from there.
