@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from lightning_bigmodel.checkpoint.errors import CheckpointError
+from lightning_bigmodel.offload._anonymous import huge_page_buffer
 from lightning_bigmodel.offload.pages import Tracked
 
 ALIGN = 64  # offset of every view inside a buffer: as aligned as a fresh allocation (same kernels, same results)
@@ -29,7 +30,11 @@ def round_up(value: int, step: int) -> int:
 
 def aligned_empty(nbytes: int) -> torch.Tensor:
     """An uninitialised ``uint8`` CPU tensor of ``nbytes`` starting at a :data:`DIRECT`-aligned address (what an
-    ``O_DIRECT`` read into it needs; a plain allocation is only 64-byte aligned)."""
+    ``O_DIRECT`` read into it needs; a plain allocation is only 64-byte aligned). From 2 MiB on, in memory advised for
+    huge pages (see :mod:`~lightning_bigmodel.offload._anonymous`: a read into it is a few large device requests)."""
+    huge = huge_page_buffer(nbytes)
+    if huge is not None:
+        return huge
     raw = torch.empty(nbytes + DIRECT, dtype=torch.uint8)
     shift = -raw.data_ptr() % DIRECT
     return raw[shift : shift + nbytes]

@@ -32,6 +32,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from lightning_bigmodel.offload._anonymous import is_anonymous_buffer
+
 PAGE = mmap.PAGESIZE
 _MLOCK_ONFAULT = 1
 _MADV_WILLNEED = 3
@@ -221,8 +223,11 @@ def _file_advise(tensor: torch.Tensor, advice: Optional[int], inner: bool) -> bo
 
 
 def is_file_backed(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a view of a memory map (its storage does not own its memory)."""
-    return tensor.device.type == "cpu" and not tensor.untyped_storage().resizable()
+    """Whether ``tensor`` is a view of a memory map (its storage does not own its memory, and is no read buffer of
+    :mod:`~lightning_bigmodel.offload._anonymous`)."""
+    return (
+        tensor.device.type == "cpu" and not tensor.untyped_storage().resizable() and not is_anonymous_buffer(tensor)
+    )
 
 
 def lock_pages(tensor: torch.Tensor) -> bool:

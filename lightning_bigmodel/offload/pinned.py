@@ -3,7 +3,8 @@
 Why not ``pin_memory=True``: torch's pinned-memory allocator rounds every block up to a power of two (a 141 MB
 matrix takes 256 MB of page-locked RAM, which can never be swapped out) and caches freed blocks for reuse, so
 dropping a pinned tensor does not return its RAM. Offloaded weights live as long as the dispatch, so they get
-their own memory: anonymous memory mappings page-locked with ``cudaHostRegister`` (torch's allocator does the same
+their own memory: private anonymous memory mappings (advised for huge pages, see
+:mod:`~lightning_bigmodel.offload._anonymous`) page-locked with ``cudaHostRegister`` (torch's allocator does the same
 with its ``pinned_use_cuda_host_register`` option, but keeps the rounding and the cache). A tensor of at least
 :data:`OWN_SLAB` bytes gets a mapping of its own (rounded up to a page); smaller ones share slabs of :data:`SLAB`
 bytes. A mapping is unregistered and unmapped when the last tensor viewing it is freed, after the GPU work that may
@@ -20,6 +21,8 @@ import threading
 from typing import Optional
 
 import torch
+
+from lightning_bigmodel.offload._anonymous import huge_page_map
 
 PAGE = mmap.PAGESIZE
 ALIGN = 512  # start of every tensor inside a shared slab (more than any dtype or vectorised copy needs)
@@ -130,7 +133,7 @@ class _Slab(mmap.mmap):
 
 
 def _new_slab(nbytes: int, device: int) -> torch.Tensor:
-    return _Slab(-1, _round_up(max(nbytes, 1), PAGE)).lock(device)
+    return huge_page_map(_round_up(max(nbytes, 1), PAGE), _Slab).lock(device)  # huge pages: see _anonymous
 
 
 def _carve(nbytes: int, device: int) -> torch.Tensor:
