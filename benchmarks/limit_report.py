@@ -3,7 +3,8 @@
 The physical floor is what no library can beat under the limit: the bytes that cannot stay in memory, read at the
 disk's bandwidth. Usable memory is the limit less a margin for the interpreter, torch and the activations
 (``--margin``, 450 MiB by default); the bytes that cannot stay are the model's bytes less that; they are read at the
-cold sequential bandwidth measured just before the case. A forward cannot be faster than those reads, nor than the
+fastest cold read measured just before the case (plain sequential reads, ``madvise(WILLNEED)`` or ``O_DIRECT`` into
+huge pages, whichever was fastest then). A forward cannot be faster than those reads, nor than the
 same forward with the whole model resident (plain PyTorch outside the limit): the floor of a forward is the larger.
 """
 
@@ -46,9 +47,19 @@ def fastest_read(results: dict[str, Any]) -> Optional[float]:
     """The fastest cold read of the whole run (every method, every case's own measurement): the cold bandwidth the
     disk showed it can give. A floor at the case's own cold read alone flatters the case when the disk was slow just
     then (shared storage swings 0.35-1.5 GB/s within minutes)."""
-    seen = list((results.get("read_methods") or {}).values())
+    seen = [bandwidth(v) for v in (results.get("read_methods") or {}).values()]
     seen += [r["read_bandwidth"] for r in results.values() if isinstance(r, dict) and r.get("read_bandwidth")]
     return max(seen, default=None)
+
+
+def bandwidth(method: Any) -> float:
+    """Bytes/s of one read method's figures (a number in runs recorded before request sizes were)."""
+    return method["bandwidth"] if isinstance(method, dict) else method
+
+
+def _method(name: str, method: Any) -> str:
+    kib = method.get("request_kib") if isinstance(method, dict) else None
+    return f"{name} {bandwidth(method) / 1e9:.2f}" + (f" ({kib:.0f} KiB requests)" if kib else "")
 
 
 def _diff(result: dict[str, Any]) -> str:
@@ -84,7 +95,11 @@ def _row(name: str, result: dict[str, Any], results: dict[str, Any]) -> str:
             fast, resident = fastest_read(results), (results.get("reference") or {}).get("decode_s")
             strict = max(limit_floor / fast, resident) if fast and limit_floor and resident is not None else None
             cells.append(f"{took / strict:.2f}x" if took and strict else "-")
-    cells.append(f"{result['read_bandwidth'] / 1e9:.2f}" if result.get("read_bandwidth") else "-")
+    methods = result.get("read_methods") or {}
+    best = max(methods, key=lambda m: bandwidth(methods[m]), default=None)
+    cells.append(
+        f"{result['read_bandwidth'] / 1e9:.2f}" + (f" ({best})" if best else "") if result.get("read_bandwidth") else "-"
+    )
     cells.append(_diff(result))
     return "| " + " | ".join(cells) + " |"
 
@@ -111,7 +126,7 @@ def render(results: dict[str, Any], command: str, size: str) -> str:
         f"Physical floor: usable memory = limit - {margin / 2**20:.0f} MiB (interpreter, torch, activations) = "
         f"{_gib(limit - margin if limit else None)}; bytes that cannot stay = model - usable = "
         f"{_gb(floor_bytes(results, limit) if limit else None)} per forward (target: read at most {READ_SLACK:.2f}x "
-        f"that). Floor of a forward = max(those bytes / the cold read bandwidth measured just before the case, the "
+        f"that). Floor of a forward = max(those bytes / the fastest cold read measured just before the case, the "
         f"resident forward); the column 'at fastest read' uses the fastest cold read of the whole run instead. Targets: decode <= {DECODE_TARGET}x, prefill <= {PREFILL_TARGET}x the floor. Decode: "
         "1 x 8 tokens; prefill: 4 x 128 tokens; medians. Read per decode: `read_bytes` of `/proc/self/io` (storage "
         "reads, page-cache hits not counted). Kept: disk layers the stream holds resident beyond the CPU budget.",
@@ -121,15 +136,16 @@ def render(results: dict[str, Any], command: str, size: str) -> str:
     if methods:
         lines += [
             "Cold read of the checkpoint's bytes by method (GB/s): "
-            + ", ".join(f"{name} {value / 1e9:.2f}" for name, value in methods.items())
+            + ", ".join(_method(name, value) for name, value in methods.items())
             + ". The engine reads each streamed layer with `O_DIRECT` (one read per run of adjacent tensors, into reused "
-            "aligned buffers, around the page cache) and the resident subset with `preadv` from the page cache.",
+            "buffers in huge pages, around the page cache) and the resident subset with `preadv` from the page cache. "
+            "Request sizes are the device's mean over the read (other processes' reads included).",
             "",
         ]
     lines += [
         "| case | status | max_memory | peak cgroup memory | load | on cpu | on disk | kept | read per decode "
         "| read / floor bytes | decode | decode floor | decode / floor | decode / floor at fastest read | prefill | prefill floor | prefill / floor "
-        "| cold read GB/s | equal to plain |",
+        "| cold read GB/s (fastest way) | equal to plain |",
         "| --- " * 19 + "|",
     ]
     for name, result in results.items():

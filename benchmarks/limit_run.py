@@ -5,11 +5,13 @@ about half the model) before Python starts: ours with ``max_memory=None`` from s
 (planned with ``input_shape`` set to the largest batch the case runs, the 4 x 128 prefill, as a user would pass it),
 ours with an explicit CPU budget (``--explicit``), accelerate with the budget ours detected and with
 ``max_memory=None``, and plain PyTorch. Before each case the page cache of the checkpoint and offload files is dropped
-(``POSIX_FADV_DONTNEED``) and the cold sequential read bandwidth of the checkpoint is measured, so every forward is
-compared with the physical floor of the same moment (see :mod:`benchmarks.limit_report`): the bytes that cannot stay
-under the limit (model bytes - (limit - ``--margin``)) read at that bandwidth, or the resident forward (plain PyTorch
-outside the limit) when that is longer. Before the cases, the checkpoint's bytes are read cold by page faults, by
-``madvise(WILLNEED)``, by large ``preadv`` calls (the streaming engine's way) and with ``O_DIRECT``.
+(``POSIX_FADV_DONTNEED``) and the cold read bandwidth of the checkpoint is measured three ways (plain sequential
+reads, ``madvise(WILLNEED)``, ``O_DIRECT`` into huge pages), so every forward is compared with the physical floor of
+the same moment at the fastest of them (see :mod:`benchmarks.limit_report`): the bytes that cannot stay under the limit
+(model bytes - (limit - ``--margin``)) read at that bandwidth, or the resident forward (plain PyTorch outside the limit)
+when that is longer. Before the cases, the checkpoint's bytes are read cold by page faults, by ``madvise(WILLNEED)``,
+by large ``preadv`` calls, and with ``O_DIRECT`` into 4 KiB pages and into huge pages (the streaming engine's way),
+with the mean size of the device's read requests for each.
 Needs root (or a delegated cgroup) on Linux; otherwise the report says why it was skipped.
 """
 
@@ -151,15 +153,23 @@ def _page_touch(buffer) -> int:
     return int(np.frombuffer(buffer, dtype=np.uint8)[:: mmap.PAGESIZE].sum())
 
 
+METHODS = ("page faults", "madvise(WILLNEED)", "preadv", "O_DIRECT, 4 KiB pages", "O_DIRECT, huge pages")
+CASE_METHODS = ("sequential read", "madvise(WILLNEED)", "O_DIRECT, huge pages")  # measured before each case
+
+
 def _read_by(method: str, paths: list[Path], nbytes: int, chunk: int = 32 * 2**20) -> int:
     """Read up to ``nbytes`` of ``paths`` by ``method``; returns the bytes read."""
+    from lightning_bigmodel.offload._anonymous import huge_page_map
+
     total = 0
-    buffer = mmap.mmap(-1, chunk)  # page-aligned: what O_DIRECT needs
+    # Both page-aligned (what O_DIRECT needs); the second in 2 MiB pages where the kernel allows, like the stream's
+    # buffers: an O_DIRECT read into 4 KiB pages is split into small device requests.
+    buffer = huge_page_map(chunk) if method in ("O_DIRECT, huge pages", "sequential read") else mmap.mmap(-1, chunk)
     for path in paths:
         size = min(path.stat().st_size, nbytes - total)
         if size <= 0:
             break
-        flags = os.O_RDONLY | (os.O_DIRECT if method == "O_DIRECT" else 0)
+        flags = os.O_RDONLY | (os.O_DIRECT if method.startswith("O_DIRECT") else 0)
         fd = os.open(path, flags)
         try:
             if method in ("page faults", "madvise(WILLNEED)"):
@@ -169,9 +179,10 @@ def _read_by(method: str, paths: list[Path], nbytes: int, chunk: int = 32 * 2**2
                     _page_touch(memoryview(mapping)[:size])
                 total += size
             else:
+                step = 16 * 2**20 if method == "sequential read" else chunk  # plain 16 MiB reads, read-ahead on
                 offset = 0
                 while offset < size:
-                    count = os.preadv(fd, [memoryview(buffer)[: min(chunk, -(-(size - offset) // 4096) * 4096)]], offset)
+                    count = os.preadv(fd, [memoryview(buffer)[: min(step, -(-(size - offset) // 4096) * 4096)]], offset)
                     if count <= 0:
                         break
                     offset += count
@@ -181,37 +192,49 @@ def _read_by(method: str, paths: list[Path], nbytes: int, chunk: int = 32 * 2**2
     return total
 
 
-def read_methods(paths: list[Path], nbytes: int) -> dict[str, float]:
-    """Cold read bandwidth (bytes/s) of the same bytes by page faults on a map, a map advised ``MADV_WILLNEED``, large
-    ``preadv`` calls into a reused buffer (the engine's way) and ``O_DIRECT`` reads (where the file system allows)."""
-    out: dict[str, float] = {}
-    for method in ("page faults", "madvise(WILLNEED)", "preadv", "O_DIRECT"):
+def _device_stat(path: Path) -> Optional[Path]:
+    """``/sys/dev/block/MAJ:MIN/stat`` of the block device holding ``path``, when there is one."""
+    dev = path.stat().st_dev
+    stat = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat")
+    return stat if stat.exists() else None
+
+
+def _reads_done(stat: Optional[Path]) -> Optional[tuple[int, int]]:
+    """``(read requests completed, sectors read)`` of the device so far."""
+    if stat is None:
+        return None
+    fields = stat.read_text().split()
+    return int(fields[0]), int(fields[2])
+
+
+def read_methods(paths: list[Path], nbytes: int, methods: tuple[str, ...] = METHODS) -> dict[str, dict[str, float]]:
+    """Cold reads of the same bytes by each method: page faults on a map, a map advised ``MADV_WILLNEED``, large
+    ``preadv`` calls into a reused buffer, ``O_DIRECT`` reads into 4 KiB pages and into huge pages (the stream's
+    way), and plain 16 MiB sequential reads. Per method: ``bandwidth`` (bytes/s) and, where the device's counters
+    can be read, ``request_kib`` (the mean size of its read requests: other processes' reads are counted too)."""
+    out: dict[str, dict[str, float]] = {}
+    stat = _device_stat(paths[0])
+    for method in methods:
         evict(paths)
-        start = time.perf_counter()
+        before, start = _reads_done(stat), time.perf_counter()
         try:
             done = _read_by(method, paths, nbytes)
         except OSError as err:  # e.g. O_DIRECT refused (tmpfs)
             print(f"  {method}: {err}", flush=True)
             continue
-        out[method] = done / (time.perf_counter() - start)
+        out[method] = {"bandwidth": done / (time.perf_counter() - start)}
+        after = _reads_done(stat)
+        if before and after and after[0] > before[0]:
+            out[method]["request_kib"] = (after[1] - before[1]) * 512 / 1024 / (after[0] - before[0])
     evict(paths)
     return out
 
 
-def cold_read_bandwidth(paths: list[Path], nbytes: int = GiB) -> float:
-    """Bytes per second reading up to ``nbytes`` of ``paths`` sequentially (16 MiB reads) after evicting them."""
-    evict(paths)
-    buffer, total = bytearray(16 * 2**20), 0
-    start = time.perf_counter()
-    for path in paths:
-        with open(path, "rb", buffering=0) as f:
-            while total < nbytes and (n := f.readinto(buffer)):
-                total += n
-        if total >= nbytes:
-            break
-    elapsed = time.perf_counter() - start
-    evict(paths)
-    return total / elapsed
+def cold_read_bandwidth(paths: list[Path], nbytes: int = GiB) -> tuple[float, dict[str, dict[str, float]]]:
+    """The fastest cold read of up to ``nbytes`` of ``paths`` by :data:`CASE_METHODS` (the bandwidth the disk gives
+    now, whichever way reads it best), and each method's figures."""
+    methods = read_methods(paths, nbytes, CASE_METHODS)
+    return max(m["bandwidth"] for m in methods.values()), methods
 
 
 # ------------------------------------------------------------------------------------------------ running cases
@@ -290,7 +313,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     results["floor"] = {"limit_bytes": limit, "margin": args.margin}
     print("read methods (cold) ...", flush=True)
     results["read_methods"] = read_methods(shards, min(GiB, info["model_bytes"] // 2))
-    print({k: f"{v / 1e9:.2f} GB/s" for k, v in results["read_methods"].items()}, flush=True)
+    print({k: f"{v['bandwidth'] / 1e9:.2f} GB/s" for k, v in results["read_methods"].items()}, flush=True)
     print("reference (plain, outside the limit) ...", flush=True)
     results["reference"] = run_worker(specs["reference"], args.timeout, None)
     for name in args.cases.split(","):
@@ -304,14 +327,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             spec["max_memory"] = {"cpu": detected["cpu"]}
         shutil.rmtree(spec["offload_dir"], ignore_errors=True)
         evict(_files(*info["folders"].values()))
-        bandwidth = cold_read_bandwidth(shards)
+        bandwidth, methods = cold_read_bandwidth(shards)
         cgroup = Cgroup(found[0], found[1], limit)
         print(f"{name} under {cgroup.limit / GiB:.2f} GiB (cold read {bandwidth / 1e9:.2f} GB/s) ...", flush=True)
         try:
             result = run_worker(spec, args.timeout, cgroup)
         finally:
             cgroup.remove()
-        result.update(limit=cgroup.limit, read_bandwidth=bandwidth, max_memory=spec["max_memory"])
+        result.update(limit=cgroup.limit, read_bandwidth=bandwidth, read_methods=methods, max_memory=spec["max_memory"])
         results[name] = result
         print(f"  {result['status']}: {result.get('error', '')[:200]}", flush=True)
         shutil.rmtree(spec["offload_dir"], ignore_errors=True)
