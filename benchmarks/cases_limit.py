@@ -144,6 +144,26 @@ def _report_so_far(result: dict[str, Any], stage: str) -> None:
     print(MARKER + json.dumps({**result, "stage": stage}, default=str), flush=True)
 
 
+PACE = "BENCH_PACE "
+
+
+def _paced_calls(fn: Any, shape: str, iters: int) -> dict[str, Any]:
+    """``iters`` timed calls of ``fn``, each started when the runner says so: before each, a line ``BENCH_PACE
+    <shape> <i>`` on stdout, then a line read from stdin (see ``benchmarks.limit_run.run_paired``)."""
+    import statistics
+    import sys
+
+    times = []
+    for i in range(iters):
+        print(f"{PACE}{shape} {i}", flush=True)
+        if not sys.stdin.readline():
+            raise RuntimeError("the runner closed the pacing pipe")
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+
+
 def run_limit_case(spec: dict[str, Any], result: dict[str, Any]) -> None:
     """Load under the limit, then time forwards; fills ``result`` as it goes (a kill leaves the stage reached)."""
     inputs = limit_inputs(GPTConfig.preset(spec["size"]))
@@ -169,7 +189,10 @@ def run_limit_case(spec: dict[str, Any], result: dict[str, Any]) -> None:
             outputs.update(_compact(shape, model(x)))  # warm-up, and the output compared below
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
             read = storage_read_bytes()
-            timing = time_calls(lambda: model(x), 0, iters, lambda: None, budget_s=120.0, min_iters=iters)
+            if spec.get("paced"):
+                timing = _paced_calls(lambda: model(x), shape, iters)
+            else:
+                timing = time_calls(lambda: model(x), 0, iters, lambda: None, budget_s=120.0, min_iters=iters)
             result[f"{shape}_major_faults"] = (resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults) / iters
             result[f"{shape}_read_bytes"] = (storage_read_bytes() - read) / len(timing["times_s"])
             result[f"{shape}_s"] = timing["median_s"]
@@ -181,5 +204,5 @@ def run_limit_case(spec: dict[str, Any], result: dict[str, Any]) -> None:
     result["stage"] = "compare"
     if spec.get("write_ref"):
         torch.save(outputs, spec["ref_path"])
-    else:
+    elif spec.get("compare", True):
         result["max_abs_diff"] = compare(outputs, spec["ref_path"])

@@ -43,12 +43,30 @@ def floor_seconds(results: dict[str, Any], result: dict[str, Any], shape: str) -
     return max(floor_bytes(results, result["limit"]) / result["read_bandwidth"], resident)
 
 
+def paired_ratios(results: dict[str, Any], result: dict[str, Any], shape: str, bandwidth: Optional[float] = None):
+    """``(median floor s, median ratio)`` of a paired case's ``shape`` forwards, each against its own floor:
+    max(floor bytes / the bandwidth read just before it (or ``bandwidth``), the reference's same forward just before
+    it); ``None`` for a case run unpaired."""
+    import statistics
+
+    pair = (result.get("paired") or {}).get(shape) or {}
+    times = list(zip(pair.get("case_s", []), pair.get("reference_s", []), pair.get("bandwidth", [])))
+    if not times or "limit" not in result:
+        return None
+    limit_floor = floor_bytes(results, result["limit"])
+    floors = [max(limit_floor / (bandwidth or read), ref) for _, ref, read in times]
+    return statistics.median(floors), statistics.median(took / floor for (took, _, _), floor in zip(times, floors))
+
+
 def fastest_read(results: dict[str, Any]) -> Optional[float]:
     """The fastest cold read of the whole run (every method, every case's own measurement): the cold bandwidth the
     disk showed it can give. A floor at the case's own cold read alone flatters the case when the disk was slow just
     then (shared storage swings 0.35-1.5 GB/s within minutes)."""
     seen = [bandwidth(v) for v in (results.get("read_methods") or {}).values()]
     seen += [r["read_bandwidth"] for r in results.values() if isinstance(r, dict) and r.get("read_bandwidth")]
+    for r in results.values():  # the reads before each paired forward
+        for pair in ((r.get("paired") or {}).values() if isinstance(r, dict) else ()):
+            seen += pair.get("bandwidth", [])
     return max(seen, default=None)
 
 
@@ -90,11 +108,19 @@ def _row(name: str, result: dict[str, Any], results: dict[str, Any]) -> str:
     cells += [_gb(read), f"{read / limit_floor:.2f}x" if read is not None and limit_floor else "-"]
     for shape in ("decode", "prefill"):
         took, floor = result.get(f"{shape}_s"), floor_seconds(results, result, shape)
-        cells += [_s(took), _s(floor), f"{took / floor:.2f}x" if took and floor else "-"]
+        paired = paired_ratios(results, result, shape)
+        if paired is not None:  # each forward against the floor of its own moment (medians)
+            cells += [_s(took), _s(paired[0]), f"{paired[1]:.2f}x"]
+        else:
+            cells += [_s(took), _s(floor), f"{took / floor:.2f}x" if took and floor else "-"]
         if shape == "decode":  # the same decode against the floor at the run's fastest cold read
             fast, resident = fastest_read(results), (results.get("reference") or {}).get("decode_s")
-            strict = max(limit_floor / fast, resident) if fast and limit_floor and resident is not None else None
-            cells.append(f"{took / strict:.2f}x" if took and strict else "-")
+            strict = paired_ratios(results, result, shape, fast) if fast else None
+            if strict is None:
+                floor = max(limit_floor / fast, resident) if fast and limit_floor and resident is not None else None
+                cells.append(f"{took / floor:.2f}x" if took and floor else "-")
+            else:
+                cells.append(f"{strict[1]:.2f}x")
     methods = result.get("read_methods") or {}
     best = max(methods, key=lambda m: bandwidth(methods[m]), default=None)
     cells.append(
@@ -127,7 +153,10 @@ def render(results: dict[str, Any], command: str, size: str) -> str:
         f"{_gib(limit - margin if limit else None)}; bytes that cannot stay = model - usable = "
         f"{_gb(floor_bytes(results, limit) if limit else None)} per forward (target: read at most {READ_SLACK:.2f}x "
         f"that). Floor of a forward = max(those bytes / the fastest cold read measured just before the case, the "
-        f"resident forward); the column 'at fastest read' uses the fastest cold read of the whole run instead. Targets: decode <= {DECODE_TARGET}x, prefill <= {PREFILL_TARGET}x the floor. Decode: "
+        f"resident forward); the column 'at fastest read' uses the fastest cold read of the whole run instead. "
+        f"Paired cases (the default) take turns with the resident reference: each of the case's forwards is judged "
+        f"against max(those bytes / an `O_DIRECT` cold read of 1 GiB made just before it, the reference's same forward "
+        f"made just before it), and the floor and ratio shown are the medians of those. Targets: decode <= {DECODE_TARGET}x, prefill <= {PREFILL_TARGET}x the floor. Decode: "
         "1 x 8 tokens; prefill: 4 x 128 tokens; medians. Read per decode: `read_bytes` of `/proc/self/io` (storage "
         "reads, page-cache hits not counted). Kept: disk layers the stream holds resident beyond the CPU budget.",
         "",

@@ -22,7 +22,6 @@ import json
 import mmap
 import os
 import shutil
-import subprocess
 import sys
 import time
 import uuid
@@ -30,8 +29,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from benchmarks.checkpoints import build_checkpoints
+from benchmarks.limit_workers import PROBE_BYTES, run_paired, run_worker
 from benchmarks.measure import machine_info
-from benchmarks.worker import MARKER
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -53,6 +52,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--explicit", default="600MB", help="the CPU budget of the case ours-explicit")
     p.add_argument("--quick", action="store_true", help="gpt2-medium (1.4 GB), 2 decodes, 1 prefill: about 1/3 the time")
     p.add_argument("--margin", type=int, default=450 * 2**20, help="bytes of the limit for interpreter, torch, activations")
+    p.add_argument("--unpaired", action="store_true", help="time each case's forwards back to back, against a floor "
+                   "measured once before it, instead of in turns with the resident reference (see benchmarks.limit_workers)")
     p.add_argument("--shard-mb", type=int, default=500, help="shard size of the checkpoints (default 500 MB, the issue's; "
                    "a folder of their own beside benchmarks.run's)")
     return p.parse_args(argv)
@@ -238,32 +239,12 @@ def cold_read_bandwidth(paths: list[Path], nbytes: int = GiB) -> tuple[float, di
 
 
 # ------------------------------------------------------------------------------------------------ running cases
-def run_worker(spec: dict[str, Any], timeout: int, cgroup: Optional[Cgroup]) -> dict[str, Any]:
-    """Run ``spec`` in a fresh interpreter, inside ``cgroup`` when given; the result, or how it ended."""
-    python = [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)]
-    if cgroup is not None:  # the shell joins the cgroup, then becomes the worker: nothing runs outside the limit
-        command = ["sh", "-c", f'echo $$ > "{cgroup.path / "cgroup.procs"}" && exec "$@"', "sh", *python]
-    else:
-        command = python
+def direct_probe(paths: list[Path], nbytes: int = PROBE_BYTES) -> float:
+    """Bytes/s reading up to ``nbytes`` of ``paths`` with ``O_DIRECT`` into huge pages, without evicting anything
+    first (``O_DIRECT`` reads the disk whatever the page cache holds): a paired case's resident pages stay."""
     start = time.perf_counter()
-    try:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        output, returncode = done.stdout, done.returncode
-    except subprocess.TimeoutExpired as err:
-        output, returncode = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or ""), None
-    result: dict[str, Any] = {"wall_s": time.perf_counter() - start, "returncode": returncode}
-    lines = [line for line in output.splitlines() if line.startswith(MARKER)]
-    if lines:
-        result.update(json.loads(lines[-1][len(MARKER) :]))
-    elif returncode is None:
-        result["error"] = f"timed out after {timeout} s"
-    else:
-        result["error"] = f"exited with {returncode} before reporting"
-    if cgroup is not None:
-        result["peak_bytes"], result["oom_kills"] = cgroup.peak(), cgroup.oom_kills()
-    killed = returncode is not None and returncode in (-9, 137)
-    result["status"] = "completed" if result.get("ok") else "OOM-killed" if killed and result.get("oom_kills") else "failed"
-    return result
+    done = _read_by("O_DIRECT, huge pages", paths, nbytes)
+    return done / (time.perf_counter() - start)
 
 
 def case_specs(args: argparse.Namespace, info: dict, cache: Path) -> dict[str, dict[str, Any]]:
@@ -331,7 +312,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         cgroup = Cgroup(found[0], found[1], limit)
         print(f"{name} under {cgroup.limit / GiB:.2f} GiB (cold read {bandwidth / 1e9:.2f} GB/s) ...", flush=True)
         try:
-            result = run_worker(spec, args.timeout, cgroup)
+            if args.unpaired:
+                result = run_worker(spec, args.timeout, cgroup)
+            else:
+                result = run_paired(spec, specs["reference"], args.timeout, cgroup, lambda: direct_probe(shards))
         finally:
             cgroup.remove()
         result.update(limit=cgroup.limit, read_bandwidth=bandwidth, read_methods=methods, max_memory=spec["max_memory"])
