@@ -140,3 +140,12 @@ def test_units_over_a_huge_page_stream_into_huge_page_buffers_with_outputs_equal
     assert streamer.pool.slot_bytes > _anonymous.HUGE_PAGE  # the largest unit (mlp.c_fc, 2.4 MB) sizes the buffers
     assert seen == {name: (True, False) for name in blocks}
     assert all(streamer._units[name].layout.direct_reads >= 3 for name in blocks)
+
+
+def test_a_late_record_drop_keeps_a_newer_buffer_at_the_same_address():
+    """The old map's finalizer may run after a new buffer was mapped at its address (unmapping releases the GIL):
+    the new buffer stays recorded, so it is still no file view."""
+    buffer = aligned_empty(2 * 2**20)
+    address = buffer.untyped_storage().data_ptr()
+    _anonymous._forget(address, object())  # a stale token: another, older map at this address
+    assert _anonymous.is_anonymous_buffer(buffer) and not pages.is_file_backed(buffer)

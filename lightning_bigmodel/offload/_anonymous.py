@@ -28,7 +28,7 @@ import torch
 HUGE_PAGE = 2**21  # a PMD-sized transparent huge page with 4 KiB base pages (x86-64, arm64)
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 _PRIVATE = getattr(mmap, "MAP_PRIVATE", None), getattr(mmap, "MAP_ANONYMOUS", None)
-_alive: dict[int, int] = {}  # storage address -> bytes, for each buffer made here and not freed yet
+_alive: dict[int, object] = {}  # storage address -> a token, for each buffer made here and not freed yet
 
 
 def huge_page_buffer(nbytes: int) -> Optional[torch.Tensor]:
@@ -40,10 +40,17 @@ def huge_page_buffer(nbytes: int) -> Optional[torch.Tensor]:
     size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
     mapping = huge_page_map(size)
     buffer = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the map: it lives as long as any view of it
-    address = buffer.data_ptr()
-    _alive[address] = size
-    weakref.finalize(mapping, _alive.pop, address, None)
+    address, token = buffer.data_ptr(), object()
+    _alive[address] = token
+    weakref.finalize(mapping, _forget, address, token)
     return buffer[:nbytes]
+
+
+def _forget(address: int, token: object) -> None:
+    """Drop the record of a buffer whose map is gone, unless a newer buffer took the same address meanwhile (the
+    unmapping may release the GIL: another thread can map and record that address before this runs)."""
+    if _alive.get(address) is token:
+        del _alive[address]
 
 
 def huge_page_map(size: int, kind: type[mmap.mmap] = mmap.mmap) -> mmap.mmap:
