@@ -4,6 +4,7 @@ Lightning's CUDA accelerator and spies on the collectives (the real things: ``te
 from __future__ import annotations
 
 import threading
+import time
 
 import lightning.fabric.accelerators.cuda as fabric_cuda
 import lightning.pytorch as pl
@@ -126,10 +127,10 @@ def test_replica_collectives_stay_on_the_gpu_the_group_is_bound_to(monkeypatch, 
 
 
 # ---------------------------------------------------------------------------------------------- findings 4, 6, 10
-def _prefetched_run(monkeypatch, device_map, calls=3, cls_name="UntiedMLP"):
+def _prefetched_run(monkeypatch, device_map, calls=3, cls_name="UntiedMLP", copy_delay=0.0):
     """Dispatch a test model (``UntiedMLP``) over 2 simulated GPUs, run ``calls`` forwards (the first learns the
     order), check the outputs against the plain model; return the harness log and the events the prefetch thread
-    waited for on the CPU."""
+    waited for on the CPU. ``copy_delay`` seconds are slept before each of the prefetch thread's copies."""
     from lightning_bigmodel import dispatch_model, remove_dispatch
     from lightning_bigmodel.simulate import simulated_gpus
     from lightning_bigmodel.simulate._runtime import SimEvent
@@ -144,14 +145,25 @@ def _prefetched_run(monkeypatch, device_map, calls=3, cls_name="UntiedMLP"):
             spinning.append(threading.current_thread().name)
 
     monkeypatch.setattr(SimEvent, "synchronize", synchronize)
+    if copy_delay:
+        import lightning_bigmodel.offload.prefetch as prefetch
+
+        def slow_copy_to(*args, **kwargs):
+            time.sleep(copy_delay)
+            return copy_to(*args, **kwargs)
+
+        copy_to = prefetch.copy_to
+        monkeypatch.setattr(prefetch, "copy_to", slow_copy_to)
     x = example_input(cls)
     with torch.inference_mode():
         expected = make_reference(cls)(x)
     with simulated_gpus(2) as gpus, torch.no_grad():  # (the harness's `.to("cpu")` misbehaves in inference mode)
         model = dispatch_model(make_reference(cls), device_map)
         outputs = [model(x) for _ in range(calls)]
-        log = gpus.log
+        # After the last forward the prefetch thread is already copying the first module in for a next one: the log is
+        # read once `remove_dispatch` has waited for that job, never halfway through it.
         remove_dispatch(model)
+        log = gpus.log
     for out in outputs:
         torch.testing.assert_close(out, expected)
     assert spinning == []  # every CPU wait for the GPU sleeps: a default event's synchronize spins a core meanwhile
@@ -169,7 +181,9 @@ def test_prefetch_thread_never_switches_to_gpu_0(monkeypatch):
 
 @shadows_cuda
 def test_prefetch_copies_wait_until_compute_freed_the_module_before(monkeypatch):
-    log, synced = _prefetched_run(monkeypatch, {"inp": 1, "blocks": "cpu", "out": "cpu"})
+    # Slow copies: the job the last forward starts (the first module, for a next forward) is still copying when the
+    # forwards return; the log must be read after it, not with its wait recorded and its copies missing.
+    log, synced = _prefetched_run(monkeypatch, {"inp": 1, "blocks": "cpu", "out": "cpu"}, copy_delay=0.05)
     reached = {r.detail for r in log if r.kind == "record_event" and not r.thread.startswith("bigmodel-prefetch")
                and r.stream == 0}  # fmt: skip
     prefetch = [r for r in log if r.thread.startswith("bigmodel-prefetch")]
