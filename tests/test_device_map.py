@@ -105,7 +105,10 @@ def test_sequential_is_in_module_order(fractions):
     total = _model_bytes(model)
     budget = {device: int(total * fraction) for device, fraction in fractions.items()}
     device_map = infer_device_map(model, budget, no_split_module_classes=["Block"], policy="sequential")
-    ranks = [ORDER.get(device, device) for device in device_map.values()]
+    order = dict(ORDER)
+    if device_map.execution_device == "cpu":  # resident blocks are spread among the streamed ones (test_interleave.py)
+        order["disk"] = order["cpu"]
+    ranks = [order.get(device, device) for device in device_map.values()]
     assert ranks == sorted(ranks)
 
 

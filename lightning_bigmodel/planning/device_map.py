@@ -13,6 +13,7 @@ from torch import nn
 from lightning_bigmodel._keywords import keyword_only
 from lightning_bigmodel.planning._execution import EXECUTION_CHOICES, check_offload_execution
 from lightning_bigmodel.planning._planner import Prefetch, _Planner
+from lightning_bigmodel.planning._interleave import interleave_resident
 from lightning_bigmodel.planning.mapping import _device_of, _tensor_names, clean_device_map, tensor_devices
 from lightning_bigmodel.planning._report import empty_gpu_lines
 from lightning_bigmodel.planning._visible import check_budget_devices_exist, check_devices_exist
@@ -120,6 +121,11 @@ def infer_device_map(
     unless that plan leaves a budgeted GPU without modules that the ``"cpu"`` plan fills (logged, with the budget that
     would keep the layers on the GPU); ``prefetch=True`` and int4 quantization (no CPU kernel) keep ``"gpu"``.
 
+    Under CPU execution, the "cpu" members of a run of identical sibling blocks (one class and size under one parent,
+    e.g. a ``ModuleList`` of decoder layers) are spread evenly among its "disk" members, with the same bytes per device:
+    the disk stream then reads while each resident block computes, instead of standing idle through a run of them
+    (:mod:`~lightning_bigmodel.planning._interleave`). Blocks holding a tied weight keep their place.
+
     With no GPU and a detected budget (``max_memory=None``), the CPU reserves ``1 + READ_AHEAD_LAYERS`` times the
     largest disk layer for streaming disk weights (the layer computing and the ones read ahead); an explicit CPU budget
     is for resident weights and the stream comes on top of it (``stream_reserve`` overrides that choice: pass ``True``
@@ -204,6 +210,8 @@ class DeviceMapPlanner:
     def __call__(self, budgets: Mapping[Device, float]) -> PlannedDeviceMap:
         policy = self.policy
         raw = self._planner.plan(dict(budgets), balanced=policy != "sequential", low_0=policy == "balanced_low_0")
+        if self._planner.exec_device == "cpu":  # the disk stream reads during resident blocks (see `_interleave`)
+            raw = interleave_resident(raw, self._planner)
         planned = PlannedDeviceMap(clean_device_map(self.model, raw))
         planned.prefetch_depth, planned.reserve = self._planner.depth, self._planner.need
         planned.execution_device = self._planner.exec_device
