@@ -67,6 +67,10 @@ def _load(spec: dict[str, Any], input_shape: Optional[str]) -> torch.nn.Module:
         from lightning_bigmodel import init_empty_weights, load_checkpoint_and_dispatch
 
         planning = {"input_shape": input_shape} if input_shape else {}
+        if spec.get("in_order"):  # the plan as the greedy walk leaves it: resident blocks first, not spread
+            import lightning_bigmodel.planning.device_map as device_map_module
+
+            device_map_module.interleave_resident = lambda raw, planner: raw
     else:
         from accelerate import init_empty_weights, load_checkpoint_and_dispatch
 

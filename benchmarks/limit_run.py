@@ -263,6 +263,8 @@ def case_specs(args: argparse.Namespace, info: dict, cache: Path) -> dict[str, d
         # the detected budget, planned for the largest batch the case runs (`input_shape=`, as a user would)
         "ours-safetensors": {**spec("ours", "safetensors"), "plan_largest_batch": True},
         "ours-explicit": spec("ours", "safetensors", {"cpu": args.explicit}),
+        # ours-safetensors with the resident blocks first, as planned before they were spread among the disk ones
+        "ours-in-order": {**spec("ours", "safetensors"), "plan_largest_batch": True, "in_order": True},
         "ours-bin": {**spec("ours", "bin"), "plan_largest_batch": True},
         "ours-no-input-shape": spec("ours", "safetensors"),  # the detected budget planned without the batch's shape
         "accelerate-same-budget": spec("accelerate", "safetensors"),  # budget filled in from ours' detection
